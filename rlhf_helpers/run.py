@@ -1,0 +1,232 @@
+"""Run the notebooks in order with papermill: `python -m rlhf_helpers.run --profile cpu --run-dir runs/NAME`.
+
+Each notebook in `notebooks/` (named `NN_title.ipynb`) is executed into `run_dir/notebooks/`, never over
+its source, with the parameters it declares among `run_dir`, `profile`, `seed` and `model_name` (plus any
+`--param KEY=VALUE` it declares). One progress line per notebook with its time; the first failure stops
+the run and prints the failing cell and its error. At the end (success or not) `run_dir/run.json` records
+versions, profile, seed and timings, each executed notebook is exported to HTML beside it, and
+`run_dir/index.html` links them with every stage's `summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import PROFILES, get_profile
+from .paths import project_root, resolve_run_dir
+from .tracking import atomic_write_json, atomic_write_text
+
+STANDARD_PARAMETERS = ("run_dir", "profile", "seed", "model_name")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; carries the failing cell's index, source and error for a readable report."""
+
+    def __init__(self, notebook: Path, cell_index: int, source: str, error: str, output: Path):
+        self.notebook, self.cell_index, self.source, self.error, self.output = notebook, cell_index, source, error, output
+        super().__init__(f"{notebook.name}: cell {cell_index} failed: {error.splitlines()[-1] if error else ''}")
+
+    def report(self) -> str:
+        cell = "\n".join(f"    {line}" for line in self.source.splitlines())
+        return (f"FAILED {self.notebook.name}, cell {self.cell_index}:\n{cell}\n\n{self.error}\n"
+                f"The executed notebook, with the error in place, is at {self.output}")
+
+
+def discover_notebooks(folder: Path | None = None, only: Sequence[str] | None = None) -> list[Path]:
+    """Notebooks `NN_*.ipynb` in order; `only` keeps those whose number (or name) is listed."""
+    folder = folder or project_root() / "notebooks"
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not only:
+        return found
+    wanted = {w.strip() for w in only if w.strip()}
+    chosen = [p for p in found if p.name[:2] in wanted or p.stem in wanted]
+    known = {p.name[:2] for p in found} | {p.stem for p in found}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise ValueError(f"--only names {unknown}, which match no notebook; present: {[p.stem for p in found]}")
+    return chosen
+
+
+def notebook_parameters(path: Path) -> dict[str, dict]:
+    """The parameters a notebook declares in its `parameters` cell (name -> papermill's description)."""
+    from papermill.inspection import _infer_parameters
+    from papermill.iorw import load_notebook_node
+
+    nb = load_notebook_node(str(path))
+    # papermill needs a kernel to pick its parameter parser; a notebook saved without one is Python here
+    return {p.name: p._asdict() for p in _infer_parameters(nb, name="python3", language="python")}
+
+
+def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd: Path | None = None,
+                     timeout_s: int | None = None) -> Path:
+    """Execute `path` into `out_dir/<name>`, passing the `parameters` it declares; raise NotebookFailed."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    declared = notebook_parameters(path)
+    passed = {k: v for k, v in parameters.items() if k in declared and v is not None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / path.name
+    env_path = os.environ.get("PATH", "")
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env_path.split(os.pathsep):  # the kernel and any tool it calls use this environment
+        os.environ["PATH"] = bin_dir + os.pathsep + env_path
+    try:
+        papermill.execute_notebook(
+            str(path), str(output), parameters=passed, kernel_name="python3", language="python", progress_bar=False,
+            cwd=str(cwd or project_root()), execution_timeout=timeout_s,
+        )
+    except PapermillExecutionError as e:
+        error = ANSI.sub("", "\n".join(e.traceback[-12:])) if e.traceback else f"{e.ename}: {e.evalue}"
+        raise NotebookFailed(path, e.cell_index, e.source, error, output) from None
+    return output
+
+
+def export_html(notebook: Path) -> Path:
+    """An HTML copy of an executed notebook, next to it."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    return atomic_write_text(notebook.with_suffix(".html"), body)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the libraries a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("rlhf_helpers", "torch", "transformers", "trl", "peft", "accelerate", "datasets",
+                "bitsandbytes", "papermill", "plotly", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                                text=True, timeout=10)
+        out["git_commit"] = commit.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = "unknown"
+    return out
+
+
+def write_index(run_dir: Path, record: dict) -> Path:
+    """`run_dir/index.html`: the status of every notebook, links to their HTML, and every summary.json."""
+    rows = []
+    for nb in record["notebooks"]:
+        link = f'<a href="notebooks/{html.escape(nb["name"])}.html">{html.escape(nb["name"])}</a>'
+        rows.append(f"<tr><td>{link}</td><td>{nb['status']}</td><td>{nb['seconds']:.1f} s</td></tr>")
+    summaries = []
+    for path in sorted(run_dir.glob("*/summary.json")):
+        text = html.escape(path.read_text(encoding="utf-8"))
+        summaries.append(f"<h3>{html.escape(path.parent.name)}/summary.json</h3><pre>{text}</pre>")
+    report = run_dir / "eval" / "report.html"
+    extra = '<p><a href="eval/report.html">Evaluation report</a></p>' if report.exists() else ""
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>RLHF run</title>"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em 1em}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>"
+        f"<h1>RLHF run: {html.escape(run_dir.name)}</h1>"
+        f"<p>profile <b>{html.escape(record['profile']['name'])}</b>, seed {record['seed']}, "
+        f"status <b>{record['status']}</b>, {record['total_seconds']:.0f} s in all.</p>{extra}"
+        "<table><tr><th>notebook</th><th>status</th><th>time</th></tr>" + "".join(rows) + "</table>"
+        + "".join(summaries) + "</body></html>"
+    )
+    return atomic_write_text(run_dir / "index.html", page)
+
+
+def run_suite(profile: str, run_dir: str | os.PathLike, seed: int = 0, only: Sequence[str] | None = None,
+              model_name: str | None = None, extra: dict[str, Any] | None = None, html_export: bool = True,
+              notebooks_dir: Path | None = None, stream=None) -> dict:
+    """Execute the notebooks in order; return (and write to `run_dir/run.json`) what happened."""
+    stream = stream or sys.stdout
+    prof = get_profile(profile)
+    run_path = resolve_run_dir(run_dir)
+    notebooks = discover_notebooks(notebooks_dir, only)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks named NN_*.ipynb in {notebooks_dir or project_root() / 'notebooks'}")
+    params = {"run_dir": str(run_path), "profile": prof.name, "seed": seed, "model_name": model_name, **(extra or {})}
+    record: dict[str, Any] = {
+        "profile": dataclasses.asdict(prof), "seed": seed, "model_name": model_name or prof.model_name,
+        "parameters": params, "started": datetime.now(timezone.utc).isoformat(), "versions": versions(),
+        "notebooks": [], "status": "running", "total_seconds": 0.0,
+    }
+    print(f"Running {len(notebooks)} notebook(s) with profile '{prof.name}' into {run_path}", file=stream, flush=True)
+    t_start = time.perf_counter()
+    failure: NotebookFailed | None = None
+    for i, nb in enumerate(notebooks, start=1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(notebooks)}] {nb.stem} ...", end=" ", file=stream, flush=True)
+        entry = {"name": nb.stem, "status": "ok", "seconds": 0.0}
+        try:
+            out = execute_notebook(nb, run_path / "notebooks", params)
+        except NotebookFailed as e:
+            failure, out = e, e.output
+            entry["status"] = "failed"
+            entry["error"] = {"cell_index": e.cell_index, "error": e.error.splitlines()[-1] if e.error else ""}
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        if html_export and out.exists():
+            export_html(out)
+        record["notebooks"].append(entry)
+        print(f"{entry['status']} in {entry['seconds']:.1f} s", file=stream, flush=True)
+        if failure:
+            print(failure.report(), file=stream, flush=True)
+            break
+    record["status"] = "failed" if failure else "ok"
+    record["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    record["finished"] = datetime.now(timezone.utc).isoformat()
+    atomic_write_json(run_path / "run.json", record)
+    index = write_index(run_path, record)
+    record["index"] = str(index)
+    return record
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param wants KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="budget profile (default: cpu)")
+    parser.add_argument("--run-dir", default=None, help="output folder (default: runs/<profile>)")
+    parser.add_argument("--seed", type=int, default=0, help="global seed passed to every notebook")
+    parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 02,03")
+    parser.add_argument("--model-name", default=None, help="model for every notebook that takes one")
+    parser.add_argument("--param", action="append", type=_parse_param, default=[],
+                        help="KEY=VALUE passed to notebooks that declare KEY (value read as JSON if it parses)")
+    parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or f"runs/{args.profile}"
+    only = args.only.split(",") if args.only else None
+    try:
+        record = run_suite(args.profile, run_dir, seed=args.seed, only=only, model_name=args.model_name,
+                           extra=dict(args.param), html_export=not args.no_html)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Run record: {Path(record['index']).parent / 'run.json'}")
+    print(f"Report: {record['index']}")
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

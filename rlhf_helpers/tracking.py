@@ -1,0 +1,144 @@
+"""Run tracking: `metrics.jsonl` (one JSON object per logged step) and an atomic `summary.json`.
+
+Every stage writes into `run_dir/<stage>/`:
+- `metrics.jsonl`: one object per logged step, always with a `step` key and namespaced metric keys
+  (`objective/kl`, `loss/policy_avg`, ...); appended and flushed line by line, so a crash loses at most
+  the line being written, and a resumed run appends after the last step it finds.
+- `summary.json`: the final figures that the next stage and the tests read; written atomically.
+- `config.json`: the stage config the run used, written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy/torch scalars, paths and dataclasses into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` via a temporary file in the same folder and `os.replace`.
+
+    A reader never sees a half-written file: it sees the old one or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """`atomic_write_text` of `obj` as indented JSON (numpy/torch scalars converted)."""
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read a `metrics.jsonl`. A torn last line (from a crash mid-write) is skipped and reported."""
+    path = Path(path)
+    rows: list[dict] = []
+    if not path.exists():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                print(f"{path}:{i}: skipped a torn last line (an interrupted write): {e}")
+                continue
+            raise ValueError(f"{path}:{i}: not valid JSON ({e}); the metrics file is corrupt") from e
+    return rows
+
+
+class MetricsLogger:
+    """Append one JSON object per step to `stage_dir/metrics.jsonl`; write `summary.json` at the end.
+
+    >>> log = MetricsLogger("runs/demo/concepts")
+    >>> log.log(step=1, **{"loss/policy_avg": 0.3})
+    >>> log.summary({"final/distance": 0.01})
+
+    With `resume=True` (the default) an existing file is kept and `last_step` tells where it ended,
+    so a resumed run continues the same curve; with `resume=False` it starts afresh.
+    """
+
+    def __init__(self, stage_dir: str | os.PathLike, resume: bool = True, echo_every: int = 0):
+        self.stage_dir = Path(stage_dir)
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.stage_dir / "metrics.jsonl"
+        self.echo_every = echo_every
+        self.rows: list[dict] = read_metrics(self.path) if resume else []
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._callbacks: list = []
+
+    @property
+    def last_step(self) -> int:
+        return max((int(r.get("step", -1)) for r in self.rows), default=-1)
+
+    def add_callback(self, fn) -> None:
+        """Call `fn(row)` after every logged row (live plots use this)."""
+        self._callbacks.append(fn)
+
+    def log(self, step: int, **metrics: Any) -> dict:
+        row = {"step": int(step), **_jsonable(metrics)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        self.rows.append(row)
+        if self.echo_every and step % self.echo_every == 0:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float))
+            print(f"[step {step}] {shown}")
+        for fn in self._callbacks:
+            fn(row)
+        return row
+
+    def log_many(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            row = dict(row)
+            self.log(row.pop("step"), **row)
+
+    def summary(self, summary: dict) -> Path:
+        return atomic_write_json(self.stage_dir / "summary.json", summary)
+
+    def save_config(self, config: Any) -> Path:
+        return atomic_write_json(self.stage_dir / "config.json", config)

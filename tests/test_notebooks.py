@@ -1,0 +1,83 @@
+"""Every notebook in notebooks/ runs under papermill with profile="smoke" and writes its summary.json.
+
+Notebooks run in order into one shared run folder, as `make run` does, so later notebooks see earlier
+artifacts. A notebook with no entry in CHECKS must still write at least one `<stage>/summary.json`.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from rlhf_helpers.run import discover_notebooks, execute_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = discover_notebooks(ROOT / "notebooks")
+STANDARD = {"run_dir", "profile", "seed"}
+
+
+def check_concepts(run_dir: Path) -> None:
+    s = json.loads((run_dir / "concepts" / "summary.json").read_text())
+    assert s["profile"] == "smoke"
+    assert s["ppo_tv_to_optimum"] < 0.1, s
+    assert s["dpo_tv_to_optimum"] < 0.1, s
+    assert s["bt_fit_max_abs_error"] < 0.5, s
+
+
+CHECKS = {"00_rlhf_concepts": check_concepts}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke_run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_smoke_profile(notebook, run_dir):
+    before = set(run_dir.glob("*/summary.json"))
+    execute_notebook(notebook, run_dir / "notebooks", {"run_dir": str(run_dir), "profile": "smoke", "seed": 0})
+    written = set(run_dir.glob("*/summary.json")) - before
+    if notebook.stem in CHECKS:
+        CHECKS[notebook.stem](run_dir)
+    else:
+        assert written, f"{notebook.name} wrote no run_dir/<stage>/summary.json"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stripped_and_has_one_parameters_cell(notebook):
+    nb = nbformat.read(str(notebook), as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{notebook.name}: exactly one cell must be tagged 'parameters'"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{notebook.name} has outputs"
+    names = {line.split(":")[0].strip() for line in tagged[0].source.splitlines() if ":" in line and not line.startswith("#")}
+    assert STANDARD <= names, f"{notebook.name}: the parameters cell lacks {STANDARD - names}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_matches_its_jupytext_source(notebook):
+    import jupytext
+
+    source = notebook.with_suffix(".py")
+    assert source.exists(), f"{notebook.name} has no py:percent pair {source.name}"
+    from_py = jupytext.read(str(source))
+    committed = nbformat.read(str(notebook), as_version=4)
+    strip = lambda cells: [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in cells]
+    assert strip(from_py.cells) == strip(committed.cells), (
+        f"{notebook.name} is out of sync with {source.name}; run `make notebooks`")
+
+
+def test_help_notebook_lists_every_parameter_with_type_and_comment():
+    nb = ROOT / "notebooks" / "00_rlhf_concepts.ipynb"
+    out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(nb)],
+                         capture_output=True, text=True, check=True).stdout
+    cell = next(c for c in nbformat.read(str(nb), as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    declared = [line for line in cell.source.splitlines() if ":" in line and "=" in line]
+    assert declared
+    for line in declared:
+        name = line.split(":")[0].strip()
+        kind = line.split(":")[1].split("=")[0].strip()
+        comment = line.split("#", 1)[1].strip()
+        assert name in out and f"({kind})" in out and comment in out, f"{name} missing from --help-notebook:\n{out}"
