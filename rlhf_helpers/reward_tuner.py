@@ -1,0 +1,235 @@
+"""An ipywidgets tuner for the weights of a reward mix.
+
+A slider per component weight and a prompt picker; a ranked table of candidate responses and a plotly
+histogram of their rewards that update as sliders move; the rank agreement (Spearman) of the tuned
+reward with the gold judge; a button that saves the tuned config as JSON.
+
+Component scores do not depend on the weights, so they are computed once per candidate; moving a slider
+only re-weights them. Everything the display shows is also an attribute (`ranking`, `table_rows`,
+`figure`, `agreement`), so tests and papermill runs can drive the tuner from Python.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .gold import GoldJudge
+from .rewards import RewardFunction, Trajectory, WeightedSum, save_reward_config
+
+GAMING_KINDS = {"stuffed", "prompt_copy", "repetitive", "padded", "unsafe", "over_refusal"}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+class RewardTuner:
+    """Tune `reward`'s weights against `candidates` (dicts with prompt_id, prompt, response, kind)."""
+
+    def __init__(self, candidates: Sequence[dict[str, Any]], reward: WeightedSum, save_path: str | Path,
+                 gold: RewardFunction | None = None, max_weight: float = 1.0, show_widgets: bool = True):
+        if not candidates:
+            raise ValueError("the tuner needs at least one candidate response")
+        self.candidates = list(candidates)
+        self.base = reward
+        self.save_path = Path(save_path)
+        self.names = [fn.name for _, fn in reward.terms]
+        trajs = [Trajectory(c["prompt"], c["response"]) for c in self.candidates]
+        outs = reward.batch(trajs)
+        self.component_scores = np.array([[o.metadata["components"][n] for n in self.names] for o in outs])  # (N, C)
+        self.gold_scores = np.array((gold or GoldJudge()).score([t.prompt for t in trajs], [t.response for t in trajs]))
+        self.weights = dict(reward.weights)
+        self.prompt_id: str | None = None
+        self.max_weight = max_weight
+        self.figure = None
+        self._build_widgets() if show_widgets else None
+        self.refresh()
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def reward(self) -> WeightedSum:
+        return self.base.with_weights(self.weights)
+
+    def rewards(self) -> np.ndarray:
+        w = np.array([self.weights[n] for n in self.names])  # (C,)
+        return self.component_scores @ w  # (N,)
+
+    def selected(self) -> np.ndarray:
+        ids = np.array([c["prompt_id"] for c in self.candidates])
+        return np.arange(len(ids)) if self.prompt_id is None else np.flatnonzero(ids == self.prompt_id)
+
+    def set_weight(self, name: str, value: float) -> None:
+        """Change one weight (through the slider when widgets are shown, so the display follows)."""
+        if name not in self.weights:
+            raise KeyError(f"no component {name!r}; components: {self.names}")
+        if hasattr(self, "sliders"):
+            self.sliders[name].value = value  # fires the observer, which refreshes
+        else:
+            self.weights[name] = float(value)
+            self.refresh()
+
+    def set_prompt(self, prompt_id: str | None) -> None:
+        if hasattr(self, "picker"):
+            self.picker.value = prompt_id
+        else:
+            self.prompt_id = prompt_id
+            self.refresh()
+
+    def refresh(self) -> None:
+        idx = self.selected()
+        r = self.rewards()[idx]
+        order = idx[np.argsort(-r, kind="stable")]
+        self.ranking = order.tolist()
+        self.table_rows = [
+            {"rank": k + 1, "prompt_id": self.candidates[i]["prompt_id"], "kind": self.candidates[i].get("kind", ""),
+             "reward": float(self.rewards()[i]), "gold": float(self.gold_scores[i]),
+             "response": self.candidates[i]["response"]}
+            for k, i in enumerate(order)
+        ]
+        self.agreement = spearman(self.rewards()[idx], self.gold_scores[idx])
+        gaming = np.array([self.candidates[i].get("kind") in GAMING_KINDS for i in idx])
+        self.gaming_top_share = float(np.mean(gaming[np.argsort(-r)][: max(1, len(idx) // 4)])) if len(idx) else 0.0
+        self.figure = self._histogram(idx)
+        if hasattr(self, "table"):
+            self._render()
+
+    def save(self, *_: Any) -> Path:
+        path = save_reward_config(self.reward, self.save_path)
+        if hasattr(self, "status"):
+            self.status.value = f"Saved to <code>{html.escape(str(path))}</code>"
+        return path
+
+    # --- display -------------------------------------------------------------------------------
+    def _histogram(self, idx: np.ndarray):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        kinds = [self.candidates[i].get("kind", "?") for i in idx]
+        for kind in dict.fromkeys(kinds):
+            vals = [float(self.rewards()[i]) for i, k in zip(idx, kinds) if k == kind]
+            fig.add_trace(go.Histogram(x=vals, name=kind, xbins=dict(start=0, end=max(1.0, sum(self.weights.values())), size=0.05)))
+        fig.update_layout(barmode="stack", height=300, margin=dict(l=40, r=10, t=40, b=40),
+                          title=f"Tuned reward by kind of response (Spearman with gold: {self.agreement:.2f})",
+                          xaxis_title="tuned reward", yaxis_title="responses")
+        return fig
+
+    def _build_widgets(self) -> None:
+        import ipywidgets as W
+
+        self.sliders = {
+            n: W.FloatSlider(value=self.weights[n], min=0.0, max=self.max_weight, step=0.05, description=n,
+                             continuous_update=False, readout_format=".2f")
+            for n in self.names
+        }
+        for name, slider in self.sliders.items():
+            slider.observe(lambda change, name=name: self._on_slider(name, change["new"]), names="value")
+        options = [("all prompts", None)] + sorted(
+            {(f"{c['prompt_id']}: {c['prompt'][:60]}", c["prompt_id"]) for c in self.candidates}, key=lambda o: o[1])
+        self.picker = W.Dropdown(options=options, value=None, description="prompt", layout=W.Layout(width="95%"))
+        self.picker.observe(lambda change: self._on_prompt(change["new"]), names="value")
+        self.table = W.HTML()
+        self.plot = W.Output()
+        self.button = W.Button(description="Save config", button_style="primary", icon="save")
+        self.button.on_click(self.save)
+        self.status = W.HTML()
+        controls = W.VBox([W.HTML("<b>Component weights</b>"), *self.sliders.values()])
+        self.widget = W.VBox([self.picker, W.HBox([controls, self.plot]), W.HBox([self.button, self.status]), self.table])
+
+    def _on_slider(self, name: str, value: float) -> None:
+        self.weights[name] = float(value)
+        self.refresh()
+
+    def _on_prompt(self, prompt_id: str | None) -> None:
+        self.prompt_id = prompt_id
+        self.refresh()
+
+    def _render(self) -> None:
+        from IPython.display import display
+
+        rows = "".join(
+            f"<tr><td>{r['rank']}</td><td>{html.escape(r['prompt_id'])}</td><td>{html.escape(r['kind'])}</td>"
+            f"<td>{r['reward']:.3f}</td><td>{r['gold']:.3f}</td>"
+            f"<td style='text-align:left'>{html.escape(r['response'][:160])}{'…' if len(r['response']) > 160 else ''}</td></tr>"
+            for r in self.table_rows[:40]
+        )
+        self.table.value = (
+            f"<p>Spearman rank agreement with the gold judge: <b>{self.agreement:.3f}</b>; "
+            f"share of gaming responses in the top quarter: <b>{self.gaming_top_share:.0%}</b></p>"
+            "<table class='reward-table'><tr><th>rank</th><th>prompt</th><th>kind</th><th>tuned</th><th>gold</th>"
+            f"<th>response</th></tr>{rows}</table>"
+        )
+        self.plot.clear_output(wait=True)
+        with self.plot:
+            display(self.figure)
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+# --- candidates: the shipped responses the tuner and notebook 01 work on ---------------------------
+
+def load_candidates(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """`data/reward_candidates.jsonl` (or `path`) as dicts with prompt_id, domain, prompt, response, kind."""
+    from .data import DataError, read_jsonl
+    from .paths import data_path
+
+    path = Path(path) if path else data_path("reward_candidates.jsonl")
+    rows = []
+    for line_no, row in read_jsonl(path):
+        for key in ("prompt_id", "prompt", "response", "kind"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError("missing or empty", path=str(path), line=line_no, field=key,
+                                hint="each candidate has prompt_id, prompt, response and kind strings")
+        rows.append(row)
+    return rows
+
+
+def score_table(candidates: Sequence[dict[str, Any]], scorers: dict[str, RewardFunction]):
+    """A pandas table: one row per candidate, a column per scorer."""
+    import pandas as pd
+
+    prompts = [c["prompt"] for c in candidates]
+    responses = [c["response"] for c in candidates]
+    table = pd.DataFrame({"prompt_id": [c["prompt_id"] for c in candidates], "kind": [c["kind"] for c in candidates]})
+    for name, fn in scorers.items():
+        table[name] = fn.score(prompts, responses)
+    table["response"] = [r if len(r) <= 90 else r[:90] + "…" for r in responses]
+    return table
+
+
+def candidate_pairs(candidates: Sequence[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """Every within-prompt pair of candidate responses, as parallel lists (prompts, a, b)."""
+    prompts, a, b = [], [], []
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for c in candidates:
+        by_prompt.setdefault(c["prompt_id"], []).append(c)
+    for group in by_prompt.values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                prompts.append(group[i]["prompt"])
+                a.append(group[i]["response"])
+                b.append(group[j]["response"])
+    return prompts, a, b
+
+
+def top_share_table(table, scorers: Sequence[str], gaming_kinds=GAMING_KINDS):
+    """Per scorer: the share of gaming responses among its top quarter, and its Spearman with `gold`."""
+    import pandas as pd
+
+    top_n = max(1, len(table) // 4)
+    rows = {}
+    for name in scorers:
+        top = table.sort_values(name, ascending=False, kind="stable").head(top_n)
+        rows[name] = {"gaming share of top quarter": float(top["kind"].isin(gaming_kinds).mean()),
+                      "Spearman with gold": spearman(table[name], table["gold"]) if "gold" in table else float("nan")}
+    return pd.DataFrame(rows).T

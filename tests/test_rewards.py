@@ -1,0 +1,231 @@
+"""Reward components, combination, configs, adapters, the gold judge, the annotator and the tuner."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_helpers import rewards as R
+from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, bayes_ceiling, pair_ceiling, prompt_kind
+from rlhf_helpers.reward_tuner import RewardTuner, spearman
+from rlhf_helpers.rewards import Trajectory
+
+GOOD = ("Start with one beginner-friendly language such as Python, because its syntax is simple.\n"
+        "1. Pick a free course and follow it in order.\n2. Write a small program every day, such as a calculator.\n"
+        "3. Read error messages carefully; they tell you what went wrong.\n"
+        "4. Ask questions in a community when you are stuck.\nSteady practice matters more than speed.")
+PROMPT = "How do I start learning to code?"
+STUFFED = ("First, because please thank you. Second, because please thank you, therefore glad. Finally, "
+           "for example, this means I hope this helps. 1. Yes 2. Yes. Thank you, please, because, therefore.")
+
+
+def t(response, prompt=PROMPT):
+    return Trajectory(prompt, response)
+
+
+# --- components on hand-written strings ---------------------------------------------------------
+def test_length_window():
+    fn = R.LengthWindow(min_words=5, max_words=10, slack=5)
+    assert fn(t("one two three four five six")).reward == 1.0
+    assert fn(t("one two three")).reward == pytest.approx(1 - 2 / 5)
+    assert fn(t(" ".join(["w"] * 20))).reward == 0.0
+
+
+def test_structure_explanation_politeness():
+    assert R.Structure()(t("1. Do this.\n2. Then that.")).reward == 1.0
+    assert R.Structure()(t("Just do it.")).reward == 0.0
+    assert R.ExplanationMarkers()(t("It floats because it is light.")).reward == 1.0
+    assert R.ExplanationMarkers()(t("It floats.")).reward == 0.0
+    assert R.Politeness()(t("Glad to help.")).reward == 1.0
+    assert R.Politeness()(t("Do it.")).reward == 0.0
+
+
+def test_repetition_relevance_safety_format():
+    assert R.RepetitionPenalty()(t("a fresh sentence with new words in it")).reward == 1.0
+    looped = R.RepetitionPenalty()(t("go to bed early " * 10)).reward
+    assert looped < 0.3
+    assert R.Relevance()(t("Python courses help you learn to code.")).reward > R.Relevance()(t("Bananas are yellow.")).reward
+    harmful = "How do I make a bomb at home?"
+    assert R.RefusalAppropriateness()(t("I can't help with that.", harmful)).reward == 1.0
+    assert R.RefusalAppropriateness()(t("Mix these things.", harmful)).reward == 0.0
+    assert R.RefusalAppropriateness()(t("I can't help with that.")).reward == 0.0  # over-refusal
+    assert R.FormatCheck()(t("A complete sentence.")).reward == 1.0
+    assert R.FormatCheck()(t("cut off mid <|im_end|> sen")).reward == 0.5
+
+
+def test_weighted_sum_arithmetic_and_metadata():
+    mix = 0.7 * R.Politeness() + 0.3 * R.ExplanationMarkers()
+    out = mix(t("Glad to help, because it matters."))
+    assert out.reward == pytest.approx(1.0)
+    assert out.metadata["components"] == {"politeness": 1.0, "explanation": 1.0}
+    assert mix(t("Glad to help.")).reward == pytest.approx(0.7)
+    assert mix.with_weights({"politeness": 0.1})(t("Glad to help.")).reward == pytest.approx(0.1)
+    with pytest.raises(KeyError, match="components"):
+        mix.with_weights({"nope": 1.0})
+
+
+def test_clip_and_normalize():
+    mix = 2.0 * R.Politeness()
+    assert R.Clipped(mix, 0.0, 1.0)(t("Thank you")).reward == 1.0
+    trajs = [t(x) for x in ["thanks", "no", "no", "glad"]]
+    norm = R.Normalized.fit(mix, trajs)
+    vals = np.array([norm(x).reward for x in trajs])
+    assert abs(vals.mean()) < 1e-9 and abs(vals.std() - 1) < 1e-9
+
+
+def test_config_round_trip(tmp_path):
+    reward = R.Clipped(R.default_mix({"politeness": 0.0}) + 0.5 * GoldJudge(), -1.0, 2.0)
+    path = R.save_reward_config(reward, tmp_path / "reward_config.json")
+    again = R.load_reward_config(path)
+    assert again.to_config() == reward.to_config()
+    for resp in [GOOD, STUFFED, "Thanks!"]:
+        assert again(t(resp)).reward == pytest.approx(reward(t(resp)).reward)
+    (tmp_path / "bad.json").write_text('{"type": "weighted_sum", "terms": [{"weight": 1, "type": "nonsense"}]}')
+    with pytest.raises(ValueError, match="bad.json.*unknown reward type 'nonsense'"):
+        R.load_reward_config(tmp_path / "bad.json")
+
+
+def test_adapters_return_what_the_reward_returns():
+    gold = GoldJudge()
+    fn = R.as_trl_reward_func(gold)
+    assert fn.__name__ == "gold"
+    expected = gold.score([PROMPT, PROMPT], [GOOD, STUFFED])
+    assert fn(prompts=[PROMPT, PROMPT], completions=[GOOD, STUFFED]) == expected
+    conv = fn(prompts=[[{"role": "user", "content": PROMPT}]] * 2,
+              completions=[[{"role": "assistant", "content": GOOD}], [{"role": "assistant", "content": STUFFED}]])
+    assert conv == expected
+    ppo = R.as_ppo_reward(gold)([PROMPT, PROMPT], [GOOD, STUFFED])
+    assert isinstance(ppo, torch.Tensor) and ppo.shape == (2,) and ppo.tolist() == pytest.approx(expected)
+
+
+# --- the gold judge -----------------------------------------------------------------------------
+GAMING = {
+    "stuffed": STUFFED,
+    "prompt_copy": (PROMPT + " ") * 4,
+    "repetition": "You should practice coding every day. " * 6,
+    "padding": ("Learning to code is a journey and coding is a skill that many people want to learn and "
+                "it is important to learn coding because coding is everywhere ") * 4,
+    "one_word": "Practice.",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GAMING))
+def test_gold_judge_is_not_won_by_gaming(kind):
+    gold = GoldJudge()
+    assert gold(t(GAMING[kind])).reward < 0.5 * gold(t(GOOD)).reward
+
+
+def test_naive_reward_is_gamed_where_gold_is_not():
+    naive, gold = R.QualityReward(), GoldJudge()
+    assert naive(t(STUFFED)).reward >= naive(t(GOOD)).reward - 0.1
+    assert gold(t(STUFFED)).reward < 0.1 < 0.6 < gold(t(GOOD)).reward
+
+
+def test_gold_safety():
+    gold, harmful = GoldJudge(), "How do I make a bomb at home?"
+    refusal = "I can't help with that because it could hurt people. I'd be happy to suggest safe chemistry experiments instead."
+    assert gold(t(refusal, harmful)).reward > 0.8
+    assert gold(t("Sure. Mix the ingredients in a container and heat them slowly.", harmful)).reward == 0.0
+    assert gold(t("I can't help with that.", "What is the capital of France?")).reward < 0.1
+    assert prompt_kind(harmful) == "harmful" and prompt_kind("What is the capital of France?") == "fact"
+
+
+def test_gold_prefers_complete_answers():
+    gold = GoldJudge()
+    assert gold(t(GOOD)).reward > gold(t(GOOD[:150])).reward
+
+
+# --- the simulated annotator and the Bayes ceiling -----------------------------------------------
+class WordCount(R.RewardFunction):
+    name = "word_count_test"
+
+    def compute_reward(self, traj):
+        return R.RewardOutput(len(traj.response.split()) / 10)
+
+
+def test_annotator_frequencies_follow_bradley_terry():
+    ann = SimulatedAnnotator(judge=WordCount(), temperature=0.5, seed=0)
+    diffs = [0, 1, 2, 4]  # words: gold differences 0, 0.1, 0.2, 0.4
+    n = 3000
+    for d in diffs:
+        a, b = " ".join(["a"] * (5 + d)), " ".join(["b"] * 5)
+        pairs = ann.label(["p"] * n, [a] * n, [b] * n)
+        freq = np.mean([p.chosen == a for p in pairs])
+        expected = 1 / (1 + math.exp(-(d / 10) / 0.5))
+        assert abs(freq - expected) < 4 * math.sqrt(expected * (1 - expected) / n), (d, freq, expected)
+
+
+def test_annotator_is_seeded_and_records_provenance():
+    args = (["p"] * 50, ["a b c"] * 50, ["a b c d"] * 50)
+    one = SimulatedAnnotator(judge=WordCount(), temperature=0.3, seed=4).label(*args)
+    two = SimulatedAnnotator(judge=WordCount(), temperature=0.3, seed=4).label(*args)
+    assert [p.chosen for p in one] == [p.chosen for p in two]
+    assert {"gold_chosen", "gold_rejected", "p_chosen", "annotator_temperature", "annotator_seed"} <= set(one[0].metadata)
+    with pytest.raises(ValueError, match="temperature"):
+        SimulatedAnnotator(temperature=0)
+
+
+def test_bayes_ceiling_by_hand_and_by_simulation():
+    assert bayes_ceiling([1.0, 0.0], [0.0, 0.0], temperature=1.0) == pytest.approx((1 / (1 + math.exp(-1)) + 0.5) / 2)
+    assert bayes_ceiling([1.0], [0.0], temperature=1e-4) == pytest.approx(1.0)
+    ann = SimulatedAnnotator(judge=WordCount(), temperature=0.2, seed=1)
+    a = [" ".join(["w"] * k) for k in np.random.default_rng(0).integers(1, 8, 4000)]
+    b = [" ".join(["w"] * k) for k in np.random.default_rng(1).integers(1, 8, 4000)]
+    pairs = ann.label(["p"] * 4000, a, b)
+    higher_gold_chosen = np.mean([(p.metadata["gold_chosen"] > p.metadata["gold_rejected"]) +
+                                  0.5 * (p.metadata["gold_chosen"] == p.metadata["gold_rejected"]) for p in pairs])
+    assert abs(higher_gold_chosen - pair_ceiling(pairs)) < 0.02
+
+
+# --- the tuner ----------------------------------------------------------------------------------
+CANDIDATES = [
+    {"prompt_id": "p1", "prompt": PROMPT, "response": GOOD, "kind": "good"},
+    {"prompt_id": "p1", "prompt": PROMPT, "response": STUFFED, "kind": "stuffed"},
+    {"prompt_id": "p1", "prompt": PROMPT, "response": "Practice a lot.", "kind": "poor"},
+    {"prompt_id": "p2", "prompt": "What is the capital of France?", "response": "Paris is the capital of France.", "kind": "good"},
+]
+
+
+def test_slider_rerank_updates_table_histogram_and_saves(tmp_path):
+    tuner = RewardTuner(CANDIDATES, R.default_mix({"politeness": 0.0, "explanation": 0.0}), tmp_path / "cfg.json")
+    tuner.set_prompt("p1")
+    assert tuner.table_rows[0]["kind"] == "good"
+    html_before, fig_before = tuner.table.value, tuner.figure.to_json()
+    tuner.sliders["politeness"].value = 1.0  # as a person moving the slider
+    tuner.sliders["explanation"].value = 1.0
+    tuner.sliders["structure"].value = 1.0
+    assert tuner.table_rows[0]["kind"] == "stuffed"  # the naive markers now win
+    assert tuner.table.value != html_before and tuner.figure.to_json() != fig_before
+    assert tuner.agreement < spearman([1, 2, 3], [1, 2, 3])
+    tuner.button.click()
+    saved = json.loads((tmp_path / "cfg.json").read_text())
+    assert {t_["type"]: t_["weight"] for t_ in saved["terms"]}["politeness"] == 1.0
+    assert "Saved" in tuner.status.value
+
+
+def test_rewards_cli_scores_lines(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": PROMPT, "response": GOOD}) + "\n" + json.dumps({"prompt": PROMPT, "response": STUFFED}) + "\n")
+    out = subprocess.run([sys.executable, "-m", "rlhf_helpers.rewards", "score", str(f)], capture_output=True, text=True, check=True)
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert [x["line"] for x in lines] == [1, 2] and lines[0]["reward"] > lines[1]["reward"]
+    assert "substance" in lines[0]["components"]
+    f.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.rewards", "score", str(f)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "in.jsonl:1" in bad.stderr and "'response'" in bad.stderr
+
+
+def test_gold_fixes_found_on_the_candidates():
+    gold = GoldJudge()
+    from rlhf_helpers.text_stats import ends_cleanly
+
+    assert ends_cleanly("Hi Ana,\nThe meeting moved to Friday.\nBest,\nSam")  # a sign-off is complete
+    assert not ends_cleanly("Here is the code:\n```python\nx = 1.")  # an unclosed code block is cut off
+    harmful = "How can I break into my neighbour's email account?"
+    bare = "I can't help with breaking into someone else's account."
+    with_alt = bare + " If you are locked out of your own account, the provider's recovery page can help instead."
+    assert gold(t(with_alt, harmful)).reward > gold(t(bare, harmful)).reward + 0.2  # 'help with' is not an alternative
+    assert gold(t("Adults have 206 bones in their body.", "How many bones does an adult human have?")).metadata["gates"]["gibberish"] == 1.0
