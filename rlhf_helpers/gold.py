@@ -166,7 +166,7 @@ class GoldJudge(RewardFunction):
     def _gates(prompt: str, response: str, kind: str) -> dict[str, float]:
         tokens = ts.words(response)
         n = max(len(tokens), 1)
-        rep3 = ts.repeated_fraction(tokens, 3)
+        rep3 = ts.repeated_fraction(ts.words(_prose(response)) if kind == "coding" else tokens, 3)  # code repeats by nature
         repetition = _clamp(1.0 - 2.5 * max(0.0, rep3 - 0.03)) * (1.0 - ts.repeated_sentence_fraction(response))
         density = 100.0 * len(STUFFING_MARKERS.findall(response)) / max(n, 40)  # short replies: a few markers are natural
         stuffing = _clamp(1.0 - (density - 6.0) / 10.0)
@@ -207,12 +207,21 @@ class SimulatedAnnotator:
 
     def label(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]) -> list:
         """Label pairs; returns PreferencePairs with gold rewards and the label probability as provenance."""
-        from .data import PreferencePair
-
         gold_a = np.array(self.judge.score(prompts, responses_a))
         gold_b = np.array(self.judge.score(prompts, responses_b))
+        return self.label_scored(prompts, responses_a, responses_b, gold_a, gold_b)
+
+    def sample_a_wins(self, gold_a: np.ndarray, gold_b: np.ndarray, repeats: int | None = None) -> np.ndarray:
+        """Bernoulli draws of 'a preferred' from P(a ≻ b); shape (n,) or (repeats, n)."""
         p_a = self.prob_first(gold_a, gold_b)
-        a_wins = self._rng.random(len(p_a)) < p_a
+        return self._rng.random(p_a.shape if repeats is None else (repeats, *p_a.shape)) < p_a
+
+    def label_scored(self, prompts, responses_a, responses_b, gold_a, gold_b) -> list:
+        """`label` for pairs whose gold rewards are already known."""
+        from .data import PreferencePair
+
+        p_a = self.prob_first(gold_a, gold_b)
+        a_wins = self.sample_a_wins(np.asarray(gold_a), np.asarray(gold_b))
         pairs = []
         for i, prompt in enumerate(prompts):
             chosen, rejected = (responses_a[i], responses_b[i]) if a_wins[i] else (responses_b[i], responses_a[i])
@@ -248,10 +257,7 @@ def label_frequencies(annotator: SimulatedAnnotator, prompts: Sequence[str], res
     gold_a = np.array(annotator.judge.score(prompts, responses_a))
     gold_b = np.array(annotator.judge.score(prompts, responses_b))
     delta = gold_a - gold_b
-    wins = np.zeros(len(delta))
-    for _ in range(repeats):
-        pairs = annotator.label(prompts, responses_a, responses_b)
-        wins += np.array([p.chosen == a for p, a in zip(pairs, responses_a)])
+    wins = annotator.sample_a_wins(gold_a, gold_b, repeats).sum(axis=0)  # (n,) times a was chosen
     edges = np.linspace(delta.min(), delta.max() + 1e-9, bins + 1)
     which = np.clip(np.digitize(delta, edges) - 1, 0, bins - 1)
     out: dict[str, list[float]] = {"delta": [], "observed": [], "predicted": [], "pairs": []}

@@ -83,6 +83,8 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd:
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in env_path.split(os.pathsep):  # the kernel and any tool it calls use this environment
         os.environ["PATH"] = bin_dir + os.pathsep + env_path
+    # figures as plotly JSON (JupyterLab) and as HTML with plotly.js embedded (the offline HTML export)
+    os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype+notebook")
     try:
         papermill.execute_notebook(
             str(path), str(output), parameters=passed, kernel_name="python3", language="python", progress_bar=False,

@@ -80,4 +80,4 @@ def test_help_notebook_lists_every_parameter_with_type_and_comment():
         name = line.split(":")[0].strip()
         kind = line.split(":")[1].split("=")[0].strip()
         comment = line.split("#", 1)[1].strip()
-        assert name in out and f"({kind})" in out and comment in out, f"{name} missing from --help-notebook:\n{out}"
+        assert f"{name}: {kind}" in out and comment in out, f"{name} missing from --help-notebook:\n{out}"

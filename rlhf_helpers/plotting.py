@@ -1,0 +1,260 @@
+"""Plotly figure builders for the notebooks.
+
+Each function is independent: it takes plain numbers (lists, NumPy arrays or CPU tensors, or metric rows as
+read from `metrics.jsonl`) and returns a `plotly.graph_objects.Figure`; the notebook calls `.show()`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+COLORS = {
+    "ref": "#7f7f7f",
+    "optimum": "#2ca02c",
+    "ppo": "#1f77b4",
+    "dpo": "#d62728",
+    "reward": "#ff7f0e",
+}
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x, dtype=float)
+
+
+def _arm_labels(k: int) -> list[str]:
+    return [f"arm {i}" for i in range(k)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Notebook 00: RLHF concepts
+# ----------------------------------------------------------------------------------------------------------
+
+def pipeline_diagram() -> go.Figure:
+    """The RLHF pipeline as boxes and arrows: SFT → reward model → PPO, and DPO as the shortcut."""
+    boxes = {  # name: (x, y, label, colour)
+        "base": (0.0, 1.0, "Pretrained LM", COLORS["ref"]),
+        "sft": (1.5, 1.0, "SFT<br>(demonstrations)", COLORS["ref"]),
+        "prefs": (3.0, 2.0, "Preference pairs<br>(y_w ≻ y_l)", COLORS["reward"]),
+        "rm": (4.5, 2.0, "Reward model<br>r(x, y)", COLORS["reward"]),
+        "ppo": (6.0, 2.0, "RL (PPO)<br>max E[r] − β·KL", COLORS["ppo"]),
+        "dpo": (4.5, 0.0, "DPO<br>one classification loss", COLORS["dpo"]),
+        "aligned": (7.5, 1.0, "Aligned policy π", COLORS["optimum"]),
+    }
+    arrows = [
+        ("base", "sft", ""), ("sft", "prefs", "sample"), ("prefs", "rm", "fit BT"), ("rm", "ppo", "reward"),
+        ("ppo", "aligned", ""), ("prefs", "dpo", "no RM, no RL"), ("dpo", "aligned", ""),
+    ]
+    fig = go.Figure()
+    for src, dst, text in arrows:
+        x0, y0 = boxes[src][:2]
+        x1, y1 = boxes[dst][:2]
+        fig.add_annotation(x=x1 - 0.55 * np.sign(x1 - x0), y=y1, ax=x0 + 0.55 * np.sign(x1 - x0), ay=y0,
+                           xref="x", yref="y", axref="x", ayref="y", showarrow=True, arrowhead=3,
+                           arrowwidth=1.5, text="")
+        if text:
+            fig.add_annotation(x=(x0 + x1) / 2, y=(y0 + y1) / 2 + 0.18, text=f"<i>{text}</i>",
+                               showarrow=False, font=dict(size=11))
+    for x, y, label, colour in boxes.values():
+        fig.add_shape(type="rect", x0=x - 0.55, x1=x + 0.55, y0=y - 0.3, y1=y + 0.3, line=dict(color=colour),
+                      fillcolor=colour, opacity=0.25, layer="below")
+        fig.add_annotation(x=x, y=y, text=label, showarrow=False, font=dict(size=12))
+    fig.update_xaxes(visible=False, range=[-0.7, 8.2])
+    fig.update_yaxes(visible=False, range=[-0.5, 2.5])
+    fig.update_layout(title="The RLHF pipeline, and DPO's shortcut", height=320, showlegend=False,
+                      margin=dict(l=10, r=10, t=40, b=10), plot_bgcolor="white")
+    return fig
+
+
+def bradley_terry_figure(
+    binned: Mapping[str, Sequence[float]], r_true: Any, r_fit: Any
+) -> go.Figure:
+    """Left: σ(Δr) with the empirical binned preference frequencies. Right: fitted against true rewards."""
+    r_true, r_fit = _np(r_true), _np(r_fit)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "P(a ≻ b) against r_a − r_b", "Maximum-likelihood fit against the truth"))
+    dx = np.linspace(min(binned["reward_diff"]) - 0.5, max(binned["reward_diff"]) + 0.5, 200)
+    fig.add_trace(go.Scatter(x=dx, y=1 / (1 + np.exp(-dx)), name="σ(r_a − r_b)",
+                             line=dict(color=COLORS["optimum"])), row=1, col=1)
+    fig.add_trace(go.Scatter(x=binned["reward_diff"], y=binned["frequency"], mode="markers",
+                             name="empirical frequency", text=[f"{c} comparisons" for c in binned["count"]],
+                             marker=dict(color=COLORS["reward"], size=9)), row=1, col=1)
+    lim = [min(r_true.min(), r_fit.min()) - 0.3, max(r_true.max(), r_fit.max()) + 0.3]
+    fig.add_trace(go.Scatter(x=lim, y=lim, mode="lines", name="y = x", line=dict(color="black", dash="dot")),
+                  row=1, col=2)
+    fig.add_trace(go.Scatter(x=r_true, y=r_fit, mode="markers+text", name="items",
+                             text=[str(i) for i in range(len(r_true))], textposition="top center",
+                             marker=dict(color=COLORS["ppo"], size=10)), row=1, col=2)
+    fig.update_xaxes(title_text="reward difference r_a − r_b", row=1, col=1)
+    fig.update_yaxes(title_text="P(a preferred)", range=[-0.02, 1.02], row=1, col=1)
+    fig.update_xaxes(title_text="true reward (mean 0)", row=1, col=2)
+    fig.update_yaxes(title_text="fitted reward (mean 0)", row=1, col=2)
+    fig.update_layout(height=380, title="Bradley–Terry: preferences are noisy comparisons of rewards")
+    return fig
+
+
+def kl_optimum_slider(pi_ref: Any, r: Any, sweep: Mapping[str, Sequence], beta_start: float | None = None
+                      ) -> go.Figure:
+    """Bars of π_ref and π* (left) and r (right), with a slider over β; `sweep` comes from `beta_sweep`."""
+    pi_ref, r = _np(pi_ref), _np(r)
+    arms = _arm_labels(len(r))
+    betas = list(sweep["beta"])
+    start = int(np.argmin(np.abs(np.log(betas) - np.log(beta_start)))) if beta_start else len(betas) // 2
+
+    def title(i: int) -> str:
+        return (f"β = {betas[i]:.3g}: E_π*[r] = {sweep['expected_reward'][i]:.3f}, "
+                f"KL(π*‖π_ref) = {sweep['kl'][i]:.3f}")
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38],
+                        subplot_titles=("π_ref and π* ∝ π_ref·exp(r/β)", "reward r"))
+    fig.add_trace(go.Bar(x=arms, y=pi_ref, name="π_ref", marker_color=COLORS["ref"]), row=1, col=1)
+    fig.add_trace(go.Bar(x=arms, y=sweep["policy"][start], name="π*", marker_color=COLORS["optimum"]),
+                  row=1, col=1)
+    fig.add_trace(go.Bar(x=arms, y=r, name="r", marker_color=COLORS["reward"]), row=1, col=2)
+    fig.frames = [go.Frame(name=f"{b:.3g}", data=[go.Bar(y=sweep["policy"][i])], traces=[1],
+                           layout=go.Layout(title_text=title(i))) for i, b in enumerate(betas)]
+    steps = [dict(method="animate", label=f"{b:.2g}",
+                  args=[[f"{b:.3g}"], dict(mode="immediate", frame=dict(duration=0, redraw=True),
+                                           transition=dict(duration=0))]) for b in betas]
+    fig.update_layout(
+        title=title(start), barmode="group", height=430,
+        sliders=[dict(active=start, steps=steps, currentvalue=dict(prefix="β = "), pad=dict(t=40))],
+    )
+    fig.update_yaxes(title_text="probability", range=[0, 1], row=1, col=1)
+    return fig
+
+
+def reward_kl_frontier(sweep: Mapping[str, Sequence], beta_mark: float | None = None,
+                       points: Mapping[str, tuple[float, float]] | None = None) -> go.Figure:
+    """E_π*[r] against KL(π*‖π_ref) as β varies; optional marker at `beta_mark` and extra named points."""
+    fig = go.Figure(go.Scatter(x=sweep["kl"], y=sweep["expected_reward"], mode="lines+markers",
+                               text=[f"β = {b:.3g}" for b in sweep["beta"]], name="π*(β)",
+                               line=dict(color=COLORS["optimum"]), marker=dict(size=5)))
+    if beta_mark is not None:
+        i = int(np.argmin(np.abs(np.log(sweep["beta"]) - np.log(beta_mark))))
+        fig.add_trace(go.Scatter(x=[sweep["kl"][i]], y=[sweep["expected_reward"][i]], mode="markers",
+                                 name=f"β ≈ {sweep['beta'][i]:.3g}", marker=dict(size=13, symbol="star",
+                                                                                  color="black")))
+    for name, (kl, reward) in (points or {}).items():
+        fig.add_trace(go.Scatter(x=[kl], y=[reward], mode="markers", name=name, marker=dict(size=11)))
+    fig.update_layout(title="The reward–KL frontier: each β buys reward with divergence from π_ref",
+                      xaxis_title="KL(π‖π_ref)", yaxis_title="E_π[r]", height=380)
+    return fig
+
+
+def ppo_clip_figure(rho: Any, objective_pos: Any, objective_neg: Any, eps: float) -> go.Figure:
+    """The clipped surrogate against the ratio ρ for A > 0 and A < 0, flat (zero-gradient) regions shaded."""
+    rho = _np(rho)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("A > 0 (a good action)", "A < 0 (a bad action)"))
+    for col, (obj, sign) in enumerate([(_np(objective_pos), 1), (_np(objective_neg), -1)], start=1):
+        fig.add_trace(go.Scatter(x=rho, y=sign * rho, name="ρ·A (unclipped)", showlegend=col == 1,
+                                 line=dict(color=COLORS["ref"], dash="dot")), row=1, col=col)
+        fig.add_trace(go.Scatter(x=rho, y=obj, name="min(ρA, clip(ρ)A)", showlegend=col == 1,
+                                 line=dict(color=COLORS["ppo"], width=3)), row=1, col=col)
+        x0, x1 = (1 + eps, rho.max()) if sign > 0 else (rho.min(), 1 - eps)
+        fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["dpo"], opacity=0.12, line_width=0, row=1, col=col,
+                      annotation_text="flat: gradient 0", annotation_position="top left")
+        fig.add_vline(x=1.0, line=dict(color="black", width=1, dash="dash"), row=1, col=col)
+        fig.update_xaxes(title_text="ratio ρ = π(y)/π_old(y)", row=1, col=col)
+    fig.update_yaxes(title_text="surrogate objective (|A| = 1)", row=1, col=1)
+    fig.update_layout(title=f"PPO's clipped surrogate, ε = {eps}", height=380)
+    return fig
+
+
+def dpo_loss_figure(margin: Any, loss: Any, gradient_weight: Any | None = None) -> go.Figure:
+    """DPO loss against the implicit reward margin r̂(y_w) − r̂(y_l); optionally the gradient weight σ(−m)."""
+    margin = _np(margin)
+    fig = go.Figure(go.Scatter(x=margin, y=_np(loss), name="−log σ(margin)", line=dict(color=COLORS["dpo"],
+                                                                                         width=3)))
+    if gradient_weight is not None:
+        fig.add_trace(go.Scatter(x=margin, y=_np(gradient_weight), name="gradient weight σ(−margin)",
+                                 line=dict(color=COLORS["ref"], dash="dot")))
+    fig.add_vline(x=0.0, line=dict(color="black", width=1, dash="dash"))
+    fig.update_layout(title="DPO: a logistic loss on the implicit reward margin",
+                      xaxis_title="implicit reward margin r̂(y_w) − r̂(y_l)", yaxis_title="loss", height=360)
+    return fig
+
+
+def bandit_convergence(rows: Sequence[Mapping[str, Any]], keys: Mapping[str, str], log_y: bool = True,
+                       title: str = "Distance to the closed-form optimum π*") -> go.Figure:
+    """Curves of metric `keys` ({key: legend name}) against `step`, from metric rows (`metrics.jsonl`)."""
+    fig = go.Figure()
+    for key, name in keys.items():
+        pts = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
+        if log_y:
+            pts = [(s, max(v, 1e-8)) for s, v in pts]  # exact zeros would vanish from a log axis
+        colour = COLORS["ppo"] if key.startswith("ppo") else COLORS["dpo"] if key.startswith("dpo") else None
+        fig.add_trace(go.Scatter(x=[s for s, _ in pts], y=[v for _, v in pts], name=name, mode="lines",
+                                 line=dict(color=colour, dash="dot" if "kl" in key else "solid")))
+    fig.update_layout(title=title, xaxis_title="iteration", height=380)
+    fig.update_yaxes(type="log" if log_y else "linear")
+    return fig
+
+
+def policy_bars(policies: Mapping[str, Any]) -> go.Figure:
+    """Grouped bars of several policies over the same arms ({name: probabilities})."""
+    fig = go.Figure()
+    palette = {"π_ref": COLORS["ref"], "π*": COLORS["optimum"], "π_PPO": COLORS["ppo"],
+               "π_DPO": COLORS["dpo"]}
+    for name, probs in policies.items():
+        probs = _np(probs)
+        fig.add_trace(go.Bar(x=_arm_labels(len(probs)), y=probs, name=name, marker_color=palette.get(name)))
+    fig.update_layout(title="Final policies", barmode="group", yaxis_title="probability", height=360)
+    return fig
+
+
+# --- notebook 01: rewards ---------------------------------------------------------------------------
+
+def rewards_by_kind(table, columns, gaming_kinds=()):
+    """A strip plot per reward column: one dot per response, grouped by kind; gaming kinds in red."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    kinds = list(dict.fromkeys(table["kind"]))
+    fig = make_subplots(rows=1, cols=len(columns), shared_yaxes=True, subplot_titles=list(columns))
+    for col_i, column in enumerate(columns, start=1):
+        for kind in kinds:
+            rows = table[table["kind"] == kind]
+            fig.add_trace(go.Box(x=rows[column], y=[kind] * len(rows), name=kind, boxpoints="all", jitter=0.4,
+                                 orientation="h", fillcolor="rgba(0,0,0,0)", line=dict(width=0),
+                                 marker=dict(color="crimson" if kind in gaming_kinds else "steelblue", size=7),
+                                 hovertext=rows["response"], showlegend=False), row=1, col=col_i)
+        fig.update_xaxes(title_text=f"{column} reward", range=[-0.05, 1.05], row=1, col=col_i)
+    fig.update_layout(height=60 + 32 * len(kinds), title="Each response scored by each reward (red: written to game)",
+                      margin=dict(l=110, r=20, t=70, b=40))
+    return fig
+
+
+def bt_label_frequencies(freq, temperature):
+    """Observed share of 'a preferred' per bin of gold difference, against the Bradley–Terry curve."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    lo, hi = min(freq["delta"]) - 0.05, max(freq["delta"]) + 0.05
+    xs = np.linspace(lo, hi, 200)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=xs, y=1 / (1 + np.exp(-xs / temperature)), name=f"σ(Δ/T), T={temperature}",
+                             line=dict(color="gray")))
+    fig.add_trace(go.Scatter(x=freq["delta"], y=freq["observed"], mode="markers", name="observed labels",
+                             marker=dict(size=[6 + 2 * np.sqrt(n) for n in freq["pairs"]], color="crimson"),
+                             text=[f"{n} pairs" for n in freq["pairs"]]))
+    fig.update_layout(height=350, title="The simulated annotator follows Bradley–Terry",
+                      xaxis_title="gold(a) − gold(b)", yaxis_title="P(a preferred)")
+    return fig
+
+
+def bayes_ceiling_curve(ceilings, current_temperature=None):
+    """The Bayes ceiling (best achievable label accuracy) against the annotator temperature."""
+    import plotly.graph_objects as go
+
+    temps = sorted(ceilings)
+    fig = go.Figure(go.Scatter(x=temps, y=[ceilings[t] for t in temps], mode="lines+markers", name="Bayes ceiling"))
+    if current_temperature is not None:
+        fig.add_vline(x=current_temperature, line_dash="dot", annotation_text="this run's annotator")
+    fig.update_layout(height=320, title="How noisy labels cap any reward model's accuracy",
+                      xaxis=dict(title="annotator temperature T", type="log"), yaxis=dict(title="accuracy", range=[0.45, 1.02]))
+    return fig
