@@ -44,6 +44,8 @@ PROFILES: dict[str, Profile] = {
         description="CI: a handful of steps and tiny batches; each notebook within about 90 s on 2 CPU cores.",
         stages={
             "concepts": {"n_iters": 200},
+            "sft": {"max_steps": 2, "batch_size": 2, "n_train": 8, "n_eval": 4, "eval_steps": 2, "save_steps": 2,
+                    "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256},
         },
     ),
     "cpu": Profile(
@@ -51,6 +53,8 @@ PROFILES: dict[str, Profile] = {
         description="Default: the whole suite learns visibly on a 2-core laptop CPU with SmolLM2-135M.",
         stages={
             "concepts": {"n_iters": 500},
+            "sft": {"max_steps": 14, "batch_size": 8, "learning_rate": 4e-4, "n_eval": 16, "eval_steps": 7,
+                    "save_steps": 7, "n_compare": 24, "max_new_tokens": 128, "max_length": 384},
         },
     ),
     "gpu": Profile(
@@ -62,6 +66,8 @@ PROFILES: dict[str, Profile] = {
         device="cuda",
         stages={
             "concepts": {"n_iters": 2000},
+            "sft": {"max_steps": 200, "batch_size": 16, "n_compare": 72, "max_new_tokens": 256, "eval_steps": 25,
+                    "save_steps": 50, "logging_steps": 5},
         },
     ),
 }
@@ -80,17 +86,21 @@ def get_profile(name: str | Profile) -> Profile:
 
 
 C = TypeVar("C")
+SHARED_FIELDS = ("model_name", "dtype", "device", "load_in_4bit")
 
 
 def stage_config(cls: type[C], profile: str | Profile, stage: str | None = None, **overrides: Any) -> C:
-    """Build stage config `cls`: its defaults, then `profile`'s overrides for `stage`, then `overrides`.
+    """Build stage config `cls`: its defaults, the profile's shared settings (model_name, dtype, device,
+    load_in_4bit) where `cls` has such fields, the profile's overrides for `stage`, then `overrides`
+    (None values are ignored, so notebook parameters left at None keep the profile's choice).
 
     `stage` defaults to `cls.stage`. Keys that are not fields of `cls` raise with the valid names.
     """
     prof = get_profile(profile)
     stage = stage or getattr(cls, "stage")
-    values = {**prof.overrides_for(stage), **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name for f in dataclasses.fields(cls)}
+    shared = {k: getattr(prof, k) for k in SHARED_FIELDS if k in names}  # model, dtype, device, 4-bit
+    values = {**shared, **prof.overrides_for(stage), **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(

@@ -258,3 +258,53 @@ def bayes_ceiling_curve(ceilings, current_temperature=None):
     fig.update_layout(height=320, title="How noisy labels cap any reward model's accuracy",
                       xaxis=dict(title="annotator temperature T", type="log"), yaxis=dict(title="accuracy", range=[0.45, 1.02]))
     return fig
+
+
+# --- training curves ---------------------------------------------------------------------------------
+
+def metric_curves(rows, keys, title="Training curves", x="step"):
+    """One line per metric key present in `rows` (dicts from metrics.jsonl), each on its own subplot."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    keys = [k for k in keys if any(k in r for r in rows)]
+    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=keys or ["(no data yet)"])
+    for i, key in enumerate(keys, start=1):
+        pts = [(r[x], r[key]) for r in rows if key in r and r[key] is not None]
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=key,
+                                 showlegend=False), row=1, col=i)
+        fig.update_xaxes(title_text=x, row=1, col=i)
+    fig.update_layout(height=320, title=title, margin=dict(l=40, r=20, t=70, b=40))
+    return fig
+
+
+class LiveCurves:
+    """A figure that redraws itself in place as rows arrive (JupyterLab and papermill alike).
+
+    >>> live = LiveCurves(["train/loss", "eval/loss"])
+    >>> logger.add_callback(live.update)   # or MetricsCallback(logger, on_row=live.update)
+    """
+
+    def __init__(self, keys, title="Training curves (live)", every=1):
+        from IPython.display import display
+
+        self.keys, self.title, self.every, self.rows = list(keys), title, every, []
+        self.handle = display(metric_curves([], self.keys, title), display_id=True)
+
+    def update(self, row):
+        self.rows.append(row)
+        if self.handle is not None and len(self.rows) % self.every == 0:
+            self.handle.update(metric_curves(self.rows, self.keys, self.title))
+
+
+def paired_scores(table, x_col, y_col, title=None):
+    """One dot per prompt: policy X's score against policy Y's; above the diagonal, Y won."""
+    import plotly.graph_objects as go
+
+    hover = [f"{d}: {p[:80]}" for d, p in zip(table["domain"], table["prompt"])] if "prompt" in table else None
+    fig = go.Figure(go.Scatter(x=table[x_col], y=table[y_col], mode="markers", text=hover,
+                               marker=dict(size=9, opacity=0.7)))
+    fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="gray"))
+    fig.update_layout(height=380, width=420, title=title or f"{y_col} against {x_col} (above the line: {y_col.split()[0]} wins)",
+                      xaxis=dict(title=x_col, range=[-0.05, 1.05]), yaxis=dict(title=y_col, range=[-0.05, 1.05]))
+    return fig

@@ -11,6 +11,7 @@ only re-weights them. Everything the display shows is also an attribute (`rankin
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 from .gold import GoldJudge
 from .rewards import RewardFunction, Trajectory, WeightedSum, save_reward_config
 
+ALL_PROMPTS = ""  # the prompt picker's value for "all prompts" (prompt ids are non-empty strings)
 GAMING_KINDS = {"stuffed", "prompt_copy", "repetitive", "padded", "unsafe", "over_refusal"}
 
 
@@ -77,8 +79,9 @@ class RewardTuner:
             self.refresh()
 
     def set_prompt(self, prompt_id: str | None) -> None:
+        """Show one prompt's candidates, or all of them for None (through the picker when widgets are shown)."""
         if hasattr(self, "picker"):
-            self.picker.value = prompt_id
+            self.picker.value = ALL_PROMPTS if prompt_id is None else prompt_id
         else:
             self.prompt_id = prompt_id
             self.refresh()
@@ -104,7 +107,8 @@ class RewardTuner:
     def save(self, *_: Any) -> Path:
         path = save_reward_config(self.reward, self.save_path)
         if hasattr(self, "status"):
-            self.status.value = f"Saved to <code>{html.escape(str(path))}</code>"
+            # the time makes every press visible, also when the path is the one saved before
+            self.status.value = f"Saved at {time.strftime('%H:%M:%S')} to <code>{html.escape(str(path))}</code>"
         return path
 
     # --- display -------------------------------------------------------------------------------
@@ -131,16 +135,22 @@ class RewardTuner:
         }
         for name, slider in self.sliders.items():
             slider.observe(lambda change, name=name: self._on_slider(name, change["new"]), names="value")
-        options = [("all prompts", None)] + sorted(
+        # "all prompts" needs a value other than None: a Dropdown whose value is None selects nothing, so the
+        # browser would show an empty picker and could not go back to all prompts
+        options = [("all prompts", ALL_PROMPTS)] + sorted(
             {(f"{c['prompt_id']}: {c['prompt'][:60]}", c["prompt_id"]) for c in self.candidates}, key=lambda o: o[1])
-        self.picker = W.Dropdown(options=options, value=None, description="prompt", layout=W.Layout(width="95%"))
+        self.picker = W.Dropdown(options=options, value=ALL_PROMPTS if self.prompt_id is None else self.prompt_id,
+                                 description="prompt", layout=W.Layout(width="95%"))
         self.picker.observe(lambda change: self._on_prompt(change["new"]), names="value")
         self.table = W.HTML()
-        self.plot = W.Output()
+        # the histogram takes the width the sliders leave; it may shrink, they may not
+        self.plot = W.Output(layout=W.Layout(flex="1 1 auto", min_width="0"))
         self.button = W.Button(description="Save config", button_style="primary", icon="save")
         self.button.on_click(self.save)
         self.status = W.HTML()
-        controls = W.VBox([W.HTML("<b>Component weights</b>"), *self.sliders.values()])
+        # flex 0 0 auto: squeezed by the histogram beside them, the sliders' readouts were cut to "0."
+        controls = W.VBox([W.HTML("<b>Component weights</b>"), *self.sliders.values()],
+                          layout=W.Layout(flex="0 0 auto"))
         self.widget = W.VBox([self.picker, W.HBox([controls, self.plot]), W.HBox([self.button, self.status]), self.table])
 
     def _on_slider(self, name: str, value: float) -> None:
@@ -148,7 +158,7 @@ class RewardTuner:
         self.refresh()
 
     def _on_prompt(self, prompt_id: str | None) -> None:
-        self.prompt_id = prompt_id
+        self.prompt_id = None if prompt_id in (ALL_PROMPTS, None) else prompt_id
         self.refresh()
 
     def _render(self) -> None:

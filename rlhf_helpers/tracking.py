@@ -132,6 +132,17 @@ class MetricsLogger:
             fn(row)
         return row
 
+    def truncate_after(self, step: int) -> int:
+        """Drop rows logged after `step` (a run resuming from the checkpoint at `step` redoes them).
+        Returns how many rows were dropped; the file is rewritten atomically."""
+        kept = [r for r in self.rows if int(r.get("step", -1)) <= step]
+        dropped = len(self.rows) - len(kept)
+        if dropped:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            self.rows = kept
+            print(f"{self.path}: dropped {dropped} row(s) logged after step {step}, to be redone on resume")
+        return dropped
+
     def log_many(self, rows: Iterable[dict]) -> None:
         for row in rows:
             row = dict(row)

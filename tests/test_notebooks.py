@@ -26,7 +26,26 @@ def check_concepts(run_dir: Path) -> None:
     assert s["bt_fit_max_abs_error"] < 0.5, s
 
 
-CHECKS = {"00_rlhf_concepts": check_concepts}
+def check_rewards(run_dir: Path) -> None:
+    from rlhf_helpers.rewards import load_reward_config
+
+    s = json.loads((run_dir / "rewards" / "summary.json").read_text())
+    reward = load_reward_config(run_dir / "rewards" / "reward_config.json")  # round-trips into a reward
+    assert set(reward.weights) == set(s["weights"])
+    assert s["gold_mean_good"] > s["gold_mean_gaming"] + 0.3, s  # the gold judge is not gamed
+    assert s["naive_gaming_top_share"] > s["gold_gaming_top_share"], s  # the naive reward is
+    assert 0.5 < s["bayes_ceiling"] <= 1.0
+
+
+def check_sft(run_dir: Path) -> None:
+    s = json.loads((run_dir / "sft" / "summary.json").read_text())
+    assert s["steps"] >= 1 and s["eval_loss_after"] > 0
+    assert (run_dir / "sft" / "adapter" / "adapter_config.json").exists()
+    assert (run_dir / "sft" / "model" / "config.json").exists()
+    assert 0.0 <= s["win_rate_vs_base"]["win_rate"] <= 1.0 and s["n_compare"] >= 1
+
+
+CHECKS = {"00_rlhf_concepts": check_concepts, "01_reward_design": check_rewards, "02_sft": check_sft}
 
 
 @pytest.fixture(scope="module")

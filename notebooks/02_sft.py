@@ -1,0 +1,147 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Supervised fine-tuning with LoRA
+#
+# RLHF starts from a model that already answers in the right shape. Supervised fine-tuning (SFT) gets it
+# there: show the model a few hundred good answers and train it to predict them. The SFT model is also the
+# *reference* every later stage stays close to, so its quality bounds everything after it.
+#
+# **What you will learn**
+# 1. What the model actually sees: the chat template, and why the loss falls on the answer only.
+# 2. How LoRA trains a few million parameters instead of all of them.
+# 3. How to watch a fine-tuning run (train and held-out loss) and check it did what you wanted: the SFT
+#    model against the base model on held-out prompts, judged by the gold judge of notebook 01.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes run_dir/sft/
+profile: str = "cpu"  # smoke | cpu | gpu: steps, batch size, comparison size
+seed: int = 0  # seed for data order, dropout and sampling
+model_name: str = ""  # base model; empty keeps the profile's (SmolLM2-135M-Instruct on CPU)
+max_steps: int = 0  # optimizer steps; 0 keeps the profile's value
+use_lora: bool = True  # LoRA adapter (True) or full fine-tuning (False)
+
+# %% [markdown]
+# ## Setup
+# Every setting lives in `SFTStageConfig` (documented fields, in `rlhf_helpers/sft.py`); the profile
+# overrides a few, and the parameters above override the profile.
+
+# %%
+import time
+
+from IPython.display import HTML, display
+
+from rlhf_helpers import plotting
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts
+from rlhf_helpers.gold import GoldJudge
+from rlhf_helpers.paths import stage_dir
+from rlhf_helpers.sft import SFTStageConfig, build_trainer, load_demonstrations, loss_mask_html, train_sft
+from rlhf_helpers.tracking import MetricsLogger, read_json, read_metrics
+
+t0 = time.perf_counter()
+cfg = stage_config(SFTStageConfig, profile, seed=seed, model_name=model_name or None,
+                   max_steps=max_steps or None, use_lora=use_lora)
+out_dir = stage_dir(run_dir, "sft")
+cfg
+
+# %% [markdown]
+# ## 1. The demonstrations
+# `data/sft.jsonl` holds 224 answers written for this suite in the style the gold judge values: correct,
+# concise, structured where it helps, polite without stock phrases, and polite refusals for harmful
+# requests. A tenth is held out (by prompt) to measure the loss on answers the model never trained on.
+
+# %%
+train_records, eval_records = load_demonstrations(cfg)
+print(f"{len(train_records)} training and {len(eval_records)} held-out demonstrations")
+for r in train_records[:2]:
+    print(f"\nPROMPT: {r.prompt}\nRESPONSE: {r.response}")
+
+# %% [markdown]
+# ## 2. What the model sees, and where the loss falls
+# The chat template wraps each exchange in special tokens (`<|im_start|>user`, `<|im_end|>`...), and
+# SmolLM2's template adds a default system message. Training on the *whole* sequence would also teach the
+# model to write user prompts; we only want it to learn the answers, so every prompt token gets the label
+# −100 (ignored by the loss). Grey tokens below carry no loss; green ones do. Note the final `<|im_end|>`
+# is green: the model must learn to *stop*.
+
+# %%
+trainer, logger = build_trainer(cfg, run_dir)
+display(HTML(loss_mask_html(trainer, 0)))
+del trainer
+
+# %% [markdown]
+# ## 3. Train
+# LoRA freezes the base weights $W$ and learns a low-rank update $W + \frac{\alpha}{r} BA$ with
+# $B \in \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer: a few million trainable
+# parameters instead of 135 million, and an adapter of a few megabytes. The curve below redraws as the
+# run logs; a checkpoint is saved every `save_steps`, and rerunning this cell after an interruption
+# continues from the last one.
+
+# %%
+live = plotting.LiveCurves(["train/loss", "eval/loss", "train/mean_token_accuracy"], every=2)
+summary = train_sft(cfg, run_dir, on_row=live.update)
+{k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "tokens_per_second", "wall_time_s")}
+
+# %% [markdown]
+# The live figure above was fed from `metrics.jsonl`; here is the whole run from that file.
+
+# %%
+rows = read_metrics(out_dir / "metrics.jsonl")
+plotting.metric_curves(rows, ["train/loss", "eval/loss", "train/grad_norm", "train/learning_rate"], title="SFT run")
+
+# %% [markdown]
+# ## 4. Did it work? Base against SFT on held-out prompts
+# Loss going down says the model fits the demonstrations; it does not say the answers got better. So sample
+# one answer per held-out prompt from the base model and from the SFT model (same seed, same settings), and
+# let the gold judge score both. The **win rate** counts the prompts where SFT's answer scores higher (ties
+# count half), with a bootstrap 95% interval over prompts.
+
+# %%
+gold = GoldJudge()
+prompts = heldout_prompts(cfg.n_compare)
+gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed, dtype=cfg.dtype, device=cfg.device)
+base_rows = generate_and_score(cfg.model_name, prompts, gold, **gen)
+sft_rows = generate_and_score(summary["model_dir"], prompts, gold, **gen)
+table, wr = compare_policies(sft_rows, base_rows, "sft", "base")
+print(f"gold: base {table['base gold'].mean():.3f}, SFT {table['sft gold'].mean():.3f}; "
+      f"SFT win rate {wr['win_rate']:.2f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}] over {wr['n']} prompts")
+
+# %%
+display(plotting.paired_scores(table, "base gold", "sft gold"))
+table.head(8)
+
+# %% [markdown]
+# ## Save the summary
+
+# %%
+summary.update({
+    "profile": profile, "seed": seed, "n_compare": len(prompts),
+    "gold_base_mean": float(table["base gold"].mean()), "gold_sft_mean": float(table["sft gold"].mean()),
+    "win_rate_vs_base": wr, "notebook_wall_time_s": time.perf_counter() - t0,
+})
+MetricsLogger(out_dir).summary(summary)
+{k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "notebook_wall_time_s")}
+
+# %% [markdown]
+# ## What you saw, and what to try
+# - The chat template as tokens, and the loss mask that keeps the prompt out of the loss.
+# - A LoRA run whose train and held-out losses fall, and an SFT model that the gold judge prefers to the
+#   base model on prompts neither saw in training.
+#
+# Try: `use_lora=False` (full fine-tuning: slower, more memory, a bigger file); more `max_steps` (watch the
+# held-out loss for the point where it stops falling); a different `model_name`. Next, notebook 03 samples
+# from this SFT model to build preference pairs and trains a reward model on them.

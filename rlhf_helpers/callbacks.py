@@ -1,0 +1,60 @@
+"""Trainer callbacks shared by every TRL-based stage: TRL's logs into `metrics.jsonl`, and live curves.
+
+Key names follow one vocabulary: TRL/transformers log `loss`, `eval_loss`, `learning_rate`,
+`rewards/margins`...; we write them as `train/loss`, `eval/loss`, `train/learning_rate`, and keep keys that
+already have a namespace (`rewards/margins`, `objective/kl`) as they are.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from .tracking import MetricsLogger
+
+SKIP = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "step"}
+
+
+def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
+    """`loss` -> `train/loss`, `eval_loss` -> `eval/loss`; keys with a `/` are kept."""
+    out: dict[str, Any] = {}
+    for key, value in logs.items():
+        if key in SKIP or not isinstance(value, (int, float)):
+            continue
+        if "/" in key:
+            out[key] = value
+        elif key.startswith("eval_"):
+            out[f"eval/{key[5:]}"] = value
+        elif key == "train_loss":
+            out["train/loss_mean"] = value  # the mean over the whole run, logged once at the end
+        else:
+            out[f"train/{key}"] = value
+    if "epoch" in logs:
+        out["train/epoch"] = logs["epoch"]
+    return out
+
+
+class MetricsCallback(TrainerCallback):
+    """Append every trainer log to `metrics.jsonl` (step = optimizer steps) and call `on_row(row)` hooks."""
+
+    def __init__(self, logger: MetricsLogger, on_row: Callable[[dict], None] | None = None):
+        self.logger = logger
+        self.on_row = on_row
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = self.logger.log(state.global_step, **namespaced(logs))
+        if self.on_row:
+            self.on_row(row)
+
+
+class StepCallback(TrainerCallback):
+    """Call `fn(step, logs)` after every log: the Flux tutorial's `add_step_callback`, for TRL trainers."""
+
+    def __init__(self, fn: Callable[[int, dict], None]):
+        self.fn = fn
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.fn(state.global_step, namespaced(logs))

@@ -1,0 +1,280 @@
+"""Supervised fine-tuning with LoRA (notebook 02), on TRL's SFTTrainer.
+
+Data: `data/sft.jsonl` demonstrations, as TRL's conversational *prompt–completion* examples
+(`prompt=[user message]`, `completion=[assistant message]`), so the loss falls on the assistant's tokens
+only (TRL builds `labels` with −100 on every prompt token; `tests/test_sft.py` proves it).
+
+Outputs in `run_dir/sft/`: `metrics.jsonl`, `summary.json`, `config.json`, `checkpoints/` (resumable),
+`adapter/` (the LoRA adapter and tokenizer) and `model/` (base + adapter merged: the SFT policy that later
+stages load as their base, so that *their* reference, the adapter switched off, is the SFT model).
+
+Command line (also under `accelerate launch`):
+`python -m rlhf_helpers.sft --run-dir runs/x --profile cpu [--max-steps N]`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .callbacks import MetricsCallback
+from .config import DEFAULT_MODEL, stage_config
+from .data import SFTRecord, load_sft, train_test_split
+from .models import count_parameters, default_lora_config, load_model, resolve_model_path
+from .paths import data_path, stage_dir
+from .seeding import seed_everything
+from .tracking import MetricsLogger
+
+
+@dataclass
+class SFTStageConfig:
+    """Settings of the SFT stage. Profiles override a few (see `rlhf_helpers.config.PROFILES`)."""
+
+    stage: ClassVar[str] = "sft"
+
+    model_name: str = DEFAULT_MODEL
+    """Base model: a built-in name, a hub id or a local folder."""
+    data_file: str = "sft.jsonl"
+    """Demonstrations, a file under data/ or any path (format `sft`)."""
+    use_lora: bool = True
+    """LoRA adapter (True) or full fine-tuning (False)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (LoRA tolerates ~10x the full fine-tuning rate)."""
+    max_steps: int = 60
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per optimizer step (per device, before accumulation)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    warmup: float = 0.05
+    """Warm-up as a fraction of max_steps."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule (transformers name)."""
+    max_length: int = 512
+    """Tokens per example after the chat template; longer ones are truncated."""
+    n_train: int | None = None
+    """Use at most this many training demonstrations (None: all)."""
+    eval_fraction: float = 0.1
+    """Share of demonstrations held out for the eval loss (split by prompt, deterministic)."""
+    n_eval: int | None = None
+    """Use at most this many eval demonstrations (None: all)."""
+    eval_steps: int = 20
+    """Evaluate the held-out loss every this many steps."""
+    save_steps: int = 20
+    """Checkpoint every this many steps (resume continues from the last one)."""
+    logging_steps: int = 2
+    """Log the training loss every this many steps."""
+    n_compare: int = 32
+    """Held-out prompts (from data/prompts.jsonl's test split) for base-vs-SFT generations."""
+    max_new_tokens: int = 160
+    """Generation length for the comparison."""
+    temperature: float = 0.7
+    """Sampling temperature for the comparison (seeded)."""
+    dtype: str = "float32"
+    """Weights dtype (the profile sets bfloat16 on GPU)."""
+    load_in_4bit: bool = False
+    """QLoRA 4-bit base weights (CUDA only)."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    seed: int = 0
+    """Seed for data order, dropout and sampling."""
+    resume: bool = True
+    """Continue from the last checkpoint in run_dir/sft/checkpoints when one exists."""
+
+    def __post_init__(self):
+        if self.max_steps < 1 or self.batch_size < 1:
+            raise ValueError("max_steps and batch_size must be >= 1")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.dtype == "float32" and self.device == "cuda":
+            pass  # allowed, just slow
+        if self.load_in_4bit and not self.use_lora:
+            raise ValueError("4-bit weights cannot be fine-tuned directly: keep use_lora=True for QLoRA")
+
+
+def load_demonstrations(cfg: SFTStageConfig) -> tuple[list[SFTRecord], list[SFTRecord]]:
+    """Train and eval demonstrations, split by prompt (deterministic, seed-independent)."""
+    path = Path(cfg.data_file) if Path(cfg.data_file).exists() else data_path(cfg.data_file)
+    records = load_sft(path)
+    train, evals = train_test_split(records, test_fraction=cfg.eval_fraction, seed=0)
+    return train[: cfg.n_train], evals[: cfg.n_eval]
+
+
+def to_dataset(records: Sequence[SFTRecord]):
+    """TRL conversational prompt–completion examples: the loss falls on the completion only."""
+    from datasets import Dataset
+
+    return Dataset.from_list([
+        {"prompt": r.prompt_messages, "completion": [{"role": "assistant", "content": r.response}]} for r in records
+    ])
+
+
+def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
+    """TRL's SFTConfig from ours (bf16 only off-CPU; TRL's own default is bf16=True)."""
+    from trl import SFTConfig
+
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return SFTConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, warmup_steps=cfg.warmup, lr_scheduler_type=cfg.lr_scheduler,
+        max_length=cfg.max_length, completion_only_loss=True, packing=False,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=2, logging_steps=cfg.logging_steps, logging_first_step=True, report_to="none",
+        bf16=(cfg.dtype == "bfloat16" and not on_cpu), fp16=False, use_cpu=on_cpu,
+        gradient_checkpointing=cfg.load_in_4bit, seed=cfg.seed, data_seed=cfg.seed,
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place, replacing an older one, so readers never see half of it."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU allocations on CUDA, else the resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (),
+                  logger: MetricsLogger | None = None, on_row=None):
+    """Model with LoRA, data and TRL's SFTTrainer, ready to `train()`."""
+    from trl import SFTTrainer
+
+    seed_everything(cfg.seed)
+    out = stage_dir(run_dir, "sft")
+    lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) if cfg.use_lora else None
+    model, tok = load_model(cfg.model_name, lora=lora, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
+                            device=cfg.device, padding_side="right")
+    train, evals = load_demonstrations(cfg)
+    logger = logger or MetricsLogger(out)
+    trainer = SFTTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train),
+                         eval_dataset=to_dataset(evals), processing_class=tok,
+                         callbacks=[MetricsCallback(logger, on_row), *callbacks])
+    return trainer, logger
+
+
+def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (), on_row=None) -> dict[str, Any]:
+    """Train, evaluate, save `adapter/` and the merged `model/`, and write `summary.json`.
+
+    `on_row(row)` is called with every metrics row (a live plot's `update`); `callbacks` are extra
+    transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
+    t0 = time.perf_counter()
+    out = stage_dir(run_dir, "sft")
+    ckpt = last_checkpoint(out / "checkpoints") if cfg.resume else None
+    if not cfg.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    logger = MetricsLogger(out, resume=ckpt is not None)
+    if ckpt:
+        start = int(Path(ckpt).name.split("-")[-1])
+        logger.truncate_after(start)  # rows logged after the checkpoint are redone
+        print(f"Resuming from {ckpt} (step {start} of {cfg.max_steps}).")
+    logger.save_config(cfg)
+    trainer, _ = build_trainer(cfg, run_dir, callbacks, logger, on_row)
+    eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    eval_after = trainer.evaluate()["eval_loss"]
+    model, tok = trainer.model, trainer.processing_class
+    for name, saver in (("adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d))),
+                        ("model", lambda d: _save_merged(model, tok, d))):
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+        saver(tmp)
+        _replace_dir(tmp, out / name)
+    rows = [r for r in logger.rows if "train/loss" in r]
+    tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
+    runtime = result.metrics.get("train_runtime", float("nan"))
+    summary = {
+        "model_name": cfg.model_name, "base_path": resolve_model_path(cfg.model_name, verbose=False),
+        "steps": trainer.state.global_step, "train_examples": len(trainer.train_dataset),
+        "eval_examples": len(trainer.eval_dataset), "train_loss_first": rows[0]["train/loss"] if rows else None,
+        "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
+        "train_runtime_s": runtime, "wall_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(),
+        "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
+        "adapter_dir": str(out / "adapter"), "model_dir": str(out / "model"),
+    }
+    logger.summary(summary)
+    return summary
+
+
+def _save_merged(model, tok, folder: Path) -> None:
+    """Base + adapter merged into plain weights (a copy, so the trainer's model keeps its adapter)."""
+    import copy
+
+    merged = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+
+
+def loss_mask_html(trainer, index: int = 0, max_tokens: int = 400) -> str:
+    """One training example as the model sees it: grey tokens carry no loss (the prompt), green ones do."""
+    import html
+
+    example = trainer.train_dataset[index]
+    tok = trainer.processing_class
+    spans = []
+    for token_id, label in list(zip(example["input_ids"], example["labels"]))[:max_tokens]:
+        text = html.escape(tok.decode([token_id])).replace("\n", "↵<br>")
+        style = "background:#d9f2d9" if label != -100 else "color:#999"
+        spans.append(f"<span style='{style}'>{text}</span>")
+    return "<div style='font-family:monospace;white-space:pre-wrap;line-height:1.5'>" + "".join(spans) + "</div>"
+
+
+def sft_policy_path(run_dir: str | Path, fallback: str = DEFAULT_MODEL) -> tuple[str, bool]:
+    """The SFT model folder of `run_dir` if notebook 02 saved one, else `fallback`; and whether it fell back."""
+    folder = stage_dir(run_dir, "sft") / "model"
+    if (folder / "config.json").exists():
+        return str(folder), False
+    print(f"No SFT model in {folder}: falling back to the base model {fallback!r} (run notebook 02 first to use SFT).")
+    return fallback, True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.sft", description="Supervised fine-tuning stage")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--profile", default="cpu")
+    for f in dataclasses.fields(SFTStageConfig):
+        if f.name not in ("seed",) and f.type in ("int", "float", "str", "int | None"):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float if f.type == "float" else
+                                (str if f.type == "str" else int), default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = vars(parser.parse_args(argv))
+    run_dir, profile = args.pop("run_dir"), args.pop("profile")
+    cfg = stage_config(SFTStageConfig, profile, **args)
+    summary = train_sft(cfg, run_dir)
+    print({k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "wall_time_s")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

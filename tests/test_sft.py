@@ -1,0 +1,90 @@
+"""SFT: config mapping, the assistant-only loss mask, a short run, and resume after an interruption."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.sft import (
+    SFTStageConfig, build_trainer, build_trl_config, last_checkpoint, load_demonstrations, train_sft,
+)
+
+pytestmark = pytest.mark.slow
+TINY = dict(n_train=4, n_eval=2, batch_size=2, max_length=160, logging_steps=1, eval_steps=100, save_steps=100)
+
+
+def test_config_mapping_on_cpu(tmp_path):
+    cfg = stage_config(SFTStageConfig, "cpu", max_steps=7, learning_rate=1e-3, seed=3)
+    args = build_trl_config(cfg, tmp_path)
+    assert (args.max_steps, args.learning_rate, args.seed) == (7, 1e-3, 3)
+    assert args.per_device_train_batch_size == cfg.batch_size and args.save_steps == cfg.save_steps
+    assert args.completion_only_loss is True and args.packing is False
+    assert args.bf16 is False and args.use_cpu is True  # TRL's own default is bf16=True
+    assert args.gradient_checkpointing is False and args.report_to in ("none", [], ["none"])
+    assert stage_config(SFTStageConfig, "gpu").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="eval_fraction"):
+        SFTStageConfig(eval_fraction=0)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    cfg = stage_config(SFTStageConfig, "smoke", max_steps=4, learning_rate=1e-3, **TINY)
+    trainer, _ = build_trainer(cfg, tmp_path_factory.mktemp("sft"))
+    trainer.sft_cfg = cfg
+    return trainer
+
+
+def test_prompt_tokens_carry_no_loss(trainer):
+    tok = trainer.processing_class
+    ex = trainer.train_dataset[0]
+    ids, labels = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"])
+    n_prompt = int((labels == -100).sum())
+    assert n_prompt > 10 and torch.all(labels[:n_prompt] == -100)  # the prompt is a masked prefix
+    assert torch.equal(labels[n_prompt:], ids[n_prompt:])
+    completion = tok.decode(ids[n_prompt:])
+    first_demo = load_demonstrations(trainer.sft_cfg)[0][0]
+    assert completion.startswith(first_demo.response[:40])  # exactly the demonstration is learned
+    assert "<|im_start|>user" in tok.decode(ids[:n_prompt]) and "<|im_end|>" in completion  # learns to stop
+    # the model's loss equals cross-entropy over the completion tokens alone
+    model = trainer.model
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0]  # (T, V)
+        trainer_loss = model(input_ids=ids[None], labels=labels[None]).loss
+    manual = F.cross_entropy(logits[n_prompt - 1:-1], ids[n_prompt:])  # position t predicts token t+1
+    assert torch.allclose(trainer_loss, manual, atol=1e-5)
+    with_prompt = F.cross_entropy(logits[:-1], ids[1:])
+    assert not torch.allclose(with_prompt, manual, atol=1e-3)
+
+
+def test_short_run_lowers_loss_and_changes_only_the_adapter(trainer):
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_before = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    trainer.train()
+    loss_after = trainer.evaluate(trainer.train_dataset)["eval_loss"]
+    assert loss_after < loss_before - 0.05
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+class Interrupt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise KeyboardInterrupt("simulated interruption after step 2")
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    cfg = stage_config(SFTStageConfig, "smoke", max_steps=3, **{**TINY, "save_steps": 1})
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(cfg, tmp_path, callbacks=[Interrupt()])
+    assert last_checkpoint(tmp_path / "sft" / "checkpoints").endswith("checkpoint-2")
+    summary = train_sft(cfg, tmp_path)
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 3
+    assert (tmp_path / "sft" / "model" / "config.json").exists()
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
