@@ -46,6 +46,9 @@ PROFILES: dict[str, Profile] = {
             "concepts": {"n_iters": 200},
             "sft": {"max_steps": 2, "batch_size": 2, "n_train": 8, "n_eval": 4, "eval_steps": 2, "save_steps": 2,
                     "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256},
+            "rm": {"max_steps": 2, "batch_size": 2, "n_live_prompts": 4, "max_new_tokens": 32, "n_fresh": 4,
+                   "n_train": 8, "n_eval": 4, "eval_steps": 1000, "save_steps": 1000, "logging_steps": 1,
+                   "lora_layers": 2, "max_length": 256},
         },
     ),
     "cpu": Profile(
@@ -53,8 +56,10 @@ PROFILES: dict[str, Profile] = {
         description="Default: the whole suite learns visibly on a 2-core laptop CPU with SmolLM2-135M.",
         stages={
             "concepts": {"n_iters": 500},
-            "sft": {"max_steps": 14, "batch_size": 8, "learning_rate": 4e-4, "n_eval": 16, "eval_steps": 7,
-                    "save_steps": 7, "n_compare": 24, "max_new_tokens": 128, "max_length": 384},
+            "sft": {"max_steps": 24, "batch_size": 8, "learning_rate": 1e-3, "lora_layers": 16, "n_eval": 16,
+                    "eval_steps": 12, "save_steps": 12, "n_compare": 24, "max_new_tokens": 128, "max_length": 256},
+            "rm": {"max_steps": 20, "batch_size": 8, "lora_layers": 8, "n_live_prompts": 8, "n_fresh": 24,
+                   "n_eval": 48, "eval_steps": 1000, "save_steps": 10, "logging_steps": 2},
         },
     ),
     "gpu": Profile(
@@ -68,6 +73,8 @@ PROFILES: dict[str, Profile] = {
             "concepts": {"n_iters": 2000},
             "sft": {"max_steps": 200, "batch_size": 16, "n_compare": 72, "max_new_tokens": 256, "eval_steps": 25,
                     "save_steps": 50, "logging_steps": 5},
+            "rm": {"max_steps": 300, "batch_size": 16, "lora_layers": None, "n_live_prompts": 248, "use_snapshot": False,
+                   "n_fresh": 72, "eval_steps": 50, "save_steps": 100, "logging_steps": 5},
         },
     ),
 }

@@ -173,7 +173,9 @@ class GoldJudge(RewardFunction):
         empty_items = sum(len(ts.words(item)) < 3 for item in ts.list_items(response))
         if empty_items >= 2:
             stuffing *= 0.5
-        copying = _clamp(1.0 - (ts.copy_fraction(response, prompt, 4) - 0.15) / 0.35)
+        # a fact answer restates its question ("The capital of France is ..."): copying counts past half
+        start, span = (0.5, 0.5) if kind == "fact" else (0.15, 0.35)
+        copying = _clamp(1.0 - (ts.copy_fraction(response, prompt, 4) - start) / span)
         raw = _prose(response).split() if kind == "coding" else response.split()
         real = sum((bool(re.search(r"[aeiouy]", w.lower())) and bool(re.match(r"^\W*[A-Za-z]", w)))
                    or bool(re.match(r"^\W*\d", w)) for w in raw)  # words and numbers both count as real

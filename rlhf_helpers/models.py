@@ -169,12 +169,25 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, task_type: str = "CAUSAL_LM"):
-    """LoRA on every linear layer of the transformer blocks (the QLoRA paper's choice)."""
+def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, task_type: str = "CAUSAL_LM",
+                        top_layers: int | None = None, n_layers: int | None = None):
+    """LoRA on every linear layer of the transformer blocks (the QLoRA paper's choice); with `top_layers`,
+    only on the top blocks of `n_layers`: the backward pass then stops below them (cheaper on a CPU)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                      task_type=task_type, bias="none")
+    if top_layers is None or n_layers is None or top_layers >= n_layers:
+        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                          task_type=task_type, bias="none")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type, bias="none",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      layers_to_transform=list(range(n_layers - top_layers, n_layers)), layers_pattern="layers")
+
+
+def num_layers(name: str) -> int:
+    """Transformer blocks of model `name`, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(resolve_model_path(name, verbose=False)).num_hidden_layers)
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):

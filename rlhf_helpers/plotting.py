@@ -308,3 +308,43 @@ def paired_scores(table, x_col, y_col, title=None):
     fig.update_layout(height=380, width=420, title=title or f"{y_col} against {x_col} (above the line: {y_col.split()[0]} wins)",
                       xaxis=dict(title=x_col, range=[-0.05, 1.05]), yaxis=dict(title=y_col, range=[-0.05, 1.05]))
     return fig
+
+
+# --- notebook 03: preferences and the reward model ------------------------------------------------------
+
+def pairs_table(pairs, width=160):
+    """Preference pairs as a small table: prompt, chosen, rejected, both gold rewards, P(label)."""
+    import pandas as pd
+
+    cut = lambda s: s if len(s) <= width else s[:width] + "…"
+    return pd.DataFrame([{"prompt": cut(p.prompt), "chosen": cut(p.chosen), "rejected": cut(p.rejected),
+                          "gold chosen": round(p.metadata.get("gold_chosen", float("nan")), 3),
+                          "gold rejected": round(p.metadata.get("gold_rejected", float("nan")), 3),
+                          "P(this label)": round(p.metadata.get("p_chosen", float("nan")), 3)} for p in pairs])
+
+
+def calibration_figure(bins):
+    """Predicted P(chosen ≻ rejected) against how often it happened; the diagonal is perfect calibration."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="calibrated"))
+    fig.add_trace(go.Scatter(x=bins["predicted"], y=bins["observed"], mode="lines+markers", name="reward model",
+                             marker=dict(size=[6 + 1.5 * c ** 0.5 for c in bins["count"]]),
+                             text=[f"{c} comparisons" for c in bins["count"]]))
+    fig.update_layout(height=360, width=420, title="Calibration on held-out pairs",
+                      xaxis=dict(title="predicted P(first preferred)", range=[0, 1]),
+                      yaxis=dict(title="observed frequency", range=[0, 1]))
+    return fig
+
+
+def chosen_rejected_histogram(chosen, rejected):
+    """Normalised reward of chosen and rejected responses, overlaid."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=list(chosen), name="chosen", opacity=0.6, nbinsx=25))
+    fig.add_trace(go.Histogram(x=list(rejected), name="rejected", opacity=0.6, nbinsx=25))
+    fig.update_layout(barmode="overlay", height=320, title="Reward-model scores of chosen and rejected responses",
+                      xaxis_title="normalised reward", yaxis_title="responses")
+    return fig

@@ -30,7 +30,7 @@ import torch
 from .callbacks import MetricsCallback
 from .config import DEFAULT_MODEL, stage_config
 from .data import SFTRecord, load_sft, train_test_split
-from .models import count_parameters, default_lora_config, load_model, resolve_model_path
+from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger
@@ -54,6 +54,8 @@ class SFTStageConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input."""
+    lora_layers: int | None = None
+    """Adapt only the top N transformer blocks (None: all); fewer is cheaper, since backward stops there."""
     learning_rate: float = 2e-4
     """Peak learning rate (LoRA tolerates ~10x the full fine-tuning rate)."""
     max_steps: int = 60
@@ -173,7 +175,8 @@ def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[
 
     seed_everything(cfg.seed)
     out = stage_dir(run_dir, "sft")
-    lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) if cfg.use_lora else None
+    lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, top_layers=cfg.lora_layers,
+                               n_layers=num_layers(cfg.model_name)) if cfg.use_lora else None
     model, tok = load_model(cfg.model_name, lora=lora, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                             device=cfg.device, padding_side="right")
     train, evals = load_demonstrations(cfg)

@@ -1,0 +1,184 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Preference data and the reward model
+#
+# People find it much easier to say which of two answers is better than to score one. So RLHF collects
+# *comparisons*: sample two answers from the SFT policy, ask which is better, and fit a reward model that
+# explains the choices. Here the "person" is the simulated annotator of notebook 01, which lets us state the
+# reward model's quality exactly: against the best accuracy any model could reach on the same noisy labels.
+#
+# **What you will learn**
+# 1. How preference pairs are made: sampling, pairing, labelling, provenance.
+# 2. How other preference formats (ranked lists, pairwise ratings, HH-RLHF transcripts) become the same pairs.
+# 3. How a reward model is trained (Bradley–Terry loss on a scalar head) and how to judge it: accuracy
+#    against the Bayes ceiling, calibration, score distributions, rank agreement with the gold judge.
+# 4. Why its scores are normalised before RL.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes run_dir/preferences/ and run_dir/rm/
+profile: str = "cpu"  # smoke | cpu | gpu: sampling and training budget
+seed: int = 0  # seed for sampling, labels and training
+model_name: str = ""  # backbone when run_dir has no SFT model; empty keeps the profile's
+annotator_temperature: float = 0.1  # Bradley-Terry temperature of the simulated annotator (gold units)
+use_snapshot: bool = True  # add the shipped snapshot of labelled SFT samples to the live pairs
+max_steps: int = 0  # reward-model optimizer steps; 0 keeps the profile's value
+
+# %% [markdown]
+# ## Setup
+# The policy we sample from is the SFT model of notebook 02 when `run_dir` has one; otherwise the base
+# model, and the notebook says so.
+
+# %%
+import time
+
+import numpy as np
+from IPython.display import display
+
+from rlhf_helpers import plotting
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.data import load_preferences, load_prompts
+from rlhf_helpers.evaluate import generate_and_score, heldout_prompts
+from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
+from rlhf_helpers.models import load_model
+from rlhf_helpers.paths import data_path, stage_dir
+from rlhf_helpers.preferences import label_samples, read_pairs, sample_responses, snapshot_info, write_pairs
+from rlhf_helpers.reward_model import RMStageConfig, calibration_bins, pair_margins, split_pairs, train_reward_model
+from rlhf_helpers.reward_tuner import spearman
+from rlhf_helpers.sft import sft_policy_path
+from rlhf_helpers.tracking import MetricsLogger, read_metrics
+
+t0 = time.perf_counter()
+cfg = stage_config(RMStageConfig, profile, seed=seed, model_name=model_name or None,
+                   annotator_temperature=annotator_temperature, use_snapshot=use_snapshot, max_steps=max_steps or None)
+policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
+pref_dir, rm_dir = stage_dir(run_dir, "preferences"), stage_dir(run_dir, "rm")
+cfg
+
+# %% [markdown]
+# ## 1. Sampling and labelling pairs, live
+# Sample two answers per prompt from the policy at temperature 1 (so they differ), pair them, and let the
+# annotator choose. Each pair keeps its provenance: which policy, temperature and seed made it, both gold
+# rewards, and the probability with which the annotator chose as it did.
+
+# %%
+train_prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+live_prompts = train_prompts[-cfg.n_live_prompts:]
+policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
+samples = sample_responses(policy, tok, live_prompts, cfg.samples_per_prompt, temperature=cfg.sample_temperature,
+                           max_new_tokens=cfg.max_new_tokens, seed=seed)
+annotator = SimulatedAnnotator(judge=GoldJudge(), temperature=cfg.annotator_temperature, seed=seed)
+provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperature": cfg.sample_temperature,
+              "sample_seed": seed, "max_new_tokens": cfg.max_new_tokens, "source": "live"}
+live_pairs, skipped = label_samples(live_prompts, samples, annotator, provenance)
+plotting.pairs_table(live_pairs[:4])
+
+# %% [markdown]
+# The shipped snapshot holds the same kind of pairs for the other training prompts, made by
+# `scripts/make_preference_snapshot.py` (anyone can rerun it), so this notebook need not sample them all.
+
+# %%
+snapshot = data_path("preference_snapshot.jsonl")
+snap_pairs = read_pairs(snapshot) if cfg.use_snapshot and snapshot.exists() else []
+if snap_pairs:
+    print(f"snapshot: {len(snap_pairs)} pairs, made with {snapshot_info(snapshot)}")
+    if snap_pairs[0].metadata["annotator_temperature"] != cfg.annotator_temperature:
+        print("note: the snapshot was labelled at another annotator temperature; the Bayes ceiling is per temperature")
+pairs = live_pairs + [p for p in snap_pairs if p.prompt not in set(live_prompts)]
+write_pairs(pref_dir / "pairs.jsonl", pairs)
+print(f"{len(pairs)} pairs written to {pref_dir / 'pairs.jsonl'}")
+
+# %% [markdown]
+# ## 2. The formats people bring
+# Preference data arrives in several shapes. All of them reduce to (prompt, chosen, rejected): a ranking of
+# n answers implies n(n−1)/2 pairs; pairwise ratings give one pair each, with ties skipped and counted;
+# Anthropic's HH-RLHF transcripts share a dialogue and differ in the last reply.
+
+# %%
+for fmt in ("ranked", "ratings", "hh"):
+    converted = load_preferences(data_path("examples", f"{fmt}.jsonl"), format=fmt)
+    print(f"{fmt:8s} -> {len(converted)} pairs; first: chosen={converted[0].chosen[:60]!r} rejected={converted[0].rejected[:60]!r}")
+
+# %% [markdown]
+# ## 3. The yardstick: the Bayes ceiling
+# Split the pairs by prompt (no prompt on both sides). On the held-out pairs, even a model that knew the
+# gold reward exactly would agree with the annotator only as often as the annotator agrees with the gold
+# order: that is the Bayes ceiling. A reward model at 85% of it has learned most of what can be learned.
+
+# %%
+train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, seed, cfg.n_train, cfg.n_eval)
+ceiling = pair_ceiling(eval_pairs)
+print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; Bayes ceiling on held-out: {ceiling:.3f}")
+
+# %% [markdown]
+# ## 4. Train the reward model
+# The backbone is the SFT model with a one-output head on the last token; the loss is Bradley–Terry,
+# $-\log\sigma(r(x, y_w) - r(x, y_l))$. LoRA adapts the top blocks and the head is trained in full.
+
+# %%
+live = plotting.LiveCurves(["train/loss", "train/accuracy", "eval/accuracy"], every=2)
+rm, facts = train_reward_model(cfg, run_dir, policy_path, train_pairs, eval_pairs, on_row=live.update)
+facts
+
+# %% [markdown]
+# ## 5. Normalise on fresh SFT samples, and check against the gold judge
+# RL adds the reward to a KL penalty, so its scale matters: we shift and scale it so that fresh SFT samples
+# (on held-out prompts, never trained on) score mean 0 and standard deviation 1. The same samples test
+# whether the reward model *ranks* answers as the gold judge does (Spearman's ρ).
+
+# %%
+fresh = generate_and_score(policy_path, heldout_prompts(cfg.n_fresh), GoldJudge(), max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.sample_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device)
+norm = rm.fit_normalization([r["prompt"] for r in fresh], [r["response"] for r in fresh])
+rm_scores = rm.score([r["prompt"] for r in fresh], [r["response"] for r in fresh])
+rho = spearman([r["gold"] for r in fresh], rm_scores)
+print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh samples: {rho:.3f}")
+
+# %% [markdown]
+# ## 6. Diagnostics on held-out pairs
+
+# %%
+chosen, rejected = pair_margins(rm, eval_pairs)
+accuracy = float(np.mean(chosen > rejected))
+p_chosen = 1 / (1 + np.exp(-(chosen - rejected)))
+print(f"held-out accuracy {accuracy:.3f}; Bayes ceiling {ceiling:.3f}; ratio {accuracy / ceiling:.2f}")
+display(plotting.calibration_figure(calibration_bins(p_chosen)))
+plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (rejected - norm["shift"]) / norm["scale"])
+
+# %% [markdown]
+# ## Save
+
+# %%
+rm.save(rm_dir / "model")
+summary = {
+    "profile": profile, "seed": seed, "policy": policy_path, "fell_back_to_base": fell_back, **facts,
+    "n_pairs": len(pairs), "n_live_pairs": len(live_pairs), "n_snapshot_pairs": len(pairs) - len(live_pairs),
+    "skipped_live": dict(skipped), "annotator_temperature": cfg.annotator_temperature,
+    "eval_accuracy": accuracy, "bayes_ceiling": ceiling, "accuracy_over_ceiling": accuracy / ceiling,
+    "spearman_with_gold": rho, "normalization": norm, "wall_time_s": time.perf_counter() - t0,
+}
+MetricsLogger(rm_dir).summary(summary)
+{k: summary[k] for k in ("eval_accuracy", "bayes_ceiling", "accuracy_over_ceiling", "spearman_with_gold", "wall_time_s")}
+
+# %% [markdown]
+# ## What you saw, and what to try
+# - Pairs sampled from the SFT policy and labelled by a noisy annotator, with their provenance.
+# - A reward model whose held-out accuracy is measured against the best achievable, its calibration, and
+#   its agreement with the gold judge on fresh answers.
+#
+# Try: `annotator_temperature=0.02` (a consistent annotator: the ceiling rises, and so should accuracy);
+# `use_snapshot=False` (fewer pairs: watch accuracy fall); more `max_steps`. Next, notebook 04 optimises the
+# SFT policy against this reward model with PPO, and watches the gold judge to catch it being fooled.

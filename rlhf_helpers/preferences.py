@@ -1,0 +1,80 @@
+"""Preference data: sample responses from a policy, pair them, label pairs with the simulated annotator.
+
+Each prompt gets `k` sampled responses (seeded, temperature > 0 so they differ). They are paired
+disjointly, (0, 1), (2, 3), ..., so that pairs are independent; pairs of identical responses are skipped
+and counted. The annotator labels each pair by Bradley–Terry on the gold reward. Every pair carries its
+provenance: policy, temperature, seed, both gold rewards and the annotator's temperature, so its Bayes
+ceiling can be computed and the file can be traced back to how it was made.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+from .data import PreferencePair, load_preferences, write_jsonl
+from .gold import SimulatedAnnotator
+from .models import generate
+
+
+def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, *, temperature: float = 1.0,
+                     max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+    """`k` sampled replies per prompt, as a list per prompt (prompt order kept)."""
+    if k < 2:
+        raise ValueError(f"pairs need at least 2 samples per prompt, got k={k}")
+    flat = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                    seed=seed, batch_size=batch_size, num_return_sequences=k)
+    return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def label_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]], annotator: SimulatedAnnotator,
+                  provenance: dict[str, Any]) -> tuple[list[PreferencePair], Counter]:
+    """Disjoint pairs of each prompt's samples, labelled; returns the pairs and the skip counts."""
+    skipped: Counter = Counter()
+    p_list, a_list, b_list = [], [], []
+    for prompt, replies in zip(prompts, samples):
+        for i in range(0, len(replies) - 1, 2):
+            a, b = replies[i], replies[i + 1]
+            if a.strip() == b.strip():
+                skipped["identical_responses"] += 1
+                continue
+            if not a.strip() or not b.strip():
+                skipped["empty_response"] += 1
+                continue
+            p_list.append(prompt)
+            a_list.append(a)
+            b_list.append(b)
+    pairs = annotator.label(p_list, a_list, b_list)
+    for pair in pairs:
+        pair.metadata.update(provenance)
+    if skipped:
+        print(f"skipped {sum(skipped.values())} pair(s): {dict(skipped)}")
+    return pairs, skipped
+
+
+def pair_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+    """Pairs as JSON lines in the `preferences` format, with provenance fields beside them."""
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata} for p in pairs]
+
+
+def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
+    return write_jsonl(path, pair_rows(pairs))
+
+
+def read_pairs(path: str | Path) -> list[PreferencePair]:
+    """Pairs written by `write_pairs` (validated like any preferences file; provenance in metadata)."""
+    pairs = load_preferences(path)
+    missing = [i for i, p in enumerate(pairs, 1) if "gold_chosen" not in p.metadata]
+    if missing:
+        raise ValueError(f"{path}: line(s) {missing[:5]} lack gold rewards ('gold_chosen'); they were not made by "
+                         "write_pairs, so the Bayes ceiling cannot be computed. Relabel them with the annotator.")
+    return pairs
+
+
+def snapshot_info(path: str | Path) -> dict[str, Any]:
+    """The provenance shared by a snapshot's pairs (policy, temperature, seed...), read from its first line."""
+    with open(path, encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    return {k: v for k, v in first.items() if k not in ("prompt", "chosen", "rejected", "gold_chosen",
+                                                        "gold_rejected", "p_chosen")}

@@ -1,0 +1,298 @@
+"""The reward model (notebook 03): TRL's RewardTrainer on a scalar-head backbone, plus diagnostics.
+
+Backbone: the SFT model (or any causal LM) loaded as `AutoModelForSequenceClassification(num_labels=1)`,
+whose `score` head reads the hidden state of the last non-padding token. Padding uses `<|endoftext|>`, not
+the end-of-turn token, so that last token is the real `<|im_end|>`. LoRA adapts the top `lora_layers`
+blocks only: the backward pass stops below them, which makes training about three times cheaper on a CPU;
+the head is trained in full (`modules_to_save=["score"]`).
+
+Loss (Bradley–Terry): −log σ(r(x, y_w) − r(x, y_l)), TRL's, with its small centring term.
+
+After training the scores are normalised so that SFT samples score mean 0 and standard deviation 1; the
+shift and scale are saved in `normalization.json` beside the adapter, and `RewardModel` applies them.
+Outputs in `run_dir/rm/`: `adapter/`, `normalization.json`, `metrics.jsonl`, `summary.json`, `config.json`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from .callbacks import MetricsCallback
+from .config import DEFAULT_MODEL
+from .data import PreferencePair
+from .models import _torch_dtype, chat_prompt, load_tokenizer, resolve_model_path
+from .paths import stage_dir
+from .rewards import RewardFunction, RewardOutput, Trajectory
+from .seeding import seed_everything
+from .tracking import MetricsLogger, atomic_write_json
+
+
+@dataclass
+class RMStageConfig:
+    """Settings of the preference and reward-model stage."""
+
+    stage: ClassVar[str] = "rm"
+
+    model_name: str = DEFAULT_MODEL
+    """Backbone when run_dir has no SFT model (the notebook uses run_dir/sft/model when present)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator."""
+    lora_layers: int | None = 8
+    """Adapt only the top N transformer blocks (None: all); the score head is always trained."""
+    learning_rate: float = 5e-4
+    """Peak learning rate (the head starts from scratch, so higher than SFT's)."""
+    max_steps: int = 40
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Pairs per optimizer step."""
+    max_length: int = 320
+    """Tokens per chat sequence; longer pairs are dropped by TRL, and we count them."""
+    center_rewards_coefficient: float = 0.01
+    """TRL's penalty on the mean reward, keeping scores centred during training."""
+    eval_fraction: float = 0.2
+    """Share of pairs held out (split by prompt) for accuracy and calibration."""
+    n_train: int | None = None
+    """Use at most this many training pairs (None: all)."""
+    n_eval: int | None = None
+    """Use at most this many held-out pairs (None: all)."""
+    eval_steps: int = 20
+    """Evaluate every this many steps."""
+    logging_steps: int = 2
+    """Log every this many steps."""
+    save_steps: int = 20
+    """Checkpoint every this many steps."""
+    annotator_temperature: float = 0.1
+    """Bradley–Terry temperature of the simulated annotator that labels live samples."""
+    use_snapshot: bool = True
+    """Train on data/preference_snapshot.jsonl (plus the live pairs) when it exists."""
+    n_live_prompts: int = 8
+    """Train prompts sampled live from the SFT policy in the notebook (to show how)."""
+    samples_per_prompt: int = 2
+    """Samples per live prompt (pairs: half as many)."""
+    sample_temperature: float = 1.0
+    """Sampling temperature for preference data."""
+    max_new_tokens: int = 128
+    """Reply length when sampling."""
+    n_fresh: int = 24
+    """Held-out prompts sampled fresh from the SFT policy, for normalisation and the rank correlation with gold."""
+    dtype: str = "float32"
+    """Weights dtype."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    seed: int = 0
+    """Seed for sampling, labels and training."""
+
+    def __post_init__(self):
+        if self.annotator_temperature <= 0:
+            raise ValueError("annotator_temperature must be > 0")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 to make a pair")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError("eval_fraction must be in (0, 1)")
+
+
+def lora_for_rm(cfg: RMStageConfig, n_layers: int):
+    """LoRA on the top `lora_layers` blocks' linear layers, with the score head trained in full."""
+    from peft import LoraConfig
+
+    layers = None if cfg.lora_layers is None else list(range(max(0, n_layers - cfg.lora_layers), n_layers))
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="SEQ_CLS",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      layers_to_transform=layers, layers_pattern="layers" if layers else None,
+                      modules_to_save=["score"])
+
+
+def load_backbone(name: str, dtype: str = "float32", device: str = "cpu"):
+    """`(model, tokenizer)`: a sequence classifier with one output, padding with a non-end-of-turn token."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    tok = load_tokenizer(name, padding_side="right")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_torch_dtype(dtype),
+                                                               trust_remote_code=False)
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device), tok
+
+
+def to_dataset(pairs: Sequence[PreferencePair]):
+    """TRL conversational preference examples with an explicit prompt."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{
+        "prompt": [{"role": "user", "content": p.prompt}],
+        "chosen": [{"role": "assistant", "content": p.chosen}],
+        "rejected": [{"role": "assistant", "content": p.rejected}],
+    } for p in pairs])
+
+
+def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
+    from trl import RewardConfig
+
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return RewardConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
+        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, gradient_checkpointing=False,
+        lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
+    )
+
+
+def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, train_pairs: Sequence[PreferencePair],
+                       eval_pairs: Sequence[PreferencePair], on_row=None) -> tuple["RewardModel", dict[str, Any]]:
+    """Train with TRL's RewardTrainer; returns the (un-normalised) RewardModel and training facts."""
+    from peft import get_peft_model
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import RewardTrainer
+
+    seed_everything(cfg.seed)
+    out = stage_dir(run_dir, "rm")
+    ckpt_dir = out / "checkpoints"
+    ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    logger = MetricsLogger(out, resume=ckpt is not None)
+    if ckpt:
+        logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
+    logger.save_config(cfg)
+    model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
+    model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
+    trainer = RewardTrainer(model=model, args=build_trl_config(cfg, ckpt_dir), train_dataset=to_dataset(train_pairs),
+                            eval_dataset=to_dataset(eval_pairs), processing_class=tok,
+                            callbacks=[MetricsCallback(logger, on_row)])
+    dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
+    if any(dropped.values()):
+        print(f"TRL dropped pairs longer than max_length={cfg.max_length} tokens: {dropped}")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=ckpt)
+    facts = {"steps": trainer.state.global_step, "train_pairs": len(trainer.train_dataset),
+             "eval_pairs": len(trainer.eval_dataset), "dropped_too_long": dropped,
+             "train_runtime_s": time.perf_counter() - t0, "resumed_from": ckpt, "backbone": backbone}
+    model.eval()
+    return RewardModel(model, tok), facts
+
+
+class RewardModel(RewardFunction):
+    """A trained reward model as a RewardFunction: r(x, y) = (score(x, y) − shift) / scale."""
+
+    name = "reward_model"
+
+    def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, batch_size: int = 8):
+        self.model, self.tokenizer, self.shift, self.scale, self.batch_size = model, tokenizer, shift, scale, batch_size
+
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """Un-normalised head outputs, batched, right-padded with attention masks."""
+        self.model.eval()
+        self.tokenizer.padding_side = "right"
+        device = next(self.model.parameters()).device
+        texts = [chat_prompt(self.tokenizer, p) + r + "<|im_end|>\n" for p, r in zip(prompts, responses)]
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(device)
+            out.append(self.model(**batch).logits[:, 0].float().cpu())  # (B,)
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return ((self.raw_scores(prompts, responses) - self.shift) / self.scale).tolist()
+
+    def batch(self, trajectories: Sequence[Trajectory]) -> list[RewardOutput]:
+        scores = self.score([t.prompt for t in trajectories], [t.response for t in trajectories])
+        return [RewardOutput(s) for s in scores]
+
+    def compute_reward(self, trajectory: Trajectory) -> RewardOutput:
+        return self.batch([trajectory])[0]
+
+    def fit_normalization(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+        """Set shift and scale so that these (SFT) samples score mean 0, standard deviation 1."""
+        raw = self.raw_scores(prompts, responses)
+        self.shift, self.scale = float(raw.mean()), float(raw.std()) if raw.std() > 1e-8 else 1.0
+        return {"shift": self.shift, "scale": self.scale, "n": int(raw.size)}
+
+    def save(self, folder: str | Path) -> Path:
+        """Adapter + head, tokenizer and normalization.json, moved into place whole."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / "normalization.json", {"shift": self.shift, "scale": self.scale})
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, backbone: str, dtype: str = "float32", device: str = "cpu") -> "RewardModel":
+        from peft import PeftModel
+
+        folder = Path(folder)
+        model, tok = load_backbone(backbone, dtype, device)
+        model = PeftModel.from_pretrained(model, str(folder)).eval()
+        norm = json.loads((folder / "normalization.json").read_text())
+        return cls(model, tok, norm["shift"], norm["scale"])
+
+
+def load_run_reward_model(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> RewardModel | None:
+    """The reward model notebook 03 saved in run_dir (None when there is none)."""
+    rm_dir = stage_dir(run_dir, "rm")
+    summary = rm_dir / "summary.json"
+    if not (rm_dir / "model" / "normalization.json").exists() or not summary.exists():
+        return None
+    backbone = json.loads(summary.read_text())["backbone"]
+    return RewardModel.load(rm_dir / "model", backbone, dtype, device)
+
+
+def split_pairs(pairs: Sequence[PreferencePair], eval_fraction: float, seed: int = 0,
+                n_train: int | None = None, n_eval: int | None = None):
+    """Train/held-out pairs split by prompt (no prompt on both sides), with at least one pair on each side."""
+    from .data import train_test_split
+
+    if len({p.prompt for p in pairs}) < 2:
+        raise ValueError(f"need pairs from at least 2 prompts to hold some out; got {len(pairs)} pair(s)")
+    train, held = train_test_split(pairs, test_fraction=eval_fraction, seed=seed)
+    if not held or not train:  # tiny sets: move one prompt's pairs across
+        src, dst = (train, held) if not held else (held, train)
+        moved = src[-1].prompt
+        dst.extend(p for p in src if p.prompt == moved)
+        src[:] = [p for p in src if p.prompt != moved]
+    return train[:n_train], held[:n_eval]
+
+
+# --- diagnostics ----------------------------------------------------------------------------------
+
+def pair_margins(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw scores of the chosen and rejected responses of each pair."""
+    chosen = rm.raw_scores([p.prompt for p in pairs], [p.chosen for p in pairs])
+    rejected = rm.raw_scores([p.prompt for p in pairs], [p.rejected for p in pairs])
+    return chosen, rejected
+
+
+def calibration_bins(p_chosen: np.ndarray, bins: int = 5) -> dict[str, list[float]]:
+    """Predicted P(chosen ≻ rejected) = σ(r_c − r_r), binned by the prediction of the *first-listed* response.
+
+    Each pair is seen from both sides (p and 1 − p, with outcomes 1 and 0), so bins cover [0, 1] and a
+    calibrated model puts every bin on the diagonal."""
+    p = np.concatenate([p_chosen, 1 - p_chosen])
+    y = np.concatenate([np.ones_like(p_chosen), np.zeros_like(p_chosen)])
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    out: dict[str, list[float]] = {"predicted": [], "observed": [], "count": []}
+    for k in range(bins):
+        m = idx == k
+        if m.any():
+            out["predicted"].append(float(p[m].mean()))
+            out["observed"].append(float(y[m].mean()))
+            out["count"].append(int(m.sum()))
+    return out

@@ -1,0 +1,99 @@
+"""Preference pairs and the reward model: labels, gradient flow, normalisation, a short training run."""
+import numpy as np
+import pytest
+import torch
+
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.data import PreferencePair
+from rlhf_helpers.gold import SimulatedAnnotator
+from rlhf_helpers.preferences import label_samples, read_pairs, write_pairs
+from rlhf_helpers.reward_model import RewardModel, RMStageConfig, calibration_bins, load_backbone, lora_for_rm, train_reward_model
+from rlhf_helpers.rewards import RewardFunction, RewardOutput
+
+
+class WordCount(RewardFunction):
+    name = "word_count_rm_test"
+
+    def compute_reward(self, t):
+        return RewardOutput(len(t.response.split()) / 10)
+
+
+def test_pairs_are_disjoint_labelled_and_carry_provenance(tmp_path):
+    ann = SimulatedAnnotator(judge=WordCount(), temperature=1e-3, seed=0)  # a near-perfect annotator
+    samples = [["one", "one two three", "a b", "a b"], ["x y z w", "x"]]
+    pairs, skipped = label_samples(["p1", "p2"], samples, ann, {"policy": "sft", "sample_seed": 7})
+    assert skipped["identical_responses"] == 1  # ("a b", "a b") cannot be compared
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("p1", "one two three", "one"), ("p2", "x y z w", "x")]
+    assert pairs[0].metadata["policy"] == "sft" and pairs[0].metadata["gold_chosen"] == pytest.approx(0.3)
+    write_pairs(tmp_path / "pairs.jsonl", pairs)
+    again = read_pairs(tmp_path / "pairs.jsonl")
+    assert [(p.chosen, p.metadata["sample_seed"]) for p in again] == [("one two three", 7), ("x y z w", 7)]
+    (tmp_path / "bare.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(ValueError, match="gold_chosen"):
+        read_pairs(tmp_path / "bare.jsonl")
+
+
+@pytest.fixture(scope="module")
+def rm_parts():
+    cfg = RMStageConfig(lora_layers=2)
+    model, tok = load_backbone(cfg.model_name)
+    from peft import get_peft_model
+
+    return cfg, get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers)), tok
+
+
+@pytest.mark.slow
+def test_head_and_top_layers_learn_the_rest_stays_frozen(rm_parts):
+    cfg, model, tok = rm_parts
+    n = model.config.num_hidden_layers
+    batch = tok(["Hello there, friend.", "zz qq"], return_tensors="pt", padding=True)
+    scores = model(**batch).logits[:, 0]  # (2,)
+    loss = -torch.nn.functional.logsigmoid(scores[0] - scores[1])
+    loss.backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in name and p.grad is not None and p.grad.abs().sum() > 0 for name, p in trainable.items())
+    for name, p in trainable.items():
+        assert "score" in name or "lora_" in name, name
+        if "lora_" in name:
+            assert any(f"layers.{i}." in name for i in (n - 2, n - 1)), name  # only the top blocks adapt
+    frozen = [p for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    model.zero_grad()
+
+
+@pytest.mark.slow
+def test_normalisation_gives_mean_zero_std_one(rm_parts):
+    _, model, tok = rm_parts
+    rm = RewardModel(model, tok)
+    prompts = ["Say something."] * 6
+    responses = ["Hi.", "Hello there.", "Good morning to you.", "Yes.", "Certainly, here it is.", "No thanks."]
+    rm.fit_normalization(prompts, responses)
+    scores = np.array(rm.score(prompts, responses))
+    assert abs(scores.mean()) < 1e-5 and abs(scores.std() - 1) < 1e-4
+
+
+def test_calibration_bins_by_hand():
+    bins = calibration_bins(np.array([0.9, 0.9, 0.6]), bins=2)
+    # seen from both sides: predictions 0.9, 0.9, 0.6 (chosen, outcome 1) and 0.1, 0.1, 0.4 (outcome 0)
+    assert bins["count"] == [3, 3]
+    assert bins["predicted"] == pytest.approx([0.2, 0.8]) and bins["observed"] == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.slow
+def test_a_few_steps_on_an_easy_preference_beat_chance(tmp_path):
+    topics = ["rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks", "rivers", "music", "paint", "boats",
+              "trees", "stars", "glass", "salt", "wool", "bees", "coins", "lamps", "ships", "roads", "kites", "bells"]
+    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are interesting, and people enjoy learning about them.",
+                            "zq xv kk zq xv kk", metadata={"gold_chosen": 1.0, "gold_rejected": 0.0,
+                                                           "annotator_temperature": 0.1}) for t in topics]
+    train, held_out = pairs[:16], pairs[16:]
+    cfg = stage_config(RMStageConfig, "smoke", max_steps=8, batch_size=4, lora_layers=2, learning_rate=1e-3,
+                       max_length=96, eval_steps=100, save_steps=100, logging_steps=1)
+    rm, facts = train_reward_model(cfg, tmp_path, cfg.model_name, train, held_out)
+    assert facts["steps"] == 8 and facts["dropped_too_long"] == {"train": 0, "eval": 0}
+    chosen = rm.raw_scores([p.prompt for p in held_out], [p.chosen for p in held_out])
+    rejected = rm.raw_scores([p.prompt for p in held_out], [p.rejected for p in held_out])
+    assert np.mean(chosen > rejected) >= 0.875  # chance is 0.5
+    saved = rm.save(tmp_path / "rm_model")
+    again = RewardModel.load(saved, cfg.model_name)
+    assert np.allclose(again.raw_scores([held_out[0].prompt], [held_out[0].chosen]), chosen[:1], atol=1e-4)
