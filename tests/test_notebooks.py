@@ -45,7 +45,19 @@ def check_sft(run_dir: Path) -> None:
     assert 0.0 <= s["win_rate_vs_base"]["win_rate"] <= 1.0 and s["n_compare"] >= 1
 
 
-CHECKS = {"00_rlhf_concepts": check_concepts, "01_reward_design": check_rewards, "02_sft": check_sft}
+def check_rm(run_dir: Path) -> None:
+    from rlhf_helpers.preferences import read_pairs
+
+    s = json.loads((run_dir / "rm" / "summary.json").read_text())
+    assert s["steps"] >= 1 and 0.0 <= s["eval_accuracy"] <= 1.0 and 0.5 <= s["bayes_ceiling"] <= 1.0
+    assert s["normalization"]["scale"] > 0
+    assert (run_dir / "rm" / "model" / "normalization.json").exists()
+    pairs = read_pairs(run_dir / "preferences" / "pairs.jsonl")  # validates, and carries provenance
+    assert len(pairs) == s["n_pairs"] and all("policy" in p.metadata for p in pairs)
+
+
+CHECKS = {"00_rlhf_concepts": check_concepts, "01_reward_design": check_rewards, "02_sft": check_sft,
+          "03_reward_model": check_rm}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,402 @@
+"""PPO: estimators and losses against slow reference loops, rollouts and masks, and short runs of a tiny
+randomly initialised Llama (with a character-level stand-in tokenizer) that learn, repeat, and resume."""
+import json
+import math
+import re
+import string
+
+import pytest
+import torch
+from transformers import BatchEncoding, LlamaConfig, LlamaForCausalLM
+
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.models import attach_lora, default_lora_config, reference_model
+from rlhf_helpers.ppo import (
+    AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
+    compute_gae, forward_logprobs_values, generation_config, list_checkpoints, logprobs_from_logits,
+    masked_mean, masked_whiten, per_token_rewards, ppo_losses, response_mask_from_eos, rollout,
+)
+from rlhf_helpers.tracking import read_json, read_metrics
+
+PAD, BOS, EOS = 0, 1, 2  # as in SmolLM2: the pad token <|endoftext|> is not the end-of-turn token <|im_end|>
+# weights N(0, 0.2²): at transformers' default 0.02 the logits are nearly uniform and lm_head's rows so short
+# (norm ≈ 0.1) that an adapter on the hidden layers can hardly move them
+INIT_RANGE = 0.2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and leave the machine's other core alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class CharTokenizer:
+    """Character-level stand-in for SmolLM2's tokenizer: ChatML template, left padding, pad id 0 ≠ EOS."""
+
+    SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    pad_token_id, eos_token_id = PAD, EOS
+
+    def __init__(self, vocab_size: int = 64):
+        chars = (string.ascii_lowercase + " .,?!\n'" + string.digits + string.ascii_uppercase)
+        self.vocab = self.SPECIAL + list(chars[: vocab_size - len(self.SPECIAL)])
+        self.ids = {t: i for i, t in enumerate(self.vocab)}
+        self.padding_side = "left"
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for piece in re.split(r"(<\|[a-z_]+\|>)", text):
+            if piece in self.ids and piece in self.SPECIAL:
+                out.append(self.ids[piece])
+            else:
+                out.extend(self.ids.get(c, self.ids["?"]) for c in piece)
+        return out
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+    def __call__(self, texts, return_tensors="pt", padding=True, add_special_tokens=False):
+        rows = [self.encode(t) for t in texts]
+        width = max(len(r) for r in rows)
+        ids = [[PAD] * (width - len(r)) + r for r in rows]  # left padding
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)})
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i < len(self.SPECIAL)))
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return [self.decode(r, skip_special_tokens) for r in rows]
+
+
+def tiny_policy(seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         initializer_range=INIT_RANGE, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    return attach_lora(LlamaForCausalLM(config), default_lora_config(r=4, alpha=8, dropout=0.0)).eval()
+
+
+PROMPTS = ["say a", "hello there", "what is up?", "abc", "write a poem", "hi", "tell me more", "ok go"]
+TARGET = "0"  # a token the seed-0 tiny model samples ~5% of the time
+
+
+def fraction_of_target(prompts, responses):
+    """Toy reward: the share of response characters (tokens) equal to TARGET."""
+    return torch.tensor([r.count(TARGET) / max(len(r), 1) for r in responses])
+
+
+def share_of_lowercase(prompts, responses):
+    """A dense toy reward (every batch has spread), for checks that need non-zero advantages."""
+    return torch.tensor([sum(c.islower() for c in r) / max(len(r), 1) for r in responses])
+
+
+def tiny_config(**overrides) -> PPOConfig:
+    base = dict(batch_size=8, num_mini_batches=2, ppo_epochs=2, response_length=8, temperature=1.0,
+                learning_rate=1e-2, init_kl_coef=0.05, missing_eos_penalty=0.0, max_steps=4, save_steps=0,
+                sample_every=2, n_samples=2, seed=0)
+    return PPOConfig(**{**base, **overrides})
+
+
+def without_timings(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+# --- pure functions against slow references -------------------------------------------------------------
+
+def test_masked_mean_and_whiten_use_valid_tokens_only():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    valid = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert masked_mean(values, mask).item() == pytest.approx(3.0)
+    assert masked_mean(values, mask, dim=1).tolist() == pytest.approx([2.0, 4.5])
+    white = masked_whiten(values, mask)
+    expected = (valid - valid.mean()) / valid.std(unbiased=True)
+    assert torch.allclose(white[mask], expected, atol=1e-5)
+    assert torch.all(white[~mask] == 0)
+    kept = masked_whiten(values, mask, shift_mean=False)  # reward whitening: scale only
+    assert torch.allclose(kept[mask], expected + valid.mean(), atol=1e-5)
+
+
+def test_logprobs_from_logits_matches_a_loop():
+    torch.manual_seed(0)
+    logits, tokens, temp = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), 0.7
+    got = logprobs_from_logits(logits, tokens, temp)
+    for b in range(2):
+        for t in range(3):
+            row = logits[b, t] / temp
+            assert got[b, t].item() == pytest.approx((row[tokens[b, t]] - torch.logsumexp(row, 0)).item(), abs=1e-6)
+
+
+def test_response_mask_from_first_eos_never_from_pad_id():
+    response = torch.tensor([
+        [5, EOS, 7, EOS],    # EOS early: everything after it is masked
+        [5, PAD, EOS, 9],    # a real token equal to the pad id before EOS stays valid
+        [PAD, 4, 5, 6],      # no EOS at all: every token is valid, has_eos False
+        [EOS, PAD, PAD, PAD],  # EOS first: the EOS itself is the one valid token
+    ])
+    mask, has_eos = response_mask_from_eos(response, EOS)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, True, False, True]
+
+
+def test_per_token_rewards_and_missing_eos_penalty():
+    score = torch.tensor([1.0, -2.0, 0.5])
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-0.3, -0.2, -7.0, -7.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -1.0], [-0.1, -0.4, -1.0, -1.0], [-2.0, -1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # rows of 3, 2, 4 tokens
+    beta = 0.1
+    rewards, kl = per_token_rewards(score, logprobs, ref, mask, beta)
+    for b in range(3):
+        n = int(mask[b].sum())
+        for t in range(4):
+            want_kl = (logprobs[b, t] - ref[b, t]).item() if t < n else 0.0
+            want = -beta * want_kl + (score[b].item() if t == n - 1 else 0.0)  # the score on the last real token
+            assert kl[b, t].item() == pytest.approx(want_kl, abs=1e-6)
+            assert rewards[b, t].item() == pytest.approx(want, abs=1e-6), (b, t)
+    assert rewards[0, 3] == 0 and rewards[1, 2:].abs().sum() == 0  # nothing lands on padding
+    penalised = apply_missing_eos_penalty(score, torch.tensor([True, False, False]), 1.0)
+    assert penalised.tolist() == pytest.approx([1.0, -3.0, -0.5])
+
+
+def gae_reference(rewards, values, mask, gamma, lam):
+    """Slow GAE: A_t = Σ_{k≥t} (γλ)^{k−t} δ_k over each row's valid tokens, V = 0 after the last one."""
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(n):
+            total = 0.0
+            for k in range(t, n):
+                next_v = values[b, k + 1].item() if k + 1 < n else 0.0
+                delta = rewards[b, k].item() + gamma * next_v - values[b, k].item()
+                total += (gamma * lam) ** (k - t) * delta
+            adv[b, t] = total
+            ret[b, t] = total + values[b, t].item()
+    return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_matches_reference_loop_with_padding(gamma, lam):
+    torch.manual_seed(1)
+    rewards, values = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5, [1] * 5 + [0]], dtype=torch.bool)
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_reference(rewards, values, mask, gamma, lam)
+    assert torch.allclose(adv, ref_adv, atol=1e-5) and torch.allclose(ret, ref_ret, atol=1e-5)
+    assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
+    with pytest.raises(ValueError, match="prefix"):
+        compute_gae(rewards, values, torch.tensor([[1, 0, 1, 1, 1, 1]] * 4, dtype=torch.bool), gamma, lam)
+
+
+def test_ppo_losses_match_reference_loop():
+    torch.manual_seed(2)
+    B, T, eps, eps_v, vf_coef = 3, 5, 0.2, 0.2, 0.1
+    old_lp = torch.randn(B, T) - 2
+    new_lp = old_lp + 0.4 * torch.randn(B, T)  # some ratios beyond 1 ± ε
+    adv, ret = torch.randn(B, T), torch.randn(B, T)
+    old_v = torch.randn(B, T)
+    new_v = old_v + 0.5 * torch.randn(B, T)
+    mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]], dtype=torch.bool)
+    new_lp[1, 3] = 80.0  # garbage on padding must not leak in (exp would overflow)
+    loss, m = ppo_losses(new_lp, old_lp, adv, new_v, old_v, ret, mask, eps, eps_v, vf_coef)
+    pg, vf, clipped, vclipped, approx, ratios = [], [], [], [], [], []
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            r = math.exp(new_lp[b, t] - old_lp[b, t])
+            a = adv[b, t].item()
+            unclipped, clip = -a * r, -a * min(max(r, 1 - eps), 1 + eps)
+            pg.append(max(unclipped, clip))
+            clipped.append(clip > unclipped)
+            v, v0, R = new_v[b, t].item(), old_v[b, t].item(), ret[b, t].item()
+            vc = v0 + min(max(v - v0, -eps_v), eps_v)
+            vf.append(max((v - R) ** 2, (vc - R) ** 2))
+            vclipped.append((vc - R) ** 2 > (v - R) ** 2)
+            approx.append(0.5 * math.log(r) ** 2)
+            ratios.append(r)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert 0 < mean(clipped) < 1 and 0 < mean(vclipped) < 1  # both branches exercised
+    assert loss.item() == pytest.approx(mean(pg) + vf_coef * 0.5 * mean(vf), rel=1e-5)
+    assert m["loss/policy_avg"] == pytest.approx(mean(pg), rel=1e-5)
+    assert m["loss/value_avg"] == pytest.approx(0.5 * mean(vf), rel=1e-5)
+    assert m["policy/clipfrac_avg"] == pytest.approx(mean(clipped))
+    assert m["val/clipfrac_avg"] == pytest.approx(mean(vclipped))
+    assert m["policy/approxkl_avg"] == pytest.approx(mean(approx), rel=1e-5)
+    assert m["val/ratio"] == pytest.approx(mean(ratios), rel=1e-5)
+    same, m0 = ppo_losses(old_lp, old_lp, adv, old_v, old_v, ret, mask, eps, eps_v, vf_coef)
+    assert (m0["val/ratio"], m0["policy/clipfrac_avg"], m0["policy/approxkl_avg"]) == (1.0, 0.0, 0.0)
+
+
+def test_kl_controllers_follow_ziegler_formula():
+    ctl = AdaptiveKLController(0.05, target=6.0, horizon=10000)
+    ctl.update(12.0, n_steps=100)  # far above target: error clipped to +0.2
+    assert ctl.value == pytest.approx(0.05 * (1 + 0.2 * 100 / 10000))
+    before = ctl.value
+    ctl.update(6.6, n_steps=100)  # proportional error 0.1
+    assert ctl.value == pytest.approx(before * (1 + 0.1 * 100 / 10000)) and ctl.value > before
+    before = ctl.value
+    ctl.update(3.0, n_steps=100)  # below target: error −0.5 clipped to −0.2
+    assert ctl.value == pytest.approx(before * (1 - 0.2 * 100 / 10000)) and ctl.value < before
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, n_steps=1000)
+    assert fixed.value == 0.05
+
+
+def test_config_validation_and_profiles():
+    cfg = stage_config(PPOConfig, "cpu", batch_size=8, num_mini_batches=2)
+    assert cfg.mini_batch_size == 4 and cfg.stage == "ppo"
+    assert (cfg.init_kl_coef, cfg.gamma, cfg.lam, cfg.cliprange, cfg.vf_coef) == (0.05, 1.0, 0.95, 0.2, 0.1)
+    with pytest.raises(ValueError, match="num_mini_batches"):
+        PPOConfig(batch_size=6, num_mini_batches=4)
+    with pytest.raises(ValueError, match="temperature"):
+        PPOConfig(temperature=0)
+    with pytest.raises(ValueError, match="cliprange"):
+        PPOConfig(cliprange=1.5)
+
+
+# --- rollouts and forward passes on a tiny model ---------------------------------------------------------
+
+def test_rollout_masks_after_first_eos_and_decodes_valid_tokens():
+    policy, tok = tiny_policy(), CharTokenizer()
+    cfg = tiny_config(response_length=40)
+    ro = rollout(policy, tok, PROMPTS, cfg, seed=3)
+    B, T = ro.response_ids.shape
+    assert B == len(PROMPTS) and T <= 40 and ro.query_ids.shape[1] == ro.response_start
+    assert ro.has_eos.any() and (~ro.has_eos).any()  # this seed gives both kinds of row
+    for b in range(B):
+        row, mask = ro.response_ids[b], ro.response_mask[b]
+        eos_at = (row == EOS).nonzero()
+        n = int(eos_at[0]) + 1 if len(eos_at) else T
+        assert bool(ro.has_eos[b]) == (len(eos_at) > 0)
+        assert mask.tolist() == [True] * n + [False] * (T - n)
+        assert torch.all(row[n:] == PAD)  # padding after EOS
+        assert ro.texts[b] == tok.decode(row[:n].tolist(), skip_special_tokens=True).strip()
+    assert torch.equal(ro.query_mask, ro.query_ids.ne(PAD).long())  # queries are left-padded
+
+
+def test_forward_pass_matches_unpadded_rows_and_sampling_distribution():
+    policy, tok = tiny_policy(), CharTokenizer()
+    cfg = tiny_config(response_length=6, temperature=0.7)
+    ro = rollout(policy, tok, PROMPTS[:4], cfg, seed=1)
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.summary.weight)
+    with torch.no_grad():
+        lp, values, entropy = forward_logprobs_values(policy, head, ro.query_response_ids, ro.attention_mask,
+                                                      ro.response_start, cfg.temperature)
+    assert lp.shape == values.shape == entropy.shape == ro.response_ids.shape
+    for b in range(4):  # slow reference: each row alone, no padding, default positions
+        q = ro.query_ids[b][ro.query_mask[b].bool()]
+        ids = torch.cat([q, ro.response_ids[b]])[None]
+        with torch.no_grad():
+            out = policy(input_ids=ids, output_hidden_states=True)
+        logits = out.logits[0, len(q) - 1:-1] / cfg.temperature
+        want = torch.log_softmax(logits, -1).gather(-1, ro.response_ids[b][:, None])[:, 0]
+        n = int(ro.response_mask[b].sum())
+        assert torch.allclose(lp[b, :n], want[:n], atol=1e-5)
+        want_v = head(out.hidden_states[-1][0, len(q) - 1:-1])
+        assert torch.allclose(values[b, :n], want_v[:n], atol=1e-5)
+    # the sampler draws from exactly softmax(logits / T): compare with generate's own processed scores
+    gen = generation_config(cfg, tok)
+    assert (gen.top_k, gen.top_p, gen.temperature, gen.do_sample) == (0, 1.0, 0.7, True)
+    gen.output_scores, gen.return_dict_in_generate = True, True
+    with torch.no_grad():
+        out = policy.generate(input_ids=ro.query_ids, attention_mask=ro.query_mask, generation_config=gen)
+    sampled = out.sequences[:, ro.response_start:]
+    mask, _ = response_mask_from_eos(sampled, EOS)
+    lp2, _, _ = forward_logprobs_values(policy, None, out.sequences, torch.cat(
+        [ro.query_mask, torch.ones_like(sampled)], 1), ro.response_start, cfg.temperature)
+    scores = torch.log_softmax(torch.stack(out.scores, 1), -1).gather(-1, sampled[..., None])[..., 0]
+    assert torch.allclose(lp2[mask], scores[mask], atol=1e-4)
+
+
+# --- the trainer -----------------------------------------------------------------------------------------
+
+def make_trainer(run_dir, cfg=None, reward=fraction_of_target):
+    return PPOTrainer(tiny_policy(), CharTokenizer(), reward, cfg or tiny_config(), run_dir, PROMPTS)
+
+
+def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tmp_path):
+    trainer = make_trainer(tmp_path, reward=share_of_lowercase)
+    base = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    m = trainer.step()
+    assert abs(m["objective/kl"]) < 1e-6  # lora_B = 0: the policy is the reference before any update
+    first = trainer.minibatch_stats[0]  # first mini-batch of the first epoch
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/clipfrac_avg"] == 0.0 and first["policy/approxkl_avg"] < 1e-10
+    assert len(trainer.minibatch_stats) == trainer.cfg.ppo_epochs * trainer.cfg.num_mini_batches
+    named = dict(trainer.policy.named_parameters())
+    assert all(torch.equal(named[n], p) for n, p in base.items())  # the base model is frozen
+    assert any(not torch.equal(named[n], p) for n, p in lora.items())
+    assert trainer.value_head.summary.weight.abs().sum() > 0  # the head learned from 0
+    m2 = trainer.step()
+    assert m2["objective/kl"] != 0  # now the adapter moved the policy away from the reference
+    with reference_model(trainer.policy):  # and disabling it gives back the base model
+        assert all(torch.equal(named[n], p) for n, p in base.items())
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "policy/approxkl_avg",
+                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "policy/entropy_avg",
+                "response/length_mean", "response/eos_frac", "time/rollout_s", "time/score_s", "time/update_s",
+                "tokens/generated"):
+        assert isinstance(m2[key], (int, float)), key
+    assert m2["objective/rlhf_reward"] == pytest.approx(m2["objective/scores"] - 0.05 * m2["objective/kl"], abs=1e-6)
+
+
+def test_missing_eos_penalty_and_adaptive_kl_in_a_step(tmp_path):
+    cfg = tiny_config(missing_eos_penalty=1.0, ppo_epochs=1, adaptive_kl=True, whiten_rewards=True)
+    trainer = make_trainer(tmp_path, cfg)
+    m = trainer.step()
+    assert 0 < m["response/eos_frac"] < 1
+    assert m["objective/scores"] == pytest.approx(m["objective/raw_scores"] - (1 - m["response/eos_frac"]), abs=1e-6)
+    # KL 0 is far below target 6: the error clips to −0.2 and β shrinks by 0.2·batch_size/horizon
+    assert trainer.kl_ctl.value == pytest.approx(0.05 * (1 - 0.2 * 8 / 10000))
+    before = trainer.kl_ctl.value
+    assert trainer.step()["objective/kl_coef"] == before  # the next step's rewards use the updated β
+
+
+def test_toy_reward_rises(tmp_path):
+    cfg = tiny_config(max_steps=10, batch_size=16, num_mini_batches=2, init_kl_coef=0.01, learning_rate=2e-2)
+    trainer = make_trainer(tmp_path, cfg)
+    seen = []
+    trainer.add_step_callback(lambda step, metrics: seen.append((step, metrics["objective/scores"])))
+    summary = trainer.train()
+    scores = [s for _, s in seen]
+    assert [s for s, _ in seen] == list(range(1, 11)) and summary["steps"] == 10
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores  # seeds 0-3 all give > +0.3
+    assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").exists()
+    assert read_json(tmp_path / "ppo" / "summary.json")["scores_last"] == pytest.approx(scores[-1])
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """Four steps in one go: the numbers the repeat and the resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    make_trainer(run_dir).train(4)
+    return run_dir
+
+
+def test_same_seed_gives_same_numbers(straight_run, tmp_path):
+    make_trainer(tmp_path).train(4)
+    a, b = read_metrics(straight_run / "ppo" / "metrics.jsonl"), read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    assert without_timings(a) == without_timings(b)
+    samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 2, 4] and all("response" in s for s in samples)
+
+
+def test_resume_continues_where_it_stopped(straight_run, tmp_path):
+    make_trainer(tmp_path, tiny_config(save_steps=1)).train(2)
+    assert [s for s, _ in list_checkpoints(tmp_path / "ppo")] == [1, 2]
+    (tmp_path / "ppo" / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "objective/kl": 9.9}) + "\n")
+    trainer = make_trainer(tmp_path, tiny_config(save_steps=1))  # a fresh process: new model, new head
+    assert trainer.resume() == 2
+    saved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-2" / "value_head.pt", weights_only=True)
+    assert torch.equal(trainer.value_head.summary.weight, saved["summary.weight"])
+    assert trainer.optimizer.state_dict()["state"]  # Adam's moments are back
+    trainer.train(4)
+    rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stray row after the checkpoint was dropped
+    # with adapter, head, optimizer and KL coefficient restored, steps 3-4 equal the uninterrupted run's
+    assert without_timings(rows) == without_timings(read_metrics(straight_run / "ppo" / "metrics.jsonl"))
