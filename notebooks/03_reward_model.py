@@ -55,7 +55,7 @@ from rlhf_helpers.evaluate import generate_and_score, heldout_prompts
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
-from rlhf_helpers.preferences import label_samples, read_pairs, sample_responses, snapshot_info, write_pairs
+from rlhf_helpers.preferences import label_samples, read_pairs, sample_at_temperatures, snapshot_info, write_pairs
 from rlhf_helpers.reward_model import RMStageConfig, calibration_bins, pair_margins, split_pairs, train_reward_model
 from rlhf_helpers.reward_tuner import spearman
 from rlhf_helpers.sft import sft_policy_path
@@ -70,18 +70,19 @@ cfg
 
 # %% [markdown]
 # ## 1. Sampling and labelling pairs, live
-# Sample two answers per prompt from the policy at temperature 1 (so they differ), pair them, and let the
-# annotator choose. Each pair keeps its provenance: which policy, temperature and seed made it, both gold
+# Sample two answers per prompt from the policy, one at temperature 0.7 and one at 1.3, pair them, and let
+# the annotator choose. (Two samples at one temperature are often near-ties by gold, so most labels would be
+# coin flips; mixing temperatures is a common way to get comparisons worth making.) Each pair keeps its provenance: which policy, temperature and seed made it, both gold
 # rewards, and the probability with which the annotator chose as it did.
 
 # %%
 train_prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
 live_prompts = train_prompts[-cfg.n_live_prompts:]
 policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
-samples = sample_responses(policy, tok, live_prompts, cfg.samples_per_prompt, temperature=cfg.sample_temperature,
-                           max_new_tokens=cfg.max_new_tokens, seed=seed)
+samples = sample_at_temperatures(policy, tok, live_prompts, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
+                                 seed=seed)
 annotator = SimulatedAnnotator(judge=GoldJudge(), temperature=cfg.annotator_temperature, seed=seed)
-provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperature": cfg.sample_temperature,
+provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperatures": list(cfg.sample_temperatures),
               "sample_seed": seed, "max_new_tokens": cfg.max_new_tokens, "source": "live"}
 live_pairs, skipped = label_samples(live_prompts, samples, annotator, provenance)
 plotting.pairs_table(live_pairs[:4])
@@ -141,7 +142,7 @@ facts
 
 # %%
 fresh = generate_and_score(policy_path, heldout_prompts(cfg.n_fresh), GoldJudge(), max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.sample_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device)
+                           temperature=cfg.fresh_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device)
 norm = rm.fit_normalization([r["prompt"] for r in fresh], [r["response"] for r in fresh])
 rm_scores = rm.score([r["prompt"] for r in fresh], [r["response"] for r in fresh])
 rho = spearman([r["gold"] for r in fresh], rm_scores)

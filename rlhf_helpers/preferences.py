@@ -1,6 +1,8 @@
 """Preference data: sample responses from a policy, pair them, label pairs with the simulated annotator.
 
-Each prompt gets `k` sampled responses (seeded, temperature > 0 so they differ). They are paired
+Each prompt gets sampled responses (seeded), either `k` at one temperature or one at each of several
+temperatures (`sample_at_temperatures`, the default of notebook 03: 0.7 and 1.3, because two samples at
+one temperature are often near-ties by gold, and near-ties teach a reward model nothing). They are paired
 disjointly, (0, 1), (2, 3), ..., so that pairs are independent; pairs of identical responses are skipped
 and counted. The annotator labels each pair by Bradley–Terry on the gold reward. Every pair carries its
 provenance: policy, temperature, seed, both gold rewards and the annotator's temperature, so its Bayes
@@ -26,6 +28,17 @@ def sample_responses(model, tokenizer, prompts: Sequence[str], k: int, *, temper
     flat = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
                     seed=seed, batch_size=batch_size, num_return_sequences=k)
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def sample_at_temperatures(model, tokenizer, prompts: Sequence[str], temperatures: Sequence[float], *,
+                           max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+    """One reply per prompt at each temperature: comparisons between a careful and a looser sample differ
+    more than two samples at one temperature, so the labels carry more signal (gold is never consulted)."""
+    if len(temperatures) < 2:
+        raise ValueError(f"pairs need at least 2 temperatures, got {list(temperatures)}")
+    per_temp = [generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=t,
+                         seed=seed + 1000 * i, batch_size=batch_size) for i, t in enumerate(temperatures)]
+    return [list(replies) for replies in zip(*per_temp)]
 
 
 def label_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]], annotator: SimulatedAnnotator,

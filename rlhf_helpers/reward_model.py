@@ -77,10 +77,10 @@ class RMStageConfig:
     """Train on data/preference_snapshot.jsonl (plus the live pairs) when it exists."""
     n_live_prompts: int = 8
     """Train prompts sampled live from the SFT policy in the notebook (to show how)."""
-    samples_per_prompt: int = 2
-    """Samples per live prompt (pairs: half as many)."""
-    sample_temperature: float = 1.0
-    """Sampling temperature for preference data."""
+    sample_temperatures: tuple[float, ...] = (0.7, 1.3)
+    """One sample per prompt at each temperature; consecutive samples are paired."""
+    fresh_temperature: float = 1.0
+    """Sampling temperature of the fresh held-out samples (normalisation, Spearman with gold)."""
     max_new_tokens: int = 128
     """Reply length when sampling."""
     n_fresh: int = 24
@@ -95,8 +95,9 @@ class RMStageConfig:
     def __post_init__(self):
         if self.annotator_temperature <= 0:
             raise ValueError("annotator_temperature must be > 0")
-        if self.samples_per_prompt < 2:
-            raise ValueError("samples_per_prompt must be >= 2 to make a pair")
+        self.sample_temperatures = tuple(float(t) for t in self.sample_temperatures)
+        if len(self.sample_temperatures) < 2 or min(self.sample_temperatures) <= 0:
+            raise ValueError("sample_temperatures needs at least two positive temperatures, e.g. (0.7, 1.3)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError("eval_fraction must be in (0, 1)")
 

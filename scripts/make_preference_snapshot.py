@@ -1,7 +1,7 @@
 """Rebuild data/preference_snapshot.jsonl: SFT samples on the train prompts, labelled by the annotator.
 
     .venv/bin/python scripts/make_preference_snapshot.py --policy runs/cpu/sft/model \
-        --out data/preference_snapshot.jsonl [--k 2] [--temperature 1.0] [--seed 0]
+        --out data/preference_snapshot.jsonl [--temperatures 0.7 1.3] [--seed 0]
 
 `--policy` is the SFT model notebook 02 saved (run `make run` or notebook 02 with the cpu profile first);
 any model name or folder works. The snapshot lets the smoke and cpu profiles of notebook 03 skip most of
@@ -17,7 +17,7 @@ from rlhf_helpers.data import load_prompts
 from rlhf_helpers.gold import SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path
-from rlhf_helpers.preferences import label_samples, sample_responses, write_pairs
+from rlhf_helpers.preferences import label_samples, sample_at_temperatures, write_pairs
 from rlhf_helpers.seeding import seed_everything
 
 
@@ -26,8 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policy", required=True, help="SFT model folder (or any model name)")
     ap.add_argument("--policy-label", default=None, help="how the provenance names the policy (default: --policy)")
     ap.add_argument("--out", default=str(data_path("preference_snapshot.jsonl")))
-    ap.add_argument("--k", type=int, default=2, help="samples per prompt (pairs: k // 2 per prompt)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.3],
+                    help="one sample per prompt at each temperature; consecutive samples are paired")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--annotator-temperature", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -42,12 +42,11 @@ def main(argv=None) -> int:
     samples = []
     for start in range(0, len(prompts), args.batch_size):  # chunks, so progress shows
         chunk = prompts[start:start + args.batch_size]
-        samples += sample_responses(model, tok, chunk, args.k, temperature=args.temperature,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed + start,
-                                    batch_size=args.batch_size)
+        samples += sample_at_temperatures(model, tok, chunk, args.temperatures, max_new_tokens=args.max_new_tokens,
+                                          seed=args.seed + start, batch_size=args.batch_size)
         print(f"sampled {start + len(chunk)}/{len(prompts)} prompts in {time.perf_counter() - t0:.0f} s", flush=True)
     annotator = SimulatedAnnotator(temperature=args.annotator_temperature, seed=args.seed)
-    provenance = {"policy": args.policy_label or args.policy, "sample_temperature": args.temperature,
+    provenance = {"policy": args.policy_label or args.policy, "sample_temperatures": args.temperatures,
                   "sample_seed": args.seed, "max_new_tokens": args.max_new_tokens, "source": "snapshot"}
     pairs, skipped = label_samples(prompts, samples, annotator, provenance)
     write_pairs(args.out, pairs)
