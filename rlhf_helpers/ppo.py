@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ from torch import nn
 from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
-from .tracking import MetricsLogger, _jsonable, atomic_write_json, atomic_write_text, read_json, read_metrics
+from .tracking import MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json, atomic_write_text, read_json, read_metrics
 
 
 @dataclass
@@ -614,7 +613,7 @@ class PPOTrainer:
             atomic_write_json(tmp / "trainer_state.json", {"step": self.step_count,
                                                            "kl_controller": self.kl_ctl.state_dict()})
 
-        target = _write_dir(self.out / "checkpoints" / f"step-{self.step_count}", write)
+        target = atomic_write_dir(self.out / "checkpoints" / f"step-{self.step_count}", write)
         for _, old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return target
@@ -652,7 +651,7 @@ class PPOTrainer:
                 self.tokenizer.save_pretrained(tmp)
             torch.save(self.value_head.state_dict(), tmp / "value_head.pt")
 
-        return _write_dir(Path(folder), write)
+        return atomic_write_dir(Path(folder), write)
 
     def train(self, max_steps: int | None = None) -> dict[str, Any]:
         """Step until `max_steps` (default cfg.max_steps), checkpointing every save_steps and at the end;
@@ -680,22 +679,6 @@ class PPOTrainer:
         }
         self.logger.summary(summary)
         return summary
-
-
-def _write_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temp folder beside `target` with `write(tmp)`, then rename it into place (replacing an
-    older one), so a reader or a resume never sees half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def list_checkpoints(stage_folder: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -15,8 +15,6 @@ Outputs in `run_dir/rm/`: `adapter/`, `normalization.json`, `metrics.jsonl`, `su
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from .models import _torch_dtype, chat_prompt, load_tokenizer, resolve_model_pat
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
-from .tracking import MetricsLogger, atomic_write_json
+from .tracking import MetricsLogger, atomic_write_dir, atomic_write_json
 
 
 @dataclass
@@ -223,16 +221,12 @@ class RewardModel(RewardFunction):
 
     def save(self, folder: str | Path) -> Path:
         """Adapter + head, tokenizer and normalization.json, moved into place whole."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / "normalization.json", {"shift": self.shift, "scale": self.scale})
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        return folder
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "normalization.json", {"shift": self.shift, "scale": self.scale})
+
+        return atomic_write_dir(folder, write)
 
     @classmethod
     def load(cls, folder: str | Path, backbone: str, dtype: str = "float32", device: str = "cpu") -> "RewardModel":

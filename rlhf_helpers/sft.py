@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger
+from .tracking import MetricsLogger, atomic_write_dir
 
 
 @dataclass
@@ -151,16 +149,6 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place, replacing an older one, so readers never see half of it."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def peak_memory_mb() -> float:
     """Peak memory of this process: GPU allocations on CUDA, else the resident set size."""
     if torch.cuda.is_available():
@@ -208,11 +196,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     result = trainer.train(resume_from_checkpoint=ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
-    for name, saver in (("adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d))),
-                        ("model", lambda d: _save_merged(model, tok, d))):
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-        saver(tmp)
-        _replace_dir(tmp, out / name)
+    atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    atomic_write_dir(out / "model", lambda d: _save_merged(model, tok, d))
     rows = [r for r in logger.rows if "train/loss" in r]
     tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
     runtime = result.metrics.get("train_runtime", float("nan"))

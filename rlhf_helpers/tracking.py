@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -63,6 +64,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """`atomic_write_text` of `obj` as indented JSON (numpy/torch scalars converted)."""
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_dir(target: str | os.PathLike, write) -> Path:
+    """Fill a temporary folder beside `target` with `write(tmp)`, then move it into place, replacing an
+    older folder; a reader (or a resumed run) never sees half a folder, and a failed write leaves the old
+    one as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    old = target.with_name(f".{target.name}.old")
+    try:
+        write(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def read_json(path: str | os.PathLike) -> Any:

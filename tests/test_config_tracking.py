@@ -1,5 +1,4 @@
 """Profiles, stage configs, seeding and the metrics logger."""
-import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -97,3 +96,21 @@ def test_atomic_write_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_pat
         atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_atomic_write_dir_replaces_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    from rlhf_helpers.tracking import atomic_write_dir
+
+    target = tmp_path / "model"
+    atomic_write_dir(target, lambda d: (d / "a.txt").write_text("1"))
+    atomic_write_dir(target, lambda d: (d / "b.txt").write_text("2"))
+    assert [p.name for p in target.iterdir()] == ["b.txt"]  # replaced, not merged
+
+    def half_then_crash(d):
+        (d / "c.txt").write_text("3")
+        raise RuntimeError("interrupted mid-save")
+
+    with pytest.raises(RuntimeError, match="mid-save"):
+        atomic_write_dir(target, half_then_crash)
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folders left
