@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m rlhf_helpers.run --profile $(PROFILE) --seed $(SEED) --run-dir $(RUN_DIR)
+	$(PY) -m rlhf_helpers.check_results $(RUN_DIR) --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -49,6 +49,15 @@ PROFILES: dict[str, Profile] = {
             "rm": {"max_steps": 2, "batch_size": 2, "n_live_prompts": 4, "max_new_tokens": 32, "n_fresh": 4,
                    "n_train": 8, "n_eval": 4, "eval_steps": 1000, "save_steps": 1000, "logging_steps": 1,
                    "lora_layers": 2, "max_length": 256},
+            "ppo": {"max_steps": 2, "batch_size": 4, "response_length": 24, "ppo_epochs": 2, "lora_layers": 4,
+                    "save_steps": 1, "sample_every": 1, "n_samples": 2},
+            "eval": {"n_prompts": 4, "n_checkpoint_prompts": 2, "max_new_tokens": 24},
+            "dpo": {"max_steps": 2, "batch_size": 2, "n_train": 8, "n_eval": 4, "lora_layers": 2, "max_length": 256,
+                    "warmup": 0.0, "logging_steps": 1, "save_steps": 1000},
+            "grpo": {"max_steps": 1, "batch_size": 4, "num_generations": 2, "max_completion_length": 16,
+                     "lora_layers": 2, "n_prompts": 8, "save_steps": 1000, "sample_every": 1, "n_samples": 2},
+            "rloo": {"max_steps": 1, "batch_size": 4, "num_generations": 2, "max_completion_length": 16,
+                     "lora_layers": 2, "n_prompts": 8, "save_steps": 1000, "sample_every": 1, "n_samples": 2},
         },
     ),
     "cpu": Profile(
@@ -60,6 +69,15 @@ PROFILES: dict[str, Profile] = {
                     "eval_steps": 12, "save_steps": 12, "n_compare": 24, "max_new_tokens": 128, "max_length": 256},
             "rm": {"max_steps": 20, "batch_size": 8, "lora_layers": 8, "n_live_prompts": 8, "n_fresh": 24,
                    "n_eval": 48, "eval_steps": 1000, "save_steps": 10, "logging_steps": 2},
+            "ppo": {"max_steps": 16, "batch_size": 8, "response_length": 64, "ppo_epochs": 2, "lora_layers": 8,
+                    "learning_rate": 6e-4, "save_steps": 4, "keep_checkpoints": 4, "sample_every": 4},
+            "eval": {"n_prompts": 32, "n_checkpoint_prompts": 16, "max_new_tokens": 128},
+            "dpo": {"max_steps": 40, "batch_size": 4, "learning_rate": 2e-4, "lora_layers": 8, "n_eval": 24,
+                    "max_length": 320, "logging_steps": 2, "save_steps": 10},
+            "grpo": {"max_steps": 12, "batch_size": 8, "num_generations": 4, "max_completion_length": 64,
+                     "learning_rate": 3e-4, "lora_layers": 8, "save_steps": 4, "sample_every": 4},
+            "rloo": {"max_steps": 12, "batch_size": 8, "num_generations": 4, "max_completion_length": 64,
+                     "learning_rate": 3e-4, "lora_layers": 8, "save_steps": 4, "sample_every": 4},
         },
     ),
     "gpu": Profile(
@@ -75,6 +93,15 @@ PROFILES: dict[str, Profile] = {
                     "save_steps": 50, "logging_steps": 5},
             "rm": {"max_steps": 300, "batch_size": 16, "lora_layers": None, "n_live_prompts": 248, "use_snapshot": False,
                    "n_fresh": 72, "eval_steps": 50, "save_steps": 100, "logging_steps": 5},
+            "ppo": {"max_steps": 100, "batch_size": 32, "num_mini_batches": 4, "response_length": 128,
+                    "save_steps": 20, "keep_checkpoints": 5, "sample_every": 10},
+            "eval": {"n_prompts": 72, "n_checkpoint_prompts": 72, "max_new_tokens": 256, "batch_size": 36},
+            "dpo": {"max_steps": 300, "batch_size": 16, "learning_rate": 5e-5, "max_length": 512, "eval_steps": 50,
+                    "logging_steps": 5, "save_steps": 50},
+            "grpo": {"max_steps": 100, "batch_size": 32, "num_generations": 4, "max_completion_length": 128,
+                     "save_steps": 20, "sample_every": 10},
+            "rloo": {"max_steps": 100, "batch_size": 32, "num_generations": 4, "max_completion_length": 128,
+                     "save_steps": 20, "sample_every": 10},
         },
     ),
 }
@@ -131,3 +158,25 @@ def describe_fields(cls: type) -> dict[str, str]:
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
                 docs[node.target.id] = str(nxt.value.value).strip()
     return docs
+
+
+def add_config_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` option per scalar field of dataclass `cls` (default None: keep the profile's), with
+    the field's docstring as help; booleans take true/false."""
+    docs = describe_fields(cls)
+    kinds = {"int": int, "float": float, "str": str, "int | None": int, "bool": _parse_bool}
+    for f in dataclasses.fields(cls):
+        kind = kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if f.name in skip or kind is None:
+            continue
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
+                            help=docs.get(f.name, "").replace("%", "%%"))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")

@@ -5,9 +5,15 @@ ties count half. The 95% interval is a percentile bootstrap over prompts.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
+
+from .config import DEFAULT_MODEL
 
 
 def win_outcomes(gold_a: Sequence[float], gold_b: Sequence[float], tie_tol: float = 1e-9) -> np.ndarray:
@@ -81,3 +87,441 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
         f"{name_b}": [r["response"] for r in rows_b], f"{name_b} gold": [r["gold"] for r in rows_b],
     })
     return table, win_rate([r["gold"] for r in rows_a], [r["gold"] for r in rows_b])
+
+
+# --- sampling a policy with its KL to the reference --------------------------------------------------
+
+def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.7,
+                   seed: int = 0, batch_size: int = 16, reference: Any = "adapter") -> list[dict]:
+    """Sample one reply per prompt (seeded, pure temperature sampling, truncated at EOS) and estimate the
+    Monte-Carlo sequence KL to the reference on each: Σ_t (log π_T(y_t) − log π_ref,T(y_t)) over the reply's
+    tokens, both at the sampling temperature T (as PPO's `objective/kl`). Its mean over prompts estimates
+    KL(π_T ‖ π_ref,T).
+
+    reference: "adapter" (the policy with its LoRA adapter disabled), another model with the same tokenizer,
+    or None (no KL: `kl` is None). Rows: prompt, response, kl, n_tokens, has_eos.
+    """
+    import torch
+
+    from .models import reference_model
+    from .ppo import PPOConfig, forward_logprobs_values, rollout
+
+    cfg = PPOConfig(response_length=max_new_tokens, temperature=temperature, batch_size=1)
+    rows: list[dict] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        ro = rollout(policy, tokenizer, batch, cfg, seed=seed * 1_000_003 + start)
+        kl = [None] * len(batch)
+        if reference is not None:
+            args = (ro.query_response_ids, ro.attention_mask, ro.response_start, temperature)
+            with torch.no_grad():
+                logp, _, _ = forward_logprobs_values(policy, None, *args)  # (B, T)
+                if isinstance(reference, str):
+                    with reference_model(policy):
+                        ref_logp, _, _ = forward_logprobs_values(policy, None, *args)
+                else:
+                    ref_logp, _, _ = forward_logprobs_values(reference, None, *args)
+            kl = mc_kl(logp, ref_logp, ro.response_mask)[0].tolist()  # (B,)
+        for i, text in enumerate(ro.texts):
+            rows.append({"prompt": batch[i], "response": text, "kl": kl[i],
+                         "n_tokens": int(ro.response_mask[i].sum()), "has_eos": bool(ro.has_eos[i])})
+    return rows
+
+
+def evaluate_policy(policy, tokenizer, prompts: Sequence[dict], judge, reward_model=None, *,
+                    max_new_tokens: int = 128, temperature: float = 0.7, seed: int = 0, batch_size: int = 16,
+                    reference: Any = "adapter") -> tuple[list[dict], dict[str, Any]]:
+    """Sample on `prompts` (rows of `heldout_prompts`), score with the gold `judge` and, when given, the
+    (normalised) `reward_model`; estimate the KL to the reference (see `sample_with_kl`).
+
+    Returns (rows, metrics): rows add response, gold, proxy, kl, n_tokens, has_eos to each prompt row;
+    metrics hold gold_mean, proxy_mean, kl_mean, length_mean (tokens), mean_words, eos_frac, distinct_1,
+    distinct_2 and n. Same policy, prompts and seed give the same rows.
+    """
+    from .rewards import Trajectory
+    from .text_stats import distinct_stats
+
+    sampled = sample_with_kl(policy, tokenizer, [p["prompt"] for p in prompts], max_new_tokens=max_new_tokens,
+                             temperature=temperature, seed=seed, batch_size=batch_size, reference=reference)
+    texts = [s["response"] for s in sampled]
+    proxy = reward_model.score([p["prompt"] for p in prompts], texts) if reward_model is not None else [None] * len(texts)
+    rows = [{**p, **{k: s[k] for k in ("response", "kl", "n_tokens", "has_eos")},
+             "gold": judge(Trajectory(p["prompt"], s["response"])).reward, "proxy": q}
+            for p, s, q in zip(prompts, sampled, proxy)]
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(values)) if values else None
+
+    metrics = {"gold_mean": mean("gold"), "proxy_mean": mean("proxy"), "kl_mean": mean("kl"),
+               "length_mean": mean("n_tokens"),
+               "eos_frac": float(np.mean([r["has_eos"] for r in rows])), **distinct_stats(texts), "n": len(rows)}
+    return rows, metrics
+
+
+# --- one evaluation per policy, shared by notebooks 04, 05 and 06 ------------------------------------
+
+@dataclass
+class EvalConfig:
+    """How policies are evaluated on the held-out prompts. Every notebook uses the same settings, so a
+    policy evaluated once (cached under run_dir/eval/policies/) is compared on the same footing everywhere."""
+
+    stage: ClassVar[str] = "eval"
+
+    model_name: str = DEFAULT_MODEL
+    """The base policy (and the backbone fallbacks use)."""
+    dtype: str = "float32"
+    """Weights dtype for evaluation."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    n_prompts: int = 72
+    """Held-out prompts (taken round-robin over domains; 72 is the whole test split)."""
+    n_checkpoint_prompts: int = 24
+    """Held-out prompts per saved checkpoint (the reward–KL frontier of notebook 06)."""
+    max_new_tokens: int = 128
+    """Longest reply; a reply that has not ended by then is cut (and the gold judge sees it cut)."""
+    temperature: float = 0.7
+    """Sampling temperature; the KL to the reference is measured at the same temperature."""
+    seed: int = 0
+    """Sampling seed: the same for every policy, so differences are the policies'."""
+    batch_size: int = 16
+    """Prompts per generate call."""
+
+    def __post_init__(self):
+        if self.n_prompts < 1 or self.n_checkpoint_prompts < 1:
+            raise ValueError(f"EvalConfig: n_prompts and n_checkpoint_prompts must be >= 1, got "
+                             f"{self.n_prompts} and {self.n_checkpoint_prompts}")
+        if self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ValueError(f"EvalConfig: max_new_tokens must be >= 1 and temperature > 0 (sampling; try 0.7), "
+                             f"got {self.max_new_tokens} and {self.temperature}")
+
+
+def _eval_key(cfg: EvalConfig, n_prompts: int, adapter: str | None, proxy: str | None) -> dict[str, Any]:
+    """What a cached evaluation depends on besides the policy's weights (checked by mtime separately)."""
+    keep = ("model_name", "max_new_tokens", "temperature", "seed", "batch_size")
+    return {**{k: getattr(cfg, k) for k in keep}, "n_prompts": n_prompts, "adapter": adapter, "proxy": proxy}
+
+
+def _proxy_stamp(run_dir, reward_model: Any) -> str | None:
+    """Which reward model scored the proxy column: the run's (with its save time), another, or none."""
+    from .paths import stage_dir
+
+    if reward_model is None:
+        return None
+    norm = stage_dir(run_dir, "rm") / "model" / "normalization.json"
+    if reward_model == "auto" or getattr(reward_model, "source", None) == str(norm.parent):
+        return f"run rm {norm.stat().st_mtime}" if norm.exists() else None
+    return f"given {type(reward_model).__name__}"
+
+
+def _artifact_mtime(run_dir, stage: str, adapter: str | os.PathLike | None) -> float:
+    from .paths import stage_dir
+    from .policies import adapter_dir
+
+    # base's weights never change, but its KL is measured against the SFT model
+    folder = Path(adapter) if adapter else (stage_dir(run_dir, "sft") / "model" if stage in ("base", "sft")
+                                            else adapter_dir(run_dir, stage))
+    files = list(folder.glob("*.safetensors")) if folder else []
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, adapter: str | os.PathLike | None = None,
+                   name: str | None = None, n_prompts: int | None = None, reward_model: Any = "auto",
+                   judge: Any = None, force: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Evaluate `stage`'s policy in `run_dir` (see rlhf_helpers.policies) on the held-out prompts.
+
+    Gold reward (the judge), proxy reward (the run's normalised reward model, when it has one), Monte-Carlo
+    KL to the reference (the SFT model: for adapter stages the adapter switched off; 0 for SFT itself; for
+    the base model, a separately loaded SFT model), distinct-1/2 and length. `adapter` evaluates a
+    checkpoint instead of the final adapter. The result is cached in run_dir/eval/policies/<name>.jsonl
+    (rows) and <name>.json (metrics, settings) and reused while the settings, the policy's weights and the
+    run's reward model are unchanged; `force=True` recomputes.
+    """
+    from .gold import GoldJudge
+    from .paths import stage_dir
+    from .policies import load_policy
+    from .reward_model import load_run_reward_model
+    from .tracking import atomic_write_json, atomic_write_text
+
+    name = name or stage
+    n = n_prompts or cfg.n_prompts
+    folder = stage_dir(run_dir, "eval") / "policies"
+    rows_path, meta_path = folder / f"{name}.jsonl", folder / f"{name}.json"
+    key = _eval_key(cfg, n, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
+    if not force and meta_path.exists() and rows_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == key and meta.get("weights_mtime", -1) >= _artifact_mtime(run_dir, stage, adapter):
+            rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+            return rows, meta["metrics"]
+    policy, tok = load_policy(run_dir, stage, base_model=cfg.model_name, dtype=cfg.dtype, device=cfg.device,
+                              adapter=adapter)
+    reference: Any = "adapter" if hasattr(policy, "disable_adapter") else None
+    if stage == "base" and (stage_dir(run_dir, "sft") / "model" / "config.json").exists():
+        reference, _ = load_policy(run_dir, "sft", dtype=cfg.dtype, device=cfg.device)
+    if reward_model == "auto":
+        reward_model = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
+    rows, metrics = evaluate_policy(policy, tok, heldout_prompts(n), judge or GoldJudge(), reward_model,
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                    batch_size=cfg.batch_size, reference=reference)
+    if stage == "sft" and adapter is None:
+        for r in rows:
+            r["kl"] = 0.0  # the SFT model is the reference
+        metrics["kl_mean"] = 0.0
+    metrics = {"policy": name, "stage": stage, **metrics}
+    atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(meta_path, {"settings": key, "metrics": metrics,
+                                  "weights_mtime": _artifact_mtime(run_dir, stage, adapter)})
+    return rows, metrics
+
+
+# --- notebook 06: estimators, the results table, the frontier and over-optimisation ----------------
+
+def mc_kl(logp, ref_logp, mask) -> tuple[Any, dict[str, float]]:
+    """Monte-Carlo sequence KL from the log-probs of sampled tokens: (B, T), (B, T), (B, T) -> ((B,), metrics).
+
+    kl_i = Σ_t mask_it · (log π(y_it) − log π_ref(y_it)). When every y_i is sampled from π, each kl_i is an
+    unbiased estimate of KL(π ‖ π_ref) over whole responses (a single one can be negative; the mean cannot
+    be in expectation). metrics: kl_mean, kl_sem (standard error of the mean over sequences), n.
+    """
+    import torch
+
+    logp, ref_logp = torch.as_tensor(logp, dtype=torch.float64), torch.as_tensor(ref_logp, dtype=torch.float64)
+    mask = torch.as_tensor(mask).to(torch.float64)
+    if not (logp.shape == ref_logp.shape == mask.shape) or logp.dim() != 2:
+        raise ValueError(f"mc_kl needs three (B, T) tensors of one shape; got {tuple(logp.shape)}, "
+                         f"{tuple(ref_logp.shape)}, {tuple(mask.shape)}")
+    kl = ((logp - ref_logp) * mask).sum(dim=1)  # (B,)
+    n = kl.numel()
+    sem = float(kl.std(unbiased=True) / n ** 0.5) if n > 1 else float("nan")
+    return kl, {"kl_mean": float(kl.mean()) if n else float("nan"), "kl_sem": sem, "n": n}
+
+
+def missing_policies(run_dir: str | os.PathLike) -> dict[str, str]:
+    """Each policy stage that `run_dir` lacks, with why (which notebook writes it)."""
+    from .policies import POLICY_STAGES, available_policies
+
+    present = set(available_policies(run_dir))
+    writers = {"sft": ("02", "sft/model/config.json"), "ppo": ("04", "ppo/adapter/adapter_config.json"),
+               "dpo": ("05", "dpo/adapter/adapter_config.json"), "grpo": ("05", "grpo/adapter/adapter_config.json"),
+               "rloo": ("05", "rloo/adapter/adapter_config.json")}
+    return {s: f"no {writers[s][1]} in the run folder: notebook {writers[s][0]} has not written it"
+            for s in POLICY_STAGES if s not in present}
+
+
+def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: str = "sft", n_boot: int = 2000,
+                  seed: int = 0) -> list[dict]:
+    """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
+    half) with ci_low/ci_high (percentile bootstrap 95% over prompts), distinct_1, distinct_2, length
+    (mean tokens), n. `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of
+    every policy must be on the same prompts in the same order as the reference's (the win rate is paired).
+    The reference's own win-rate fields are None.
+    """
+    if reference not in evaluations:
+        raise ValueError(f"the reference policy {reference!r} was not evaluated; evaluated: {sorted(evaluations)}")
+    ref_rows = evaluations[reference][0]
+    ref_prompts = [r["prompt"] for r in ref_rows]
+    table = []
+    for name, (rows, metrics) in evaluations.items():
+        if [r["prompt"] for r in rows] != ref_prompts:
+            raise ValueError(f"{name} and {reference} were evaluated on different prompts ({len(rows)} and "
+                             f"{len(ref_prompts)} rows): a win rate needs the same prompts; re-evaluate both with "
+                             f"the same n_prompts (delete run_dir/eval/policies/ to drop cached evaluations)")
+        win = (None if name == reference else
+               win_rate([r["gold"] for r in rows], [r["gold"] for r in ref_rows], n_boot=n_boot, seed=seed))
+        table.append({
+            "policy": name, "gold": metrics.get("gold_mean"), "proxy": metrics.get("proxy_mean"),
+            "kl": metrics.get("kl_mean"), "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
+            "ci_high": win and win["ci_high"], "distinct_1": metrics.get("distinct_1"),
+            "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
+        })
+    return table
+
+
+def format_results(table: Sequence[dict], reference: str = "sft"):
+    """The results table as a pandas DataFrame for people: rounded, the win rate with its interval."""
+    import pandas as pd
+
+    def num(v, digits=3):
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    return pd.DataFrame([{
+        "policy": r["policy"], "gold": num(r["gold"]), "proxy (RM)": num(r["proxy"]), "KL to SFT (nats)": num(r["kl"], 2),
+        f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
+                                              f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
+        "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
+        "n": r["n"],
+    } for r in table])
+
+
+def training_series(rows: Sequence[dict], keys: Sequence[str]) -> dict[str, Any]:
+    """{'step': [...], key: [...] for each key, 'skipped': count} from metrics rows: the rows that hold every
+    key (with a number); the count of rows that lacked one is returned, not hidden."""
+    kept = [r for r in rows if all(isinstance(r.get(k), (int, float)) and r.get(k) is not None for k in keys)]
+    out: dict[str, Any] = {"step": [int(r["step"]) for r in kept]}
+    out.update({k: [float(r[k]) for r in kept] for k in keys})
+    out["skipped"] = len(rows) - len(kept)
+    return out
+
+
+def centred_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """Moving average over `window` points centred on each point (fewer at the ends, never padded)."""
+    v = np.asarray(values, float)
+    half = max(window, 1) // 2
+    return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(v.size)])
+
+
+def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[float], *, window: int = 5,
+                  gold_tol: float = 0.01, min_proxy_rise: float = 0.1) -> dict[str, Any] | None:
+    """Where the reward model starts lying: the first step after which gold stops rising while the proxy
+    keeps rising (the over-optimisation of Gao et al. 2023).
+
+    Precisely: smooth both series with `centred_mean(·, window)` into g and p. The parting index is the
+    first k < n−1 with
+      max(g[k:]) − g[k] ≤ gold_tol          (from step k on, gold never gains more than gold_tol), and
+      p[n−1] − p[k] > min_proxy_rise        (while the proxy ends higher than at k by more than min_proxy_rise).
+    Returns None when there is no such k (gold still rising, or the proxy not rising either), else
+    {'step', 'index', 'gold_at', 'proxy_at', 'gold_end', 'proxy_end', 'window', 'gold_tol', 'min_proxy_rise'}
+    with smoothed values. Gold is in [0, 1]; the proxy is the normalised reward (1 = one SFT standard deviation).
+    """
+    steps, gold, proxy = list(steps), np.asarray(gold, float), np.asarray(proxy, float)
+    if not (len(steps) == gold.size == proxy.size):
+        raise ValueError(f"steps, gold and proxy must have one length; got {len(steps)}, {gold.size}, {proxy.size}")
+    if not (np.isfinite(gold).all() and np.isfinite(proxy).all()):
+        raise ValueError("gold and proxy must be finite numbers (a NaN in metrics.jsonl?)")
+    g, p = centred_mean(gold, window), centred_mean(proxy, window)
+    for k in range(len(steps) - 1):
+        if g[k:].max() - g[k] <= gold_tol and p[-1] - p[k] > min_proxy_rise:
+            return {"step": int(steps[k]), "index": k, "gold_at": float(g[k]), "proxy_at": float(p[k]),
+                    "gold_end": float(g[-1]), "proxy_end": float(p[-1]), "window": window, "gold_tol": gold_tol,
+                    "min_proxy_rise": min_proxy_rise}
+    return None
+
+
+ONLINE_STAGES = ("ppo", "grpo", "rloo")
+"""Stages that sample while training and log `objective/scores` (proxy) and `objective/gold` per step."""
+
+
+def gold_proxy_over_training(run_dir: str | os.PathLike, **parting_kw) -> dict[str, dict]:
+    """For each online stage with a metrics.jsonl: its gold/proxy series (`training_series` of
+    objective/gold and objective/scores, with objective/kl beside them, None where not logged) and its
+    `parting_point` (or None).
+
+    The proxy is the reward model's own score: for PPO, whose `objective/scores` has the missing-EOS
+    penalty subtracted, that is `objective/raw_scores` (put under the `objective/scores` key here)."""
+    from .paths import resolve_run_dir
+    from .tracking import read_metrics
+
+    out = {}
+    for stage in ONLINE_STAGES:
+        path = resolve_run_dir(run_dir) / stage / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = read_metrics(path)
+        rows = [{**r, "objective/scores": r["objective/raw_scores"]} if r.get("objective/raw_scores") is not None
+                else r for r in rows]
+        series = training_series(rows, ["objective/gold", "objective/scores"])
+        if not series["step"]:
+            raise ValueError(f"{path}: no row holds objective/gold and objective/scores; "
+                             f"re-run the stage with the gold judge as a monitor (gold=GoldJudge())")
+        kl = {int(r["step"]): r.get("objective/kl") for r in rows}  # absent when a stage ran with no KL term
+        series["objective/kl"] = [kl.get(s) for s in series["step"]]
+        series["parting"] = parting_point(series["step"], series["objective/gold"], series["objective/scores"],
+                                          **parting_kw)
+        out[stage] = series
+    return out
+
+
+CURVE_KEYS = {
+    "concepts": ["ppo/tv_to_optimum", "dpo/tv_to_optimum"],
+    "sft": ["train/loss", "eval/loss"],
+    "rm": ["train/loss", "train/accuracy", "eval/accuracy"],
+    "ppo": ["objective/scores", "objective/gold", "objective/kl", "loss/policy_avg"],
+    "dpo": ["train/loss", "rewards/margins", "rewards/accuracies"],
+    "grpo": ["objective/scores", "objective/gold", "objective/kl", "train/loss"],
+    "rloo": ["objective/scores", "objective/gold", "objective/kl", "train/loss"],
+}
+"""The curves drawn per stage (keys a stage does not log are left out; see `curve_keys`)."""
+
+STAGE_ORDER = ("concepts", "rewards", "sft", "preferences", "rm", "ppo", "dpo", "grpo", "rloo")
+
+
+def curve_keys(stage: str, rows: Sequence[dict], limit: int = 4) -> list[str]:
+    """The keys of CURVE_KEYS[stage] that `rows` hold; for a stage with none of them, its first `limit`
+    numeric keys (so an unknown stage still gets curves)."""
+    present = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    keys = [k for k in CURVE_KEYS.get(stage, []) if k in present]
+    return keys or sorted(present)[:limit]
+
+
+def stage_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """Every stage's metrics.jsonl rows (stages with a non-empty file), in pipeline order."""
+    from .paths import resolve_run_dir
+    from .tracking import read_metrics
+
+    root = resolve_run_dir(run_dir)
+    found = {p.parent.name: read_metrics(p) for p in sorted(root.glob("*/metrics.jsonl"))}
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    return {s: found[s] for s in sorted(found, key=lambda s: (order.get(s, len(order)), s)) if found[s]}
+
+
+def _point(policy: str, step: int | None, kind: str, metrics: dict, kl: float | None) -> dict:
+    return {"policy": policy, "step": step, "kind": kind, "gold": metrics.get("gold_mean"),
+            "proxy": metrics.get("proxy_mean"), "kl": kl, "n": metrics.get("n")}
+
+
+def subset_metrics(rows: Sequence[dict], n: int) -> dict[str, Any]:
+    """gold_mean, proxy_mean, kl_mean and n over the first `n` rows (None where a value is missing)."""
+    head = list(rows[:n])
+
+    def mean(key):
+        values = [r[key] for r in head if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    return {"gold_mean": mean("gold"), "proxy_mean": mean("proxy"), "kl_mean": mean("kl"), "n": len(head)}
+
+
+def frontier_points(evaluations: dict[str, tuple[list[dict], dict]],
+                    checkpoints: dict[str, list[tuple[int, dict]]] | None = None, reference: str = "sft",
+                    n_checkpoint_prompts: int | None = None) -> list[dict]:
+    """Points of the gold-reward-against-KL frontier, as rows {policy, step, kind, gold, proxy, kl, n}:
+
+    - kind 'final': every evaluated policy (`evaluations`: name -> (rows, metrics) of `evaluate_stage`) on
+      all its prompts; the reference sits at KL 0 by definition. A policy whose KL was not measured gets
+      kind 'no_kl' (left off the plot, and named there).
+    - kind 'checkpoint': each stage's checkpoints ((step, metrics) of `evaluate_checkpoints`), in step order.
+    - kind 'line': for the reference and each stage with checkpoints, its final policy again, on the first
+      `n_checkpoint_prompts` rows only, so a stage's line (reference -> checkpoints -> final) compares
+      every point on the same prompts (held-out prompts come in a fixed order, so the first n are the
+      checkpoints' n). Without them a line would mix prompt sets and show their difference as training.
+    """
+    points = []
+    for name, (_, m) in evaluations.items():
+        kl = 0.0 if name == reference else m.get("kl_mean")
+        points.append(_point(name, None, "final" if kl is not None else "no_kl", m, kl))
+    for stage, items in (checkpoints or {}).items():
+        points += [_point(stage, int(step), "checkpoint", m, m.get("kl_mean")) for step, m in sorted(items, key=lambda t: t[0])]
+    staged = [s for s, items in (checkpoints or {}).items() if items]
+    if staged and n_checkpoint_prompts:
+        for name in [reference] + [s for s in staged if s in evaluations]:
+            if name not in evaluations:
+                continue
+            rows = evaluations[name][0]
+            m = subset_metrics(rows, n_checkpoint_prompts)
+            points.append(_point(name, None, "line", m, 0.0 if name == reference else m["kl_mean"]))
+    return points
+
+
+def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, reward_model: Any = "auto",
+                         judge: Any = None, force: bool = False) -> list[tuple[int, dict]]:
+    """(step, metrics) for every saved checkpoint of `stage` (see `policies.policy_checkpoints`), oldest
+    first, each evaluated by `evaluate_stage` on the first cfg.n_checkpoint_prompts held-out prompts and
+    cached as eval/policies/<stage>-step<N>.json."""
+    from .policies import policy_checkpoints
+
+    out = []
+    for step, folder in policy_checkpoints(run_dir, stage):
+        _, metrics = evaluate_stage(run_dir, stage, cfg, adapter=folder, name=f"{stage}-step{step}",
+                                    n_prompts=cfg.n_checkpoint_prompts, reward_model=reward_model, judge=judge,
+                                    force=force)
+        out.append((step, metrics))
+    return out

@@ -262,20 +262,45 @@ def bayes_ceiling_curve(ceilings, current_temperature=None):
 
 # --- training curves ---------------------------------------------------------------------------------
 
-def metric_curves(rows, keys, title="Training curves", x="step"):
-    """One line per metric key present in `rows` (dicts from metrics.jsonl), each on its own subplot."""
+def metric_curves(rows, keys, title="Training curves", x="step", cols=3):
+    """One line per metric key present in `rows` (dicts from metrics.jsonl), each on its own subplot,
+    `cols` subplots to a row."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     keys = [k for k in keys if any(k in r for r in rows)]
-    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=keys or ["(no data yet)"])
-    for i, key in enumerate(keys, start=1):
+    n_cols = max(1, min(len(keys), cols))
+    n_rows = max(1, -(-len(keys) // n_cols))
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=keys or ["(no data yet)"])
+    for i, key in enumerate(keys):
         pts = [(r[x], r[key]) for r in rows if key in r and r[key] is not None]
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=key,
-                                 showlegend=False), row=1, col=i)
-        fig.update_xaxes(title_text=x, row=1, col=i)
-    fig.update_layout(height=320, title=title, margin=dict(l=40, r=20, t=70, b=40))
+                                 showlegend=False), row=i // n_cols + 1, col=i % n_cols + 1)
+        fig.update_xaxes(title_text=x, row=i // n_cols + 1, col=i % n_cols + 1)
+    fig.update_layout(height=60 + 260 * n_rows, title=title, margin=dict(l=40, r=20, t=70, b=40))
     return fig
+
+
+def overlay_curves(rows, keys, title="", x="step", yaxis_title=""):
+    """Several metric keys from `rows` as lines on one shared axis (e.g. proxy and gold reward)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for key in keys:
+        pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=key))
+    fig.update_layout(height=340, title=title, xaxis_title=x, yaxis_title=yaxis_title,
+                      margin=dict(l=40, r=20, t=60, b=40))
+    return fig
+
+
+def show_source(fn):
+    """The source code of `fn`, syntax-highlighted in a notebook (to read the code beside its explanation)."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(fn), language="python")
 
 
 class LiveCurves:
@@ -285,16 +310,16 @@ class LiveCurves:
     >>> logger.add_callback(live.update)   # or MetricsCallback(logger, on_row=live.update)
     """
 
-    def __init__(self, keys, title="Training curves (live)", every=1):
+    def __init__(self, keys, title="Training curves (live)", every=1, cols=3):
         from IPython.display import display
 
-        self.keys, self.title, self.every, self.rows = list(keys), title, every, []
-        self.handle = display(metric_curves([], self.keys, title), display_id=True)
+        self.keys, self.title, self.every, self.cols, self.rows = list(keys), title, every, cols, []
+        self.handle = display(metric_curves([], self.keys, title, cols=cols), display_id=True)
 
     def update(self, row):
         self.rows.append(row)
         if self.handle is not None and len(self.rows) % self.every == 0:
-            self.handle.update(metric_curves(self.rows, self.keys, self.title))
+            self.handle.update(metric_curves(self.rows, self.keys, self.title, cols=self.cols))
 
 
 def paired_scores(table, x_col, y_col, title=None):
@@ -347,4 +372,182 @@ def chosen_rejected_histogram(chosen, rejected):
     fig.add_trace(go.Histogram(x=list(rejected), name="rejected", opacity=0.6, nbinsx=25))
     fig.update_layout(barmode="overlay", height=320, title="Reward-model scores of chosen and rejected responses",
                       xaxis_title="normalised reward", yaxis_title="responses")
+    return fig
+
+
+# --- notebook 06: evaluation ----------------------------------------------------------------------------
+
+POLICY_COLORS = {"base": "#7f7f7f", "sft": "#2ca02c", "ppo": "#1f77b4", "dpo": "#d62728", "grpo": "#9467bd",
+                 "rloo": "#8c564b", "rm": "#ff7f0e", "concepts": "#17becf"}
+"""One colour per policy (and per stage in the curves), the same in every notebook-06 figure."""
+
+
+def win_rate_bars(table, reference="sft"):
+    """Each policy's gold win rate against `reference` with its bootstrap 95% interval; 0.5 is a draw.
+    `table`: rows of `evaluate.results_table`."""
+    import plotly.graph_objects as go
+
+    rows = [r for r in table if r.get("win_rate") is not None]
+    fig = go.Figure(go.Bar(
+        x=[r["policy"] for r in rows], y=[r["win_rate"] for r in rows],
+        marker_color=[POLICY_COLORS.get(r["policy"], "#17becf") for r in rows],
+        error_y=dict(type="data", symmetric=False, array=[r["ci_high"] - r["win_rate"] for r in rows],
+                     arrayminus=[r["win_rate"] - r["ci_low"] for r in rows]),
+        text=[f"{r['win_rate']:.2f} (n={r['n']})" for r in rows], textposition="auto", cliponaxis=False))
+    fig.add_hline(y=0.5, line=dict(dash="dot", color="gray"), annotation_text="as good as " + reference)
+    fig.update_layout(height=360, title=f"Win rate against {reference} by the gold judge (ties half), bootstrap 95% CI",
+                      yaxis=dict(title="win rate", range=[0, 1.08]), xaxis_title="policy")
+    return fig
+
+
+def gold_kl_frontier(points, reference="sft"):
+    """Gold reward against KL to the reference (the frontier plot of the DPO paper): each policy a large
+    marker (all prompts); each stage's checkpoints small markers on a dotted line that runs from the
+    reference through the checkpoints to the final policy, every point of a line on the checkpoint prompts.
+    `points`: rows of `evaluate.frontier_points`."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    line_ends = {p["policy"]: p for p in points if p["kind"] == "line"}
+    for stage in dict.fromkeys(p["policy"] for p in points if p["kind"] == "checkpoint"):
+        line = ([line_ends[reference]] if reference in line_ends else []) + sorted(
+            (p for p in points if p["kind"] == "checkpoint" and p["policy"] == stage), key=lambda p: p["step"]) + (
+            [line_ends[stage]] if stage in line_ends else [])
+        line = [p for p in line if p["kl"] is not None and p["gold"] is not None]
+        fig.add_trace(go.Scatter(
+            x=[p["kl"] for p in line], y=[p["gold"] for p in line], mode="lines+markers", name=f"{stage} checkpoints",
+            line=dict(color=POLICY_COLORS.get(stage), width=1, dash="dot"), marker=dict(size=6),
+            text=[f"{p['policy']} {'step ' + str(p['step']) if p['step'] is not None else '(final)'}, n={p['n']}" for p in line],
+            hovertemplate="%{text}<br>KL %{x:.2f}, gold %{y:.3f}<extra></extra>"))
+    for p in points:
+        if p["kind"] == "final":
+            fig.add_trace(go.Scatter(x=[p["kl"]], y=[p["gold"]], mode="markers+text", name=p["policy"], text=[p["policy"]],
+                                     textposition="top center", marker=dict(size=14, color=POLICY_COLORS.get(p["policy"])),
+                                     hovertemplate=f"{p['policy']}, n={p['n']}<br>KL %{{x:.2f}}, gold %{{y:.3f}}<extra></extra>"))
+    unmeasured = [p["policy"] for p in points if p["kind"] == "no_kl"]
+    note = f" ({', '.join(unmeasured)}: no KL measured)" if unmeasured else ""
+    fig.update_layout(height=420, title=f"Gold reward against KL to {reference}: the reward–KL frontier{note}",
+                      xaxis_title=f"KL(π ‖ π_{reference}) per response (nats, Monte-Carlo)", yaxis_title="mean gold reward")
+    return fig
+
+
+def gold_vs_proxy(series_by_stage):
+    """Per online stage, gold (left axis) and proxy (right axis) reward of the training samples over
+    steps, with the parting point (`evaluate.parting_point`) marked. `series_by_stage`: the output of
+    `evaluate.gold_proxy_over_training`."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    stages = list(series_by_stage)
+    if not stages:
+        fig = go.Figure()
+        fig.add_annotation(text="No online RL stage (PPO, GRPO, RLOO) in this run yet: nothing to compare.",
+                           showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+        fig.update_layout(height=200, title="Gold against proxy reward over training",
+                          xaxis_visible=False, yaxis_visible=False)
+        return fig
+    fig = make_subplots(rows=1, cols=len(stages), subplot_titles=stages,
+                        specs=[[{"secondary_y": True}] * len(stages)])
+    for col, stage in enumerate(stages, start=1):
+        s = series_by_stage[stage]
+        fig.add_trace(go.Scatter(x=s["step"], y=s["objective/gold"], name="gold", mode="lines+markers",
+                                 line=dict(color=COLORS["optimum"]), showlegend=col == 1), row=1, col=col)
+        fig.add_trace(go.Scatter(x=s["step"], y=s["objective/scores"], name="proxy (reward model)", mode="lines+markers",
+                                 line=dict(color=COLORS["reward"]), showlegend=col == 1), row=1, col=col, secondary_y=True)
+        part = s.get("parting")
+        if part:
+            fig.add_vline(x=part["step"], line=dict(color="crimson", dash="dash"), row=1, col=col,
+                          annotation_text=f"parting: step {part['step']}", annotation_position="top left")
+        fig.update_xaxes(title_text="step", row=1, col=col)
+        fig.update_yaxes(title_text="gold" if col == 1 else None, row=1, col=col, secondary_y=False)
+        fig.update_yaxes(title_text="proxy (normalised)" if col == len(stages) else None, row=1, col=col,
+                         secondary_y=True, tickmode="auto", nticks=6, showgrid=False)
+    parted = [f"{st} at step {series_by_stage[st]['parting']['step']}" for st in stages if series_by_stage[st].get("parting")]
+    sub = "parting: " + ", ".join(parted) if parted else "no parting: gold kept pace with the proxy"
+    fig.update_layout(height=380, title=f"Gold beside proxy reward of the training samples ({sub})")
+    return fig
+
+
+def stage_curves(curves, keys):
+    """Every stage's training curves, side by side: one row per stage, one subplot per metric key.
+    `curves`: {stage: metrics rows}; `keys`: {stage: [key, ...]} (see `evaluate.curve_keys`)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    stages = [s for s in curves if keys.get(s)]
+    if not stages:
+        fig = go.Figure()
+        fig.update_layout(height=200, title="No training curves in this run yet")
+        return fig
+    width = max(len(keys[s]) for s in stages)
+    titles = [f"{s}: {keys[s][j]}" if j < len(keys[s]) else "" for s in stages for j in range(width)]
+    fig = make_subplots(rows=len(stages), cols=width, subplot_titles=titles, vertical_spacing=0.5 / len(stages))
+    for i, stage in enumerate(stages, start=1):
+        for j, key in enumerate(keys[stage], start=1):
+            pts = [(r["step"], r[key]) for r in curves[stage] if isinstance(r.get(key), (int, float))]
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                     marker=dict(size=4), line=dict(color=POLICY_COLORS.get(stage)), name=f"{stage} {key}",
+                                     showlegend=False), row=i, col=j)
+    fig.update_layout(height=60 + 230 * len(stages), title="Training curves of every stage (from metrics.jsonl)",
+                      margin=dict(l=40, r=20, t=80, b=40))
+    return fig
+
+
+# --- notebook 05: DPO, GRPO and RLOO beside PPO -----------------------------------------------------------
+
+def method_curves(rows_by_method, keys, samples_per_step, title="Training curves on shared axes"):
+    """One subplot per metric key, one line per method, x = samples seen (step × samples per step), all
+    subplots sharing that axis. `rows_by_method`: {method: metrics rows}; `samples_per_step`: {method: int}."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    keys = [k for k in keys if any(k in r for rows in rows_by_method.values() for r in rows)]
+    fig = make_subplots(rows=1, cols=max(1, len(keys)), subplot_titles=keys or ["(no data)"], shared_xaxes="all")
+    for method, rows in rows_by_method.items():
+        for col, key in enumerate(keys, start=1):
+            pts = [(r["step"] * samples_per_step[method], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
+                                         name=method, legendgroup=method, showlegend=col == 1, marker=dict(size=5),
+                                         line=dict(color=POLICY_COLORS.get(method))), row=1, col=col)
+            fig.update_xaxes(title_text="samples seen", row=1, col=col)
+    fig.update_layout(height=360, title=title, margin=dict(l=40, r=20, t=70, b=40))
+    return fig
+
+
+def implicit_reward_scatter(rm_margin, dpo_margin, hover=None, x_title="reward-model margin (normalised)"):
+    """One dot per held-out pair: the reward model's score margin chosen − rejected against DPO's implicit
+    reward margin β·Δlog(π/π_ref). Upper-right and lower-left: both agree with the label or both disagree."""
+    import plotly.graph_objects as go
+
+    x, y = _np(rm_margin), _np(dpo_margin)
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", text=hover, marker=dict(size=8, color=COLORS["dpo"], opacity=0.7),
+                               hovertemplate="%{text}<br>RM %{x:.2f}, DPO %{y:.3f}<extra></extra>" if hover else None))
+    fig.add_hline(y=0, line=dict(color="gray", dash="dot"))
+    fig.add_vline(x=0, line=dict(color="gray", dash="dot"))
+    fig.update_layout(height=380, width=480, title="Held-out pairs: DPO's implicit reward against the reward model",
+                      xaxis_title=x_title, yaxis_title="DPO implicit reward margin")
+    return fig
+
+
+def cost_figure(table, reference="sft"):
+    """Gold reward against training wall time, one marker per method sized by peak memory; the reference's
+    gold reward as a dotted line. `table`: rows of `comparison.comparison_table`."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    ref = next((r for r in table if r["policy"] == reference), None)
+    rows = [r for r in table if r["policy"] != reference and r.get("wall_time_s") is not None and r.get("gold") is not None]
+    peak = max((r.get("peak_memory_mb") or 0 for r in rows), default=0) or 1
+    for r in rows:
+        fig.add_trace(go.Scatter(
+            x=[r["wall_time_s"]], y=[r["gold"]], mode="markers+text", text=[r["policy"]], textposition="top center",
+            name=r["policy"], marker=dict(size=12 + 28 * (r.get("peak_memory_mb") or 0) / peak,
+                                          color=POLICY_COLORS.get(r["policy"])),
+            hovertemplate=f"{r['policy']}: %{{x:.0f}} s, gold %{{y:.3f}}, peak {r.get('peak_memory_mb') or 0:.0f} MB"
+                          f", {r.get('samples_seen')} samples<extra></extra>"))
+    if ref and ref.get("gold") is not None:
+        fig.add_hline(y=ref["gold"], line=dict(color="gray", dash="dot"), annotation_text=reference)
+    fig.update_layout(height=380, title="What each method bought, and what it cost (marker size: peak memory)",
+                      xaxis_title="training wall time (s)", yaxis_title="mean gold reward on held-out prompts")
     return fig

@@ -58,7 +58,8 @@ from torch import nn
 from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
-from .tracking import MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json, atomic_write_text, read_json, read_metrics
+from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json, atomic_write_text,
+                       PeakMemory, changed_settings, read_json, read_metrics)
 
 
 @dataclass
@@ -133,6 +134,8 @@ class PPOConfig:
     """Responses written per sampling step."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch shuffling (each derived from seed and step)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir/ppo/checkpoints when there is one (False: start over)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -445,6 +448,70 @@ def forward_logprobs_values(model, value_head: ValueHead | None, query_response_
     return logprobs, values, entropy
 
 
+@dataclass
+class Experience:
+    """Everything one rollout yields before the updates (steps 1–5 of the module docstring), each (B, T)
+    over the response columns unless noted."""
+
+    rollout: Rollout
+    raw_scores: torch.Tensor  # (B,) reward_fn's scores
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty
+    logprobs: torch.Tensor  # log π_old at the sampling temperature
+    ref_logprobs: torch.Tensor  # log π_ref, the adapter disabled
+    values: torch.Tensor  # V(s_t) from the value head
+    kl: torch.Tensor  # log π_old − log π_ref on response tokens, 0 elsewhere
+    rewards: torch.Tensor  # −β·kl_t, plus the score on the last real token
+    advantages: torch.Tensor  # GAE, whitened when cfg.whiten_advantages
+    returns: torch.Tensor  # advantages (before whitening) + values: the value targets
+    watched: dict[str, float]  # objective/<name>: mean of each monitor reward (logged, never optimised)
+    timings: dict[str, float]  # time/rollout_s, time/score_s, time/forward_s
+
+
+def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts: Sequence[Any], cfg: PPOConfig,
+                    kl_coef: float, seed: int, monitors: dict[str, Callable] | None = None,
+                    chunk: int | None = None) -> Experience:
+    """Rollout, score, forward passes (policy, value, reference), per-token rewards and GAE: all that PPO
+    computes from one batch of prompts before it updates anything."""
+    t0 = time.perf_counter()
+    ro = rollout(policy, tokenizer, prompts, cfg, seed=seed)
+    t1 = time.perf_counter()
+    device = ro.response_ids.device
+    raw = torch.as_tensor(reward_fn(prompts, ro.texts), dtype=torch.float32).to(device).reshape(-1)
+    if raw.shape != (len(prompts),):
+        raise ValueError(f"reward_fn returned {tuple(raw.shape)} scores for {len(prompts)} responses")
+    scores = apply_missing_eos_penalty(raw, ro.has_eos, cfg.missing_eos_penalty)  # (B,)
+    watched = {f"objective/{name}": float(torch.as_tensor(fn(prompts, ro.texts), dtype=torch.float32).mean())
+               for name, fn in (monitors or {}).items()}
+    t2 = time.perf_counter()
+    chunk = chunk or cfg.mini_batch_size
+    logprobs, values = _chunked_forward(policy, value_head, ro, cfg.temperature, chunk)
+    with reference_model(policy):
+        ref_logprobs, _ = _chunked_forward(policy, None, ro, cfg.temperature, chunk)
+    mask = ro.response_mask  # (B, T)
+    rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    timings = {"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/forward_s": time.perf_counter() - t2}
+    return Experience(ro, raw, scores, logprobs, ref_logprobs, values, kl, rewards, advantages, returns, watched,
+                      timings)
+
+
+@torch.no_grad()
+def _chunked_forward(model, value_head: ValueHead | None, ro: Rollout, temperature: float, chunk: int):
+    """log-probs (and values) of a whole rollout in chunks of `chunk` sequences, without gradients."""
+    logprobs, values = [], []
+    qr, am = ro.query_response_ids, ro.attention_mask
+    for s in range(0, qr.shape[0], chunk):
+        lp, v, _ = forward_logprobs_values(model, value_head, qr[s:s + chunk], am[s:s + chunk], ro.response_start,
+                                           temperature)
+        logprobs.append(lp)
+        values.append(v)
+    return torch.cat(logprobs), (torch.cat(values) if value_head is not None else None)
+
+
 # --- the trainer ---------------------------------------------------------------------------------------
 
 class PPOTrainer:
@@ -455,13 +522,17 @@ class PPOTrainer:
     >>> trainer.resume()          # optional: continue from run_dir/ppo/checkpoints
     >>> summary = trainer.train()
 
+    `monitors` maps a name to another reward function that is logged, never optimised: `{"gold": judge}`
+    logs `objective/gold`, the mean gold reward of each rollout, beside the proxy's `objective/scores`.
+
     `tokenizer` needs `eos_token_id`, `pad_token_id` (a different token), `apply_chat_template`,
     `__call__` (left padding) and `batch_decode`. Prompts are user messages (or message lists); each step
     takes the next `batch_size` of them, reshuffled every pass (seeded).
     """
 
     def __init__(self, policy, tokenizer, reward_fn: Callable[[Sequence[Any], Sequence[str]], Any],
-                 cfg: PPOConfig, run_dir: str | os.PathLike, prompts: Sequence[Any]):
+                 cfg: PPOConfig, run_dir: str | os.PathLike, prompts: Sequence[Any],
+                 monitors: dict[str, Callable[[Sequence[Any], Sequence[str]], Any]] | None = None):
         if not hasattr(policy, "disable_adapter"):
             raise TypeError("PPOTrainer needs a peft model with a LoRA adapter (build_policy(cfg) or "
                             "attach_lora(model)): the reference is the policy with its adapter disabled")
@@ -471,6 +542,7 @@ class PPOTrainer:
             raise ValueError("the tokenizer's pad token must exist and differ from EOS (load_tokenizer does this)")
         self.policy, self.tokenizer, self.reward_fn, self.cfg = policy, tokenizer, reward_fn, cfg
         self.prompts = list(prompts)
+        self.monitors = dict(monitors or {})
         self.device = next(policy.parameters()).device
         self.policy.eval()  # dropout off for good: π_new = π_old on the first mini-batch
         hidden = policy.config.get_text_config().hidden_size
@@ -503,61 +575,33 @@ class PPOTrainer:
             chosen.append(self.prompts[int(perm[i])])
         return chosen
 
-    def _forward(self, ro: Rollout, value_head: ValueHead | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """log-probs (and values) of a whole rollout, in mini-batch-sized chunks, without gradients."""
-        logprobs, values = [], []
-        qr, am = ro.query_response_ids, ro.attention_mask
-        with torch.no_grad():
-            for s in range(0, qr.shape[0], self.cfg.mini_batch_size):
-                lp, v, _ = forward_logprobs_values(self.policy, value_head, qr[s:s + self.cfg.mini_batch_size],
-                                                   am[s:s + self.cfg.mini_batch_size], ro.response_start,
-                                                   self.cfg.temperature)
-                logprobs.append(lp)
-                values.append(v)
-        return torch.cat(logprobs), (torch.cat(values) if value_head is not None else None)
-
     def step(self) -> dict[str, float]:
         """One rollout, its scores, and `ppo_epochs` × `num_mini_batches` clipped updates; logs one row."""
         cfg, step = self.cfg, self.step_count + 1
         prompts = self._prompts_for(step)
         t0 = time.perf_counter()
-        ro = rollout(self.policy, self.tokenizer, prompts, cfg, seed=self._seed(step))
-        t1 = time.perf_counter()
-        raw = torch.as_tensor(self.reward_fn(prompts, ro.texts), dtype=torch.float32).to(self.device).reshape(-1)
-        if raw.shape != (len(prompts),):
-            raise ValueError(f"reward_fn returned {tuple(raw.shape)} scores for {len(prompts)} responses")
-        scores = apply_missing_eos_penalty(raw, ro.has_eos, cfg.missing_eos_penalty)  # (B,)
-        t2 = time.perf_counter()
-        mask = ro.response_mask  # (B, T)
-        old_logprobs, old_values = self._forward(ro, self.value_head)
-        with reference_model(self.policy):
-            ref_logprobs, _ = self._forward(ro, None)
         kl_coef = self.kl_ctl.value
-        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        exp = make_experience(self.policy, self.value_head, self.tokenizer, self.reward_fn, prompts, cfg, kl_coef,
+                              seed=self._seed(step), monitors=self.monitors)
         t3 = time.perf_counter()
-        update = self._update(ro, old_logprobs, old_values, advantages, returns, step)
+        update = self._update(exp.rollout, exp.logprobs, exp.values, exp.advantages, exp.returns, step)
         t4 = time.perf_counter()
-        seq_kl = kl.sum(dim=1)  # (B,)
+        mask, seq_kl = exp.rollout.response_mask, exp.kl.sum(dim=1)  # (B, T), (B,)
         self.kl_ctl.update(float(seq_kl.mean()), cfg.batch_size)
         metrics = {
-            "objective/kl": seq_kl.mean(), "objective/kl_coef": kl_coef, "objective/scores": scores.mean(),
-            "objective/raw_scores": raw.mean(), "objective/non_score_reward": (-kl_coef * seq_kl).mean(),
-            "objective/rlhf_reward": scores.mean() - kl_coef * seq_kl.mean(),
-            "objective/entropy": (-old_logprobs * mask).sum(dim=1).mean(), **update,
-            "response/length_mean": mask.sum(dim=1).float().mean(), "response/eos_frac": ro.has_eos.float().mean(),
-            "tokens/generated": int(mask.sum()), "time/rollout_s": t1 - t0, "time/score_s": t2 - t1,
-            "time/forward_s": t3 - t2, "time/update_s": t4 - t3, "time/step_s": time.perf_counter() - t0,
+            "objective/kl": seq_kl.mean(), "objective/kl_coef": kl_coef, "objective/scores": exp.scores.mean(),
+            "objective/raw_scores": exp.raw_scores.mean(), "objective/non_score_reward": (-kl_coef * seq_kl).mean(),
+            "objective/rlhf_reward": exp.scores.mean() - kl_coef * seq_kl.mean(),
+            "objective/entropy": (-exp.logprobs * mask).sum(dim=1).mean(), **exp.watched, **update,
+            "response/length_mean": mask.sum(dim=1).float().mean(),
+            "response/eos_frac": exp.rollout.has_eos.float().mean(), "tokens/generated": int(mask.sum()),
+            **exp.timings, "time/update_s": t4 - t3, "time/step_s": time.perf_counter() - t0,
         }
         metrics = {k: float(v) if torch.is_tensor(v) else v for k, v in metrics.items()}
         self.step_count = step
         self.logger.log(step, **metrics)
         if cfg.sample_every and cfg.n_samples and (step == 1 or step % cfg.sample_every == 0):
-            self._write_samples(step, ro, raw, scores, seq_kl)
+            self._write_samples(step, exp.rollout, exp.raw_scores, exp.scores, seq_kl)
         for fn in self._callbacks:
             fn(step, metrics)
         return metrics
@@ -671,6 +715,7 @@ class PPOTrainer:
         summary = {
             "steps": self.step_count, "resumed_from": self.resumed_from, "wall_time_s": time.perf_counter() - t0,
             "scores_first": first.get("objective/scores"), "scores_last": last.get("objective/scores"),
+            "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
             "rlhf_reward_first": first.get("objective/rlhf_reward"),
             "rlhf_reward_last": last.get("objective/rlhf_reward"),
             "kl_last": last.get("objective/kl"), "kl_coef_last": last.get("objective/kl_coef"),
@@ -690,3 +735,86 @@ def list_checkpoints(stage_folder: str | os.PathLike) -> list[tuple[int, Path]]:
         if suffix.isdigit() and (path / "trainer_state.json").exists():
             found.append((int(suffix), path))
     return sorted(found)
+
+
+def as_tensor_reward(reward: Any) -> Callable[[Sequence[Any], Sequence[str]], torch.Tensor]:
+    """A RewardFunction as PPO's `reward_fn(prompts, responses) -> (B,)`; other callables pass through."""
+    from .rewards import RewardFunction, as_ppo_reward
+
+    return as_ppo_reward(reward) if isinstance(reward, RewardFunction) else reward
+
+
+def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, reward: Any, prompts: Sequence[Any], *,
+              gold: Any = None, on_row: Callable[[dict], None] | None = None,
+              callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict[str, Any]:
+    """The PPO stage end to end: a fresh LoRA policy on `policy_path` (the SFT model), trained against
+    `reward` (a RewardFunction, e.g. the normalised reward model, or a callable (prompts, responses) -> (B,)),
+    resuming from the newest checkpoint when cfg.resume (unless it was made with other settings); `gold` (a RewardFunction) is logged as
+    `objective/gold` but never optimised. `on_row(row)` gets every metrics row (live curves). Returns the
+    summary (also in run_dir/ppo/summary.json); the adapter is saved to run_dir/ppo/adapter."""
+    from .seeding import seed_everything
+
+    t0, memory = time.perf_counter(), PeakMemory().start()
+    seed_everything(cfg.seed)
+    reward_fn = as_tensor_reward(reward)
+    monitors = {"gold": as_tensor_reward(gold)} if gold is not None else {}
+    policy, tok = build_policy(cfg, policy_path)
+    trainer = PPOTrainer(policy, tok, reward_fn, cfg, run_dir, prompts, monitors=monitors)
+    if on_row is not None:
+        trainer.add_step_callback(lambda step, metrics: on_row({"step": step, **metrics}))
+    for fn in callbacks:
+        trainer.add_step_callback(fn)
+    changed = changed_settings(trainer.out, cfg) if list_checkpoints(trainer.out) else []
+    if changed:
+        print(f"The checkpoints in {trainer.out / 'checkpoints'} were made with other settings "
+              f"({', '.join(changed)}): starting over.")
+    if cfg.resume and not changed:
+        trainer.resume()
+    else:
+        shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)
+    summary = trainer.train()
+    summary = {**summary, "train_wall_time_s": summary["wall_time_s"], "wall_time_s": time.perf_counter() - t0,
+               "policy_path": policy_path, "n_prompts": len(trainer.prompts),
+               "samples_seen": trainer.step_count * cfg.batch_size, **memory.facts()}
+    trainer.logger.summary(summary)
+    return summary
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rlhf_helpers.ppo --run-dir R [--profile cpu] [--reward rm|gold] [--max-steps N] ...`:
+    notebook 04's training, from a shell (or under `accelerate launch` on one process per machine)."""
+    import argparse
+
+    from .config import add_config_arguments, stage_config
+    from .data import load_prompts
+    from .gold import GoldJudge
+    from .paths import data_path
+    from .reward_model import load_run_reward_model
+    from .sft import sft_policy_path
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.ppo", description="PPO stage (notebook 04)")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--reward", choices=("rm", "gold"), default="rm",
+                        help="the reward model of run_dir/rm (the gold judge when missing), or the gold judge")
+    add_config_arguments(parser, PPOConfig)
+    args = vars(parser.parse_args(argv))
+    run_dir, profile, which = args.pop("run_dir"), args.pop("profile"), args.pop("reward")
+    cfg = stage_config(PPOConfig, profile, **args)
+    policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
+    gold = GoldJudge()
+    reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device) if which == "rm" else None
+    if reward is None:
+        print("Training against the gold judge" + (" (no reward model in run_dir)." if which == "rm" else "."))
+    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    summary = train_ppo(cfg, run_dir, policy_path, reward or gold, prompts, gold=gold,
+                        callbacks=[lambda step, m: print(f"step {step}: score {m['objective/scores']:.3f} "
+                                                         f"gold {m.get('objective/gold', float('nan')):.3f} "
+                                                         f"kl {m['objective/kl']:.3f} ({m['time/step_s']:.1f} s)")])
+    print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -188,6 +188,7 @@ class RewardModel(RewardFunction):
 
     def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, batch_size: int = 8):
         self.model, self.tokenizer, self.shift, self.scale, self.batch_size = model, tokenizer, shift, scale, batch_size
+        self.source: str | None = None  # the folder it was loaded from (set by load)
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -236,7 +237,9 @@ class RewardModel(RewardFunction):
         model, tok = load_backbone(backbone, dtype, device)
         model = PeftModel.from_pretrained(model, str(folder)).eval()
         norm = json.loads((folder / "normalization.json").read_text())
-        return cls(model, tok, norm["shift"], norm["scale"])
+        loaded = cls(model, tok, norm["shift"], norm["scale"])
+        loaded.source = str(folder)  # evaluation caches know which saved model scored them
+        return loaded
 
 
 def load_run_reward_model(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> RewardModel | None:

@@ -85,6 +85,9 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd:
         os.environ["PATH"] = bin_dir + os.pathsep + env_path
     # figures as plotly JSON (JupyterLab) and as HTML with plotly.js embedded (the offline HTML export)
     os.environ.setdefault("PLOTLY_RENDERER", "plotly_mimetype+notebook")
+    # idle OpenMP threads sleep instead of spinning: on a 2-core machine with anything else running,
+    # spinning threads made generation 5-10x slower (measured); it must be set before torch starts
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         papermill.execute_notebook(
             str(path), str(output), parameters=passed, kernel_name="python3", language="python", progress_bar=False,
@@ -226,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Run record: {Path(record['index']).parent / 'run.json'}")
-    print(f"Report: {record['index']}")
+    report = Path(record["index"]).parent / "eval" / "report.html"
+    print(f"Index: {record['index']}")
+    print(f"Report: {report if report.exists() else record['index']}")
     return 0 if record["status"] == "ok" else 1
 
 

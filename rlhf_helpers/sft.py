@@ -14,8 +14,6 @@ Command line (also under `accelerate launch`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import resource
 import shutil
 import sys
 import time
@@ -26,12 +24,12 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from .callbacks import MetricsCallback
-from .config import DEFAULT_MODEL, stage_config
+from .config import DEFAULT_MODEL, add_config_arguments, stage_config
 from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, atomic_write_dir
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, changed_settings
 
 
 @dataclass
@@ -147,13 +145,6 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this process: GPU allocations on CUDA, else the resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (),
                   logger: MetricsLogger | None = None, on_row=None):
     """Model with LoRA, data and TRL's SFTTrainer, ready to `train()`."""
@@ -178,10 +169,15 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
 
     `on_row(row)` is called with every metrics row (a live plot's `update`); `callbacks` are extra
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
-    t0 = time.perf_counter()
+    t0, memory = time.perf_counter(), PeakMemory().start()
     out = stage_dir(run_dir, "sft")
-    ckpt = last_checkpoint(out / "checkpoints") if cfg.resume else None
-    if not cfg.resume:
+    changed = changed_settings(out, cfg) if (out / "checkpoints").is_dir() else []
+    if changed:
+        print(f"The checkpoints in {out / 'checkpoints'} were made with other settings ({', '.join(changed)}): "
+              f"starting over.")
+    resume = cfg.resume and not changed
+    ckpt = last_checkpoint(out / "checkpoints") if resume else None
+    if not resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     logger = MetricsLogger(out, resume=ckpt is not None)
     if ckpt:
@@ -205,7 +201,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         "eval_examples": len(trainer.eval_dataset), "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
-        "train_runtime_s": runtime, "wall_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(),
+        "train_runtime_s": runtime, "wall_time_s": time.perf_counter() - t0, **memory.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
         "adapter_dir": str(out / "adapter"), "model_dir": str(out / "model"),
     }
@@ -249,11 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.sft", description="Supervised fine-tuning stage")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--profile", default="cpu")
-    for f in dataclasses.fields(SFTStageConfig):
-        if f.name not in ("seed",) and f.type in ("int", "float", "str", "int | None"):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=float if f.type == "float" else
-                                (str if f.type == "str" else int), default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_config_arguments(parser, SFTStageConfig)
     args = vars(parser.parse_args(argv))
     run_dir, profile = args.pop("run_dir"), args.pop("profile")
     cfg = stage_config(SFTStageConfig, profile, **args)

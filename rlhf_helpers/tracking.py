@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -175,3 +176,62 @@ class MetricsLogger:
 
     def save_config(self, config: Any) -> Path:
         return atomic_write_json(self.stage_dir / "config.json", config)
+
+
+class PeakMemory:
+    """Peak memory of one stage, in MiB: CUDA's peak allocation since `start()`, or on CPU the process's peak
+    resident set since `start()` (Linux resets it through /proc/self/clear_refs; elsewhere the process's
+    lifetime peak, so an earlier stage's peak can show through). `start_mb` is the resident set at the start."""
+
+    def start(self) -> "PeakMemory":
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.start_mb = _status_mb("VmRSS")
+        self.reset = False
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+                self.reset = True
+            except OSError:
+                pass
+        return self
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        hwm = _status_mb("VmHWM")
+        return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def facts(self) -> dict[str, Any]:
+        kind = "cuda_max_allocated" if self.cuda else ("rss_peak_since_start" if self.reset else "rss_peak_of_process")
+        return {"peak_memory_mb": self.peak_mb(), "memory_at_start_mb": self.start_mb, "peak_memory_kind": kind}
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+RESUME_FREE = ("max_steps", "resume", "save_steps", "keep_checkpoints", "sample_every", "n_samples",
+               "logging_steps", "eval_steps")
+"""Config fields a resumed run may change (how long to train, how often to save or log)."""
+
+
+def changed_settings(stage_dir: str | os.PathLike, config: Any, free: Iterable[str] = RESUME_FREE) -> list[str]:
+    """Fields of `config` that differ from the run's saved config.json (those in `free` aside): a checkpoint
+    made with other settings must not be resumed as if it were this run's."""
+    path = Path(stage_dir) / "config.json"
+    if not path.exists():
+        return []
+    saved, now = read_json(path), _jsonable(config)
+    return sorted(k for k in set(saved) | set(now) if k not in set(free) and saved.get(k) != now.get(k))

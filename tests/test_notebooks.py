@@ -56,8 +56,58 @@ def check_rm(run_dir: Path) -> None:
     assert len(pairs) == s["n_pairs"] and all("policy" in p.metadata for p in pairs)
 
 
+def check_eval(run_dir: Path) -> None:
+    from rlhf_helpers import check_results
+    from rlhf_helpers.config import stage_config
+    from rlhf_helpers.evaluate import EvalConfig
+    from rlhf_helpers.policies import available_policies
+    from rlhf_helpers.report import network_references, read_eval_summary
+
+    s = read_eval_summary(run_dir)  # every field present and well-formed
+    assert s["profile"] == "smoke" and s["reference"] == "sft"
+    assert [r["policy"] for r in s["policies"]] == available_policies(run_dir)  # every policy present, in order
+    n = stage_config(EvalConfig, "smoke").n_prompts
+    assert all(0.0 <= r["gold"] <= 1.0 and r["n"] == n for r in s["policies"])
+    page = (run_dir / "eval" / "report.html").read_text()
+    assert "Plotly" in page and not network_references(page)
+    assert check_results.main([str(run_dir)]) == 0  # the artifact checks of a smoke run
+
+
+def check_comparison(run_dir: Path) -> None:
+    from rlhf_helpers.tracking import read_metrics
+
+    s = json.loads((run_dir / "comparison" / "summary.json").read_text())
+    rows = {r["policy"]: r for r in s["table"]}
+    assert s["profile"] == "smoke" and s["reference"] in rows and {"dpo", "grpo", "rloo", "ppo"} <= set(rows)
+    for stage in ("dpo", "grpo", "rloo", "ppo"):
+        r, st = rows[stage], json.loads((run_dir / stage / "summary.json").read_text())
+        assert (run_dir / stage / "adapter" / "adapter_config.json").exists()
+        assert st["steps"] >= 1 and r["samples_seen"] == st["samples_seen"] >= 1 and r["wall_time_s"] > 0
+        assert r["peak_memory_mb"] > 0 and r["kl"] is not None and 0.0 <= r["gold"] <= 1.0
+        assert r["ci_low"] <= r["win_rate"] <= r["ci_high"] and r["n"] == rows[s["reference"]]["n"]
+    for stage in ("grpo", "rloo"):  # the aliases notebook 06 plots for every online stage
+        logged = [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if "objective/scores" in r]
+        assert logged and all(r.get("objective/gold") is not None and r.get("objective/kl") is not None for r in logged)
+    assert s["implicit_reward"]["n_pairs"] >= 1 and 0.0 <= s["implicit_reward"]["dpo_pair_accuracy"] <= 1.0
+
+
+def check_ppo(run_dir: Path) -> None:
+    from rlhf_helpers.tracking import read_metrics
+
+    s = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    assert s["steps"] >= 1 and s["reward"] == "rm"  # notebook 03 ran first, so PPO used its reward model
+    rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, s["steps"] + 1))
+    for key in ("objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg", "loss/value_avg"):
+        assert all(key in r for r in rows), key
+    assert (run_dir / "ppo" / "adapter" / "adapter_config.json").exists()
+    assert s["eval_ppo"]["n"] == s["eval_sft"]["n"] >= 1 and s["eval_sft"]["kl_mean"] == 0.0
+    assert 0.0 <= s["win_rate_vs_sft"]["win_rate"] <= 1.0
+
+
 CHECKS = {"00_rlhf_concepts": check_concepts, "01_reward_design": check_rewards, "02_sft": check_sft,
-          "03_reward_model": check_rm}
+          "03_reward_model": check_rm, "04_ppo": check_ppo, "05_dpo_vs_ppo": check_comparison,
+          "06_evaluation": check_eval}
 
 
 @pytest.fixture(scope="module")

@@ -357,6 +357,23 @@ def test_missing_eos_penalty_and_adaptive_kl_in_a_step(tmp_path):
     assert trainer.step()["objective/kl_coef"] == before  # the next step's rewards use the updated β
 
 
+def test_monitors_are_logged_but_never_optimised(tmp_path):
+    seen = []
+
+    def monitor(prompts, responses):
+        seen.append(list(responses))
+        return share_of_lowercase(prompts, responses)
+
+    plain = make_trainer(tmp_path / "a")
+    watched = PPOTrainer(tiny_policy(), CharTokenizer(), fraction_of_target, tiny_config(), tmp_path / "b", PROMPTS,
+                         monitors={"lower": monitor})
+    a, b = plain.step(), watched.step()
+    assert b["objective/lower"] == pytest.approx(float(share_of_lowercase(None, seen[0]).mean()))
+    assert "objective/lower" not in a
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "objective/lower"))}
+    assert drop(a) == drop(b)  # the same update with or without the monitor
+
+
 def test_toy_reward_rises(tmp_path):
     cfg = tiny_config(max_steps=10, batch_size=16, num_mini_batches=2, init_kl_coef=0.01, learning_rate=2e-2)
     trainer = make_trainer(tmp_path, cfg)

@@ -1,0 +1,94 @@
+"""PPO throughput: where a step's time goes, and how fast PPO generates beside a bare `model.generate`.
+
+    python benchmarks/ppo_throughput.py --profile cpu [--run-dir runs/cpu] [--steps 3] [--reward gold]
+
+Builds the PPO policy as notebook 04 does (the SFT model of --run-dir when present, else the profile's
+base model), runs --steps PPO steps into a scratch folder, and prints a table: per step, the time of the
+rollout, the scoring, the forward passes (policy, values, reference) and the updates; then, on the same
+batch in the same process, the generated tokens per second inside PPO's rollout beside a bare
+`policy.generate` call with the same prompts and sampling settings; and the peak memory.
+
+Run it alone: on a 2-core machine another busy process slows generation several-fold.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rlhf_helpers import ppo  # noqa: E402
+from rlhf_helpers.config import stage_config  # noqa: E402
+from rlhf_helpers.data import load_prompts  # noqa: E402
+from rlhf_helpers.gold import GoldJudge  # noqa: E402
+from rlhf_helpers.models import chat_prompt  # noqa: E402
+from rlhf_helpers.paths import data_path  # noqa: E402
+from rlhf_helpers.reward_model import load_run_reward_model  # noqa: E402
+from rlhf_helpers.sft import sft_policy_path  # noqa: E402
+from rlhf_helpers.tracking import PeakMemory  # noqa: E402
+
+
+def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[float, int, float]:
+    """(seconds, response tokens up to the first EOS, tokens/s) of one plain generate call on `prompts`."""
+    tok.padding_side = "left"
+    enc = tok([chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = enc.to(next(policy.parameters()).device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = policy.generate(**enc, generation_config=ppo.generation_config(cfg, tok))
+    seconds = time.perf_counter() - t0
+    mask, _ = ppo.response_mask_from_eos(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
+    n = int(mask.sum())
+    return seconds, n, n / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--run-dir", default=None, help="a run folder with sft/ (and rm/); default runs/<profile>")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--reward", choices=("rm", "gold"), default="rm")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or f"runs/{args.profile}"
+    cfg = stage_config(ppo.PPOConfig, args.profile, seed=args.seed, save_steps=0, sample_every=0)
+    policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
+    reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device) if args.reward == "rm" else None
+    reward = reward or GoldJudge()
+    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    memory = PeakMemory().start()
+    policy, tok = ppo.build_policy(cfg, policy_path)
+    print(f"profile {args.profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} x "
+          f"{cfg.response_length} tokens, {cfg.ppo_epochs} epochs x {cfg.num_mini_batches} mini-batches, "
+          f"threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = ppo.PPOTrainer(policy, tok, ppo.as_tensor_reward(reward), cfg, scratch, prompts)
+        header = f"{'step':>4} {'rollout s':>10} {'score s':>8} {'forward s':>10} {'update s':>9} {'step s':>7} " \
+                 f"{'tokens':>7} {'PPO tok/s':>10} {'bare tok/s':>11} {'ratio':>6}"
+        print(header)
+        print("-" * len(header))
+        ratios = []
+        for _ in range(args.steps):
+            m = trainer.step()
+            # the same batch, seed and sampling settings, as a bare generate call
+            batch = trainer._prompts_for(trainer.step_count)
+            _, _, bare = bare_generate_tokens_per_s(policy, tok, batch, cfg, trainer._seed(trainer.step_count))
+            inside = m["tokens/generated"] / m["time/rollout_s"]
+            ratios.append(inside / bare)
+            print(f"{trainer.step_count:>4} {m['time/rollout_s']:>10.2f} {m['time/score_s']:>8.2f} "
+                  f"{m['time/forward_s']:>10.2f} {m['time/update_s']:>9.2f} {m['time/step_s']:>7.2f} "
+                  f"{int(m['tokens/generated']):>7} {inside:>10.1f} {bare:>11.1f} {inside / bare:>6.2f}")
+    print("-" * len(header))
+    print(f"mean PPO/bare generation throughput ratio: {sum(ratios) / len(ratios):.2f} (aim >= 0.9); "
+          f"peak memory {memory.peak_mb():.0f} MB ({memory.facts()['peak_memory_kind']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · PPO against the reward model
+#
+# The classic RLHF step: the SFT policy writes answers, the reward model of notebook 03 scores them, and
+# Proximal Policy Optimization nudges the policy towards higher scores while a KL penalty keeps it close to
+# the SFT model. TRL no longer ships a PPO trainer, so ours lives in `rlhf_helpers/ppo.py`, short enough to
+# read in one sitting. This notebook walks through one PPO step piece by piece, with the code beside each
+# piece, then trains and watches for the reward model being fooled.
+#
+# **What you will learn**
+# 1. What one PPO step computes: rollout, score, per-token KL penalty, values, GAE advantages, the
+#    clipped policy and value losses.
+# 2. Which curves to watch (score, KL, clip fraction, entropy, length) and what healthy looks like.
+# 3. How to catch reward hacking as it happens: the gold reward beside the proxy, step by step.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes run_dir/ppo/
+profile: str = "cpu"  # smoke | cpu | gpu: steps, batch size, response length
+seed: int = 0  # seed for prompt order, sampling and mini-batches
+model_name: str = ""  # policy base when run_dir has no SFT model; empty keeps the profile's
+reward: str = "rm"  # rm (the reward model of notebook 03; the gold judge when it is missing) or gold
+max_steps: int = 0  # PPO steps; 0 keeps the profile's value
+kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the profile's
+
+# %% [markdown]
+# ## Setup
+# The policy starts from the SFT model of notebook 02 (the base model when there is none), with a fresh
+# LoRA adapter; the reference is the same model with the adapter switched off. The reward is the trained
+# reward model of notebook 03, normalised so SFT answers score mean 0 and standard deviation 1.
+
+# %%
+import time
+
+import pandas as pd
+import torch
+from IPython.display import display
+
+from rlhf_helpers import plotting, ppo
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.data import load_prompts
+from rlhf_helpers.evaluate import EvalConfig, evaluate_stage, win_rate
+from rlhf_helpers.gold import GoldJudge
+from rlhf_helpers.paths import data_path, stage_dir
+from rlhf_helpers.reward_model import load_run_reward_model
+from rlhf_helpers.rewards import as_ppo_reward
+from rlhf_helpers.sft import sft_policy_path
+from rlhf_helpers.tracking import MetricsLogger, read_json, read_metrics
+
+t0 = time.perf_counter()
+cfg = stage_config(ppo.PPOConfig, profile, seed=seed, model_name=model_name or None, max_steps=max_steps or None,
+                   init_kl_coef=kl_coef if kl_coef >= 0 else None)
+eval_cfg = stage_config(EvalConfig, profile, seed=seed, model_name=model_name or None)
+policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
+gold = GoldJudge()
+proxy = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device) if reward == "rm" else None
+if proxy is None:
+    print("Training against the gold judge" + (" (no reward model in run_dir: run notebook 03 to use it)." if reward == "rm" else "."))
+reward_fn = proxy if proxy is not None else gold
+train_prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+out_dir = stage_dir(run_dir, "ppo")
+cfg
+
+# %% [markdown]
+# ## 1. One PPO step, piece by piece
+# ### Rollout
+# Sample one answer per prompt with the KV cache, prompts left-padded so every answer starts in the same
+# column. Sampling is pure temperature sampling (no top-k, no top-p), so the probabilities we compute later
+# are exactly those the sampler used. Everything after an answer's first end-of-turn token is padding, and
+# the mask comes from the position of that token, never from comparing ids with the pad id.
+
+# %%
+policy, tok = ppo.build_policy(cfg, policy_path)
+value_head = ppo.ValueHead(policy.config.get_text_config().hidden_size)
+exp = ppo.make_experience(policy, value_head, tok, ppo.as_tensor_reward(reward_fn), train_prompts[:4], cfg,
+                          cfg.init_kl_coef, seed=seed, monitors={"gold": as_ppo_reward(gold)})
+pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
+              "tokens": exp.rollout.response_mask.sum(1).tolist(), "ended": exp.rollout.has_eos.tolist(),
+              "score": exp.scores.tolist()})
+
+# %% [markdown]
+# ### Rewards per token
+# The reward model scores a whole answer, but PPO learns per token. Every token gets $-\beta\,(\log\pi -
+# \log\pi_{ref})$, the KL penalty that keeps the policy near the SFT model, and the last real token also
+# gets the score. An answer that never ended loses `missing_eos_penalty` first. The adapter starts at
+# zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
+
+# %%
+display(plotting.show_source(ppo.per_token_rewards))
+i = 0
+n = int(exp.rollout.response_mask[i].sum())
+tokens = tok.convert_ids_to_tokens(exp.rollout.response_ids[i, :n].tolist())
+per_token = pd.DataFrame({"token": tokens, "log π": exp.logprobs[i, :n], "log π_ref": exp.ref_logprobs[i, :n],
+                          "reward": exp.rewards[i, :n], "value": exp.values[i, :n], "advantage": exp.advantages[i, :n]})
+per_token.tail(6)
+
+# %% [markdown]
+# ### Advantages: GAE
+# The value head (one linear layer on the policy's last hidden state: a shared backbone, half the cost of
+# a separate value model on a CPU) predicts the return from each token on. Generalised advantage estimation
+# blends one-step errors $\delta_t = r_t + \gamma V_{t+1} - V_t$ with weights $(\gamma\lambda)^k$; with
+# $\gamma = 1$ and the value head still at zero, each token's return is the score plus the KL terms after
+# it; the `advantage` column above is that, whitened over the batch (mean 0, variance 1).
+
+# %%
+display(plotting.show_source(ppo.compute_gae))
+
+# %% [markdown]
+# ### The clipped losses
+# PPO reuses each batch for a few epochs. The ratio $\rho = \pi_{new}/\pi_{old}$ measures how far the
+# update has moved; the policy loss takes the pessimistic branch of $\rho A$ and $\mathrm{clip}(\rho, 1\pm
+# \epsilon) A$, so no token is pushed further than the clip range in one batch. On the very first
+# mini-batch nothing has moved yet: the ratio is exactly 1 and nothing is clipped.
+
+# %%
+display(plotting.show_source(ppo.ppo_losses))
+new_logprobs, new_values, _ = ppo.forward_logprobs_values(policy, value_head, exp.rollout.query_response_ids,
+                                                          exp.rollout.attention_mask, exp.rollout.response_start,
+                                                          cfg.temperature)
+_, stats = ppo.ppo_losses(new_logprobs, exp.logprobs, exp.advantages, new_values, exp.values, exp.returns,
+                          exp.rollout.response_mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
+{k: round(v, 4) for k, v in stats.items()}
+
+# %%
+del policy, value_head, exp, new_logprobs, new_values
+
+# %% [markdown]
+# ## 2. Before: the SFT policy on held-out prompts
+# The yardstick for everything after: the SFT model's answers to held-out prompts (never trained on),
+# scored by the gold judge and by the reward model. The same prompts and seed are used for every policy.
+
+# %%
+sft_rows, sft_metrics = evaluate_stage(run_dir, "sft" if not fell_back else "base", eval_cfg)
+sft_metrics
+
+# %% [markdown]
+# ## 3. Train
+# Each step: a rollout of `batch_size` prompts, `ppo_epochs` passes of clipped updates, then the KL
+# controller. Watch the curves:
+# - `objective/scores` (the proxy) should rise; `objective/kl` should grow slowly, not explode.
+# - `policy/clipfrac_avg` above ~0.3 means steps too large for the clip range (lower the learning rate).
+# - `policy/entropy_avg` falling fast means the policy is collapsing onto a few answers.
+# - `response/length_mean` drifting is the classic sign of the reward model liking length for its own sake.
+
+# %%
+live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg",
+                            "policy/entropy_avg", "response/length_mean"], title="PPO (live)")
+summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, train_prompts, gold=gold, on_row=live.update)
+{k: summary[k] for k in ("steps", "scores_first", "scores_last", "gold_first", "gold_last", "kl_last", "wall_time_s")}
+
+# %% [markdown]
+# ## 4. Proxy against gold, step by step
+# The reward model is only a proxy for what the annotator wanted. While both rise together, PPO is
+# learning what we meant; where the proxy keeps rising and the gold reward stalls or falls, the policy has
+# found what the reward model gets wrong (reward hacking). Both are measured on the same training samples.
+# (The proxy is drawn as the reward model scored it, `objective/raw_scores`; `objective/scores` also holds
+# the missing-EOS penalty.)
+
+# %%
+rows = read_metrics(out_dir / "metrics.jsonl")
+plotting.overlay_curves(rows, ["objective/raw_scores", "objective/gold"], yaxis_title="mean reward",
+                        title="Proxy (reward model, before the missing-EOS penalty) and gold reward of each rollout")
+
+# %% [markdown]
+# Samples written during training (`run_dir/ppo/samples.jsonl`): how the answers changed.
+
+# %%
+samples = pd.DataFrame(read_metrics(out_dir / "samples.jsonl"))
+samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2)
+
+# %% [markdown]
+# ## 5. After: PPO against SFT on held-out prompts
+
+# %%
+ppo_rows, ppo_metrics = evaluate_stage(run_dir, "ppo", eval_cfg)
+wins = win_rate([r["gold"] for r in ppo_rows], [r["gold"] for r in sft_rows], seed=seed)
+display(pd.DataFrame([sft_metrics, ppo_metrics]).set_index("policy")[
+    ["gold_mean", "proxy_mean", "kl_mean", "length_mean", "eos_frac", "distinct_2", "n"]].round(3))
+print(f"PPO win rate against SFT by gold: {wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] "
+      f"on {wins['n']} held-out prompts")
+pd.DataFrame({"prompt": [r["prompt"] for r in sft_rows], "SFT": [r["response"] for r in sft_rows],
+              "SFT gold": [r["gold"] for r in sft_rows], "PPO": [r["response"] for r in ppo_rows],
+              "PPO gold": [r["gold"] for r in ppo_rows]}).head(6)
+
+# %% [markdown]
+# ## Save
+
+# %%
+summary = {**read_json(out_dir / "summary.json"), "profile": profile, "seed": seed, "reward": "rm" if proxy is not None else "gold",
+           "fell_back_to_base": fell_back, "eval_sft": sft_metrics, "eval_ppo": ppo_metrics,
+           "win_rate_vs_sft": wins, "gold_gain": ppo_metrics["gold_mean"] - sft_metrics["gold_mean"],
+           "notebook_wall_time_s": time.perf_counter() - t0}
+MetricsLogger(out_dir).summary(summary)
+{k: summary[k] for k in ("gold_gain", "kl_last", "notebook_wall_time_s")}
+
+# %% [markdown]
+# ## What you saw, and what to try
+# - One PPO step taken apart: rollout, per-token KL penalty and score, values, GAE, the clipped losses
+#   (ratio 1, nothing clipped, before any update).
+# - A training run with the curves that tell a healthy run from a broken one, and the gold reward beside
+#   the proxy to catch reward hacking.
+# - PPO against SFT on held-out prompts: gold reward, win rate with its interval, and the KL paid for it.
+#
+# Try: `kl_coef=0.0` (no leash: watch the KL climb and the proxy part from gold); `reward="gold"` (optimise
+# the gold judge directly: an upper bound on what this budget can do); more `max_steps`. Notebook 05 runs
+# DPO, GRPO and RLOO on the same data and budget and sets them beside this run.

@@ -1,0 +1,223 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · DPO, GRPO and RLOO beside PPO
+#
+# Notebook 04 trained the policy with PPO: sample, score with the reward model, update, with a critic and
+# a KL penalty. That is one answer among several. This notebook runs three more on the same footing (the
+# same SFT starting point, the same preference pairs, the same reward model, a comparable budget) and
+# measures all four the same way, so the question a practitioner has, *which method, for what, at what
+# cost*, gets an answer from numbers rather than folklore.
+#
+# **What you will learn**
+# 1. DPO: learning straight from preference pairs, no reward model and no sampling; its *implicit reward*
+#    set against the reward model's scores.
+# 2. GRPO and RLOO: online RL without a critic, the group of replies to one prompt serving as the baseline.
+# 3. How to compare methods fairly: gold reward, proxy reward, KL to the reference and win rate on held-out
+#    prompts, beside samples seen, wall time and peak memory.
+
+# %% tags=["parameters"]
+run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes dpo/, grpo/, rloo/ and comparison/
+profile: str = "cpu"  # smoke | cpu | gpu: steps, batch sizes, reply lengths
+seed: int = 0  # seed for data order, sampling and the adapters
+model_name: str = ""  # policy base when run_dir has no SFT model; empty keeps the profile's
+dpo_beta: float = 0.1  # DPO's beta: the scale of its implicit reward and its pull towards the reference
+kl_coef: float = -1.0  # KL coefficient beta of GRPO and RLOO; a negative value keeps the profile's
+ppo_fallback_steps: int = 4  # PPO steps to run here when notebook 04 has left no PPO run in run_dir
+
+# %% [markdown]
+# ## Setup
+# Every method starts from the SFT model of notebook 02 (the base model when there is none) with a fresh
+# LoRA adapter; every reference is that model with the adapter switched off. The online methods optimise
+# the normalised reward model of notebook 03 (the gold judge when it is missing), and the gold judge rides
+# along with weight 0: logged, never optimised, so we can see whether the proxy is being fooled.
+
+# %%
+import dataclasses
+import gc
+import time
+
+import pandas as pd
+from IPython.display import Markdown, display
+
+from rlhf_helpers import comparison, plotting
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.dpo import DPOStageConfig, load_training_pairs, train_dpo
+from rlhf_helpers.evaluate import EvalConfig, evaluate_stage, results_table
+from rlhf_helpers.gold import GoldJudge
+from rlhf_helpers.online_rl import GRPOStageConfig, RLOOStageConfig, load_train_prompts, run_reward, train_grpo, train_rloo
+from rlhf_helpers.paths import stage_dir
+from rlhf_helpers.policies import adapter_dir, load_policy
+from rlhf_helpers.ppo import PPOConfig, train_ppo
+from rlhf_helpers.reward_model import split_pairs
+from rlhf_helpers.sft import sft_policy_path
+from rlhf_helpers.tracking import atomic_write_json, read_json
+
+t0 = time.perf_counter()
+common = dict(seed=seed, model_name=model_name or None)
+dpo_cfg = stage_config(DPOStageConfig, profile, beta=dpo_beta, **common)
+grpo_cfg = stage_config(GRPOStageConfig, profile, beta=kl_coef if kl_coef >= 0 else None, **common)
+rloo_cfg = stage_config(RLOOStageConfig, profile, beta=kl_coef if kl_coef >= 0 else None, **common)
+eval_cfg = stage_config(EvalConfig, profile, **common)
+policy_path, fell_back = sft_policy_path(run_dir, dpo_cfg.model_name)
+reference = "base" if fell_back else "sft"
+reward, reward_name = run_reward(run_dir, dpo_cfg.dtype, dpo_cfg.device)
+gold = GoldJudge()
+prompts = load_train_prompts()
+print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prompts")
+
+# %% [markdown]
+# ## 1. DPO: preferences without a reward model
+# DPO turns the RLHF objective around: for the KL-regularised optimum, the reward is a function of the
+# policy itself, $\hat r(x, y) = \beta \log \frac{\pi(y|x)}{\pi_{ref}(y|x)}$ (plus a term that cancels
+# between two replies to one prompt). So a Bradley–Terry loss on that implicit reward,
+# $-\log\sigma(\hat r(x, y_w) - \hat r(x, y_l))$, trains the policy directly on the pairs of notebook 03.
+# No reward model, no sampling, no critic: one forward pass of policy and reference per reply.
+#
+# The held-out pairs are split by prompt exactly as notebook 03 split them for the reward model, so
+# neither model has seen them; they are kept for the next section. Watch `rewards/margins` (the mean of
+# $\hat r(y_w) - \hat r(y_l)$ over each batch) grow from 0, and `rewards/accuracies` (the share of pairs
+# where it is positive) rise above one half.
+
+# %%
+pairs, pairs_source = load_training_pairs(run_dir)
+train_pairs, eval_pairs = split_pairs(pairs, dpo_cfg.eval_fraction, seed, dpo_cfg.n_train, dpo_cfg.n_eval)
+print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs, from {pairs_source}")
+live = plotting.LiveCurves(["train/loss", "rewards/margins", "rewards/accuracies", "logps/chosen"], title="DPO (live)")
+dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, on_row=live.update)
+{k: dpo_summary[k] for k in ("steps", "pairs_seen", "margin_last", "accuracy_last", "lengths", "wall_time_s")}
+
+# %% [markdown]
+# ### The implicit reward against the reward model
+# DPO has a reward model hidden inside it. On each held-out pair, compare its margin
+# $\hat r(y_w) - \hat r(y_l)$ with the trained reward model's score margin. Dots in the upper-right agree
+# with the annotator in both; the correlation says how much the two learned the same thing from the same
+# pairs. (Only margins are comparable: DPO's reward level for a prompt is not identified.)
+
+# %%
+policy, tok = load_policy(run_dir, "dpo", dtype=dpo_cfg.dtype, device=dpo_cfg.device)
+margins, implicit = comparison.implicit_vs_reward(policy, tok, eval_pairs, dpo_cfg.beta, reward)
+del policy
+gc.collect()
+display(plotting.implicit_reward_scatter(margins["rm_margin"], margins["dpo_margin"],
+                                         hover=[p.prompt[:70] for p in eval_pairs], x_title=f"{reward_name} margin"))
+implicit
+
+# %% [markdown]
+# ## 2. GRPO: the group is the baseline
+# GRPO samples `num_generations` replies to each prompt, scores them, and takes each reply's advantage
+# relative to its siblings: $A_i = (r_i - \mathrm{mean}_g\, r) / \mathrm{std}_g\, r$. A reply better than
+# its siblings is reinforced, a worse one discouraged; no value network has to learn what a prompt is
+# worth. The loss is PPO's clipped ratio per token, plus $\beta\,\mathrm{KL}(\pi\|\pi_{ref})$ added to
+# the loss (not to the reward). Curves: the proxy should rise, the gold should follow, the KL grow slowly.
+
+# %%
+live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],
+                           title="GRPO (live)")
+grpo_summary = train_grpo(grpo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
+gc.collect()
+{k: grpo_summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first", "gold_last", "kl_last")}
+
+# %% [markdown]
+# ## 3. RLOO: leave one out
+# RLOO (REINFORCE leave-one-out) uses the same groups with a different baseline: each reply is compared
+# with the mean reward of the *other* replies to its prompt, an unbiased baseline. The KL penalty goes into
+# the reward itself, $r_i - \beta \sum_t (\log\pi - \log\pi_{ref})$, once per reply (PPO spreads it over
+# the tokens). Same prompts, same budget, same reward as GRPO.
+
+# %%
+live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],
+                           title="RLOO (live)")
+rloo_summary = train_rloo(rloo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
+gc.collect()
+{k: rloo_summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first", "gold_last", "kl_last")}
+
+# %% [markdown]
+# ## 4. PPO, from notebook 04
+# PPO's run is read from `run_dir/ppo/` as notebook 04 left it. When notebook 04 has not run, a short PPO
+# run is made here (`ppo_fallback_steps`), and the table says so: its row then measures a smaller budget.
+
+# %%
+if adapter_dir(run_dir, "ppo") is not None and (stage_dir(run_dir, "ppo") / "summary.json").exists():
+    ppo_source = "notebook 04"
+else:
+    ppo_cfg = stage_config(PPOConfig, profile, seed=seed, model_name=model_name or None)
+    ppo_cfg = dataclasses.replace(ppo_cfg, max_steps=min(ppo_cfg.max_steps, max(1, ppo_fallback_steps)))
+    print(f"No PPO run in {stage_dir(run_dir, 'ppo')}: running {ppo_cfg.max_steps} PPO steps here (notebook 04 runs more).")
+    train_ppo(ppo_cfg, run_dir, policy_path, reward, prompts, gold=gold)
+    ppo_source = "a short run here (notebook 04 had not run)"
+    gc.collect()
+ppo_summary = read_json(stage_dir(run_dir, "ppo") / "summary.json")
+print(f"PPO from {ppo_source}: {ppo_summary.get('steps')} steps, {ppo_summary.get('samples_seen')} samples seen")
+
+# %% [markdown]
+# ## 5. All four on held-out prompts
+# Each policy answers the same held-out prompts with the same sampling seed. The gold judge scores them
+# (what we actually want), the reward model too (what the online methods optimised), and the Monte-Carlo
+# KL to the reference says how far each has moved. Win rate: how often the gold judge prefers the
+# method's answer to the reference's, ties half, with a bootstrap 95% interval. Evaluations are cached in
+# `run_dir/eval/policies/`, shared with notebooks 04 and 06. *Samples seen* counts the replies a method
+# trained on: sampled and scored for PPO, GRPO and RLOO; read from the pairs for DPO (two per pair, none
+# sampled). Wall time is the training stage's; peak memory is the process's peak during it.
+
+# %%
+stages = [reference, "dpo", "grpo", "rloo", "ppo"]
+rm = reward if reward_name == "reward_model" else None
+evaluations = {s: evaluate_stage(run_dir, s, eval_cfg, reward_model=rm) for s in stages}
+costs = {s: comparison.stage_costs(run_dir, s) for s in stages if s != reference}
+table = comparison.comparison_table(results_table(evaluations, reference, seed=seed), costs)
+comparison.format_comparison(table, reference)
+
+# %% [markdown]
+# ## 6. Curves on shared axes
+# The online methods side by side, by samples seen: the proxy reward they optimised, the gold reward of
+# the same samples, and the KL to the reference in nats per reply (each trainer's own estimate on its
+# training samples: the sampled log-ratio for PPO and RLOO, TRL's always-positive k3 estimator for GRPO).
+# Then what each bought against what it cost.
+
+# %%
+curves, per_step = comparison.online_curves(run_dir)
+display(plotting.method_curves(curves, list(comparison.CURVE_KEYS), per_step))
+plotting.cost_figure(table, reference)
+
+# %% [markdown]
+# ## 7. What these numbers say
+# Written from the table above, not by hand: which method won, by how much and how surely, and what it
+# cost. On the smoke profile nothing has trained long enough to mean anything; read the cpu profile's run.
+
+# %%
+display(Markdown(comparison.discussion(table, reference)))
+
+# %% [markdown]
+# ## Save
+
+# %%
+summary = {"profile": profile, "seed": seed, "reference": reference, "policy_path": policy_path,
+           "fell_back_to_base": fell_back, "reward": reward_name, "pairs_source": pairs_source, "ppo_source": ppo_source,
+           "table": table, "implicit_reward": implicit, "eval_settings": eval_cfg,
+           "notebook_wall_time_s": time.perf_counter() - t0}
+atomic_write_json(stage_dir(run_dir, "comparison") / "summary.json", summary)
+pd.DataFrame(table).set_index("policy")[["gold", "win_rate", "kl", "samples_seen", "wall_time_s"]].round(3)
+
+# %% [markdown]
+# ## What you saw, and what to try
+# - DPO learning from pairs alone, and its implicit reward agreeing (or not) with the reward model.
+# - GRPO and RLOO learning online from groups of samples, with the gold reward logged beside the proxy.
+# - All four methods measured the same way, with what each cost, and a verdict read from the numbers.
+#
+# Try: `dpo_beta=0.5` (a tighter leash: smaller margins, less KL); `kl_coef=0.0` (GRPO and RLOO with no
+# KL: watch the proxy run away from the gold); the gpu profile, where the intervals shrink enough to rank
+# the methods. Notebook 06 puts every policy on the reward–KL frontier and watches gold against proxy.

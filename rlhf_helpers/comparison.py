@@ -1,0 +1,190 @@
+"""Notebook 05's comparison: held-out results (evaluate.results_table) joined with what each method cost
+(its summary.json), and a discussion written from those numbers, never from numbers typed in by hand.
+
+Cost columns, read from run_dir/<stage>/summary.json:
+  samples_seen   replies the method trained on: PPO, GRPO, RLOO the replies they sampled and scored; DPO two per
+                 pair (chosen and rejected), none of them sampled
+  wall_time_s    wall-clock seconds of the training stage (model loading and data included, evaluation not)
+  peak_memory_mb peak memory during the stage: CUDA's peak allocation, or on CPU the process's peak resident
+                 set (see `dpo.PeakMemory`; PPO's comes from notebook 04's own process)
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from .paths import stage_dir
+
+COST_KEYS = ("steps", "samples_seen", "wall_time_s", "peak_memory_mb", "peak_memory_kind")
+
+
+def stage_costs(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
+    """The cost figures of `stage` from its summary.json (missing keys are None; no file: all None)."""
+    path = stage_dir(run_dir, stage) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    return {k: summary.get(k) for k in COST_KEYS}
+
+
+def comparison_table(results: Sequence[dict], costs: dict[str, dict]) -> list[dict]:
+    """Rows of `evaluate.results_table` with each method's cost columns added (None for the reference)."""
+    return [{**r, **{k: costs.get(r["policy"], {}).get(k) for k in COST_KEYS}} for r in results]
+
+
+def format_comparison(table: Sequence[dict], reference: str = "sft"):
+    """The comparison as a pandas DataFrame for people: one row per method, rounded."""
+    import pandas as pd
+
+    def num(v, digits=3):
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    return pd.DataFrame([{
+        "method": r["policy"], "gold": num(r["gold"]), "proxy (RM)": num(r["proxy"]),
+        "KL to reference (nats)": num(r["kl"], 2),
+        f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
+                                              f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
+        "samples seen": "–" if r.get("samples_seen") is None else int(r["samples_seen"]),
+        "wall time (s)": num(r.get("wall_time_s"), 0), "peak memory (MB)": num(r.get("peak_memory_mb"), 0),
+        "n prompts": r["n"],
+    } for r in table]).set_index("method")
+
+
+def discussion(table: Sequence[dict], reference: str = "sft") -> str:
+    """A few paragraphs (markdown) saying, from the table's numbers, which method won what and at what cost."""
+    ref = next((r for r in table if r["policy"] == reference), None)
+    rows = [r for r in table if r["policy"] != reference and r.get("gold") is not None]
+    if ref is None or not rows:
+        return "Nothing to compare: the table needs the reference and at least one trained method."
+    n = ref["n"]
+    best = max(rows, key=lambda r: r["gold"])
+    if best["gold"] > ref["gold"]:
+        text = [f"**Gold reward.** On {n} held-out prompts, **{best['policy']}** scored highest by the gold judge "
+                f"({best['gold']:.3f} against {reference}'s {ref['gold']:.3f}), winning {best['win_rate']:.2f} of "
+                f"comparisons [{best['ci_low']:.2f}, {best['ci_high']:.2f}]."]
+    else:
+        text = [f"**Gold reward.** On {n} held-out prompts no method raised the mean gold reward above {reference}'s "
+                f"{ref['gold']:.3f} (the best, {best['policy']}, reached {best['gold']:.3f})."]
+    above = [r["policy"] for r in rows if r["ci_low"] > 0.5]
+    below = [r["policy"] for r in rows if r["ci_high"] < 0.5]
+    level = [r["policy"] for r in rows if r["ci_low"] <= 0.5 <= r["ci_high"]]
+    if above:
+        text.append(f"Better than {reference} beyond the bootstrap interval: {', '.join(above)}.")
+    if below:
+        text.append(f"Worse than {reference} beyond it: {', '.join(below)}.")
+    if level:
+        text.append(f"Not distinguishable from {reference} at this budget (the interval holds 0.5): {', '.join(level)}.")
+    rivals = [r["policy"] for r in rows if r is not best and r["ci_high"] >= best["ci_low"]]
+    if rivals:
+        text.append(f"The intervals of {best['policy']} and {', '.join(rivals)} overlap, so their order is not settled "
+                    f"by {n} prompts; more held-out prompts or training steps would settle it.")
+    if ref.get("proxy") is not None:
+        fooled = [f"{r['policy']} (proxy {r['proxy'] - ref['proxy']:+.2f}, gold {r['gold'] - ref['gold']:+.3f})"
+                  for r in rows if r.get("proxy") is not None and r["proxy"] > ref["proxy"] and r["gold"] <= ref["gold"]]
+        text.append("\n\n**Proxy against gold.** " + (
+            f"Raised the reward model's score but not the gold reward, the first sign of over-optimisation: "
+            f"{'; '.join(fooled)}." if fooled else
+            "No method raised the reward model's score while losing gold reward: the proxy has not been gamed yet."))
+    with_kl = [r for r in rows if r.get("kl") is not None]
+    if with_kl:
+        far, near = max(with_kl, key=lambda r: r["kl"]), min(with_kl, key=lambda r: r["kl"])
+        if far["kl"] < 0.01:
+            text.append(f"\n\n**Distance from the reference.** No method moved measurably from the reference (the "
+                        f"largest KL, {far['policy']}'s, is {far['kl']:.3f} nats per reply).")
+        else:
+            text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {far['kl']:.2f} nats "
+                        f"per reply), {near['policy']} least ({near['kl']:.2f}).")
+        gainers = [r for r in with_kl if r["gold"] > ref["gold"] and r["kl"] > 0.01]
+        if gainers:
+            eff = max(gainers, key=lambda r: (r["gold"] - ref["gold"]) / r["kl"])
+            text.append(f"Gold gained per nat of KL was highest for {eff['policy']} "
+                        f"({(eff['gold'] - ref['gold']) / eff['kl']:.3f}).")
+    costed = [r for r in rows if r.get("wall_time_s") is not None]
+    if costed:
+        fast = min(costed, key=lambda r: r["wall_time_s"])
+        parts = [f"{r['policy']} {r['wall_time_s']:.0f} s / {r.get('samples_seen') or 0} samples" +
+                 (f" / {r['peak_memory_mb']:.0f} MB" if r.get("peak_memory_mb") is not None else "") for r in costed]
+        text.append(f"\n\n**Cost.** Training time, samples seen and peak memory: {'; '.join(parts)}. "
+                    f"The cheapest in time was {fast['policy']}.")
+        if fast["policy"] == "dpo" and best["policy"] != "dpo":
+            text.append(f"DPO took {fast['wall_time_s'] / best['wall_time_s']:.0%} of {best['policy']}'s time for "
+                        f"{fast['gold'] - ref['gold']:+.3f} gold against {best['gold'] - ref['gold']:+.3f}.")
+    text.append(f"\n\n**When each wins, by these numbers.** {_verdict(rows, ref, best)}")
+    return " ".join(text).replace(" \n\n", "\n\n")
+
+
+def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
+    by_name = {r["policy"]: r for r in rows}
+    dpo, online = by_name.get("dpo"), [r for r in rows if r["policy"] in ("ppo", "grpo", "rloo")]
+    says = []
+    if best["gold"] <= ref["gold"]:
+        return ("None, yet: no method improved on the reference at this budget, so the numbers cannot rank them. "
+                "Run the cpu or gpu profile, or more steps.")
+    if dpo is not None and online:
+        top = max(online, key=lambda r: r["gold"])
+        if dpo["gold"] >= top["gold"]:
+            says.append("With a fixed set of preference pairs, DPO matched or beat the online methods here, without "
+                        "sampling a single reply during training: the method to start with when pairs are what you have.")
+        else:
+            says.append(f"Sampling fresh replies and scoring them paid off: {top['policy']} beat DPO on gold "
+                        f"({top['gold']:.3f} against {dpo['gold']:.3f}), which is the case for the online methods when "
+                        f"a reward you trust can score new samples and you can pay for generation.")
+    if len(online) > 1:
+        cheap = min((r for r in online if r.get("wall_time_s") is not None), key=lambda r: r["wall_time_s"], default=None)
+        top = max(online, key=lambda r: r["gold"])
+        if cheap is not None and cheap is not top:
+            says.append(f"Among the online methods {top['policy']} reached the most gold and {cheap['policy']} was the "
+                        f"cheapest to run; choose by which of the two you are short of.")
+        elif cheap is not None:
+            says.append(f"Among the online methods {top['policy']} was both the best by gold and the cheapest to run.")
+    if best["ci_low"] <= 0.5:
+        says.append("No verdict here is firm: the best method's win rate interval still holds 0.5. Run the cpu or gpu "
+                    "profile, or more steps, before choosing on these numbers.")
+    return " ".join(says)
+
+
+CURVE_KEYS = {"proxy reward": ("objective/raw_scores", "objective/scores"), "gold reward": ("objective/gold",),
+              "KL to reference (nats)": ("objective/kl",)}
+"""Shared-axis curve -> the metrics keys it reads, first present wins. PPO's `objective/scores` subtracts its
+missing-EOS penalty, so its penalty-free `objective/raw_scores` is what compares with GRPO's and RLOO's proxy."""
+
+
+def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "grpo", "rloo")
+                  ) -> tuple[dict[str, list[dict]], dict[str, float]]:
+    """({stage: rows with the CURVE_KEYS names}, {stage: samples per step}) for the stages that logged rows."""
+    from .tracking import read_metrics
+
+    curves, per_step = {}, {}
+    for stage in stages:
+        rows = []
+        for r in read_metrics(stage_dir(run_dir, stage) / "metrics.jsonl"):
+            values = {name: next((r[k] for k in keys if r.get(k) is not None), None) for name, keys in CURVE_KEYS.items()}
+            if values["proxy reward"] is not None:
+                rows.append({"step": r["step"], **values})
+        costs = stage_costs(run_dir, stage)
+        if rows and costs["samples_seen"] and costs["steps"]:
+            curves[stage], per_step[stage] = rows, costs["samples_seen"] / costs["steps"]
+    return curves, per_step
+
+
+def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DPO's implicit reward margins on `pairs` (policy: the DPO peft model) beside `reward`'s score margins.
+
+    Returns ({'dpo_margin', 'rm_margin'}: arrays, one entry per pair, chosen − rejected) and statistics: each
+    one's agreement with the labels (share of positive margins), DPO's mean margin, and Spearman's ρ between
+    the two margins and between the two per-reply rewards."""
+    import numpy as np
+
+    from .dpo import pair_implicit_margins
+    from .reward_tuner import spearman
+
+    dpo_c, dpo_r = pair_implicit_margins(policy, tok, pairs, beta)
+    prompts = [p.prompt for p in pairs]
+    rm_c = np.array(reward.score(prompts, [p.chosen for p in pairs]))
+    rm_r = np.array(reward.score(prompts, [p.rejected for p in pairs]))
+    margins = {"dpo_margin": dpo_c - dpo_r, "rm_margin": rm_c - rm_r}
+    stats = {"dpo_pair_accuracy": float(np.mean(margins["dpo_margin"] > 0)),
+             "rm_pair_accuracy": float(np.mean(margins["rm_margin"] > 0)),
+             "dpo_mean_margin": float(np.mean(margins["dpo_margin"])),
+             "spearman_margins": spearman(list(margins["rm_margin"]), list(margins["dpo_margin"])),
+             "spearman_rewards": spearman(list(rm_c) + list(rm_r), list(dpo_c) + list(dpo_r)), "n_pairs": len(pairs)}
+    return margins, stats

@@ -1,0 +1,406 @@
+"""GRPO and RLOO (notebook 05), on TRL's GRPOTrainer and RLOOTrainer.
+
+Both sample a *group* of `num_generations` replies per prompt from the current policy, score them with the
+reward, and use the group itself as the baseline, so neither needs a value network (PPO's critic):
+- GRPO (Shao et al. 2024, the algorithm of the Flux tutorial): advantage A_i = (r_i − mean_g r) / std_g r,
+  a clipped PPO-style ratio loss per token, and β·KL(π‖π_ref) added to the loss (the k3 estimator
+  exp(Δ) − Δ − 1 with Δ = log π_ref − log π, always ≥ 0).
+- RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, r_i − β·Σ_t (log π − log π_ref)_t
+  (the sequence k1 estimate), and the advantage is r_i minus the mean reward of the *other* replies to the
+  same prompt (leave-one-out).
+In TRL 1.16 both call the KL coefficient `beta` (GRPOConfig's default is 0, which loads no reference and
+logs no KL; ours is above zero). The policy is the SFT model with a fresh LoRA adapter that TRL adds from
+our peft config, and the reference is that model with the adapter disabled.
+
+Rewards: the proxy (the normalised reward model, through `rewards.as_trl_reward_func`) with weight 1, and the
+gold judge with weight 0: TRL computes and logs it (`rewards/gold/mean`) but never optimises it.
+
+Metrics, one row per logged step in `run_dir/<stage>/metrics.jsonl`: TRL's keys (`rewards/proxy/mean`,
+`rewards/gold/mean`, `train/kl`, `train/reward`, `completions/mean_length`, `completions/clipped_ratio`,
+`train/entropy`, `train/loss`...) plus the aliases every RL stage (ppo, grpo, rloo) shares:
+  objective/scores          mean proxy reward of the step's samples               (rewards/proxy/mean)
+  objective/gold            mean gold reward of the step's samples                (rewards/gold/mean)
+  objective/kl_per_token    TRL's `kl`: mean over completion tokens of the per-token KL estimate
+  objective/kl              sequence KL, objective/kl_per_token · completions/mean_length, comparable with
+                            PPO's objective/kl (the mean over samples of Σ_t of the per-token estimate)
+  objective/kl_coef         β
+  objective/rlhf_reward     objective/scores − β·objective/kl
+Sample replies go to `samples.jsonl` at step 1 and every `sample_every` steps.
+
+Outputs in `run_dir/<stage>/`: `metrics.jsonl`, `samples.jsonl`, `summary.json`, `config.json`,
+`checkpoints/checkpoint-N/` (adapters, resumable) and `adapter/` (base: `policy_path`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+from transformers import TrainerCallback
+
+from .callbacks import namespaced
+from .config import DEFAULT_MODEL
+from .dpo import precision_flags, resume_point, save_adapter
+from .models import count_parameters, default_lora_config, load_model, num_layers
+from .paths import stage_dir
+from .rewards import RewardFunction, Trajectory, as_trl_reward_func
+from .seeding import seed_everything
+from .tracking import MetricsLogger, PeakMemory, _jsonable
+
+
+@dataclass
+class OnlineRLConfig:
+    """Settings shared by GRPO and RLOO; `GRPOStageConfig` and `RLOOStageConfig` add their own."""
+
+    stage: ClassVar[str] = ""
+
+    model_name: str = DEFAULT_MODEL
+    """Policy base when run_dir has no SFT model (the notebook uses run_dir/sft/model when present)."""
+    dtype: str = "float32"
+    """Weights dtype (the profile sets bfloat16 on GPU)."""
+    load_in_4bit: bool = False
+    """QLoRA 4-bit base weights (CUDA only)."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    beta: float = 0.05
+    """KL coefficient β (> 0 keeps the policy near the reference and logs the KL; 0 drops both)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the LoRA adapter (as our PPO's)."""
+    max_steps: int = 50
+    """Optimizer steps; each samples a fresh batch (one generation per step)."""
+    batch_size: int = 16
+    """Completions per step: (prompts per step) × num_generations."""
+    num_generations: int = 4
+    """Replies sampled per prompt: the group whose rewards form the baseline (>= 2)."""
+    max_completion_length: int = 48
+    """Longest reply in tokens; a reply that has not ended by then is cut."""
+    temperature: float = 0.7
+    """Sampling temperature (top-k and top-p off)."""
+    num_iterations: int = 1
+    """Optimisation passes over each sampled batch (μ; 1 keeps it on-policy and the clip inactive)."""
+    epsilon: float = 0.2
+    """Clip range of the probability ratio."""
+    mask_truncated_completions: bool = False
+    """Leave replies cut at max_completion_length out of the loss (DAPO's advice)."""
+    warmup: float = 0.0
+    """Warm-up as a fraction of max_steps."""
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule (transformers name)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_layers: int | None = None
+    """Adapt only the top N transformer blocks (None: all); fewer is cheaper on a CPU."""
+    n_prompts: int | None = None
+    """Use at most this many training prompts (None: all)."""
+    logging_steps: int = 1
+    """Log every this many steps."""
+    save_steps: int = 10
+    """Checkpoint every this many steps (resume continues from the last one)."""
+    sample_every: int = 5
+    """Write sample replies to samples.jsonl at step 1 and every this many steps (0: never)."""
+    n_samples: int = 4
+    """Replies written per sampling step."""
+    seed: int = 0
+    """Seed of prompt order, sampling and the adapter's initialisation."""
+    resume: bool = True
+    """Continue from the last checkpoint in run_dir/<stage>/checkpoints when one exists."""
+
+    def __post_init__(self):
+        name = type(self).__name__
+        checks = [
+            (self.beta >= 0, f"beta must be >= 0 (0.01 .. 0.1 is usual; 0 turns the KL off), got {self.beta}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.num_generations >= 2, f"num_generations must be >= 2 (the group is the baseline), got "
+                                        f"{self.num_generations}"),
+            (self.batch_size >= self.num_generations and self.batch_size % self.num_generations == 0,
+             f"batch_size ({self.batch_size}) must be a multiple of num_generations ({self.num_generations}): "
+             f"each step samples whole groups"),
+            (self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}"),
+            (self.temperature > 0, f"temperature must be > 0 (sampling; try 0.7 .. 1.0), got {self.temperature}"),
+            (self.num_iterations >= 1 and 0 < self.epsilon < 1,
+             f"num_iterations must be >= 1 and epsilon in (0, 1), got {self.num_iterations}, {self.epsilon}"),
+            (self.logging_steps >= 1 and self.save_steps >= 1 and self.sample_every >= 0,
+             "logging_steps and save_steps must be >= 1, sample_every >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{name}: {message}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.num_generations
+
+
+@dataclass
+class GRPOStageConfig(OnlineRLConfig):
+    """GRPO: group-normalised advantages, KL in the loss."""
+
+    stage: ClassVar[str] = "grpo"
+
+    loss_type: str = "grpo"
+    """TRL's loss aggregation: 'grpo' (the paper's: token mean per reply, then mean), 'dapo', 'dr_grpo', 'bnpo'."""
+    scale_rewards: str = "group"
+    """Divide advantages by the group's reward std ('group', the paper's), the batch's ('batch') or not ('none')."""
+
+
+@dataclass
+class RLOOStageConfig(OnlineRLConfig):
+    """RLOO: leave-one-out baseline, KL in the reward."""
+
+    stage: ClassVar[str] = "rloo"
+
+    normalize_advantages: bool = False
+    """Scale advantages to mean 0, std 1 over the batch (TRL's default: no)."""
+
+
+def trl_kwargs(cfg: OnlineRLConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Our fields as TRL GRPOConfig / RLOOConfig arguments (tested field by field)."""
+    kwargs = dict(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, beta=cfg.beta,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, top_p=1.0, top_k=0,
+        num_iterations=cfg.num_iterations, epsilon=cfg.epsilon, reward_weights=[1.0, 0.0],
+        mask_truncated_completions=cfg.mask_truncated_completions, warmup_steps=cfg.warmup,
+        lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        report_to="none", **precision_flags(cfg.dtype, cfg.device), gradient_checkpointing=cfg.load_in_4bit,
+        disable_dropout=True, shuffle_dataset=True, log_completions=False, trust_remote_code=False,
+        seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
+    )
+    if isinstance(cfg, GRPOStageConfig):
+        kwargs.update(loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards)
+    elif isinstance(cfg, RLOOStageConfig):
+        kwargs.update(normalize_advantages=cfg.normalize_advantages)
+    return kwargs
+
+
+def build_trl_config(cfg: OnlineRLConfig, output_dir: str | Path):
+    """TRL's GRPOConfig or RLOOConfig from ours (bf16 only off-CPU, gradient checkpointing only for 4-bit)."""
+    from trl import GRPOConfig, RLOOConfig
+
+    kinds = {GRPOStageConfig: GRPOConfig, RLOOStageConfig: RLOOConfig}
+    if type(cfg) not in kinds:
+        raise TypeError(f"build_trl_config needs a GRPOStageConfig or RLOOStageConfig, got {type(cfg).__name__}")
+    return kinds[type(cfg)](**trl_kwargs(cfg, output_dir))
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+def objective_aliases(row: dict[str, Any], beta: float) -> dict[str, Any]:
+    """The keys every RL stage shares (see the module docstring), from a namespaced TRL training row."""
+    scores = row.get("rewards/proxy/mean")
+    if scores is None:
+        return {}
+    kl_token, length = row.get("train/kl"), row.get("completions/mean_length")
+    kl = kl_token * length if kl_token is not None and length is not None else None
+    return {"objective/scores": scores, "objective/gold": row.get("rewards/gold/mean"),
+            "objective/kl_per_token": kl_token, "objective/kl": kl, "objective/kl_coef": beta,
+            "objective/rlhf_reward": scores - beta * kl if kl is not None else None}
+
+
+class OnlineRLMetricsCallback(TrainerCallback):
+    """TRL's logs into metrics.jsonl, with the shared `objective/*` aliases; `on_row(row)` after each row."""
+
+    def __init__(self, logger: MetricsLogger, beta: float, on_row: Callable[[dict], None] | None = None):
+        self.logger, self.beta, self.on_row = logger, beta, on_row
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        values = namespaced(logs)
+        values.update(objective_aliases(values, self.beta))
+        row = self.logger.log(state.global_step, **values)
+        if self.on_row:
+            self.on_row(row)
+
+
+class SampleRecorder:
+    """Wraps TRL's proxy reward function: passes scores through unchanged, and at step 1 and every
+    `every` steps appends the first `n` replies with their proxy and gold rewards to `path`."""
+
+    def __init__(self, reward_func: Callable[..., list[float]], gold: RewardFunction, path: Path, every: int, n: int):
+        self.reward_func, self.gold, self.path, self.every, self.n = reward_func, gold, path, every, n
+        self.__name__ = reward_func.__name__  # TRL names the metric rewards/<__name__>/mean
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        scores = self.reward_func(prompts, completions, **kwargs)
+        state = kwargs.get("trainer_state")
+        step = (state.global_step + 1) if state is not None else 0
+        if self.every and self.n and (step == 1 or step % self.every == 0):
+            from .rewards import _text
+
+            with open(self.path, "a", encoding="utf-8") as f:
+                for p, c, s in list(zip(prompts, completions, scores))[: self.n]:
+                    prompt, reply = _text(p, "user"), _text(c, "assistant")
+                    row = {"step": step, "prompt": prompt, "response": reply, "proxy": s,
+                           "gold": self.gold(Trajectory(prompt, reply)).reward}
+                    f.write(json.dumps(_jsonable(row)) + "\n")
+        return scores
+
+
+# --- data and rewards ---------------------------------------------------------------------------------------
+
+def load_train_prompts(n: int | None = None) -> list[str]:
+    """User messages of data/prompts.jsonl's train split (the split notebooks 03 and 04 train on)."""
+    from .data import load_prompts
+    from .paths import data_path
+
+    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    return prompts[:n]
+
+
+def run_reward(run_dir, dtype: str = "float32", device: str = "cpu") -> tuple[RewardFunction, str]:
+    """(the proxy reward, its name): notebook 03's normalised reward model, else the gold judge, said aloud."""
+    from .gold import GoldJudge
+    from .reward_model import load_run_reward_model
+
+    rm = load_run_reward_model(run_dir, dtype=dtype, device=device)
+    if rm is not None:
+        return rm, "reward_model"
+    print(f"No reward model in {stage_dir(run_dir, 'rm')}: optimising the gold judge itself (run notebook 03 for a "
+          f"learned proxy); proxy and gold then coincide, so over-optimisation cannot show.")
+    return GoldJudge(), "gold_judge"
+
+
+def to_dataset(prompts: Sequence[str | list[dict]]):
+    """TRL conversational prompt-only examples."""
+    from datasets import Dataset
+
+    if not prompts:
+        raise ValueError("GRPO/RLOO need at least one training prompt (data/prompts.jsonl, split 'train')")
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else list(p)}
+                              for p in prompts])
+
+
+# --- training -----------------------------------------------------------------------------------------------
+
+def build_trainer(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, prompts: Sequence[str | list[dict]],
+                  reward: RewardFunction, gold: RewardFunction, logger: MetricsLogger, on_row=None,
+                  callbacks: Sequence[Any] = ()):
+    """The policy (plain weights of `policy_path`; TRL adds the LoRA adapter), prompts, proxy and gold reward
+    functions and TRL's GRPOTrainer or RLOOTrainer, ready to `train()`."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    seed_everything(cfg.seed)
+    out = stage_dir(run_dir, cfg.stage)
+    model, tok = load_model(policy_path, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
+                            padding_side="left")
+    lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, dropout=0.0, top_layers=cfg.lora_layers,
+                               n_layers=num_layers(policy_path) if cfg.lora_layers else None)
+    proxy = SampleRecorder(as_trl_reward_func(reward, "proxy"), gold, out / "samples.jsonl", cfg.sample_every,
+                           cfg.n_samples)
+    trainer_cls = GRPOTrainer if isinstance(cfg, GRPOStageConfig) else RLOOTrainer
+    trainer = trainer_cls(model=model, reward_funcs=[proxy, as_trl_reward_func(gold, "gold")],
+                          args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(prompts),
+                          processing_class=tok, peft_config=lora,
+                          callbacks=[OnlineRLMetricsCallback(logger, cfg.beta, on_row), *callbacks])
+    return trainer
+
+
+def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, prompts: Sequence[str | list[dict]],
+                 reward: RewardFunction, gold: RewardFunction | None = None, on_row=None,
+                 callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Train GRPO or RLOO (by the config's type) against `reward`, logging `gold` (default: the gold judge)
+    without optimising it; save `adapter/`, write `summary.json`; returns the summary."""
+    from .gold import GoldJudge
+
+    if not isinstance(reward, RewardFunction):
+        raise TypeError(f"reward must be a RewardFunction (e.g. load_run_reward_model(run_dir)), got {type(reward).__name__}")
+    gold = GoldJudge() if gold is None else gold
+    prompts = list(prompts)[: cfg.n_prompts]
+    memory = PeakMemory().start()
+    t0 = time.perf_counter()
+    out = stage_dir(run_dir, cfg.stage)
+    ckpt, logger = resume_point(out, cfg)
+    start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
+    _truncate_samples(out / "samples.jsonl", start)
+    logger.save_config(cfg)
+    trainer = build_trainer(cfg, run_dir, policy_path, prompts, reward, gold, logger, on_row, callbacks)
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    model, tok = trainer.model, trainer.processing_class
+    adapter = save_adapter(model, tok, out / "adapter")
+    rows = [r for r in logger.rows if "objective/scores" in r]
+    first, last = (rows[0], rows[-1]) if rows else ({}, {})
+    steps = trainer.state.global_step
+    summary = {
+        "stage": cfg.stage, "policy_path": policy_path, "reward": getattr(reward, "name", type(reward).__name__),
+        "beta": cfg.beta, "steps": steps, "n_prompts": len(prompts), "samples_seen": steps * cfg.batch_size,
+        "prompts_seen": steps * cfg.prompts_per_step, "num_generations": cfg.num_generations,
+        "scores_first": first.get("objective/scores"), "scores_last": last.get("objective/scores"),
+        "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
+        "kl_last": last.get("objective/kl"), "kl_per_token_last": last.get("objective/kl_per_token"),
+        "length_mean_last": last.get("completions/mean_length"),
+        "clipped_ratio_last": last.get("completions/clipped_ratio"),
+        "train_runtime_s": result.metrics.get("train_runtime"), "wall_time_s": time.perf_counter() - t0,
+        **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
+    }
+    logger.summary(summary)
+    return summary
+
+
+def train_grpo(cfg: GRPOStageConfig, run_dir: str | Path, policy_path: str, prompts: Sequence[str | list[dict]],
+               reward: RewardFunction, gold: RewardFunction | None = None, on_row=None,
+               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """GRPO stage end to end (see `train_online`); writes run_dir/grpo/."""
+    if not isinstance(cfg, GRPOStageConfig):
+        raise TypeError(f"train_grpo needs a GRPOStageConfig, got {type(cfg).__name__}")
+    return train_online(cfg, run_dir, policy_path, prompts, reward, gold, on_row, callbacks)
+
+
+def train_rloo(cfg: RLOOStageConfig, run_dir: str | Path, policy_path: str, prompts: Sequence[str | list[dict]],
+               reward: RewardFunction, gold: RewardFunction | None = None, on_row=None,
+               callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """RLOO stage end to end (see `train_online`); writes run_dir/rloo/."""
+    if not isinstance(cfg, RLOOStageConfig):
+        raise TypeError(f"train_rloo needs an RLOOStageConfig, got {type(cfg).__name__}")
+    return train_online(cfg, run_dir, policy_path, prompts, reward, gold, on_row, callbacks)
+
+
+def _truncate_samples(path: Path, step: int) -> None:
+    """Keep the samples of steps <= `step` (a resumed run redoes the rest; a fresh run starts empty)."""
+    from .tracking import atomic_write_text, read_metrics
+
+    if path.exists():
+        kept = [r for r in read_metrics(path) if int(r["step"]) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rlhf_helpers.online_rl {grpo,rloo} --run-dir runs/x --profile cpu [--beta 0.1 ...]` (also under
+    `accelerate launch`): the stage against the run's reward model (else the gold judge), from its SFT model
+    (else the base model), on the training prompts."""
+    import argparse
+
+    from .config import add_config_arguments, stage_config
+    from .sft import sft_policy_path
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.online_rl", description="GRPO and RLOO stages (TRL)")
+    sub = parser.add_subparsers(dest="stage", required=True)
+    classes = {"grpo": GRPOStageConfig, "rloo": RLOOStageConfig}
+    for name, cls in classes.items():
+        p = sub.add_parser(name, help=cls.__doc__)
+        p.add_argument("--run-dir", required=True)
+        p.add_argument("--profile", default="cpu")
+        add_config_arguments(p, cls)
+    args = vars(parser.parse_args(argv))
+    stage, run_dir, profile = args.pop("stage"), args.pop("run_dir"), args.pop("profile")
+    cfg = stage_config(classes[stage], profile, **args)
+    policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
+    reward, _ = run_reward(run_dir, cfg.dtype, cfg.device)
+    summary = train_online(cfg, run_dir, policy_path, load_train_prompts(), reward)
+    print({k: summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first", "gold_last",
+                                   "kl_last", "wall_time_s")})
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""DPO, GRPO and RLOO stages: config mappings onto TRL, the implicit reward against TRL's own, a DPO step
+raising the margin, the reward adapter, the shared metric aliases, resume, and the comparison's discussion.
+
+Training tests use a tiny random Llama with SmolLM2's real tokenizer (TRL needs a real tokenizer), saved to a
+temporary folder, so each run takes seconds."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_helpers.comparison import comparison_table, discussion
+from rlhf_helpers.config import stage_config
+from rlhf_helpers.data import PreferencePair
+from rlhf_helpers.dpo import (
+    DPOStageConfig, PeakMemory, build_trainer, completion_ids, length_report, pair_implicit_margins, train_dpo,
+)
+from rlhf_helpers.dpo import build_trl_config as dpo_trl_config
+from rlhf_helpers.dpo import trl_kwargs as dpo_trl_kwargs
+from rlhf_helpers.models import default_lora_config, load_model, load_tokenizer
+from rlhf_helpers.online_rl import (
+    GRPOStageConfig, RLOOStageConfig, SampleRecorder, objective_aliases, train_grpo, train_rloo,
+)
+from rlhf_helpers.online_rl import build_trl_config as rl_trl_config
+from rlhf_helpers.policies import adapter_base, load_policy, policy_checkpoints
+from rlhf_helpers.reward_model import RewardModel
+from rlhf_helpers.rewards import RewardFunction, RewardOutput, as_trl_reward_func
+from rlhf_helpers.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A 2-block random Llama with SmolLM2's tokenizer (pad <|endoftext|>, EOS <|im_end|>), saved to disk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+PAIRS = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are lovely and worth learning about.", "zq xv kk zq",
+                        metadata={"gold_chosen": 1.0, "gold_rejected": 0.0}) for t in ("cats", "maps", "bees", "boats")]
+
+
+# --- config mappings ------------------------------------------------------------------------------------
+
+def test_dpo_config_maps_onto_trl(tmp_path):
+    cfg = stage_config(DPOStageConfig, "cpu", max_steps=7, beta=0.3, learning_rate=1e-4, seed=3, grad_accum=2)
+    args = dpo_trl_config(cfg, tmp_path)
+    assert (args.max_steps, args.beta, args.learning_rate, args.seed, args.data_seed) == (7, 0.3, 1e-4, 3, 3)
+    assert args.per_device_train_batch_size == cfg.batch_size and args.gradient_accumulation_steps == 2
+    assert args.max_length == cfg.max_length and args.truncation_mode == "keep_start" and args.loss_type == ["sigmoid"]
+    assert args.save_steps == cfg.save_steps and args.logging_steps == cfg.logging_steps
+    assert args.bf16 is False and args.fp16 is False and args.use_cpu is True  # TRL's own default is bf16=True
+    assert args.gradient_checkpointing is False and args.disable_dropout is True  # TRL's default checkpoints
+    assert args.precompute_ref_log_probs is False and args.report_to in ("none", [], ["none"])
+    assert args.eval_strategy == "no"  # eval_steps=0: evaluated once, at the end
+    gpu = dpo_trl_kwargs(stage_config(DPOStageConfig, "gpu"), tmp_path, with_eval=True)  # not built: no GPU here
+    assert gpu["bf16"] is True and gpu["use_cpu"] is False and gpu["eval_strategy"] == "steps"
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        DPOStageConfig(beta=0.0)
+    with pytest.raises(ValueError, match="unknown|no field"):
+        stage_config(DPOStageConfig, "cpu", kl_coef=0.1)
+
+
+@pytest.mark.parametrize("cls", [GRPOStageConfig, RLOOStageConfig])
+def test_online_configs_map_onto_trl_with_a_kl_term(cls, tmp_path):
+    from trl import GRPOConfig, RLOOConfig
+
+    cfg = stage_config(cls, "cpu", seed=2)
+    args = rl_trl_config(cfg, tmp_path)
+    assert isinstance(args, GRPOConfig if cls is GRPOStageConfig else RLOOConfig)
+    assert args.beta == cfg.beta > 0  # the KL is used and logged
+    assert (args.num_generations, args.per_device_train_batch_size) == (cfg.num_generations, cfg.batch_size)
+    assert args.generation_batch_size == cfg.batch_size and args.steps_per_generation == 1  # fresh samples every step
+    assert args.max_completion_length == cfg.max_completion_length and args.temperature == cfg.temperature == 0.7
+    assert (args.top_k, args.top_p, args.num_iterations) == (0, 1.0, 1)
+    assert args.reward_weights == [1.0, 0.0]  # the proxy is optimised, the gold only logged
+    assert args.bf16 is False and args.use_cpu is True and args.gradient_checkpointing is False
+    assert (args.max_steps, args.learning_rate, args.seed) == (cfg.max_steps, cfg.learning_rate, 2)
+    if cls is GRPOStageConfig:
+        assert (args.loss_type, args.scale_rewards) == ("grpo", "group")
+    else:
+        assert args.normalize_advantages is False
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        cls(batch_size=6, num_generations=4)
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        cls(batch_size=4, num_generations=1)
+
+
+def test_trl_grpo_default_has_no_kl(tmp_path):
+    """Why our GRPO sets beta: TRL's GRPOConfig defaults to 0 (no reference, no KL logged)."""
+    from trl import GRPOConfig, RLOOConfig
+
+    assert GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).beta == 0.0
+    assert RLOOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False).beta > 0
+    assert GRPOStageConfig().beta > 0 and RLOOStageConfig().beta > 0
+
+
+# --- pure helpers ---------------------------------------------------------------------------------------
+
+def test_objective_aliases_by_hand():
+    row = {"rewards/proxy/mean": 0.5, "rewards/gold/mean": 0.3, "train/kl": 0.02, "completions/mean_length": 10.0}
+    out = objective_aliases(row, beta=0.1)
+    assert out["objective/scores"] == 0.5 and out["objective/gold"] == 0.3
+    assert out["objective/kl_per_token"] == 0.02 and out["objective/kl"] == pytest.approx(0.2)
+    assert out["objective/rlhf_reward"] == pytest.approx(0.5 - 0.1 * 0.2) and out["objective/kl_coef"] == 0.1
+    assert objective_aliases({"train/loss_mean": 0.1}, 0.1) == {}  # the end-of-training row is no sample row
+    no_kl = objective_aliases({"rewards/proxy/mean": 0.5}, beta=0.0)
+    assert no_kl["objective/kl"] is None and no_kl["objective/rlhf_reward"] is None
+
+
+def test_peak_memory_sees_an_allocation():
+    mem = PeakMemory().start()
+    block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB of float32, touched
+    block += 1
+    peak = mem.peak_mb()
+    del block
+    assert peak >= mem.start_mb + 200, (peak, mem.start_mb)
+    assert mem.facts()["peak_memory_kind"] in ("rss_peak_since_start", "rss_peak_of_process", "cuda_max_allocated")
+
+
+def test_discussion_is_written_from_the_numbers():
+    def row(policy, gold, proxy, kl, win, lo, hi):
+        return {"policy": policy, "gold": gold, "proxy": proxy, "kl": kl, "win_rate": win, "ci_low": lo, "ci_high": hi,
+                "n": 32}
+    results = [row("sft", 0.50, 0.0, 0.0, None, None, None), row("dpo", 0.62, 0.4, 1.5, 0.70, 0.55, 0.85),
+               row("grpo", 0.48, 0.9, 3.0, 0.45, 0.30, 0.60)]
+    costs = {"dpo": {"samples_seen": 320, "wall_time_s": 100.0, "peak_memory_mb": 900.0, "steps": 40},
+             "grpo": {"samples_seen": 96, "wall_time_s": 400.0, "peak_memory_mb": 1200.0, "steps": 12}}
+    table = comparison_table(results, costs)
+    assert table[1]["wall_time_s"] == 100.0 and table[0]["wall_time_s"] is None
+    text = discussion(table, "sft")
+    assert "**dpo** scored highest" in text and "0.620" in text and "[0.55, 0.85]" in text
+    assert "Better than sft beyond the bootstrap interval: dpo" in text
+    assert "Not distinguishable from sft" in text and "grpo" in text.split("Not distinguishable")[1]
+    assert "over-optimisation: grpo" in text  # proxy up, gold down
+    assert "cheapest in time was dpo" in text
+    assert "matched or beat the online methods" in text
+    results[1] = row("dpo", 0.40, 0.4, 1.5, 0.30, 0.15, 0.45)  # change the numbers: the text follows
+    results[2] = row("grpo", 0.55, 0.9, 3.0, 0.55, 0.40, 0.70)
+    text = discussion(comparison_table(results, costs), "sft")
+    assert "**grpo** scored highest" in text and "Worse than sft beyond it: dpo" in text
+    assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
+    assert "grpo beat DPO on gold" in text and "No verdict here is firm" in text
+    flat = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("dpo", 0.5, 0.1, 0.0, 0.5, 0.5, 0.5)]
+    text = discussion(comparison_table(flat, costs), "sft")  # nothing moved: no winner is named
+    assert "no method raised the mean gold reward" in text and "None, yet" in text and "scored highest" not in text
+    assert "No method moved measurably" in text
+
+
+# --- the reward adapter ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_reward_adapter_returns_what_the_reward_model_returns(tiny):
+    from transformers import LlamaForSequenceClassification
+
+    tok = load_tokenizer(tiny, padding_side="right")
+    torch.manual_seed(1)
+    head = LlamaForSequenceClassification.from_pretrained(tiny, num_labels=1).eval()
+    head.config.pad_token_id = tok.pad_token_id
+    rm = RewardModel(head, tok, shift=0.3, scale=2.0, batch_size=2)
+    prompts = ["How do I boil an egg?", "Name a colour.", "Why is the sky blue?"]
+    replies = ["Put it in boiling water for nine minutes.", "Blue.", "Rayleigh scattering of sunlight by air."]
+    expected = rm.score(prompts, replies)
+    assert len(set(expected)) == 3  # distinct scores, so a mix-up would show
+    fn = as_trl_reward_func(rm, "proxy")
+    conversational = fn([[{"role": "user", "content": p}] for p in prompts],
+                        [[{"role": "assistant", "content": r}] for r in replies], trainer_state=None)
+    assert conversational == expected and fn(prompts, replies) == expected and fn.__name__ == "proxy"
+    raw = rm.raw_scores(prompts, replies)
+    assert np.allclose(expected, (raw - 0.3) / 2.0)  # the normalised score is what flows into TRL
+
+
+def test_sample_recorder_passes_scores_through(tmp_path):
+    class Words(RewardFunction):
+        name = "words_test"
+
+        def compute_reward(self, t):
+            return RewardOutput(float(len(t.response.split())))
+
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "s.jsonl", every=2, n=1)
+    assert rec.__name__ == "proxy"
+    state = type("State", (), {"global_step": 0})()
+    assert rec(["p", "q"], ["a b", "c"], trainer_state=state) == [2.0, 1.0]  # step 1: recorded
+    state.global_step = 2
+    rec(["p"], ["a"], trainer_state=state)  # step 3: not recorded
+    rows = read_metrics(tmp_path / "s.jsonl")
+    assert [(r["step"], r["response"], r["proxy"], r["gold"]) for r in rows] == [(1, "a b", 2.0, 2.0)]
+
+
+# --- DPO on a tiny model --------------------------------------------------------------------------------
+
+def tiny_dpo_config(tiny, **overrides) -> DPOStageConfig:
+    base = dict(model_name=tiny, max_steps=1, batch_size=4, learning_rate=5e-3, warmup=0.0, lora_r=8, lora_alpha=16,
+                max_length=128, logging_steps=1, save_steps=100, resume=False)
+    return DPOStageConfig(**{**base, **overrides})
+
+
+@pytest.mark.slow
+def test_a_dpo_step_raises_the_margin_and_matches_trls_implicit_reward(tiny, tmp_path):
+    cfg = tiny_dpo_config(tiny)
+    fresh, tok = load_model(tiny, lora=default_lora_config(8, 16, dropout=0.0))
+    before_c, before_r = pair_implicit_margins(fresh, tok, PAIRS, cfg.beta)
+    assert np.allclose(before_c, 0) and np.allclose(before_r, 0)  # a fresh adapter is the reference
+    summary = train_dpo(cfg, tmp_path, tiny, PAIRS, eval_pairs=PAIRS[:2])
+    assert summary["steps"] == 1 and summary["pairs_seen"] == 4 and summary["samples_seen"] == 8
+    assert summary["lengths"]["train"] == {"pairs": 4, "dropped_prompt_too_long": 0, "truncated": 0}
+    policy, tok = load_policy(tmp_path, "dpo")
+    after_c, after_r = pair_implicit_margins(policy, tok, PAIRS, cfg.beta)
+    margin = after_c - after_r
+    assert margin.mean() > 0.005 and (margin > 0).all(), margin  # from exactly 0, on every pair
+    # TRL's own evaluation of the same pairs agrees with our implicit reward (same tokens, same formula);
+    # leaving out the two end-of-turn tokens would move it by ~10%
+    assert summary["eval_margin"] == pytest.approx(margin[:2].mean(), rel=1e-3, abs=1e-7)
+    assert adapter_base(tmp_path / "dpo" / "adapter") == tiny  # the adapter's base is the policy folder
+    assert policy_checkpoints(tmp_path, "dpo")  # a TRL checkpoint-N adapter
+    rows = read_metrics(tmp_path / "dpo" / "metrics.jsonl")
+    assert rows[0]["step"] == 1 and rows[0]["rewards/margins"] == 0.0  # step 1 is scored before its update
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["margin_first"] == 0.0
+
+
+@pytest.mark.slow
+def test_dpo_tokenisation_and_drop_counts_match_trl(tiny, tmp_path):
+    long_prompt = PreferencePair(" ".join(["word"] * 80), "Yes.", "No.", metadata={})
+    long_reply = PreferencePair("Hi?", "a long reply " * 30, "No.", metadata={})
+    pairs = PAIRS[:2] + [long_prompt, long_reply]
+    cfg = tiny_dpo_config(tiny, max_length=64)
+    trainer, _ = build_trainer(cfg, tmp_path, tiny, pairs)
+    tok = trainer.processing_class
+    report = length_report(tok, pairs, cfg.max_length)
+    assert report == {"pairs": 4, "dropped_prompt_too_long": 1, "truncated": 1}
+    assert len(trainer.train_dataset) == 3  # TRL dropped exactly the one we counted
+    kept = [p for p in pairs if p is not long_prompt]
+    for ex, pair in zip(trainer.train_dataset, kept):
+        prompt_ids, chosen = completion_ids(tok, [{"role": "user", "content": pair.prompt}], pair.chosen)
+        assert ex["prompt_ids"] == prompt_ids and ex["chosen_ids"] == chosen
+        assert tok.decode(chosen).startswith(pair.chosen[:10]) and "<|im_end|>" in tok.decode(chosen)
+
+
+# --- GRPO and RLOO on a tiny model ------------------------------------------------------------------------
+
+class Recording(RewardFunction):
+    """A deterministic reward that remembers every batch it scored."""
+
+    name = "recording_test"
+
+    def __init__(self, scale: float):
+        self.scale, self.batches = scale, []
+
+    def value(self, response: str) -> float:
+        return self.scale * sum(c.isalpha() for c in response) / max(len(response), 1)
+
+    def score(self, prompts, responses):  # the path TRL's reward functions take (as_trl_reward_func)
+        scores = [self.value(r) for r in responses]
+        self.batches.append(scores)
+        return scores
+
+    def compute_reward(self, t):  # single scores (the sample recorder) are not recorded
+        return RewardOutput(self.value(t.response))
+
+
+PROMPTS = ["How can I save money?", "Name a fruit.", "Why do cats purr?", "Explain rain.", "What is a map?",
+           "Give me a tip.", "How do bees fly?", "What is tea?"]
+
+
+def tiny_rl_config(cls, tiny, **overrides):
+    base = dict(model_name=tiny, max_steps=2, batch_size=4, num_generations=2, max_completion_length=6,
+                learning_rate=5e-2, save_steps=1, sample_every=1, n_samples=2, resume=False)
+    return cls(**{**base, **overrides})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,train", [(GRPOStageConfig, train_grpo), (RLOOStageConfig, train_rloo)],
+                         ids=["grpo", "rloo"])
+def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
+    proxy, gold = Recording(1.0), Recording(-2.0)
+    cfg = tiny_rl_config(cls, tiny)
+    summary = train(cfg, tmp_path, tiny, PROMPTS, proxy, gold)
+    rows = [r for r in read_metrics(tmp_path / cfg.stage / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert len(proxy.batches) == len(gold.batches) == 2 and all(len(b) == 4 for b in proxy.batches)
+    for row, p, g in zip(rows, proxy.batches, gold.batches):
+        assert row["objective/scores"] == pytest.approx(np.mean(p), abs=1e-6)  # the proxy of those very samples
+        assert row["objective/gold"] == pytest.approx(np.mean(g), abs=1e-6)
+        assert row["train/reward"] == pytest.approx(row["objective/scores"], abs=1e-6)  # gold has weight 0
+        assert row["objective/kl"] == pytest.approx(row["objective/kl_per_token"] * row["completions/mean_length"])
+        assert row["objective/kl_coef"] == cfg.beta
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # before any update, π = π_ref
+    assert rows[1]["objective/kl"] > 0  # after one, the KL is measured
+    assert summary["steps"] == 2 and summary["samples_seen"] == 8 and summary["prompts_seen"] == 4
+    assert summary["kl_last"] == rows[1]["objective/kl"] and summary["peak_memory_mb"] > 0
+    assert adapter_base(tmp_path / cfg.stage / "adapter") == tiny
+    assert [s for s, _ in policy_checkpoints(tmp_path, cfg.stage)] == [1, 2]
+    samples = read_metrics(tmp_path / cfg.stage / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 1, 2, 2] and all("gold" in s for s in samples)
+
+
+@pytest.mark.slow
+def test_grpo_resumes_from_its_checkpoint(tiny, tmp_path):
+    train_grpo(tiny_rl_config(GRPOStageConfig, tiny, max_steps=1), tmp_path, tiny, PROMPTS, Recording(1.0))
+    summary = train_grpo(tiny_rl_config(GRPOStageConfig, tiny, max_steps=2, resume=True), tmp_path, tiny, PROMPTS,
+                         Recording(1.0))
+    assert summary["resumed_from"] and Path(summary["resumed_from"]).name == "checkpoint-1"
+    assert summary["steps"] == 2
+    rows = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in rows] == [1, 2]  # step 1 kept once, step 2 added
+
+
+@pytest.mark.slow
+def test_command_lines_run_each_stage(tiny, tmp_path, capsys):
+    from rlhf_helpers import dpo, online_rl
+
+    common = ["--run-dir", str(tmp_path), "--profile", "smoke", "--model-name", tiny, "--max-steps", "1"]
+    assert dpo.main(common + ["--n-train", "2", "--n-eval", "1", "--beta", "0.2", "--resume", "false"]) == 0
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["beta"] == 0.2
+    assert online_rl.main(["rloo"] + common + ["--beta", "0.07", "--max-completion-length", "4"]) == 0
+    saved = json.loads((tmp_path / "rloo" / "config.json").read_text())
+    assert saved["beta"] == 0.07 and saved["max_completion_length"] == 4 and saved["num_generations"] == 2
+    out = capsys.readouterr().out
+    assert "No SFT model" in out and "No reward model" in out  # the fallbacks are said aloud
+    assert (tmp_path / "rloo" / "adapter" / "adapter_config.json").exists()
+
+
+def test_online_curves_compare_the_penalty_free_proxy(tmp_path):
+    from rlhf_helpers.comparison import online_curves
+    from rlhf_helpers.tracking import MetricsLogger
+
+    ppo = MetricsLogger(tmp_path / "ppo")  # PPO's scores carry its missing-EOS penalty; raw_scores do not
+    ppo.log(1, **{"objective/scores": -0.9, "objective/raw_scores": 0.1, "objective/gold": 0.4, "objective/kl": 0.0})
+    ppo.log(2, **{"objective/scores": -0.5, "objective/raw_scores": 0.5, "objective/gold": 0.5, "objective/kl": 0.3})
+    ppo.summary({"steps": 2, "samples_seen": 16})
+    grpo = MetricsLogger(tmp_path / "grpo")
+    grpo.log(1, **{"objective/scores": 0.2, "objective/gold": 0.6, "objective/kl": 0.0})
+    grpo.log(1, **{"train/loss_mean": 0.0})  # the end-of-training row: no curve point
+    grpo.summary({"steps": 1, "samples_seen": 8})
+    curves, per_step = online_curves(tmp_path)
+    assert per_step == {"ppo": 8.0, "grpo": 8.0} and "rloo" not in curves
+    assert [r["proxy reward"] for r in curves["ppo"]] == [0.1, 0.5] and curves["ppo"][1]["KL to reference (nats)"] == 0.3
+    assert curves["grpo"] == [{"step": 1, "proxy reward": 0.2, "gold reward": 0.6, "KL to reference (nats)": 0.0}]

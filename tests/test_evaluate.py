@@ -1,0 +1,327 @@
+"""Evaluation estimators (bootstrap, Monte-Carlo KL, distinct-n, win rates, the parting point), the report
+and the results check, on hand-made numbers and a fake run folder (no model needed)."""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from plotly.offline import get_plotlyjs
+
+from rlhf_helpers import check_results
+from rlhf_helpers.evaluate import (bootstrap_ci, frontier_points, gold_proxy_over_training, mc_kl, parting_point,
+                                   results_table, training_series, win_outcomes, win_rate)
+from rlhf_helpers.report import build_report, read_eval_summary
+from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- bootstrap and win rates -------------------------------------------------------------------------
+
+def test_bootstrap_of_constant_values_is_a_zero_width_interval_at_the_value():
+    assert bootstrap_ci([0.37] * 25) == pytest.approx((0.37, 0.37))
+
+
+def test_bootstrap_of_a_bernoulli_mean_matches_the_normal_interval():
+    values = np.array([1.0] * 120 + [0.0] * 280)  # mean 0.3, n = 400
+    low, high = bootstrap_ci(values, n_boot=4000, seed=1)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)  # 0.0449
+    assert low == pytest.approx(0.3 - half, abs=0.01) and high == pytest.approx(0.3 + half, abs=0.01)
+
+
+def test_bootstrap_of_nothing_is_nan():
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+def test_win_outcomes_count_ties_half():
+    out = win_outcomes([0.9, 0.5, 0.2, 0.7], [0.5, 0.5, 0.7, 0.1])
+    assert out.tolist() == [1.0, 0.5, 0.0, 1.0]
+    wr = win_rate([0.9, 0.5, 0.2, 0.7], [0.5, 0.5, 0.7, 0.1], n_boot=500)
+    assert wr["win_rate"] == pytest.approx(2.5 / 4)
+    assert (wr["wins"], wr["ties"], wr["losses"], wr["n"]) == (2, 1, 1, 4)
+    assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    with pytest.raises(ValueError, match="paired"):
+        win_outcomes([1.0, 2.0], [1.0])
+
+
+# --- Monte-Carlo KL --------------------------------------------------------------------------------------
+
+def test_mc_kl_on_hand_made_tensors_sums_the_masked_log_ratios():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    ref = torch.tensor([[-2.0, -2.0, -1.0], [-1.0, 0.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kl, m = mc_kl(logp, ref, mask)
+    assert kl.tolist() == pytest.approx([1.0, 0.5])
+    assert m["kl_mean"] == pytest.approx(0.75) and m["kl_sem"] == pytest.approx(0.25) and m["n"] == 2
+    with pytest.raises(ValueError, match="one shape"):
+        mc_kl(logp, ref[:, :2], mask)
+
+
+def test_mc_kl_estimates_the_closed_form_kl_of_two_categoricals():
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    exact = float((p * (p / q).log()).sum())  # KL(p‖q) per token, 0.1722 nats
+    g = torch.Generator().manual_seed(0)
+    n, t = 20000, 3
+    tokens = torch.multinomial(p, n * t, replacement=True, generator=g).view(n, t)  # (N, T) sampled from p
+    lengths = torch.randint(1, t + 1, (n,), generator=g)  # responses of 1 to 3 tokens, independent of the tokens
+    mask = torch.arange(t)[None, :] < lengths[:, None]  # (N, T)
+    kl, m = mc_kl(p.log()[tokens], q.log()[tokens], mask)
+    expected = exact * float(lengths.double().mean())  # E[Σ_t] = E[length] · KL(p‖q)
+    assert abs(m["kl_mean"] - expected) < 4 * m["kl_sem"], (m, expected)
+    assert abs(m["kl_mean"] - expected) < 0.02
+    assert (kl < 0).any()  # single samples can be negative; only the mean estimates a KL
+
+
+# --- distinct-n --------------------------------------------------------------------------------------------
+
+def test_distinct_n_on_hand_made_text():
+    assert words("The cat, the CAT!") == ["the", "cat", "the", "cat"]
+    assert distinct_n(words("the cat the cat"), 1) == pytest.approx(2 / 4)
+    assert distinct_n(words("the cat the cat"), 2) == pytest.approx(2 / 3)  # (the cat) (cat the) (the cat)
+    s = distinct_stats(["the cat the cat", "a dog"])  # pooled: 6 unigrams, 4 distinct; 4 bigrams, 3 distinct
+    assert s["distinct_1"] == pytest.approx(4 / 6) and s["distinct_2"] == pytest.approx(3 / 4)
+    assert s["mean_words"] == pytest.approx(3.0)
+    assert distinct_stats(["one two three"])["distinct_2"] == 1.0
+
+
+# --- the parting point of gold and proxy ---------------------------------------------------------------
+
+def _peaked(n=20, peak=9):
+    steps = list(range(1, n + 1))
+    gold = [0.3 + 0.02 * i if i <= peak else 0.3 + 0.02 * peak - 0.015 * (i - peak) for i in range(n)]
+    proxy = [0.1 * i for i in range(n)]
+    return steps, gold, proxy
+
+
+def test_parting_point_is_where_gold_peaks_while_the_proxy_keeps_rising():
+    steps, gold, proxy = _peaked()
+    p = parting_point(steps, gold, proxy, window=1)
+    assert p["index"] == 9 and p["step"] == 10
+    assert p["gold_at"] == pytest.approx(0.48) and p["proxy_end"] > p["proxy_at"]
+    assert parting_point(steps, gold, proxy, window=3, gold_tol=0.0)["index"] == 9  # the smoothed peak
+    # with the default tolerance, the step before the peak already counts: smoothed gold there (0.460) is
+    # within 0.01 of everything after it (at most 0.468)
+    assert parting_point(steps, gold, proxy, window=3)["index"] == 8
+
+
+def test_parting_point_on_a_plateau_is_its_start_within_the_tolerance():
+    steps = list(range(10))
+    gold = [0.1, 0.2, 0.3, 0.4, 0.5, 0.505, 0.5, 0.508, 0.503, 0.506]
+    proxy = list(np.linspace(0, 2, 10))
+    assert parting_point(steps, gold, proxy, window=1, gold_tol=0.01)["index"] == 4
+    assert parting_point(steps, gold, proxy, window=1, gold_tol=0.0)["index"] == 7  # the strict maximum
+
+
+def test_no_parting_point_while_gold_keeps_rising_or_the_proxy_does_not():
+    steps = list(range(10))
+    assert parting_point(steps, np.linspace(0.2, 0.6, 10), np.linspace(0, 2, 10), window=1) is None
+    falling = [0.5 - 0.02 * i for i in range(10)]
+    assert parting_point(steps, falling, [0.3] * 10, window=1) is None  # proxy flat: nothing over-optimised
+    with pytest.raises(ValueError, match="one length"):
+        parting_point(steps, falling, [0.3] * 9)
+    with pytest.raises(ValueError, match="finite"):
+        parting_point(steps, [float("nan")] * 10, [0.3] * 10)
+
+
+def test_training_series_keeps_complete_rows_and_counts_the_rest():
+    rows = [{"step": 1, "a": 1.0, "b": 2.0}, {"step": 2, "a": 1.5}, {"step": 3, "a": None, "b": 1.0},
+            {"step": 4, "a": 2.0, "b": 3.0}]
+    s = training_series(rows, ["a", "b"])
+    assert s["step"] == [1, 4] and s["a"] == [1.0, 2.0] and s["b"] == [2.0, 3.0] and s["skipped"] == 2
+
+
+# --- results table and frontier ----------------------------------------------------------------------------
+
+def _rows(golds, prompts=None):
+    prompts = prompts or [f"prompt {i}" for i in range(len(golds))]
+    return [{"prompt": p, "domain": "facts", "id": f"f-{i}", "response": f"answer {i} to {p}", "gold": g,
+             "proxy": g - 0.5, "kl": 1.0, "n_tokens": 10, "has_eos": True} for i, (p, g) in enumerate(zip(prompts, golds))]
+
+
+def _metrics(rows, kl):
+    return {"gold_mean": float(np.mean([r["gold"] for r in rows])), "proxy_mean": float(np.mean([r["proxy"] for r in rows])),
+            "kl_mean": kl, "length_mean": 10.0, "distinct_1": 0.8, "distinct_2": 0.9, "n": len(rows)}
+
+
+def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_prompts():
+    sft, ppo = _rows([0.5, 0.5, 0.5, 0.5]), _rows([0.7, 0.5, 0.2, 0.9])
+    table = results_table({"sft": (sft, _metrics(sft, 0.0)), "ppo": (ppo, _metrics(ppo, 3.0))}, n_boot=200)
+    by = {r["policy"]: r for r in table}
+    assert by["sft"]["win_rate"] is None and by["sft"]["kl"] == 0.0
+    assert by["ppo"]["win_rate"] == pytest.approx(2.5 / 4) and by["ppo"]["kl"] == 3.0 and by["ppo"]["n"] == 4
+    other = _rows([0.7, 0.5, 0.2, 0.9], prompts=["x", "y", "z", "w"])
+    with pytest.raises(ValueError, match="dpo and sft were evaluated on different prompts"):
+        results_table({"sft": (sft, _metrics(sft, 0.0)), "dpo": (other, _metrics(other, 1.0))})
+    with pytest.raises(ValueError, match="reference policy 'sft'"):
+        results_table({"ppo": (ppo, _metrics(ppo, 3.0))})
+
+
+def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_end_lines_on_their_prompts():
+    sft, base, ppo = _rows([0.5, 0.5, 0.9, 0.9]), _rows([0.4] * 4), _rows([0.6, 0.8, 0.2, 0.2])
+    for i, r in enumerate(ppo):
+        r["kl"] = float(i)  # 0, 1, 2, 3
+    evaluations = {"sft": (sft, {**_metrics(sft, None)}), "base": (base, _metrics(base, None)),
+                   "ppo": (ppo, _metrics(ppo, 1.5))}
+    pts = frontier_points(evaluations, {"ppo": [(20, {"gold_mean": 0.58, "kl_mean": 1.5, "n": 2}),
+                                                (10, {"gold_mean": 0.55, "kl_mean": 0.7, "n": 2})]},
+                          n_checkpoint_prompts=2)
+    by = {(p["policy"], p["kind"]): p for p in pts}
+    assert (by[("sft", "final")]["kl"], by[("sft", "final")]["gold"]) == (0.0, pytest.approx(0.7))
+    assert by[("base", "no_kl")]["kl"] is None and ("base", "final") not in by
+    assert [p["step"] for p in pts if p["kind"] == "checkpoint"] == [10, 20]
+    # the line's ends: the reference and the final PPO policy on the first two prompts only
+    assert (by[("sft", "line")]["gold"], by[("sft", "line")]["kl"], by[("sft", "line")]["n"]) == (0.5, 0.0, 2)
+    assert (by[("ppo", "line")]["gold"], by[("ppo", "line")]["kl"]) == (pytest.approx(0.7), pytest.approx(0.5))
+    assert ("base", "line") not in by  # base has no checkpoints, so no line
+    assert not [p for p in frontier_points(evaluations, {}, n_checkpoint_prompts=2) if p["kind"] == "line"]
+
+
+# --- a fake run folder: report and results check ----------------------------------------------------------
+
+POLICY_GOLD = {"base": 0.40, "sft": 0.50, "ppo": 0.60, "dpo": 0.55, "grpo": 0.52, "rloo": 0.45}
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_accuracy=0.68, rl_shift=0.0,
+                  n=8) -> Path:
+    """A run folder with every file notebook 06 and check_results read, with chosen numbers."""
+    _write_jsonl(root / "sft" / "metrics.jsonl", [{"step": s, "train/loss": 2.5 - 0.1 * s, "eval/loss": 2.4 - 0.05 * s}
+                                                   for s in range(1, 6)])
+    (root / "sft" / "summary.json").write_text(json.dumps({"eval_loss_before": 2.5, "eval_loss_after": 2.2}))
+    _write_jsonl(root / "rm" / "metrics.jsonl", [{"step": s, "train/loss": 0.7 - 0.02 * s, "train/accuracy": 0.5 + 0.02 * s}
+                                                  for s in range(1, 6)])
+    (root / "rm" / "summary.json").write_text(json.dumps({"eval_accuracy": rm_accuracy, "bayes_ceiling": 0.76}))
+    steps, gold, proxy = _peaked()
+    _write_jsonl(root / "ppo" / "metrics.jsonl", [{"step": s, "objective/gold": g, "objective/scores": p,
+                                                   "objective/kl": 0.1 * s, "loss/policy_avg": 0.01}
+                                                  for s, g, p in zip(steps, gold, proxy)])
+    (root / "ppo" / "summary.json").write_text(json.dumps({"steps": 20}))
+    evaluations = {}
+    for name in policies:
+        g = POLICY_GOLD[name] + (rl_shift if name in check_results.RL_POLICIES else 0.0)
+        rows = _rows([g + 0.01 * (i % 3) for i in range(n)])
+        _write_jsonl(root / "eval" / "policies" / f"{name}.jsonl", rows)
+        evaluations[name] = (rows, _metrics(rows, None if name == "base" else 0.0 if name == "sft" else 2.0))
+    reference = "sft" if "sft" in policies else "base"
+    over = gold_proxy_over_training(root, window=1)  # parting at the peak, step 10
+    summary = {"profile": profile, "seed": 0, "reference": reference,
+               "policies": results_table(evaluations, reference, n_boot=200),
+               "missing": {s: "not in this fake run" for s in POLICY_GOLD if s not in policies and s != "base"},
+               "frontier": frontier_points(evaluations, {"ppo": [(10, {"gold_mean": 0.56, "kl_mean": 1.0, "n": 2})]},
+                                           reference, n_checkpoint_prompts=2),
+               "parting": {s: v["parting"] for s, v in over.items()}}
+    (root / "eval" / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_report_builds_from_a_fake_run_and_needs_no_network(tmp_path):
+    run = make_fake_run(tmp_path / "run")
+    path = build_report(run)
+    assert path == run / "eval" / "report.html"
+    page = path.read_text()
+    assert not re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", page, re.I)
+    assert page.count("Plotly.newPlot") == 4  # win rates, frontier, gold vs proxy, curves
+    assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js inlined once, not per figure
+    for name in POLICY_GOLD:
+        assert f"<td>{name}</td>" in page
+    assert "stopped rising at step 10" in page  # the parting point of the fake PPO curve (its peak)
+    assert not list((run / "eval").glob(".report.html*"))  # no temporary file left behind
+
+
+def test_read_eval_summary_names_the_file_and_the_missing_field(tmp_path):
+    run = make_fake_run(tmp_path / "run")
+    path = run / "eval" / "summary.json"
+    data = json.loads(path.read_text())
+    del data["frontier"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"summary\.json: missing field\(s\) \['frontier'\]"):
+        read_eval_summary(run)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="run notebook 06"):
+        read_eval_summary(run)
+
+
+def test_check_results_passes_a_run_that_keeps_the_promises(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "good")
+    build_report(run)
+    assert check_results.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    for name in check_results.EXPECTATIONS:
+        assert re.search(rf"PASS\s+{name}\b", out), out
+    assert "Report: " in out and "win rate vs sft" in out
+
+
+def test_check_results_fails_a_run_that_misses_them(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "bad", rm_accuracy=0.55, rl_shift=-0.3, policies=("base", "sft", "ppo", "dpo"))
+    build_report(run)
+    assert check_results.main([str(run)]) == 1
+    out = capsys.readouterr().out
+    for name in ("reward_model_learns", "rl_beats_sft", "every_policy_evaluated"):
+        assert re.search(rf"FAIL\s+{name}\b", out), out
+    assert re.search(r"PASS\s+sft_beats_base\b", out)
+    assert check_results.main([str(run), "--profile", "smoke"]) == 0  # smoke: artifacts only
+    (run / "eval" / "report.html").unlink()
+    assert check_results.main([str(run), "--profile", "smoke"]) == 1
+    assert re.search(r"FAIL\s+report_offline\b", capsys.readouterr().out)
+
+
+def test_check_results_exit_2_for_a_missing_run_or_summary(tmp_path, capsys):
+    assert check_results.main([str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert check_results.main([str(tmp_path / "empty")]) == 2
+    assert "run notebook 06" in capsys.readouterr().err
+
+
+def test_readme_names_every_promise_of_a_cpu_run():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("What a cpu run promises", 1)
+    assert len(section) == 2, "README.md needs a 'What a cpu run promises' section"
+    for name in check_results.EXPECTATIONS:
+        assert f"`{name}`" in section[1], f"README's promises do not name {name}"
+
+
+def test_checkpoints_are_evaluated_on_the_checkpoint_prompts_under_their_own_names(tmp_path, monkeypatch):
+    from rlhf_helpers import evaluate
+    from rlhf_helpers.config import stage_config
+
+    for folder in ("checkpoints/step-20/adapter", "checkpoints/step-5/adapter", "checkpoints/step-9"):
+        (tmp_path / "ppo" / folder).mkdir(parents=True)
+    for folder in ("checkpoints/step-20/adapter", "checkpoints/step-5/adapter"):  # step-9 holds no adapter
+        (tmp_path / "ppo" / folder / "adapter_config.json").write_text("{}")
+    calls = []
+
+    def fake_evaluate_stage(run_dir, stage, cfg, **kw):
+        calls.append((stage, kw["name"], kw["n_prompts"], Path(kw["adapter"]).parent.name))
+        return [], {"gold_mean": 0.5, "kl_mean": 1.0, "n": kw["n_prompts"]}
+
+    monkeypatch.setattr(evaluate, "evaluate_stage", fake_evaluate_stage)
+    cfg = stage_config(evaluate.EvalConfig, "cpu")
+    out = evaluate.evaluate_checkpoints(tmp_path, "ppo", cfg, reward_model=None)
+    n = cfg.n_checkpoint_prompts
+    assert calls == [("ppo", "ppo-step5", n, "step-5"), ("ppo", "ppo-step20", n, "step-20")]
+    assert [step for step, _ in out] == [5, 20]
+
+
+def test_an_online_stage_without_gold_is_a_clear_error(tmp_path):
+    _write_jsonl(tmp_path / "grpo" / "metrics.jsonl", [{"step": 1, "objective/scores": 0.1, "objective/kl": 0.0}])
+    with pytest.raises(ValueError, match=r"grpo/metrics\.jsonl: no row holds objective/gold"):
+        gold_proxy_over_training(tmp_path)
+
+
+def test_ppo_proxy_is_the_reward_model_score_before_the_eos_penalty(tmp_path):
+    rows = [{"step": s, "objective/scores": raw - 1.0, "objective/raw_scores": raw, "objective/gold": 0.5,
+             "objective/kl": 0.1 * s} for s, raw in ((1, 0.2), (2, 0.4), (3, 0.6))]
+    _write_jsonl(tmp_path / "ppo" / "metrics.jsonl", rows)
+    _write_jsonl(tmp_path / "grpo" / "metrics.jsonl", [{k: v for k, v in rows[0].items() if k != "objective/raw_scores"}])
+    over = gold_proxy_over_training(tmp_path, window=1)
+    assert over["ppo"]["objective/scores"] == [0.2, 0.4, 0.6]  # raw, not raw - 1
+    assert over["grpo"]["objective/scores"] == [pytest.approx(-0.8)]  # no raw scores logged: scores as they are

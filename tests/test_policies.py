@@ -1,0 +1,104 @@
+"""Policies in a run folder (rlhf_helpers.policies) and their shared evaluation (evaluate_stage).
+
+A tiny random Llama with SmolLM2's tokenizer plays the SFT model, so loading, sampling and KL run in
+seconds; adapters are saved as the stages save them.
+"""
+import json
+
+import pytest
+import torch
+
+from rlhf_helpers import evaluate, policies
+from rlhf_helpers.evaluate import EvalConfig, evaluate_stage
+from rlhf_helpers.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run = tmp_path_factory.mktemp("run")
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sft = LlamaForCausalLM(cfg)
+    sft.save_pretrained(run / "sft" / "model")
+    tok.save_pretrained(run / "sft" / "model")
+    base = str(run / "sft" / "model")
+    # a trained-looking adapter (non-zero B) for ppo, and an untouched one (B = 0) for grpo
+    moved = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    moved.save_pretrained(run / "ppo" / "adapter")
+    moved.save_pretrained(run / "ppo" / "checkpoints" / "step-2" / "adapter")
+    fresh = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    fresh.save_pretrained(run / "grpo" / "adapter")
+    fresh.save_pretrained(run / "grpo" / "checkpoints" / "checkpoint-3")
+    (run / "grpo" / "checkpoints" / "checkpoint-x").mkdir()  # not a checkpoint: ignored
+    return run
+
+
+def small_cfg(**kw):
+    return EvalConfig(**{"n_prompts": 3, "max_new_tokens": 6, "batch_size": 2, **kw})
+
+
+def test_available_policies_and_checkpoints(run_dir):
+    assert policies.available_policies(run_dir) == ["base", "sft", "ppo", "grpo"]
+    assert [s for s, _ in policies.policy_checkpoints(run_dir, "ppo")] == [2]
+    assert [s for s, _ in policies.policy_checkpoints(run_dir, "grpo")] == [3]
+    assert policies.policy_checkpoints(run_dir, "dpo") == []
+    assert policies.adapter_base(run_dir / "ppo" / "adapter") == str(run_dir / "sft" / "model")
+
+
+def test_missing_stage_names_the_notebook(run_dir):
+    with pytest.raises(FileNotFoundError, match="notebook 05"):
+        policies.load_policy(run_dir, "dpo")
+
+
+def test_loaded_adapter_changes_the_policy_and_disables_to_the_reference(run_dir):
+    model, tok = policies.load_policy(run_dir, "ppo")
+    ref, _ = policies.load_policy(run_dir, "sft")
+    ids = tok(["Hello there"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        moved = model(ids).logits
+        with model.disable_adapter():
+            disabled = model(ids).logits
+        plain = ref(ids).logits
+    assert torch.allclose(disabled, plain, atol=1e-5)
+    assert not torch.allclose(moved, plain, atol=1e-3)
+
+
+def test_kl_is_zero_for_an_untouched_adapter_and_positive_on_average_for_a_moved_one(run_dir):
+    cfg = small_cfg(n_prompts=6, max_new_tokens=8)
+    _, fresh = evaluate_stage(run_dir, "grpo", cfg, reward_model=None)
+    rows, moved = evaluate_stage(run_dir, "ppo", cfg, reward_model=None)
+    assert fresh["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert moved["kl_mean"] > 0.0  # KL(p || q) >= 0; its Monte-Carlo mean over 6 samples is positive here
+    assert all(r["kl"] is not None and r["proxy"] is None for r in rows)
+    assert {"gold_mean", "distinct_1", "distinct_2", "length_mean", "eos_frac"} <= set(moved)
+
+
+def test_evaluate_stage_caches_and_recomputes_when_settings_change(run_dir, monkeypatch):
+    cfg = small_cfg()
+    rows, metrics = evaluate_stage(run_dir, "sft", cfg, reward_model=None)
+    assert metrics["kl_mean"] == 0.0 and len(rows) == 3
+    cached = json.loads((run_dir / "eval" / "policies" / "sft.json").read_text())
+    assert cached["metrics"] == metrics
+
+    def fail(*a, **k):
+        raise AssertionError("the cached evaluation should have been reused")
+
+    monkeypatch.setattr(policies, "load_policy", fail)
+    again, _ = evaluate_stage(run_dir, "sft", cfg, reward_model=None)
+    assert again == rows
+    with pytest.raises(AssertionError, match="reused"):
+        evaluate_stage(run_dir, "sft", small_cfg(seed=1), reward_model=None)
+
+
+def test_same_seed_same_samples(run_dir):
+    model, tok = policies.load_policy(run_dir, "ppo")
+    a = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
+    b = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
+    assert a == b
