@@ -70,7 +70,7 @@ PROFILES: dict[str, Profile] = {
             "rm": {"max_steps": 20, "batch_size": 8, "lora_layers": 8, "n_live_prompts": 8, "n_fresh": 24,
                    "n_eval": 48, "eval_steps": 1000, "save_steps": 10, "logging_steps": 2},
             "ppo": {"max_steps": 16, "batch_size": 8, "response_length": 64, "ppo_epochs": 2, "lora_layers": 8,
-                    "learning_rate": 6e-4, "save_steps": 4, "keep_checkpoints": 4, "sample_every": 4},
+                    "learning_rate": 3e-4, "save_steps": 4, "keep_checkpoints": 4, "sample_every": 4},
             "eval": {"n_prompts": 32, "n_checkpoint_prompts": 16, "max_new_tokens": 128},
             "dpo": {"max_steps": 40, "batch_size": 4, "learning_rate": 2e-4, "lora_layers": 8, "n_eval": 24,
                     "max_length": 320, "logging_steps": 2, "save_steps": 10},
