@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rlhf_helpers import ppo  # noqa: E402
 from rlhf_helpers.config import stage_config  # noqa: E402
-from rlhf_helpers.data import load_prompts  # noqa: E402
+from rlhf_helpers.data import train_prompts  # noqa: E402
 from rlhf_helpers.gold import GoldJudge  # noqa: E402
 from rlhf_helpers.models import chat_prompt  # noqa: E402
-from rlhf_helpers.paths import data_path  # noqa: E402
-from rlhf_helpers.reward_model import load_run_reward_model  # noqa: E402
+from rlhf_helpers.online_rl import run_reward  # noqa: E402
 from rlhf_helpers.sft import sft_policy_path  # noqa: E402
 from rlhf_helpers.tracking import PeakMemory  # noqa: E402
 
@@ -59,9 +58,8 @@ def main(argv=None) -> int:
     run_dir = args.run_dir or f"runs/{args.profile}"
     cfg = stage_config(ppo.PPOConfig, args.profile, seed=args.seed, save_steps=0, sample_every=0)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
-    reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device) if args.reward == "rm" else None
-    reward = reward or GoldJudge()
-    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if args.reward == "rm" else GoldJudge()
+    prompts = train_prompts()
     memory = PeakMemory().start()
     policy, tok = ppo.build_policy(cfg, policy_path)
     print(f"profile {args.profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} x "

@@ -47,16 +47,15 @@ kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the pro
 import time
 
 import pandas as pd
-import torch
 from IPython.display import display
 
 from rlhf_helpers import plotting, ppo
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.data import load_prompts
+from rlhf_helpers.data import train_prompts
 from rlhf_helpers.evaluate import EvalConfig, evaluate_stage, win_rate
 from rlhf_helpers.gold import GoldJudge
-from rlhf_helpers.paths import data_path, stage_dir
-from rlhf_helpers.reward_model import load_run_reward_model
+from rlhf_helpers.online_rl import run_reward
+from rlhf_helpers.paths import stage_dir
 from rlhf_helpers.rewards import as_ppo_reward
 from rlhf_helpers.sft import sft_policy_path
 from rlhf_helpers.tracking import MetricsLogger, read_json, read_metrics
@@ -67,11 +66,8 @@ cfg = stage_config(ppo.PPOConfig, profile, seed=seed, model_name=model_name or N
 eval_cfg = stage_config(EvalConfig, profile, seed=seed, model_name=model_name or None)
 policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
 gold = GoldJudge()
-proxy = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device) if reward == "rm" else None
-if proxy is None:
-    print("Training against the gold judge" + (" (no reward model in run_dir: run notebook 03 to use it)." if reward == "rm" else "."))
-reward_fn = proxy if proxy is not None else gold
-train_prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+reward_fn, reward_name = run_reward(run_dir, cfg.dtype, cfg.device) if reward == "rm" else (gold, "gold_judge")
+prompts = train_prompts()
 out_dir = stage_dir(run_dir, "ppo")
 cfg
 
@@ -86,7 +82,7 @@ cfg
 # %%
 policy, tok = ppo.build_policy(cfg, policy_path)
 value_head = ppo.ValueHead(policy.config.get_text_config().hidden_size)
-exp = ppo.make_experience(policy, value_head, tok, ppo.as_tensor_reward(reward_fn), train_prompts[:4], cfg,
+exp = ppo.make_experience(policy, value_head, tok, ppo.as_tensor_reward(reward_fn), prompts[:4], cfg,
                           cfg.init_kl_coef, seed=seed, monitors={"gold": as_ppo_reward(gold)})
 pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
               "tokens": exp.rollout.response_mask.sum(1).tolist(), "ended": exp.rollout.has_eos.tolist(),
@@ -159,7 +155,7 @@ sft_metrics
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg",
                             "policy/entropy_avg", "response/length_mean"], title="PPO (live)")
-summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, train_prompts, gold=gold, on_row=live.update)
+summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, prompts, gold=gold, on_row=live.update)
 {k: summary[k] for k in ("steps", "scores_first", "scores_last", "gold_first", "gold_last", "kl_last", "wall_time_s")}
 
 # %% [markdown]
@@ -200,7 +196,7 @@ pd.DataFrame({"prompt": [r["prompt"] for r in sft_rows], "SFT": [r["response"] f
 # ## Save
 
 # %%
-summary = {**read_json(out_dir / "summary.json"), "profile": profile, "seed": seed, "reward": "rm" if proxy is not None else "gold",
+summary = {**read_json(out_dir / "summary.json"), "profile": profile, "seed": seed, "reward": "rm" if reward_name == "reward_model" else "gold",
            "fell_back_to_base": fell_back, "eval_sft": sft_metrics, "eval_ppo": ppo_metrics,
            "win_rate_vs_sft": wins, "gold_gain": ppo_metrics["gold_mean"] - sft_metrics["gold_mean"],
            "notebook_wall_time_s": time.perf_counter() - t0}

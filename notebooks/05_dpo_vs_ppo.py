@@ -58,7 +58,8 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.dpo import DPOStageConfig, load_training_pairs, train_dpo
 from rlhf_helpers.evaluate import EvalConfig, evaluate_stage, results_table
 from rlhf_helpers.gold import GoldJudge
-from rlhf_helpers.online_rl import GRPOStageConfig, RLOOStageConfig, load_train_prompts, run_reward, train_grpo, train_rloo
+from rlhf_helpers.data import train_prompts
+from rlhf_helpers.online_rl import GRPOStageConfig, RLOOStageConfig, run_reward, train_grpo, train_rloo
 from rlhf_helpers.paths import stage_dir
 from rlhf_helpers.policies import adapter_dir, load_policy
 from rlhf_helpers.ppo import PPOConfig, train_ppo
@@ -76,7 +77,7 @@ policy_path, fell_back = sft_policy_path(run_dir, dpo_cfg.model_name)
 reference = "base" if fell_back else "sft"
 reward, reward_name = run_reward(run_dir, dpo_cfg.dtype, dpo_cfg.device)
 gold = GoldJudge()
-prompts = load_train_prompts()
+prompts = train_prompts()
 print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prompts")
 
 # %% [markdown]

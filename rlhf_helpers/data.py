@@ -305,6 +305,14 @@ def load_prompts(path: str | os.PathLike, *, errors: str = "raise",
     return _load_list(path, "prompts", errors, max_line_bytes)
 
 
+def train_prompts(n: int | None = None) -> list[str]:
+    """User messages of the shipped data/prompts.jsonl's train split (what notebooks 03-05 train on)."""
+    from .paths import data_path
+
+    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    return prompts[:n]
+
+
 def load_sft(path: str | os.PathLike, *, errors: str = "raise",
              max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> list[SFTRecord]:
     """SFT records from either shape; with `errors="collect"` returns (records, LoadReport) instead."""

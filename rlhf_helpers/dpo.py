@@ -40,7 +40,7 @@ from .data import PreferencePair
 from .models import count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, changed_settings
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, settings_changed
 
 
 @dataclass
@@ -150,15 +150,6 @@ def resume_point(out: Path, cfg: Any) -> tuple[str | None, MetricsLogger]:
         logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
         print(f"Resuming from {ckpt}.")
     return ckpt, logger
-
-
-def settings_changed(out: Path, cfg: Any) -> bool:
-    """Whether out/checkpoints holds a run made with other settings than `cfg` (said aloud when so)."""
-    changed = changed_settings(out, cfg) if (out / "checkpoints").is_dir() else []
-    if changed:
-        print(f"The checkpoints in {out / 'checkpoints'} were made with other settings ({', '.join(changed)}): "
-              f"starting over.")
-    return bool(changed)
 
 
 def save_adapter(model, tok, folder: Path) -> Path:

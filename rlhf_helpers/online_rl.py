@@ -47,6 +47,7 @@ from .models import count_parameters, default_lora_config, load_model, num_layer
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
+from .data import train_prompts
 from .tracking import MetricsLogger, PeakMemory, _jsonable
 
 
@@ -247,15 +248,6 @@ class SampleRecorder:
 
 # --- data and rewards ---------------------------------------------------------------------------------------
 
-def load_train_prompts(n: int | None = None) -> list[str]:
-    """User messages of data/prompts.jsonl's train split (the split notebooks 03 and 04 train on)."""
-    from .data import load_prompts
-    from .paths import data_path
-
-    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
-    return prompts[:n]
-
-
 def run_reward(run_dir, dtype: str = "float32", device: str = "cpu") -> tuple[RewardFunction, str]:
     """(the proxy reward, its name): notebook 03's normalised reward model, else the gold judge, said aloud."""
     from .gold import GoldJudge
@@ -394,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = stage_config(classes[stage], profile, **args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     reward, _ = run_reward(run_dir, cfg.dtype, cfg.device)
-    summary = train_online(cfg, run_dir, policy_path, load_train_prompts(), reward)
+    summary = train_online(cfg, run_dir, policy_path, train_prompts(), reward)
     print({k: summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first", "gold_last",
                                    "kl_last", "wall_time_s")})
     return 0

@@ -59,7 +59,7 @@ from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json, atomic_write_text,
-                       PeakMemory, changed_settings, read_json, read_metrics)
+                       PeakMemory, read_json, read_metrics, settings_changed)
 
 
 @dataclass
@@ -764,11 +764,7 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
         trainer.add_step_callback(lambda step, metrics: on_row({"step": step, **metrics}))
     for fn in callbacks:
         trainer.add_step_callback(fn)
-    changed = changed_settings(trainer.out, cfg) if list_checkpoints(trainer.out) else []
-    if changed:
-        print(f"The checkpoints in {trainer.out / 'checkpoints'} were made with other settings "
-              f"({', '.join(changed)}): starting over.")
-    if cfg.resume and not changed:
+    if cfg.resume and not settings_changed(trainer.out, cfg):
         trainer.resume()
     else:
         shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)
@@ -787,10 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from .config import add_config_arguments, stage_config
-    from .data import load_prompts
+    from .data import train_prompts
     from .gold import GoldJudge
-    from .paths import data_path
-    from .reward_model import load_run_reward_model
+    from .online_rl import run_reward
     from .sft import sft_policy_path
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.ppo", description="PPO stage (notebook 04)")
@@ -804,11 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = stage_config(PPOConfig, profile, **args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     gold = GoldJudge()
-    reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device) if which == "rm" else None
-    if reward is None:
-        print("Training against the gold judge" + (" (no reward model in run_dir)." if which == "rm" else "."))
-    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
-    summary = train_ppo(cfg, run_dir, policy_path, reward or gold, prompts, gold=gold,
+    reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if which == "rm" else gold
+    summary = train_ppo(cfg, run_dir, policy_path, reward, train_prompts(), gold=gold,
                         callbacks=[lambda step, m: print(f"step {step}: score {m['objective/scores']:.3f} "
                                                          f"gold {m.get('objective/gold', float('nan')):.3f} "
                                                          f"kl {m['objective/kl']:.3f} ({m['time/step_s']:.1f} s)")])

@@ -29,7 +29,7 @@ from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, changed_settings
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, settings_changed
 
 
 @dataclass
@@ -171,11 +171,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
     t0, memory = time.perf_counter(), PeakMemory().start()
     out = stage_dir(run_dir, "sft")
-    changed = changed_settings(out, cfg) if (out / "checkpoints").is_dir() else []
-    if changed:
-        print(f"The checkpoints in {out / 'checkpoints'} were made with other settings ({', '.join(changed)}): "
-              f"starting over.")
-    resume = cfg.resume and not changed
+    resume = cfg.resume and not settings_changed(out, cfg)
     ckpt = last_checkpoint(out / "checkpoints") if resume else None
     if not resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)

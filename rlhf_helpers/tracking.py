@@ -235,3 +235,13 @@ def changed_settings(stage_dir: str | os.PathLike, config: Any, free: Iterable[s
         return []
     saved, now = read_json(path), _jsonable(config)
     return sorted(k for k in set(saved) | set(now) if k not in set(free) and saved.get(k) != now.get(k))
+
+
+def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:
+    """Whether stage_dir/checkpoints holds a run made with other settings than `config` (said aloud when
+    so): such checkpoints are not resumed, the stage starts over."""
+    ckpts = Path(stage_dir) / "checkpoints"
+    changed = changed_settings(stage_dir, config) if ckpts.is_dir() else []
+    if changed:
+        print(f"The checkpoints in {ckpts} were made with other settings ({', '.join(changed)}): starting over.")
+    return bool(changed)
