@@ -50,7 +50,7 @@ from IPython.display import display
 
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.data import load_preferences, load_prompts
+from rlhf_helpers.data import load_preferences, train_prompts
 from rlhf_helpers.evaluate import generate_and_score, heldout_prompts
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
@@ -59,7 +59,7 @@ from rlhf_helpers.preferences import label_samples, read_pairs, sample_at_temper
 from rlhf_helpers.reward_model import RMStageConfig, calibration_bins, pair_margins, split_pairs, train_reward_model
 from rlhf_helpers.reward_tuner import spearman
 from rlhf_helpers.sft import sft_policy_path
-from rlhf_helpers.tracking import MetricsLogger, read_metrics
+from rlhf_helpers.tracking import MetricsLogger
 
 t0 = time.perf_counter()
 cfg = stage_config(RMStageConfig, profile, seed=seed, model_name=model_name or None,
@@ -76,8 +76,7 @@ cfg
 # rewards, and the probability with which the annotator chose as it did.
 
 # %%
-train_prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
-live_prompts = train_prompts[-cfg.n_live_prompts:]
+live_prompts = train_prompts()[-cfg.n_live_prompts:]
 policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
 samples = sample_at_temperatures(policy, tok, live_prompts, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
                                  seed=seed)

@@ -52,7 +52,7 @@ from IPython.display import display
 from rlhf_helpers import plotting, ppo
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import train_prompts
-from rlhf_helpers.evaluate import EvalConfig, evaluate_stage, win_rate
+from rlhf_helpers.evaluate import EvalConfig, compare_policies, evaluate_stage
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.online_rl import run_reward
 from rlhf_helpers.paths import stage_dir
@@ -183,14 +183,13 @@ samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2)
 
 # %%
 ppo_rows, ppo_metrics = evaluate_stage(run_dir, "ppo", eval_cfg)
-wins = win_rate([r["gold"] for r in ppo_rows], [r["gold"] for r in sft_rows], seed=seed)
+side_by_side, wins = compare_policies(ppo_rows, sft_rows, "PPO", "SFT")
 display(pd.DataFrame([sft_metrics, ppo_metrics]).set_index("policy")[
     ["gold_mean", "proxy_mean", "kl_mean", "length_mean", "eos_frac", "distinct_2", "n"]].round(3))
 print(f"PPO win rate against SFT by gold: {wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] "
-      f"on {wins['n']} held-out prompts")
-pd.DataFrame({"prompt": [r["prompt"] for r in sft_rows], "SFT": [r["response"] for r in sft_rows],
-              "SFT gold": [r["gold"] for r in sft_rows], "PPO": [r["response"] for r in ppo_rows],
-              "PPO gold": [r["gold"] for r in ppo_rows]}).head(6)
+      f"on {wins['n']} held-out prompts; mean gold gain {wins['gain']:+.3f} "
+      f"[{wins['gain_ci_low']:+.3f}, {wins['gain_ci_high']:+.3f}]")
+side_by_side.head(6)
 
 # %% [markdown]
 # ## Save

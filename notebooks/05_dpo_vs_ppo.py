@@ -98,7 +98,8 @@ pairs, pairs_source = load_training_pairs(run_dir)
 train_pairs, eval_pairs = split_pairs(pairs, dpo_cfg.eval_fraction, seed, dpo_cfg.n_train, dpo_cfg.n_eval)
 print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs, from {pairs_source}")
 live = plotting.LiveCurves(["train/loss", "rewards/margins", "rewards/accuracies", "logps/chosen"], title="DPO (live)")
-dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, on_row=live.update)
+dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, on_row=live.update,
+                        eval_pairs=eval_pairs if dpo_cfg.eval_steps else None)  # the gpu profile evaluates as it goes
 {k: dpo_summary[k] for k in ("steps", "pairs_seen", "margin_last", "accuracy_last", "lengths", "wall_time_s")}
 
 # %% [markdown]
@@ -123,7 +124,10 @@ implicit
 # relative to its siblings: $A_i = (r_i - \mathrm{mean}_g\, r) / \mathrm{std}_g\, r$. A reply better than
 # its siblings is reinforced, a worse one discouraged; no value network has to learn what a prompt is
 # worth. The loss is PPO's clipped ratio per token, plus $\beta\,\mathrm{KL}(\pi\|\pi_{ref})$ added to
-# the loss (not to the reward). Curves: the proxy should rise, the gold should follow, the KL grow slowly.
+# the loss (not to the reward). The score is the one PPO optimises: the reward model's, minus the
+# missing-EOS penalty for a reply cut off at `max_completion_length` (without it, the reward model would
+# score half-written replies and nothing would teach the policy to finish). Curves: the proxy should rise,
+# the gold should follow, the KL grow slowly.
 
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],

@@ -40,7 +40,7 @@ from .data import PreferencePair
 from .models import count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, settings_changed
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, run_settings, settings_changed
 
 
 @dataclass
@@ -135,13 +135,15 @@ def precision_flags(dtype: str, device: str) -> dict[str, bool]:
             "use_cpu": on_cpu}
 
 
-def resume_point(out: Path, cfg: Any) -> tuple[str | None, MetricsLogger]:
-    """(last checkpoint or None, metrics logger): rows logged after the checkpoint are dropped, to be redone;
-    with cfg.resume=False, or settings that differ from the saved run's, old checkpoints and metrics go."""
+def resume_point(out: Path, cfg: Any, data: Any = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
+    """(last checkpoint or None, metrics logger, settings to save as config.json): rows logged after the
+    checkpoint are dropped, to be redone; with cfg.resume=False, or settings (config fields, and the
+    fingerprint of `data` when given) that differ from the saved run's, old checkpoints and metrics go."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = out / "checkpoints"
-    resume = cfg.resume and not settings_changed(out, cfg)
+    settings = run_settings(cfg, data)
+    resume = cfg.resume and not settings_changed(out, settings)
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
@@ -149,7 +151,7 @@ def resume_point(out: Path, cfg: Any) -> tuple[str | None, MetricsLogger]:
     if ckpt:
         logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
         print(f"Resuming from {ckpt}.")
-    return ckpt, logger
+    return ckpt, logger, settings
 
 
 def save_adapter(model, tok, folder: Path) -> Path:
@@ -257,8 +259,8 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     memory = PeakMemory().start()
     t0 = time.perf_counter()
     out = stage_dir(run_dir, "dpo")
-    ckpt, logger = resume_point(out, cfg)
-    logger.save_config(cfg)
+    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
+    logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, policy_path, train_pairs, eval_pairs, logger, on_row, callbacks)
     tok = trainer.processing_class
     lengths = {"train": length_report(tok, train_pairs, cfg.max_length)}

@@ -36,12 +36,17 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
 
 
 def win_rate(gold_a: Sequence[float], gold_b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
-    """{'win_rate', 'ci_low', 'ci_high', 'wins', 'ties', 'losses', 'n'} of A against B."""
+    """{'win_rate', 'ci_low', 'ci_high', 'wins', 'ties', 'losses', 'n', 'gain', 'gain_ci_low', 'gain_ci_high'}
+    of A against B. `gain` is the mean paired gold difference A − B with its bootstrap 95% interval: on a few
+    dozen prompts it separates two policies sooner than the win rate, which throws away the size of each win."""
     outcomes = win_outcomes(gold_a, gold_b)
     low, high = bootstrap_ci(outcomes, n_boot=n_boot, seed=seed)
+    diffs = np.asarray(gold_a, float) - np.asarray(gold_b, float)
+    gain_low, gain_high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
     return {"win_rate": float(outcomes.mean()), "ci_low": low, "ci_high": high,
             "wins": int((outcomes == 1).sum()), "ties": int((outcomes == 0.5).sum()),
-            "losses": int((outcomes == 0).sum()), "n": int(outcomes.size)}
+            "losses": int((outcomes == 0).sum()), "n": int(outcomes.size),
+            "gain": float(diffs.mean()) if diffs.size else float("nan"), "gain_ci_low": gain_low, "gain_ci_high": gain_high}
 
 
 def heldout_prompts(n: int | None = None, path=None) -> list[dict]:

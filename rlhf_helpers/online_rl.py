@@ -12,13 +12,16 @@ In TRL 1.16 both call the KL coefficient `beta` (GRPOConfig's default is 0, whic
 logs no KL; ours is above zero). The policy is the SFT model with a fresh LoRA adapter that TRL adds from
 our peft config, and the reference is that model with the adapter disabled.
 
-Rewards: the proxy (the normalised reward model, through `rewards.as_trl_reward_func`) with weight 1, and the
-gold judge with weight 0: TRL computes and logs it (`rewards/gold/mean`) but never optimises it.
+Rewards: the proxy (the normalised reward model, through `rewards.as_trl_reward_func`, minus
+`missing_eos_penalty` for a reply that never ended, as in our PPO) with weight 1, and the gold judge with
+weight 0: TRL computes and logs it (`rewards/gold/mean`) but never optimises it.
 
 Metrics, one row per logged step in `run_dir/<stage>/metrics.jsonl`: TRL's keys (`rewards/proxy/mean`,
 `rewards/gold/mean`, `train/kl`, `train/reward`, `completions/mean_length`, `completions/clipped_ratio`,
 `train/entropy`, `train/loss`...) plus the aliases every RL stage (ppo, grpo, rloo) shares:
-  objective/scores          mean proxy reward of the step's samples               (rewards/proxy/mean)
+  objective/scores          mean proxy reward of the step's samples, penalty in   (rewards/proxy/mean)
+  objective/raw_scores      the same before the missing-EOS penalty (as PPO's)
+  response/eos_frac         share of the step's replies that ended
   objective/gold            mean gold reward of the step's samples                (rewards/gold/mean)
   objective/kl_per_token    TRL's `kl`: mean over completion tokens of the per-token KL estimate
   objective/kl              sequence KL, objective/kl_per_token · completions/mean_length, comparable with
@@ -48,7 +51,7 @@ from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
 from .data import train_prompts
-from .tracking import MetricsLogger, PeakMemory, _jsonable
+from .tracking import MetricsLogger, PeakMemory, _jsonable, keep_rows_through
 
 
 @dataclass
@@ -83,6 +86,9 @@ class OnlineRLConfig:
     """Optimisation passes over each sampled batch (μ; 1 keeps it on-policy and the clip inactive)."""
     epsilon: float = 0.2
     """Clip range of the probability ratio."""
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the proxy score of a reply that never ended (cut at max_completion_length), as in our
+    PPO: without it the reward model scores half-written replies and the policy is never taught to stop."""
     mask_truncated_completions: bool = False
     """Leave replies cut at max_completion_length out of the loss (DAPO's advice)."""
     warmup: float = 0.0
@@ -124,6 +130,8 @@ class OnlineRLConfig:
              f"batch_size ({self.batch_size}) must be a multiple of num_generations ({self.num_generations}): "
              f"each step samples whole groups"),
             (self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}"),
+            (self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (0 disables), got "
+                                            f"{self.missing_eos_penalty}"),
             (self.temperature > 0, f"temperature must be > 0 (sampling; try 0.7 .. 1.0), got {self.temperature}"),
             (self.num_iterations >= 1 and 0 < self.epsilon < 1,
              f"num_iterations must be >= 1 and epsilon in (0, 1), got {self.num_iterations}, {self.epsilon}"),
@@ -223,24 +231,39 @@ class OnlineRLMetricsCallback(TrainerCallback):
 
 
 class SampleRecorder:
-    """Wraps TRL's proxy reward function: passes scores through unchanged, and at step 1 and every
-    `every` steps appends the first `n` replies with their proxy and gold rewards to `path`."""
+    """Wraps TRL's proxy reward function. Subtracts `missing_eos_penalty` from the score of every reply that
+    never reached `eos_token_id` (TRL cut it at max_completion_length), as our PPO does, so that all three RL
+    methods optimise the same score; logs `objective/raw_scores` (before the penalty) and `response/eos_frac`
+    through TRL's `log_metric`. At step 1 and every `every` steps it appends the first `n` replies with their
+    raw proxy and gold rewards to `path`."""
 
-    def __init__(self, reward_func: Callable[..., list[float]], gold: RewardFunction, path: Path, every: int, n: int):
+    def __init__(self, reward_func: Callable[..., list[float]], gold: RewardFunction, path: Path, every: int, n: int,
+                 eos_token_id: int | None = None, missing_eos_penalty: float = 0.0):
         self.reward_func, self.gold, self.path, self.every, self.n = reward_func, gold, path, every, n
+        self.eos_token_id, self.missing_eos_penalty = eos_token_id, missing_eos_penalty
         self.__name__ = reward_func.__name__  # TRL names the metric rewards/<__name__>/mean
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        scores = self.reward_func(prompts, completions, **kwargs)
+        raw = list(self.reward_func(prompts, completions, **kwargs))
+        ids = kwargs.get("completion_ids")
+        has_eos = [None] * len(raw) if ids is None or self.eos_token_id is None else \
+            [self.eos_token_id in list(row) for row in ids]
+        penalty = self.missing_eos_penalty
+        scores = [s - penalty if penalty and ended is False else s for s, ended in zip(raw, has_eos)]
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None and raw:
+            log_metric("objective/raw_scores", sum(raw) / len(raw))
+            if has_eos[0] is not None:
+                log_metric("response/eos_frac", sum(has_eos) / len(has_eos))
         state = kwargs.get("trainer_state")
         step = (state.global_step + 1) if state is not None else 0
         if self.every and self.n and (step == 1 or step % self.every == 0):
             from .rewards import _text
 
             with open(self.path, "a", encoding="utf-8") as f:
-                for p, c, s in list(zip(prompts, completions, scores))[: self.n]:
+                for p, c, s, ended in list(zip(prompts, completions, raw, has_eos))[: self.n]:
                     prompt, reply = _text(p, "user"), _text(c, "assistant")
-                    row = {"step": step, "prompt": prompt, "response": reply, "proxy": s,
+                    row = {"step": step, "prompt": prompt, "response": reply, "proxy": s, "has_eos": ended,
                            "gold": self.gold(Trajectory(prompt, reply)).reward}
                     f.write(json.dumps(_jsonable(row)) + "\n")
         return scores
@@ -287,7 +310,7 @@ def build_trainer(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pr
     lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, dropout=0.0, top_layers=cfg.lora_layers,
                                n_layers=num_layers(policy_path) if cfg.lora_layers else None)
     proxy = SampleRecorder(as_trl_reward_func(reward, "proxy"), gold, out / "samples.jsonl", cfg.sample_every,
-                           cfg.n_samples)
+                           cfg.n_samples, eos_token_id=tok.eos_token_id, missing_eos_penalty=cfg.missing_eos_penalty)
     trainer_cls = GRPOTrainer if isinstance(cfg, GRPOStageConfig) else RLOOTrainer
     trainer = trainer_cls(model=model, reward_funcs=[proxy, as_trl_reward_func(gold, "gold")],
                           args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(prompts),
@@ -310,10 +333,10 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     memory = PeakMemory().start()
     t0 = time.perf_counter()
     out = stage_dir(run_dir, cfg.stage)
-    ckpt, logger = resume_point(out, cfg)
+    ckpt, logger, settings = resume_point(out, cfg, data=prompts)
     start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
-    _truncate_samples(out / "samples.jsonl", start)
-    logger.save_config(cfg)
+    keep_rows_through(out / "samples.jsonl", start)
+    logger.save_config(settings)
     trainer = build_trainer(cfg, run_dir, policy_path, prompts, reward, gold, logger, on_row, callbacks)
     result = trainer.train(resume_from_checkpoint=ckpt)
     model, tok = trainer.model, trainer.processing_class
@@ -329,7 +352,8 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
         "kl_last": last.get("objective/kl"), "kl_per_token_last": last.get("objective/kl_per_token"),
         "length_mean_last": last.get("completions/mean_length"),
-        "clipped_ratio_last": last.get("completions/clipped_ratio"),
+        "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_last": last.get("response/eos_frac"),
+        "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
         "train_runtime_s": result.metrics.get("train_runtime"), "wall_time_s": time.perf_counter() - t0,
         **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
@@ -353,15 +377,6 @@ def train_rloo(cfg: RLOOStageConfig, run_dir: str | Path, policy_path: str, prom
     if not isinstance(cfg, RLOOStageConfig):
         raise TypeError(f"train_rloo needs an RLOOStageConfig, got {type(cfg).__name__}")
     return train_online(cfg, run_dir, policy_path, prompts, reward, gold, on_row, callbacks)
-
-
-def _truncate_samples(path: Path, step: int) -> None:
-    """Keep the samples of steps <= `step` (a resumed run redoes the rest; a fresh run starts empty)."""
-    from .tracking import atomic_write_text, read_metrics
-
-    if path.exists():
-        kept = [r for r in read_metrics(path) if int(r["step"]) <= step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

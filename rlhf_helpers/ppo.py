@@ -58,8 +58,8 @@ from torch import nn
 from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
-from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json, atomic_write_text,
-                       PeakMemory, read_json, read_metrics, settings_changed)
+from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
+                       PeakMemory, keep_rows_through, read_json, settings_changed)
 
 
 @dataclass
@@ -639,9 +639,7 @@ class PPOTrainer:
     def _drop_after(self, step: int) -> None:
         """Forget what an earlier run did after `step`: metrics rows, samples and checkpoints."""
         self.logger.truncate_after(step)
-        if self.samples_path.exists():
-            kept = [r for r in read_metrics(self.samples_path) if int(r["step"]) <= step]
-            atomic_write_text(self.samples_path, "".join(json.dumps(r) + "\n" for r in kept))
+        keep_rows_through(self.samples_path, step)
         for s, path in list_checkpoints(self.out):
             if s > step:
                 shutil.rmtree(path)

@@ -86,8 +86,14 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
 
 
 def snapshot_info(path: str | Path) -> dict[str, Any]:
-    """The provenance shared by a snapshot's pairs (policy, temperature, seed...), read from its first line."""
+    """The provenance of a snapshot's pairs (policy, temperatures, seeds...): each field's value when every
+    line shares it, else the sorted list of its distinct values (a snapshot of two rounds has two seeds)."""
+    per_pair = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "p_chosen")
+    values: dict[str, list] = {}
     with open(path, encoding="utf-8") as f:
-        first = json.loads(f.readline())
-    return {k: v for k, v in first.items() if k not in ("prompt", "chosen", "rejected", "gold_chosen",
-                                                        "gold_rejected", "p_chosen")}
+        for line in f:
+            if line.strip():
+                for k, v in json.loads(line).items():
+                    if k not in per_pair and v not in values.setdefault(k, []):
+                        values[k].append(v)
+    return {k: v[0] if len(v) == 1 else sorted(v, key=json.dumps) for k, v in values.items()}

@@ -30,7 +30,7 @@ from .models import _torch_dtype, chat_prompt, load_tokenizer, resolve_model_pat
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
-from .tracking import MetricsLogger, atomic_write_dir, atomic_write_json
+from .tracking import atomic_write_dir, atomic_write_json
 
 
 @dataclass
@@ -89,6 +89,9 @@ class RMStageConfig:
     """cpu, cuda or auto."""
     seed: int = 0
     """Seed for sampling, labels and training."""
+    resume: bool = True
+    """Continue from the last checkpoint in run_dir/rm/checkpoints when one exists and was made with these
+    settings and training pairs."""
 
     def __post_init__(self):
         if self.annotator_temperature <= 0:
@@ -153,20 +156,17 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
                        eval_pairs: Sequence[PreferencePair], on_row=None) -> tuple["RewardModel", dict[str, Any]]:
     """Train with TRL's RewardTrainer; returns the (un-normalised) RewardModel and training facts."""
     from peft import get_peft_model
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import RewardTrainer
+
+    from .dpo import resume_point
 
     seed_everything(cfg.seed)
     out = stage_dir(run_dir, "rm")
-    ckpt_dir = out / "checkpoints"
-    ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    logger = MetricsLogger(out, resume=ckpt is not None)
-    if ckpt:
-        logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
-    logger.save_config(cfg)
+    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
+    logger.save_config(settings)
     model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
     model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
-    trainer = RewardTrainer(model=model, args=build_trl_config(cfg, ckpt_dir), train_dataset=to_dataset(train_pairs),
+    trainer = RewardTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train_pairs),
                             eval_dataset=to_dataset(eval_pairs), processing_class=tok,
                             callbacks=[MetricsCallback(logger, on_row)])
     dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
@@ -192,17 +192,20 @@ class RewardModel(RewardFunction):
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Un-normalised head outputs, batched, right-padded with attention masks."""
+        """Un-normalised head outputs, batched, right-padded with attention masks. Texts are batched in order
+        of length (less padding to compute), and the scores returned in the order given."""
         self.model.eval()
         self.tokenizer.padding_side = "right"
         device = next(self.model.parameters()).device
         texts = [chat_prompt(self.tokenizer, p) + r + "<|im_end|>\n" for p, r in zip(prompts, responses)]
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        scores = np.zeros(len(texts), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                                    add_special_tokens=False).to(device)
-            out.append(self.model(**batch).logits[:, 0].float().cpu())  # (B,)
-        return torch.cat(out).numpy() if out else np.zeros(0)
+            scores[idx] = self.model(**batch).logits[:, 0].float().cpu().numpy()  # (B,)
+        return scores
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return ((self.raw_scores(prompts, responses) - self.shift) / self.scale).tolist()

@@ -113,6 +113,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def keep_rows_through(path: str | os.PathLike, step: int) -> None:
+    """Rewrite a step-keyed jsonl file (samples.jsonl) with only its rows of steps <= `step`, atomically: a
+    resumed run redoes the later steps, so their rows must go. A missing file is left missing."""
+    path = Path(path)
+    if path.exists():
+        kept = [r for r in read_metrics(path) if int(r["step"]) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 class MetricsLogger:
     """Append one JSON object per step to `stage_dir/metrics.jsonl`; write `summary.json` at the end.
 
@@ -235,6 +244,18 @@ def changed_settings(stage_dir: str | os.PathLike, config: Any, free: Iterable[s
         return []
     saved, now = read_json(path), _jsonable(config)
     return sorted(k for k in set(saved) | set(now) if k not in set(free) and saved.get(k) != now.get(k))
+
+
+def run_settings(config: Any, data: Any = None) -> dict[str, Any]:
+    """What a stage's config.json records: the config's fields and, when `data` is given, `data_sha256`, a
+    fingerprint of the training data, so that a resume also refuses checkpoints trained on other data."""
+    import hashlib
+
+    settings = _jsonable(config)
+    if data is not None:
+        text = json.dumps(_jsonable(list(data)), sort_keys=True, ensure_ascii=False)
+        settings["data_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return settings
 
 
 def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:

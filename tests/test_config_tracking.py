@@ -114,3 +114,27 @@ def test_atomic_write_dir_replaces_whole_folders_and_keeps_the_old_one_on_failur
         atomic_write_dir(target, half_then_crash)
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folders left
+
+
+# --- resume refuses a checkpoint made with other settings or other data -----------------------------------
+
+@dataclass
+class _Stage:
+    learning_rate: float = 1e-3
+    max_steps: int = 10
+    resume: bool = True
+
+
+def test_settings_changed_names_changed_fields_and_data_but_not_the_training_length(tmp_path, capsys):
+    from rlhf_helpers.tracking import changed_settings, run_settings, settings_changed
+
+    (tmp_path / "checkpoints").mkdir()
+    saved = run_settings(_Stage(), data=[{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    MetricsLogger(tmp_path).save_config(saved)
+    same = run_settings(_Stage(max_steps=40), data=[{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    assert changed_settings(tmp_path, same) == [] and not settings_changed(tmp_path, same)  # train longer: resume
+    other_lr = run_settings(_Stage(learning_rate=5e-4), data=[{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    assert changed_settings(tmp_path, other_lr) == ["learning_rate"]
+    other_data = run_settings(_Stage(), data=[{"prompt": "a", "chosen": "y", "rejected": "x"}])
+    assert settings_changed(tmp_path, other_data)
+    assert "data_sha256" in capsys.readouterr().out

@@ -11,7 +11,6 @@ import pytest
 
 from rlhf_helpers.data import (
     DataError,
-    LoadReport,
     PreferencePair,
     load,
     load_preferences,

@@ -198,6 +198,23 @@ def test_sample_recorder_passes_scores_through(tmp_path):
     assert [(r["step"], r["response"], r["proxy"], r["gold"]) for r in rows] == [(1, "a b", 2.0, 2.0)]
 
 
+def test_sample_recorder_penalises_replies_that_never_ended_and_logs_the_raw_scores(tmp_path):
+    class Words(RewardFunction):
+        name = "words_test"
+
+        def compute_reward(self, t):
+            return RewardOutput(float(len(t.response.split())))
+
+    logged: dict[str, float] = {}
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "s.jsonl", every=0, n=0,
+                         eos_token_id=2, missing_eos_penalty=1.5)
+    scores = rec(["p", "q"], ["a b c", "d"], completion_ids=[[5, 6, 7], [8, 2]], log_metric=logged.__setitem__)
+    assert scores == [3.0 - 1.5, 1.0]  # only the first reply lacks EOS (id 2)
+    assert logged == {"objective/raw_scores": 2.0, "response/eos_frac": 0.5}
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        GRPOStageConfig(missing_eos_penalty=-1.0)
+
+
 # --- DPO on a tiny model --------------------------------------------------------------------------------
 
 def tiny_dpo_config(tiny, **overrides) -> DPOStageConfig:
@@ -290,7 +307,9 @@ def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert len(proxy.batches) == len(gold.batches) == 2 and all(len(b) == 4 for b in proxy.batches)
     for row, p, g in zip(rows, proxy.batches, gold.batches):
-        assert row["objective/scores"] == pytest.approx(np.mean(p), abs=1e-6)  # the proxy of those very samples
+        assert row["objective/raw_scores"] == pytest.approx(np.mean(p), abs=1e-6)  # the proxy of those very samples
+        penalty = cfg.missing_eos_penalty * (1 - row["response/eos_frac"])  # the mean penalty of replies cut short
+        assert row["objective/scores"] == pytest.approx(np.mean(p) - penalty, abs=1e-6)
         assert row["objective/gold"] == pytest.approx(np.mean(g), abs=1e-6)
         assert row["train/reward"] == pytest.approx(row["objective/scores"], abs=1e-6)  # gold has weight 0
         assert row["objective/kl"] == pytest.approx(row["objective/kl_per_token"] * row["completions/mean_length"])

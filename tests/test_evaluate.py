@@ -43,8 +43,18 @@ def test_win_outcomes_count_ties_half():
     assert wr["win_rate"] == pytest.approx(2.5 / 4)
     assert (wr["wins"], wr["ties"], wr["losses"], wr["n"]) == (2, 1, 1, 4)
     assert wr["ci_low"] <= wr["win_rate"] <= wr["ci_high"]
+    assert wr["gain"] == pytest.approx((0.4 + 0.0 - 0.5 + 0.6) / 4)
+    assert wr["gain_ci_low"] <= wr["gain"] <= wr["gain_ci_high"]
     with pytest.raises(ValueError, match="paired"):
         win_outcomes([1.0, 2.0], [1.0])
+
+
+def test_gain_interval_excludes_zero_for_a_steady_small_gain_the_win_rate_cannot_separate():
+    rng = np.random.default_rng(0)
+    b = rng.uniform(0.5, 0.8, size=24)
+    a = b + 0.05 + rng.normal(0, 0.05, size=24)  # better on average, worse on some prompts
+    wr = win_rate(a, b, n_boot=2000)
+    assert wr["gain_ci_low"] > 0 and wr["gain"] == pytest.approx(float(np.mean(a - b)))
 
 
 # --- Monte-Carlo KL --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import PreferencePair
 from rlhf_helpers.gold import SimulatedAnnotator
-from rlhf_helpers.preferences import label_samples, read_pairs, write_pairs
+from rlhf_helpers.preferences import label_samples, read_pairs, snapshot_info, write_pairs
 from rlhf_helpers.reward_model import RewardModel, RMStageConfig, calibration_bins, load_backbone, lora_for_rm, train_reward_model
 from rlhf_helpers.rewards import RewardFunction, RewardOutput
 
@@ -72,6 +72,19 @@ def test_normalisation_gives_mean_zero_std_one(rm_parts):
     assert abs(scores.mean()) < 1e-5 and abs(scores.std() - 1) < 1e-4
 
 
+@pytest.mark.slow
+def test_batched_scores_come_back_in_the_order_given_and_match_one_at_a_time(rm_parts):
+    _, model, tok = rm_parts
+    rm = RewardModel(model, tok, batch_size=3)  # batches mix lengths: they are sorted before batching
+    prompts = ["Say something.", "Name a colour.", "Explain rain in one long sentence, please.", "Hi", "Count."]
+    responses = ["A much longer reply than the others, with several clauses, to force padding.", "Blue.",
+                 "Water vapour cools, condenses into droplets, and they fall.", "Hello!", "One, two, three."]
+    batched = rm.raw_scores(prompts, responses)
+    single = np.array([rm.raw_scores([p], [r])[0] for p, r in zip(prompts, responses)])
+    assert np.allclose(batched, single, atol=1e-4)
+    assert rm.raw_scores([], []).shape == (0,)
+
+
 def test_calibration_bins_by_hand():
     bins = calibration_bins(np.array([0.9, 0.9, 0.6]), bins=2)
     # seen from both sides: predictions 0.9, 0.9, 0.6 (chosen, outcome 1) and 0.1, 0.1, 0.4 (outcome 0)
@@ -97,3 +110,16 @@ def test_a_few_steps_on_an_easy_preference_beat_chance(tmp_path):
     saved = rm.save(tmp_path / "rm_model")
     again = RewardModel.load(saved, cfg.model_name)
     assert np.allclose(again.raw_scores([held_out[0].prompt], [held_out[0].chosen]), chosen[:1], atol=1e-4)
+
+
+def test_snapshot_info_lists_the_values_that_differ_between_rounds(tmp_path):
+    annotator = SimulatedAnnotator(temperature=0.1, seed=0)
+    pairs = []
+    for seed in (0, 1):
+        round_pairs, _ = label_samples(["Explain rain."], [["Rain falls from clouds.", "It rains."]], annotator,
+                                       {"policy": "sft", "sample_seed": seed, "source": "snapshot"})
+        pairs += round_pairs
+    write_pairs(tmp_path / "snap.jsonl", pairs)
+    info = snapshot_info(tmp_path / "snap.jsonl")
+    assert info["policy"] == "sft" and info["sample_seed"] == [0, 1] and info["annotator_temperature"] == 0.1
+    assert "chosen" not in info and "gold_chosen" not in info

@@ -10,7 +10,8 @@ from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.rewards import Trajectory, is_harmful_prompt
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-SHIPPED = {"prompts.jsonl": "prompts", "sft.jsonl": "sft", "reward_candidates.jsonl": "sft"}
+SHIPPED = {"prompts.jsonl": "prompts", "sft.jsonl": "sft", "reward_candidates.jsonl": "sft",
+           "preference_snapshot.jsonl": "preferences"}
 
 
 def rows(name):
@@ -43,6 +44,19 @@ def test_sft_uses_train_prompts_only():
         assert source["split"] == "train" and source["prompt"] == demo["prompt"], demo["id"]
     test_texts = {p["prompt"] for p in prompts.values() if p["split"] == "test"}
     assert not test_texts & {d["prompt"] for d in sft}
+
+
+def test_preference_snapshot_is_train_only_with_provenance_and_the_judges_gold():
+    train = {p["prompt"] for p in rows("prompts.jsonl") if p["split"] == "train"}
+    pairs = rows("preference_snapshot.jsonl")
+    gold = GoldJudge()
+    rounds = Counter(p["sample_seed"] for p in pairs)
+    assert len(pairs) >= 400 and set(rounds.values()) == {len(train)}  # one pair per train prompt per round
+    for p in pairs:
+        assert p["prompt"] in train
+        assert p["policy"] and p["sample_temperatures"] == [0.7, 1.3] and p["source"] == "snapshot"
+        assert gold(Trajectory(p["prompt"], p["chosen"])).reward == pytest.approx(p["gold_chosen"])
+        assert gold(Trajectory(p["prompt"], p["rejected"])).reward == pytest.approx(p["gold_rejected"])
 
 
 def test_harmful_rule_matches_the_refusal_domain_exactly():
