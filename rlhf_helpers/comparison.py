@@ -118,7 +118,7 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     says = []
     if best["gold"] <= ref["gold"]:
         return ("None, yet: no method improved on the reference at this budget, so the numbers cannot rank them. "
-                "Run the cpu or gpu profile, or more steps.")
+                "Train longer or on a bigger profile (the gpu profile takes more steps and more held-out prompts).")
     if dpo is not None and online:
         top = max(online, key=lambda r: r["gold"])
         if dpo["gold"] >= top["gold"]:
@@ -137,8 +137,9 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
         elif cheap is not None:
             says.append(f"Among the online methods {top['policy']} was both the best by gold and the cheapest to run.")
     if best["ci_low"] <= 0.5:
-        says.append("No verdict here is firm: the best method's win rate interval still holds 0.5. Run the cpu or gpu "
-                    "profile, or more steps, before choosing on these numbers.")
+        says.append(f"No verdict here is firm: the interval of the best by gold, {best['policy']}, still holds 0.5. "
+                    f"Before choosing on these numbers, train longer or evaluate on more held-out prompts (the gpu "
+                    f"profile does both).")
     return " ".join(says)
 
 

@@ -428,7 +428,23 @@ def gold_kl_frontier(points, reference="sft"):
     note = f" ({', '.join(unmeasured)}: no KL measured)" if unmeasured else ""
     fig.update_layout(height=420, title=f"Gold reward against KL to {reference}: the reward–KL frontier{note}",
                       xaxis_title=f"KL(π ‖ π_{reference}) per response (nats, Monte-Carlo)", yaxis_title="mean gold reward")
+    _fit_x_to_trained(fig, points)
     return fig
+
+
+def _fit_x_to_trained(fig, points) -> None:
+    """The base model sits far from the SFT reference (tens of nats) while the RL policies sit within a few:
+    on one linear axis they would crowd against zero. When base is more than 3× further than the furthest
+    other point, the axis shows the others and an arrow at its right edge names base's KL and gold."""
+    far = [p for p in points if p["policy"] == "base" and p["kind"] == "final" and p["kl"] is not None]
+    near = [p["kl"] for p in points if p["policy"] != "base" and p["kl"] is not None]
+    top = max(near, default=0.0)
+    if not far or top <= 0 or far[0]["kl"] <= 3 * top:
+        return
+    base = far[0]
+    fig.update_xaxes(range=[min(0.0, *near) - 0.05 * top, 1.25 * top])  # Monte-Carlo KLs can dip below 0
+    fig.add_annotation(x=1.2 * top, y=base["gold"], ax=-60, ay=0, showarrow=True, arrowhead=2,
+                       text=f"base: KL {base['kl']:.1f}, gold {base['gold']:.3f} →", xanchor="right")
 
 
 def gold_vs_proxy(series_by_stage):

@@ -335,3 +335,16 @@ def test_ppo_proxy_is_the_reward_model_score_before_the_eos_penalty(tmp_path):
     over = gold_proxy_over_training(tmp_path, window=1)
     assert over["ppo"]["objective/scores"] == [0.2, 0.4, 0.6]  # raw, not raw - 1
     assert over["grpo"]["objective/scores"] == [pytest.approx(-0.8)]  # no raw scores logged: scores as they are
+
+
+def test_frontier_axis_shows_the_trained_policies_and_points_to_a_distant_base():
+    from rlhf_helpers.plotting import gold_kl_frontier
+
+    def final(policy, kl, gold):
+        return {"policy": policy, "kind": "final", "kl": kl, "gold": gold, "n": 32, "step": None}
+
+    far = gold_kl_frontier([final("base", 37.8, 0.65), final("sft", 0.0, 0.716), final("ppo", 0.5, 0.75)])
+    assert tuple(far.layout.xaxis.range) == pytest.approx((-0.025, 0.625))
+    assert any("base: KL 37.8, gold 0.650" in a.text for a in far.layout.annotations)
+    near = gold_kl_frontier([final("base", 1.0, 0.65), final("sft", 0.0, 0.716), final("ppo", 0.5, 0.75)])
+    assert near.layout.xaxis.range is None and not near.layout.annotations
