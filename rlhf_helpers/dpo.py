@@ -25,7 +25,6 @@ Outputs in `run_dir/dpo/`: `metrics.jsonl`, `summary.json`, `config.json`, `chec
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from .data import PreferencePair
 from .models import count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, run_settings, settings_changed
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, resume_point
 
 
 @dataclass
@@ -133,25 +132,6 @@ def precision_flags(dtype: str, device: str) -> dict[str, bool]:
     on_cpu = runs_on_cpu(device)
     return {"bf16": dtype in ("bfloat16", "bf16") and not on_cpu, "fp16": dtype in ("float16", "fp16") and not on_cpu,
             "use_cpu": on_cpu}
-
-
-def resume_point(out: Path, cfg: Any, data: Any = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
-    """(last checkpoint or None, metrics logger, settings to save as config.json): rows logged after the
-    checkpoint are dropped, to be redone; with cfg.resume=False, or settings (config fields, and the
-    fingerprint of `data` when given) that differ from the saved run's, old checkpoints and metrics go."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = out / "checkpoints"
-    settings = run_settings(cfg, data)
-    resume = cfg.resume and not settings_changed(out, settings)
-    if not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
-    logger = MetricsLogger(out, resume=ckpt is not None)
-    if ckpt:
-        logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
-        print(f"Resuming from {ckpt}.")
-    return ckpt, logger, settings
 
 
 def save_adapter(model, tok, folder: Path) -> Path:

@@ -45,13 +45,13 @@ from transformers import TrainerCallback
 
 from .callbacks import namespaced
 from .config import DEFAULT_MODEL
-from .dpo import precision_flags, resume_point, save_adapter
+from .dpo import precision_flags, save_adapter
 from .models import count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
 from .data import train_prompts
-from .tracking import MetricsLogger, PeakMemory, _jsonable, keep_rows_through
+from .tracking import MetricsLogger, PeakMemory, _jsonable, keep_rows_through, resume_point
 
 
 @dataclass

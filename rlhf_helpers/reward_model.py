@@ -30,7 +30,7 @@ from .models import _torch_dtype, chat_prompt, load_tokenizer, resolve_model_pat
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
-from .tracking import atomic_write_dir, atomic_write_json
+from .tracking import atomic_write_dir, atomic_write_json, resume_point
 
 
 @dataclass
@@ -157,8 +157,6 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     """Train with TRL's RewardTrainer; returns the (un-normalised) RewardModel and training facts."""
     from peft import get_peft_model
     from trl import RewardTrainer
-
-    from .dpo import resume_point
 
     seed_everything(cfg.seed)
     out = stage_dir(run_dir, "rm")

@@ -266,3 +266,22 @@ def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:
     if changed:
         print(f"The checkpoints in {ckpts} were made with other settings ({', '.join(changed)}): starting over.")
     return bool(changed)
+
+
+def resume_point(out: Path, cfg: Any, data: Any = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
+    """(last checkpoint or None, metrics logger, settings to save as config.json): rows logged after the
+    checkpoint are dropped, to be redone; with cfg.resume=False, or settings (config fields, and the
+    fingerprint of `data` when given) that differ from the saved run's, old checkpoints and metrics go."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    settings = run_settings(cfg, data)
+    resume = cfg.resume and not settings_changed(out, settings)
+    if not resume:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    ckpt = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    logger = MetricsLogger(out, resume=ckpt is not None)
+    if ckpt:
+        logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))
+        print(f"Resuming from {ckpt}.")
+    return ckpt, logger, settings
