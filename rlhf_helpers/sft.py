@@ -14,7 +14,6 @@ Command line (also under `accelerate launch`):
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, settings_changed
+from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, resume_point
 
 
 @dataclass
@@ -171,16 +170,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
     t0, memory = time.perf_counter(), PeakMemory().start()
     out = stage_dir(run_dir, "sft")
-    resume = cfg.resume and not settings_changed(out, cfg)
-    ckpt = last_checkpoint(out / "checkpoints") if resume else None
-    if not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    logger = MetricsLogger(out, resume=ckpt is not None)
-    if ckpt:
-        start = int(Path(ckpt).name.split("-")[-1])
-        logger.truncate_after(start)  # rows logged after the checkpoint are redone
-        print(f"Resuming from {ckpt} (step {start} of {cfg.max_steps}).")
-    logger.save_config(cfg)
+    ckpt, logger, settings = resume_point(out, cfg)  # rows logged after the checkpoint are redone
+    logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, callbacks, logger, on_row)
     eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
     result = trainer.train(resume_from_checkpoint=ckpt)
