@@ -79,7 +79,7 @@ cfg
 live_prompts = train_prompts()[-cfg.n_live_prompts:]
 policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
 samples = sample_at_temperatures(policy, tok, live_prompts, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
-                                 seed=seed)
+                                 seed=seed, batch_size=cfg.generation_batch_size)
 annotator = SimulatedAnnotator(judge=GoldJudge(), temperature=cfg.annotator_temperature, seed=seed)
 provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperatures": list(cfg.sample_temperatures),
               "sample_seed": seed, "max_new_tokens": cfg.max_new_tokens, "source": "live"}
@@ -141,7 +141,8 @@ facts
 
 # %%
 fresh = generate_and_score(policy_path, heldout_prompts(cfg.n_fresh), GoldJudge(), max_new_tokens=cfg.max_new_tokens,
-                           temperature=cfg.fresh_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device)
+                           temperature=cfg.fresh_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device,
+                           batch_size=cfg.generation_batch_size)
 norm = rm.fit_normalization([r["prompt"] for r in fresh], [r["response"] for r in fresh])
 rm_scores = rm.score([r["prompt"] for r in fresh], [r["response"] for r in fresh])
 rho = spearman([r["gold"] for r in fresh], rm_scores)

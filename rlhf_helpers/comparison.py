@@ -112,6 +112,11 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     return " ".join(text).replace(" \n\n", "\n\n")
 
 
+GOLD_TIE = 0.005
+"""Mean gold rewards closer than this are called the same in the discussion (3 decimals would show a tie
+as a win)."""
+
+
 def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     by_name = {r["policy"]: r for r in rows}
     dpo, online = by_name.get("dpo"), [r for r in rows if r["policy"] in ("ppo", "grpo", "rloo")]
@@ -121,7 +126,11 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
                 "Train longer or on a bigger profile (the gpu profile takes more steps and more held-out prompts).")
     if dpo is not None and online:
         top = max(online, key=lambda r: r["gold"])
-        if dpo["gold"] >= top["gold"]:
+        if abs(top["gold"] - dpo["gold"]) < GOLD_TIE:
+            says.append(f"DPO and {top['policy']} reached the same gold ({dpo['gold']:.3f} and {top['gold']:.3f}, "
+                        f"less than {GOLD_TIE} apart), and DPO got there without sampling a single reply during "
+                        "training: with a fixed set of preference pairs, the method to start with.")
+        elif dpo["gold"] > top["gold"]:
             says.append("With a fixed set of preference pairs, DPO matched or beat the online methods here, without "
                         "sampling a single reply during training: the method to start with when pairs are what you have.")
         else:

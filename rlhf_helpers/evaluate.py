@@ -96,6 +96,10 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
 
 # --- sampling a policy with its KL to the reference --------------------------------------------------
 
+FORWARD_CHUNK = 16
+"""Sequences per forward pass when `sample_with_kl` scores its samples under policy and reference."""
+
+
 def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.7,
                    seed: int = 0, batch_size: int = 16, reference: Any = "adapter") -> list[dict]:
     """Sample one reply per prompt (seeded, pure temperature sampling, truncated at EOS) and estimate the
@@ -106,10 +110,8 @@ def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     reference: "adapter" (the policy with its LoRA adapter disabled), another model with the same tokenizer,
     or None (no KL: `kl` is None). Rows: prompt, response, kl, n_tokens, has_eos.
     """
-    import torch
-
     from .models import reference_model
-    from .ppo import PPOConfig, forward_logprobs_values, rollout
+    from .ppo import PPOConfig, chunked_forward, rollout
 
     cfg = PPOConfig(response_length=max_new_tokens, temperature=temperature, batch_size=1)
     rows: list[dict] = []
@@ -118,14 +120,14 @@ def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens:
         ro = rollout(policy, tokenizer, batch, cfg, seed=seed * 1_000_003 + start)
         kl = [None] * len(batch)
         if reference is not None:
-            args = (ro.query_response_ids, ro.attention_mask, ro.response_start, temperature)
-            with torch.no_grad():
-                logp, _, _ = forward_logprobs_values(policy, None, *args)  # (B, T)
-                if isinstance(reference, str):
-                    with reference_model(policy):
-                        ref_logp, _, _ = forward_logprobs_values(policy, None, *args)
-                else:
-                    ref_logp, _, _ = forward_logprobs_values(reference, None, *args)
+            # scored in chunks of FORWARD_CHUNK: a batch of 32 samples faster on CPU than two of 16 (measured),
+            # but one forward over all 32 holds 32·T·V floats of logits and was slower than two of 16
+            logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)  # (B, T)
+            if isinstance(reference, str):
+                with reference_model(policy):
+                    ref_logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)
+            else:
+                ref_logp, _ = chunked_forward(reference, None, ro, temperature, chunk=FORWARD_CHUNK)
             kl = mc_kl(logp, ref_logp, ro.response_mask)[0].tolist()  # (B,)
         for i, text in enumerate(ro.texts):
             rows.append({"prompt": batch[i], "response": text, "kl": kl[i],

@@ -201,14 +201,21 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / T) at `tokens`: (B, T, V), (B, T) -> (B, T). Use the sampling temperature
     for policy and reference alike, so that the ratio and the KL compare the distributions sampled from."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / T) at each position: (B, T, V) -> (B, T)."""
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                         with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs of `tokens`, entropy) under softmax(logits / T), each (B, T), from one log-softmax over
+    the (B, T, V) logits. The entropy carries no gradient; None when `with_entropy` is false (it costs
+    two more passes over B·T·V numbers)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
-    return -(logp.exp() * logp).sum(-1)
+    logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
 
 
 def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,20 +435,20 @@ def rollout(policy, tokenizer, prompts: Sequence[Any], cfg: PPOConfig, seed: int
 
 
 def forward_logprobs_values(model, value_head: ValueHead | None, query_response_ids: torch.Tensor,
-                            attention_mask: torch.Tensor, response_start: int, temperature: float):
+                            attention_mask: torch.Tensor, response_start: int, temperature: float,
+                            with_entropy: bool = True):
     """(logprobs, values, entropy), each (B, T) over the response columns `response_start:`.
     logprobs at `temperature`; values from `value_head` on the last hidden states (None without a head);
-    entropy of the full distribution (no gradient). Position ids count real tokens only, as `generate`
-    does with left padding."""
+    entropy of the full distribution (no gradient; None when `with_entropy` is false: see
+    `logprobs_and_entropy`). Position ids count real tokens only, as `generate` does with left
+    padding."""
     T = query_response_ids.shape[1] - response_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, Tq + T)
     out = model(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=value_head is not None, logits_to_keep=T + 1, use_cache=False)
     logits = out.logits[:, -(T + 1):-1]  # (B, T, V): the position before each response token predicts it
     tokens = query_response_ids[:, response_start:]  # (B, T)
-    logprobs = logprobs_from_logits(logits, tokens, temperature)
-    with torch.no_grad():
-        entropy = entropy_from_logits(logits, temperature)
+    logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature, with_entropy)
     values = None
     if value_head is not None:
         values = value_head(out.hidden_states[-1][:, response_start - 1:-1])  # (B, T): V before each token
@@ -484,9 +491,9 @@ def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts
                for name, fn in (monitors or {}).items()}
     t2 = time.perf_counter()
     chunk = chunk or cfg.mini_batch_size
-    logprobs, values = _chunked_forward(policy, value_head, ro, cfg.temperature, chunk)
+    logprobs, values = chunked_forward(policy, value_head, ro, cfg.temperature, chunk)
     with reference_model(policy):
-        ref_logprobs, _ = _chunked_forward(policy, None, ro, cfg.temperature, chunk)
+        ref_logprobs, _ = chunked_forward(policy, None, ro, cfg.temperature, chunk)
     mask = ro.response_mask  # (B, T)
     rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
     if cfg.whiten_rewards:
@@ -500,13 +507,13 @@ def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts
 
 
 @torch.no_grad()
-def _chunked_forward(model, value_head: ValueHead | None, ro: Rollout, temperature: float, chunk: int):
+def chunked_forward(model, value_head: ValueHead | None, ro: Rollout, temperature: float, chunk: int):
     """log-probs (and values) of a whole rollout in chunks of `chunk` sequences, without gradients."""
     logprobs, values = [], []
     qr, am = ro.query_response_ids, ro.attention_mask
     for s in range(0, qr.shape[0], chunk):
         lp, v, _ = forward_logprobs_values(model, value_head, qr[s:s + chunk], am[s:s + chunk], ro.response_start,
-                                           temperature)
+                                           temperature, with_entropy=False)
         logprobs.append(lp)
         values.append(v)
     return torch.cat(logprobs), (torch.cat(values) if value_head is not None else None)

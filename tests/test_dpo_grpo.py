@@ -152,6 +152,9 @@ def test_discussion_is_written_from_the_numbers():
     assert "**grpo** scored highest" in text and "Worse than sft beyond it: dpo" in text
     assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
     assert "grpo beat DPO on gold" in text and "No verdict here is firm" in text
+    results[1] = row("dpo", 0.548, 0.4, 1.5, 0.55, 0.40, 0.70)  # within GOLD_TIE of grpo: a tie, not a win
+    text = discussion(comparison_table(results, costs), "sft")
+    assert "DPO and grpo reached the same gold (0.548 and 0.550" in text and "beat DPO" not in text
     flat = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("dpo", 0.5, 0.1, 0.0, 0.5, 0.5, 0.5)]
     text = discussion(comparison_table(flat, costs), "sft")  # nothing moved: no winner is named
     assert "no method raised the mean gold reward" in text and "None, yet" in text and "scored highest" not in text

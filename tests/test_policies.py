@@ -102,3 +102,13 @@ def test_same_seed_same_samples(run_dir):
     a = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
     b = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
     assert a == b
+
+
+def test_kl_does_not_depend_on_how_the_samples_are_chunked(run_dir, monkeypatch):
+    model, tok = policies.load_policy(run_dir, "ppo")
+    prompts = ["Say hi.", "Name a colour.", "Count to three."]
+    whole = evaluate.sample_with_kl(model, tok, prompts, max_new_tokens=6, seed=3)
+    monkeypatch.setattr(evaluate, "FORWARD_CHUNK", 1)  # one sequence per forward pass
+    one_by_one = evaluate.sample_with_kl(model, tok, prompts, max_new_tokens=6, seed=3)
+    assert [r["response"] for r in one_by_one] == [r["response"] for r in whole]
+    assert [r["kl"] for r in one_by_one] == pytest.approx([r["kl"] for r in whole], abs=1e-4)

@@ -297,8 +297,15 @@ def test_forward_pass_matches_unpadded_rows_and_sampling_distribution():
         want = torch.log_softmax(logits, -1).gather(-1, ro.response_ids[b][:, None])[:, 0]
         n = int(ro.response_mask[b].sum())
         assert torch.allclose(lp[b, :n], want[:n], atol=1e-5)
+        probs = torch.softmax(logits, -1)
+        want_h = -(probs * torch.log(probs)).sum(-1)  # entropy of softmax(logits / T), written out
+        assert torch.allclose(entropy[b, :n], want_h[:n], atol=1e-5)
         want_v = head(out.hidden_states[-1][0, len(q) - 1:-1])
         assert torch.allclose(values[b, :n], want_v[:n], atol=1e-5)
+    with torch.no_grad():  # without the entropy: the same log-probs and values, no third tensor
+        lp_only, values_only, none = forward_logprobs_values(policy, head, ro.query_response_ids, ro.attention_mask,
+                                                             ro.response_start, cfg.temperature, with_entropy=False)
+    assert none is None and torch.equal(lp_only, lp) and torch.equal(values_only, values)
     # the sampler draws from exactly softmax(logits / T): compare with generate's own processed scores
     gen = generation_config(cfg, tok)
     assert (gen.top_k, gen.top_p, gen.temperature, gen.do_sample) == (0, 1.0, 0.7, True)
