@@ -198,17 +198,12 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask.to(values.dtype)
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / T) at `tokens`: (B, T, V), (B, T) -> (B, T). Use the sampling temperature
-    for policy and reference alike, so that the ratio and the KL compare the distributions sampled from."""
-    return logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
-
-
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float,
                          with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs of `tokens`, entropy) under softmax(logits / T), each (B, T), from one log-softmax over
-    the (B, T, V) logits. The entropy carries no gradient; None when `with_entropy` is false (it costs
-    two more passes over B·T·V numbers)."""
+    """(log softmax(logits / T) at `tokens`, entropy of softmax(logits / T)): (B, T, V), (B, T) -> two (B, T),
+    from one log-softmax. Use the sampling temperature for policy and reference alike, so that the ratio and
+    the KL compare the distributions sampled from. The entropy carries no gradient; None when `with_entropy`
+    is false (it costs two more passes over B·T·V numbers)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
     logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
     entropy = None
@@ -395,7 +390,7 @@ class Rollout:
 
 def generation_config(cfg: PPOConfig, tokenizer):
     """Pure sampling at cfg.temperature (top-k and top-p off, no other processors), so the sampled
-    distribution is exactly the softmax(logits / T) that `logprobs_from_logits` scores."""
+    distribution is exactly the softmax(logits / T) that `logprobs_and_entropy` scores."""
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,

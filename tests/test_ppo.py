@@ -13,7 +13,7 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.models import attach_lora, default_lora_config, reference_model
 from rlhf_helpers.ppo import (
     AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
-    compute_gae, forward_logprobs_values, generation_config, list_checkpoints, logprobs_from_logits,
+    compute_gae, forward_logprobs_values, generation_config, list_checkpoints, logprobs_and_entropy,
     masked_mean, masked_whiten, per_token_rewards, ppo_losses, response_mask_from_eos, rollout,
 )
 from rlhf_helpers.tracking import read_json, read_metrics
@@ -121,10 +121,10 @@ def test_masked_mean_and_whiten_use_valid_tokens_only():
     assert torch.allclose(kept[mask], expected + valid.mean(), atol=1e-5)
 
 
-def test_logprobs_from_logits_matches_a_loop():
+def test_logprobs_match_a_loop():
     torch.manual_seed(0)
     logits, tokens, temp = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), 0.7
-    got = logprobs_from_logits(logits, tokens, temp)
+    got, _ = logprobs_and_entropy(logits, tokens, temp, with_entropy=False)
     for b in range(2):
         for t in range(3):
             row = logits[b, t] / temp
