@@ -211,5 +211,16 @@ MetricsLogger(out_dir).summary(summary)
 # - PPO against SFT on held-out prompts: gold reward, win rate with its interval, and the KL paid for it.
 #
 # Try: `kl_coef=0.0` (no leash: watch the KL climb and the proxy part from gold); `reward="gold"` (optimise
-# the gold judge directly: an upper bound on what this budget can do); more `max_steps`. Notebook 05 runs
-# DPO, GRPO and RLOO on the same data and budget and sets them beside this run.
+# the gold judge directly: what this budget can do with a perfect reward model); more `max_steps`.
+#
+# Mind the units of the missing-EOS penalty when you change the reward. Its default, 1.0, is one standard
+# deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers
+# spread about 0.3), so against gold PPO mostly learns to stop early, below the judge's word windows, and
+# loses gold. From a shell, a gold run with the penalty in gold's units and rollouts as long as the
+# evaluation's replies, then its evaluation against SFT:
+#
+# `python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 --learning-rate 1e-3`
+# `python -m rlhf_helpers.evaluate --run-dir R ppo`
+#
+# (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Notebook 05 runs DPO,
+# GRPO and RLOO on the same data and budget and sets them beside this run.

@@ -532,3 +532,33 @@ def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig
                                     force=force)
         out.append((step, metrics))
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rlhf_helpers.evaluate --run-dir R [--profile cpu] ppo [dpo ...]`: evaluate SFT and the
+    named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
+    the results table: gold, proxy, KL to SFT, win rate against SFT with its 95% interval. For trials run
+    from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`."""
+    import argparse
+
+    from .config import add_config_arguments, stage_config
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.evaluate", description=main.__doc__.split("\n")[0])
+    parser.add_argument("stages", nargs="+", help="stages to evaluate beside sft: base, ppo, dpo, grpo, rloo")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--profile", default="cpu")
+    add_config_arguments(parser, EvalConfig)
+    args = vars(parser.parse_args(argv))
+    run_dir, profile, stages = args.pop("run_dir"), args.pop("profile"), args.pop("stages")
+    cfg = stage_config(EvalConfig, profile, **args)
+    evaluations = {name: evaluate_stage(run_dir, name, cfg) for name in dict.fromkeys(["sft", *stages])}
+    table = results_table(evaluations)
+    print(format_results(table).to_string(index=False))
+    for row in table[1:]:
+        gain = win_rate([r["gold"] for r in evaluations[row["policy"]][0]], [r["gold"] for r in evaluations["sft"][0]])
+        print(f"{row['policy']}: gold gain over sft {gain['gain']:+.3f} [{gain['gain_ci_low']:+.3f}, {gain['gain_ci_high']:+.3f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -348,3 +348,22 @@ def test_frontier_axis_shows_the_trained_policies_and_points_to_a_distant_base()
     assert any("base: KL 37.8, gold 0.650" in a.text for a in far.layout.annotations)
     near = gold_kl_frontier([final("base", 1.0, 0.65), final("sft", 0.0, 0.716), final("ppo", 0.5, 0.75)])
     assert near.layout.xaxis.range is None and not near.layout.annotations
+
+
+def test_evaluate_cli_prints_each_stage_against_sft_with_its_gain(tmp_path, monkeypatch, capsys):
+    from rlhf_helpers import evaluate
+
+    golds = {"sft": [0.5, 0.6, 0.7], "ppo": [0.6, 0.6, 0.9]}
+    calls = []
+
+    def fake_evaluate_stage(run_dir, stage, cfg, **kw):
+        calls.append((str(run_dir), stage, cfg.n_prompts))
+        rows = [{"prompt": f"p{i}", "gold": g} for i, g in enumerate(golds[stage])]
+        return rows, {"gold_mean": float(np.mean(golds[stage])), "kl_mean": 0.0 if stage == "sft" else 1.5}
+
+    monkeypatch.setattr(evaluate, "evaluate_stage", fake_evaluate_stage)
+    assert evaluate.main(["--run-dir", str(tmp_path), "--profile", "cpu", "--n-prompts", "3", "ppo", "sft"]) == 0
+    assert calls == [(str(tmp_path), "sft", 3), (str(tmp_path), "ppo", 3)]  # sft once, first, as the reference
+    out = capsys.readouterr().out
+    assert "(reference)" in out and "1.50" in out
+    assert "ppo: gold gain over sft +0.100 [" in out
