@@ -163,6 +163,8 @@ def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_
     by = {r["policy"]: r for r in table}
     assert by["sft"]["win_rate"] is None and by["sft"]["kl"] == 0.0
     assert by["ppo"]["win_rate"] == pytest.approx(2.5 / 4) and by["ppo"]["kl"] == 3.0 and by["ppo"]["n"] == 4
+    assert by["ppo"]["gain"] == pytest.approx(0.075) and by["ppo"]["gain_ci_low"] <= 0.075 <= by["ppo"]["gain_ci_high"]
+    assert by["sft"]["gain"] is None
     other = _rows([0.7, 0.5, 0.2, 0.9], prompts=["x", "y", "z", "w"])
     with pytest.raises(ValueError, match="dpo and sft were evaluated on different prompts"):
         results_table({"sft": (sft, _metrics(sft, 0.0)), "dpo": (other, _metrics(other, 1.0))})
