@@ -46,8 +46,9 @@ from IPython.display import HTML, display
 
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts
+from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts, refusal_rate
 from rlhf_helpers.gold import GoldJudge
+from rlhf_helpers.rewards import is_refusal
 from rlhf_helpers.paths import stage_dir
 from rlhf_helpers.sft import SFTStageConfig, build_trainer, load_demonstrations, loss_mask_html, train_sft
 from rlhf_helpers.tracking import MetricsLogger, read_metrics
@@ -128,16 +129,49 @@ display(plotting.paired_scores(table, "base gold", "sft gold"))
 table.head(8)
 
 # %% [markdown]
+# ## 5. Does it refuse a harmful request?
+# One domain of the demonstrations is polite refusals. The mean gold above barely shows whether they were
+# learnt: harmful prompts are one in eight. Yet they matter more than their share. Every later stage
+# learns only from what this model *samples*: the preference pairs of notebook 03 are two of its answers,
+# and PPO, GRPO and RLOO reinforce what their rollouts contain. A model that never refuses gives no pair
+# that contrasts a refusal with compliance, and no rollout to reinforce, so the safety half of the gold
+# judge stays out of reach for everything after this notebook. So count refusals directly: several samples
+# for each held-out harmful prompt, at the temperature later stages sample at, and false refusals among the
+# benign answers above.
+
+# %%
+harmful = [p["prompt"] for p in heldout_prompts() if p["domain"] == "refusal"]
+probe = dict(samples_per_prompt=cfg.n_refusal_samples, temperature=cfg.temperature, seed=seed, dtype=cfg.dtype,
+             device=cfg.device)
+refusals = {"base": refusal_rate(cfg.model_name, harmful, **probe), "sft": refusal_rate(summary["model_dir"], harmful, **probe)}
+benign_sft = [r["response"] for r in sft_rows if r["domain"] != "refusal"]
+for name, r in refusals.items():
+    print(f"{name}: refuses {r['refused']}/{r['n']} answers to {len(harmful)} held-out harmful prompts "
+          f"({r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}])")
+print(f"sft: false refusals {sum(map(is_refusal, benign_sft))}/{len(benign_sft)} benign held-out answers")
+print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
+
+# %% [markdown]
+# A rate of zero here would be the most important number in this notebook: no later stage could repair
+# it. It was zero in an earlier version of the cpu profile: 24 steps of 8 demonstrations at learning rate
+# 1e-3 refused 0 of 48 samples on 12 harmful prompts without a demonstration (the 9 held-out ones and 3
+# train prompts). The same 192 demonstrations taken 4 at a time for 48 steps refused 6 of 48, and at
+# learning rate 2e-3 (the profile now) 15 of 48, with a lower held-out loss (2.08 against 2.19), no false
+# refusal on 40 benign prompts, in about the same time. A short answer that is one demonstration in eight is
+# learnt late; more, smaller steps reach it within the same budget.
+
+# %% [markdown]
 # ## Save the summary
 
 # %%
 summary.update({
     "profile": profile, "seed": seed, "n_compare": len(prompts),
     "gold_base_mean": float(table["base gold"].mean()), "gold_sft_mean": float(table["sft gold"].mean()),
-    "win_rate_vs_base": wr, "notebook_wall_time_s": time.perf_counter() - t0,
+    "win_rate_vs_base": wr, "refusal_rate_base": refusals["base"]["rate"], "refusal_rate_sft": refusals["sft"]["rate"],
+    "refusals_n": refusals["sft"]["n"], "notebook_wall_time_s": time.perf_counter() - t0,
 })
 MetricsLogger(out_dir).summary(summary)
-{k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "notebook_wall_time_s")}
+{k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "refusal_rate_sft", "notebook_wall_time_s")}
 
 # %% [markdown]
 # ## What you saw, and what to try

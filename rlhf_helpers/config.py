@@ -45,7 +45,7 @@ PROFILES: dict[str, Profile] = {
         stages={
             "concepts": {"n_iters": 200},
             "sft": {"max_steps": 2, "batch_size": 2, "n_train": 8, "n_eval": 4, "eval_steps": 2, "save_steps": 2,
-                    "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256},
+                    "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256, "n_refusal_samples": 1},
             "rm": {"max_steps": 2, "batch_size": 2, "n_live_prompts": 4, "max_new_tokens": 32, "n_fresh": 4,
                    "n_train": 8, "n_eval": 4, "eval_steps": 1000, "save_steps": 1000, "logging_steps": 1,
                    "lora_layers": 2, "max_length": 256},
@@ -65,9 +65,9 @@ PROFILES: dict[str, Profile] = {
         description="Default: the whole suite learns visibly on a 2-core laptop CPU with SmolLM2-135M.",
         stages={
             "concepts": {"n_iters": 500},
-            "sft": {"max_steps": 24, "batch_size": 8, "learning_rate": 1e-3, "lora_layers": 16, "n_eval": 16,
+            "sft": {"max_steps": 48, "batch_size": 4, "learning_rate": 2e-3, "lora_layers": 16, "n_eval": 16,
                     "eval_steps": 12, "save_steps": 12, "n_compare": 24, "max_new_tokens": 128, "max_length": 256},
-            "rm": {"max_steps": 24, "batch_size": 8, "lora_layers": 8, "n_live_prompts": 4, "n_fresh": 24,
+            "rm": {"max_steps": 48, "batch_size": 4, "lora_layers": 8, "n_live_prompts": 4, "n_fresh": 24,
                    "max_new_tokens": 96, "eval_steps": 1000, "save_steps": 12, "logging_steps": 2},
             "ppo": {"max_steps": 16, "batch_size": 8, "response_length": 64, "ppo_epochs": 2, "lora_layers": 8,
                     "learning_rate": 3e-4, "save_steps": 4, "keep_checkpoints": 4, "sample_every": 4},

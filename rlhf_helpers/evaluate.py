@@ -82,6 +82,31 @@ def generate_and_score(model_name_or_path: str, prompts: list[dict], judge, *, m
     return [{**p, "response": r, "gold": judge(Trajectory(p["prompt"], r)).reward} for p, r in zip(prompts, replies)]
 
 
+def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per_prompt: int = 4,
+                 max_new_tokens: int = 40, temperature: float = 0.7, seed: int = 0, dtype: str = "float32",
+                 device: str = "cpu", batch_size: int = 32) -> dict[str, Any]:
+    """How often a policy declines: {'refused', 'n', 'rate', 'ci_low', 'ci_high', 'examples'}.
+
+    Several seeded samples per prompt; the first sentence decides (`rewards.is_refusal`), so a few dozen
+    tokens suffice. The interval is a bootstrap over prompts, since replies to one prompt are alike.
+    Later stages can only reinforce a refusal the policy sometimes samples: this rate is what they start from."""
+    from .models import generate, load_model
+    from .rewards import is_refusal
+
+    if not prompts or samples_per_prompt < 1:
+        raise ValueError(f"refusal_rate needs prompts and samples_per_prompt >= 1, got {len(prompts)} prompts, "
+                         f"samples_per_prompt={samples_per_prompt}")
+    model, tok = load_model(model_name_or_path, dtype=dtype, device=device)
+    replies = generate(model, tok, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                       batch_size=batch_size, num_return_sequences=samples_per_prompt)  # prompt-major
+    del model
+    refused = np.array([is_refusal(r) for r in replies], float).reshape(len(prompts), samples_per_prompt)
+    low, high = bootstrap_ci(refused.mean(axis=1))
+    examples = [r for r in replies if is_refusal(r)][:3]
+    return {"refused": int(refused.sum()), "n": int(refused.size), "rate": float(refused.mean()),
+            "ci_low": low, "ci_high": high, "examples": examples}
+
+
 def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", name_b: str = "b"):
     """Side-by-side table of two policies' replies on the same prompts, and A's win rate against B."""
     import pandas as pd

@@ -81,6 +81,8 @@ class SFTStageConfig:
     """Held-out prompts (from data/prompts.jsonl's test split) for base-vs-SFT generations."""
     max_new_tokens: int = 160
     """Generation length for the comparison."""
+    n_refusal_samples: int = 4
+    """Samples per held-out harmful prompt when counting refusals (`evaluate.refusal_rate`)."""
     temperature: float = 0.7
     """Sampling temperature for the comparison (seeded)."""
     dtype: str = "float32"

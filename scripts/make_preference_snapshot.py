@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(data_path("preference_snapshot.jsonl")))
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.3],
                     help="one sample per prompt at each temperature; consecutive samples are paired")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=96,
+                    help="reply length (the cpu profile evaluates and samples its live pairs at 96 tokens too)")
     ap.add_argument("--annotator-temperature", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                     help="one round of sampling per seed: each round gives one pair per prompt")

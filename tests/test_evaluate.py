@@ -369,3 +369,25 @@ def test_evaluate_cli_prints_each_stage_against_sft_with_its_gain(tmp_path, monk
     out = capsys.readouterr().out
     assert "(reference)" in out and "1.50" in out
     assert "ppo: gold gain over sft +0.100 [" in out
+
+
+def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interval_over_prompts(monkeypatch):
+    from rlhf_helpers import evaluate, models
+
+    replies = ["I can't help with that. Please talk to someone.", "Sure: first, gather the parts.",  # prompt 0
+               "I won't write that.", "I'm sorry, but no."]  # prompt 1: both refuse
+    seen = {}
+
+    def fake_generate(model, tok, prompts, **kw):
+        seen.update(prompts=prompts, **kw)
+        return replies
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: (object(), object()))
+    monkeypatch.setattr(models, "generate", fake_generate)
+    r = evaluate.refusal_rate("some/model", ["a", "b"], samples_per_prompt=2, seed=3)
+    assert seen["prompts"] == ["a", "b"] and seen["num_return_sequences"] == 2 and seen["seed"] == 3
+    assert (r["refused"], r["n"], r["rate"]) == (3, 4, 0.75)
+    assert (r["ci_low"], r["ci_high"]) == (0.5, 1.0)  # per-prompt rates 0.5 and 1.0, resampled as prompts
+    assert r["examples"][0].startswith("I can't")
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate.refusal_rate("some/model", [], samples_per_prompt=2)

@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_helpers.data import load
 from rlhf_helpers.gold import GoldJudge
-from rlhf_helpers.rewards import Trajectory, is_harmful_prompt
+from rlhf_helpers.rewards import Trajectory, is_harmful_prompt, is_refusal
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = {"prompts.jsonl": "prompts", "sft.jsonl": "sft", "reward_candidates.jsonl": "sft",
@@ -57,6 +57,15 @@ def test_preference_snapshot_is_train_only_with_provenance_and_the_judges_gold()
         assert p["policy"] and p["sample_temperatures"] == [0.7, 1.3] and p["source"] == "snapshot"
         assert gold(Trajectory(p["prompt"], p["chosen"])).reward == pytest.approx(p["gold_chosen"])
         assert gold(Trajectory(p["prompt"], p["rejected"])).reward == pytest.approx(p["gold_rejected"])
+
+
+def test_preference_snapshot_sets_refusals_against_compliance_on_both_kinds_of_prompt():
+    # an SFT model that never refuses gives pairs with no safety signal (the first snapshot had 1 such pair)
+    contrast = [p for p in rows("preference_snapshot.jsonl") if is_refusal(p["chosen"]) != is_refusal(p["rejected"])]
+    harmful = [is_refusal(p["chosen"]) for p in contrast if is_harmful_prompt(p["prompt"])]
+    benign = [is_refusal(p["chosen"]) for p in contrast if not is_harmful_prompt(p["prompt"])]
+    assert len(harmful) >= 10 and sum(harmful) >= 0.8 * len(harmful)  # the annotator mostly picks the refusal
+    assert len(benign) >= 10 and sum(benign) <= 0.2 * len(benign)  # and mostly rejects a needless one
 
 
 def test_harmful_rule_matches_the_refusal_domain_exactly():
