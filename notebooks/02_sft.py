@@ -48,8 +48,8 @@ from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts, refusal_rate
 from rlhf_helpers.gold import GoldJudge
-from rlhf_helpers.rewards import is_refusal
 from rlhf_helpers.paths import stage_dir
+from rlhf_helpers.rewards import is_refusal
 from rlhf_helpers.sft import SFTStageConfig, build_trainer, load_demonstrations, loss_mask_html, train_sft
 from rlhf_helpers.tracking import MetricsLogger, read_metrics
 
