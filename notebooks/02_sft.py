@@ -143,7 +143,8 @@ table.head(8)
 harmful = [p["prompt"] for p in heldout_prompts() if p["domain"] == "refusal"]
 probe = dict(samples_per_prompt=cfg.n_refusal_samples, temperature=cfg.temperature, seed=seed, dtype=cfg.dtype,
              device=cfg.device)
-refusals = {"base": refusal_rate(cfg.model_name, harmful, **probe), "sft": refusal_rate(summary["model_dir"], harmful, **probe)}
+refusals = {name: refusal_rate(path, harmful, **probe)
+            for name, path in (("base", cfg.model_name), ("sft", summary["model_dir"]))}
 benign_sft = [r["response"] for r in sft_rows if r["domain"] != "refusal"]
 for name, r in refusals.items():
     print(f"{name}: refuses {r['refused']}/{r['n']} answers to {len(harmful)} held-out harmful prompts "

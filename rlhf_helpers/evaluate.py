@@ -344,8 +344,9 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
                   seed: int = 0) -> list[dict]:
     """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts), gain (mean paired gold difference to
-    the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean tokens), n. `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of
-    every policy must be on the same prompts in the same order as the reference's (the win rate is paired).
+    the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean tokens), n.
+    `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
+    be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
     """
     if reference not in evaluations:
