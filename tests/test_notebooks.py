@@ -119,7 +119,10 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_in_smoke_profile(notebook, run_dir):
     before = set(run_dir.glob("*/summary.json"))
-    execute_notebook(notebook, run_dir / "notebooks", {"run_dir": str(run_dir), "profile": "smoke", "seed": 0})
+    # a cell time limit: once, with both cores busy with other work, the kernel finished a cell but its reply
+    # never reached papermill, which would have waited for ever (a whole smoke notebook takes ~90 s)
+    execute_notebook(notebook, run_dir / "notebooks", {"run_dir": str(run_dir), "profile": "smoke", "seed": 0},
+                     timeout_s=600)
     written = set(run_dir.glob("*/summary.json")) - before
     if notebook.stem in CHECKS:
         CHECKS[notebook.stem](run_dir)

@@ -97,6 +97,19 @@ def test_evaluate_stage_caches_and_recomputes_when_settings_change(run_dir, monk
         evaluate_stage(run_dir, "sft", small_cfg(seed=1), reward_model=None)
 
 
+def test_several_samples_per_prompt_come_prompt_major_and_are_cached_apart(run_dir):
+    rows, metrics = evaluate_stage(run_dir, "sft", small_cfg(samples_per_prompt=2), reward_model=None)
+    assert [(r["prompt"], r["sample"]) for r in rows][:4] == [(rows[0]["prompt"], 0), (rows[0]["prompt"], 1),
+                                                              (rows[2]["prompt"], 0), (rows[2]["prompt"], 1)]
+    assert len(rows) == 6 and metrics["n"] == 6 and metrics["prompts"] == 3 and metrics["samples_per_prompt"] == 2
+    assert rows[0]["response"] != rows[1]["response"]  # two samples, not one reply twice
+    one, _ = evaluate_stage(run_dir, "sft", small_cfg(), reward_model=None)
+    assert len(one) == 3  # the one-sample evaluation is recomputed, not served from the two-sample cache
+    ckpt, m = evaluate_stage(run_dir, "ppo", small_cfg(samples_per_prompt=2), reward_model=None, name="ppo-step2",
+                             adapter=run_dir / "ppo" / "checkpoints" / "step-2" / "adapter")
+    assert len(ckpt) == 3 and m["samples_per_prompt"] == 1  # checkpoints take one sample per prompt
+
+
 def test_same_seed_same_samples(run_dir):
     model, tok = policies.load_policy(run_dir, "ppo")
     a = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
