@@ -185,6 +185,7 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 #
 # Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
 # prompts with 3 replies each narrowed the gain's interval to about ±0.02–0.03 on the cpu run, against
-# ±0.04–0.08 for 32 prompts with one reply, and moved DPO's gain over SFT from +0.016 to −0.008); in notebook 04, a smaller KL
-# coefficient or more steps, then come back here and watch the frontier stretch right and the parting point
-# move earlier; read the answers of the policy with the highest proxy score and lowest gold: what did it learn?
+# ±0.04–0.08 for 32 prompts with one reply, and moved DPO's gain over SFT from +0.016 to −0.008); in
+# notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier stretch
+# right and the parting point move earlier; read the answers of the policy with the highest proxy score and
+# lowest gold: what did it learn?
