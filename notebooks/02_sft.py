@@ -168,11 +168,12 @@ print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 summary.update({
     "profile": profile, "seed": seed, "n_compare": len(prompts),
     "gold_base_mean": float(table["base gold"].mean()), "gold_sft_mean": float(table["sft gold"].mean()),
-    "win_rate_vs_base": wr, "refusal_rate_base": refusals["base"]["rate"], "refusal_rate_sft": refusals["sft"]["rate"],
-    "refusals_n": refusals["sft"]["n"], "notebook_wall_time_s": time.perf_counter() - t0,
+    "win_rate_vs_base": wr, "refusal_rate_base": refusals["base"]["rate"],
+    "refusal_rate_sft": refusals["sft"]["rate"], "refusals_n": refusals["sft"]["n"], "notebook_wall_time_s": time.perf_counter() - t0,
 })
 MetricsLogger(out_dir).summary(summary)
-{k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "refusal_rate_sft", "notebook_wall_time_s")}
+{k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "refusal_rate_sft",
+                         "notebook_wall_time_s")}
 
 # %% [markdown]
 # ## What you saw, and what to try

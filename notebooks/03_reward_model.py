@@ -152,10 +152,10 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 # Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24), although the held-out accuracy
 # below is close to its ceiling. The two measure different things. The pairs contrast a careful sample
 # (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking two
-# ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ here runs across 24 *different*
-# prompts, where most of the gold's spread is the prompt's (a harmful request that the SFT model answers
-# scores 0 whatever it says). Notebook 04 shows what a weak proxy costs: PPO optimises whatever the reward
-# model rewards.
+# ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ here runs
+# across 24 *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
+# SFT model answers scores 0 whatever it says). Notebook 04 shows what a weak proxy costs: PPO optimises
+# whatever the reward model rewards.
 #
 # ## 6. Diagnostics on held-out pairs
 

@@ -96,7 +96,7 @@ for name in present:
     t = time.perf_counter()
     evaluations[name] = evaluate_stage(run_dir, name, cfg, reward_model=rm, judge=judge, force=force)
     m = evaluations[name][1]
-    print(f"{name:5s} gold {m['gold_mean']:.3f} on {m.get('prompts', m['n'])} prompts, {m['n']} replies "
+    print(f"{name:5s} gold {m['gold_mean']:.3f} on {m['prompts']} prompts, {m['n']} replies "
           f"({time.perf_counter() - t:.1f} s)")
 
 # %% [markdown]

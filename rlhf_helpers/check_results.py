@@ -39,8 +39,9 @@ def _sft_beats_base(facts: dict, threshold: float) -> tuple[bool, str]:
         return False, "needs base and SFT evaluated, with SFT as the reference"
     # win rate of SFT against base = 1 − base's against SFT (ties count half both ways)
     win, low, high = 1 - base["win_rate"], 1 - base["ci_high"], 1 - base["ci_low"]
-    prompts = base.get("prompts", base["n"])
-    return win > threshold, f"SFT wins {win:.2f} [{low:.2f}, {high:.2f}] against base on {prompts} prompts (needs > {threshold})"
+    prompts = base.get("prompts", base["n"])  # summaries written before `prompts` existed have only n
+    return win > threshold, (f"SFT wins {win:.2f} [{low:.2f}, {high:.2f}] against base on {prompts} prompts "
+                             f"(needs > {threshold})")
 
 
 def _rm_accuracy(facts: dict, threshold: float) -> tuple[bool, str]:

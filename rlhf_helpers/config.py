@@ -45,7 +45,8 @@ PROFILES: dict[str, Profile] = {
         stages={
             "concepts": {"n_iters": 200},
             "sft": {"max_steps": 2, "batch_size": 2, "n_train": 8, "n_eval": 4, "eval_steps": 2, "save_steps": 2,
-                    "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256, "n_refusal_samples": 1},
+                    "logging_steps": 1, "n_compare": 2, "max_new_tokens": 24, "max_length": 256,
+                    "n_refusal_samples": 1},
             "rm": {"max_steps": 2, "batch_size": 2, "n_live_prompts": 4, "max_new_tokens": 32, "n_fresh": 4,
                    "n_train": 8, "n_eval": 4, "eval_steps": 1000, "save_steps": 1000, "logging_steps": 1,
                    "lora_layers": 2, "max_length": 256},
