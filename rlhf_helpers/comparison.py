@@ -11,6 +11,7 @@ Cost columns, read from run_dir/<stage>/summary.json:
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -78,12 +79,15 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         text.append(f"The intervals of {best['policy']} and {', '.join(rivals)} overlap, so their order is not settled "
                     f"by {n} prompts; more held-out prompts or training steps would settle it.")
     if ref.get("proxy") is not None:
+        rise = proxy_rise_threshold(ref["n"])
         fooled = [f"{r['policy']} (proxy {r['proxy'] - ref['proxy']:+.2f}, gold {r['gold'] - ref['gold']:+.3f})"
-                  for r in rows if r.get("proxy") is not None and r["proxy"] > ref["proxy"] and r["gold"] <= ref["gold"]]
+                  for r in rows if r.get("proxy") is not None and r["proxy"] - ref["proxy"] > rise
+                  and r["gold"] <= ref["gold"]]
         text.append("\n\n**Proxy against gold.** " + (
-            f"Raised the reward model's score but not the gold reward, the first sign of over-optimisation: "
-            f"{'; '.join(fooled)}." if fooled else
-            "No method raised the reward model's score while losing gold reward: the proxy has not been gamed yet."))
+            f"Raised the reward model's score by more than {rise:.2f} (beyond resampling noise on {ref['n']} replies) "
+            f"but not the gold reward, the first sign of over-optimisation: {'; '.join(fooled)}." if fooled else
+            f"No method raised the reward model's score beyond resampling noise ({rise:.2f} on {ref['n']} replies) "
+            f"while losing gold reward: the proxy has not been gamed yet."))
     with_kl = [r for r in rows if r.get("kl") is not None]
     if with_kl:
         far, near = max(with_kl, key=lambda r: r["kl"]), min(with_kl, key=lambda r: r["kl"])
@@ -93,7 +97,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         else:
             text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {far['kl']:.2f} nats "
                         f"per reply), {near['policy']} least ({near['kl']:.2f}).")
-        gainers = [r for r in with_kl if r["gold"] > ref["gold"] and r["kl"] > 0.01]
+        gainers = [r for r in with_kl if r["gold"] > ref["gold"] and r["ci_low"] > 0.5 and r["kl"] > 0.01]
         if gainers:
             eff = max(gainers, key=lambda r: (r["gold"] - ref["gold"]) / r["kl"])
             text.append(f"Gold gained per nat of KL was highest for {eff['policy']} "
@@ -105,7 +109,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
                  (f" / {r['peak_memory_mb']:.0f} MB" if r.get("peak_memory_mb") is not None else "") for r in costed]
         text.append(f"\n\n**Cost.** Training time, samples seen and peak memory: {'; '.join(parts)}. "
                     f"The cheapest in time was {fast['policy']}.")
-        if fast["policy"] == "dpo" and best["policy"] != "dpo":
+        if fast["policy"] == "dpo" and best["policy"] != "dpo" and best["ci_low"] > 0.5:
             text.append(f"DPO took {fast['wall_time_s'] / best['wall_time_s']:.0%} of {best['policy']}'s time for "
                         f"{fast['gold'] - ref['gold']:+.3f} gold against {best['gold'] - ref['gold']:+.3f}.")
     text.append(f"\n\n**When each wins, by these numbers.** {_verdict(rows, ref, best)}")
@@ -117,6 +121,13 @@ GOLD_TIE = 0.005
 as a win)."""
 
 
+def proxy_rise_threshold(n_replies: int) -> float:
+    """The smallest rise of the normalised proxy that the discussion calls a rise: twice the standard error
+    of a difference of two means over n replies each, 2·sqrt(2/n), since the proxy has standard deviation 1
+    on SFT's replies (0.5 for 32 replies). Smaller differences are what resampling the same policy gives."""
+    return 2.0 * math.sqrt(2.0 / max(n_replies, 1))
+
+
 def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     by_name = {r["policy"]: r for r in rows}
     dpo, online = by_name.get("dpo"), [r for r in rows if r["policy"] in ("ppo", "grpo", "rloo")]
@@ -124,6 +135,20 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     if best["gold"] <= ref["gold"]:
         return ("None, yet: no method improved on the reference at this budget, so the numbers cannot rank them. "
                 "Train longer or on a bigger profile (the gpu profile takes more steps and more held-out prompts).")
+    if best["ci_low"] <= 0.5:  # the order by gold may be noise: recommend nothing from it
+        costed = [r for r in rows if r.get("wall_time_s") is not None]
+        cost = ""
+        if len(costed) > 1:
+            fast, slow = min(costed, key=lambda r: r["wall_time_s"]), max(costed, key=lambda r: r["wall_time_s"])
+            cost = (f" What the numbers do settle is cost: {fast['policy']} trained in {fast['wall_time_s']:.0f} s, "
+                    f"{slow['policy']} in {slow['wall_time_s']:.0f} s.")
+        return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}), "
+                f"wins {best['win_rate']:.2f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}], an interval that still "
+                f"holds 0.5, so at this budget the order of the methods by gold may be sampling noise.{cost} Until "
+                "gold separates them, choose by what you have: DPO needs only preference pairs and samples nothing "
+                "while it trains; GRPO, RLOO and PPO need a reward that can score fresh replies and the time to "
+                "generate them. To rank them on gold, train longer or evaluate on more held-out prompts (the gpu "
+                "profile does both).")
     if dpo is not None and online:
         top = max(online, key=lambda r: r["gold"])
         if abs(top["gold"] - dpo["gold"]) < GOLD_TIE:
@@ -145,10 +170,6 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
                         f"cheapest to run; choose by which of the two you are short of.")
         elif cheap is not None:
             says.append(f"Among the online methods {top['policy']} was both the best by gold and the cheapest to run.")
-    if best["ci_low"] <= 0.5:
-        says.append(f"No verdict here is firm: the interval of the best by gold, {best['policy']}, still holds 0.5. "
-                    f"Before choosing on these numbers, train longer or evaluate on more held-out prompts (the gpu "
-                    f"profile does both).")
     return " ".join(says)
 
 

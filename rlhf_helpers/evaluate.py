@@ -128,6 +128,60 @@ def paired_win_rate(rows_a: Sequence[dict], rows_b: Sequence[dict], **kw) -> dic
     return win_rate(gold_a, gold_b, **kw)
 
 
+def _by_ranking(values: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """(P,) expected `values` of the reply with the highest `key` in a random n-subset of each prompt's k
+    replies, exactly: the reply ranked j-th by key (0 = highest, ties to the earlier reply) is the one picked
+    with probability C(k−1−j, n−1) / C(k, n)."""
+    from math import comb
+
+    k = values.shape[1]
+    order = np.argsort(-keys, axis=1, kind="stable")
+    weights = np.array([comb(k - 1 - j, n - 1) for j in range(k)], float) / comb(k, n)
+    return (np.take_along_axis(values, order, axis=1) * weights).sum(axis=1)
+
+
+def best_of_n(gold: Sequence[float], proxy: Sequence[float], k: int, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """What choosing by the proxy buys in gold, with no training: for n = 1..k, the mean gold of the reply
+    that the proxy ranks highest among n replies to the same prompt, beside a random reply (`random`) and the
+    reply the gold judge itself would pick (`by_gold`, the ceiling). `gold`, `proxy`: prompt-major, k replies
+    per prompt; each value averages over every n-subset of a prompt's replies, exactly.
+
+    `kl_bound` = log n − (n−1)/n, the KL from best-of-n sampling to the policy that sampled: an upper bound,
+    near exact when no reply is likely to be sampled twice (Stiennon et al. 2020; Beirami et al. 2024). So
+    each row is about what a policy trained on the proxy could reach at that KL if it optimised perfectly: if
+    picking by the proxy buys no gold here, RL against it will not either. `gain` is by_proxy − random, with a
+    bootstrap 95% interval over prompts."""
+    g, r = np.asarray(gold, float), np.asarray(proxy, float)
+    if k < 1 or g.size != r.size or g.size % k:
+        raise ValueError(f"best_of_n needs gold and proxy of the same length, a multiple of k={k} (prompt-major, "
+                         f"k replies per prompt); got {g.size} and {r.size}")
+    g, r = g.reshape(-1, k), r.reshape(-1, k)
+    random_pick = g.mean(axis=1)
+    out = []
+    for n in range(1, k + 1):
+        by_proxy, by_gold = (_by_ranking(g, r, n), _by_ranking(g, g, n)) if n > 1 else (random_pick, random_pick)
+        low, high = bootstrap_ci(by_proxy - random_pick, n_boot=n_boot, seed=seed) if n > 1 else (0.0, 0.0)
+        out.append({"n": n, "kl_bound": float(np.log(n) - (n - 1) / n), "random": float(random_pick.mean()),
+                    "by_proxy": float(by_proxy.mean()), "by_gold": float(by_gold.mean()),
+                    "gain": float((by_proxy - random_pick).mean()), "gain_ci_low": low, "gain_ci_high": high,
+                    "prompts": int(g.shape[0])})
+    return out
+
+
+def within_prompt_agreement(gold: Sequence[float], proxy: Sequence[float], k: int, tie_tol: float = 1e-9
+                            ) -> dict[str, float]:
+    """How often the proxy orders two replies to the same prompt as the gold judge does: over every pair of
+    a prompt's k replies whose gold differs by more than tie_tol (proxy ties count half). This, not a rank
+    correlation across prompts, is what RL against the proxy feeds on: it only ever compares replies to
+    the prompt it was given. {'agreement', 'pairs'}; agreement is nan when no pair differs in gold."""
+    g, r = np.asarray(gold, float).reshape(-1, k), np.asarray(proxy, float).reshape(-1, k)
+    i, j = np.triu_indices(k, 1)
+    dg, dr = g[:, i] - g[:, j], r[:, i] - r[:, j]
+    counted = np.abs(dg) > tie_tol
+    score = np.where(dr == 0, 0.5, (np.sign(dg) == np.sign(dr)).astype(float))[counted]
+    return {"agreement": float(score.mean()) if score.size else float("nan"), "pairs": int(counted.sum())}
+
+
 def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", name_b: str = "b"):
     """Side-by-side table of two policies' replies on the same prompts, and A's win rate against B (on
     per-prompt means when there are several samples per prompt)."""

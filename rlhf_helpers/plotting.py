@@ -363,6 +363,28 @@ def calibration_figure(bins):
     return fig
 
 
+def best_of_n_figure(rows, proxy_name="reward model"):
+    """Gold of best-of-n against its KL bound (rows from `evaluate.best_of_n`): picked by the proxy (with the
+    95% interval of its gain over a random reply), by the gold judge (the ceiling) and at random."""
+    import plotly.graph_objects as go
+
+    x = [r["kl_bound"] for r in rows]
+    labels = [f"best of {r['n']}" for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=[r["by_gold"] for r in rows], mode="lines+markers", name="picked by gold (ceiling)",
+                             text=labels, line=dict(dash="dash")))
+    fig.add_trace(go.Scatter(x=x, y=[r["by_proxy"] for r in rows], mode="lines+markers", name=f"picked by {proxy_name}",
+                             text=labels, error_y=dict(type="data", symmetric=False,
+                                                       array=[r["gain_ci_high"] - r["gain"] for r in rows],
+                                                       arrayminus=[r["gain"] - r["gain_ci_low"] for r in rows])))
+    fig.add_trace(go.Scatter(x=x, y=[r["random"] for r in rows], mode="lines", name="a random reply",
+                             line=dict(color="gray", dash="dot")))
+    fig.update_layout(height=380, width=620, title=f"Best-of-n on {rows[0]['prompts']} held-out prompts: what picking "
+                      f"by the {proxy_name} buys", xaxis_title="KL to the sampling policy, log n − (n−1)/n (nats)",
+                      yaxis_title="gold reward")
+    return fig
+
+
 def chosen_rejected_histogram(chosen, rejected):
     """Normalised reward of chosen and rejected responses, overlaid."""
     import plotly.graph_objects as go

@@ -83,6 +83,9 @@ class RMStageConfig:
     """Reply length when sampling."""
     n_fresh: int = 24
     """Held-out prompts sampled fresh from the SFT policy, for normalisation and the rank correlation with gold."""
+    fresh_samples_per_prompt: int = 2
+    """Fresh replies per held-out prompt: with two or more, the notebook measures how often the reward model
+    orders replies to the same prompt as gold does, and what best-of-n picking by it buys in gold."""
     generation_batch_size: int = 32
     """Replies sampled per `generate` call (live pairs and fresh samples). On 2 CPU cores one batch of 32
     replies of 128 tokens took 49 s, two batches of 16 took 67 s (measured)."""
@@ -104,6 +107,9 @@ class RMStageConfig:
             raise ValueError("sample_temperatures needs at least two positive temperatures, e.g. (0.7, 1.3)")
         if not 0 < self.eval_fraction < 1:
             raise ValueError("eval_fraction must be in (0, 1)")
+        if self.fresh_samples_per_prompt < 1:
+            raise ValueError(f"fresh_samples_per_prompt must be >= 1 (2 or more to compare replies to one prompt), "
+                             f"got {self.fresh_samples_per_prompt}")
 
 
 def lora_for_rm(cfg: RMStageConfig, n_layers: int):

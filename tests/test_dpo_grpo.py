@@ -147,14 +147,20 @@ def test_discussion_is_written_from_the_numbers():
     assert "cheapest in time was dpo" in text
     assert "matched or beat the online methods" in text
     results[1] = row("dpo", 0.40, 0.4, 1.5, 0.30, 0.15, 0.45)  # change the numbers: the text follows
-    results[2] = row("grpo", 0.55, 0.9, 3.0, 0.55, 0.40, 0.70)
+    results[2] = row("grpo", 0.55, 0.9, 3.0, 0.65, 0.52, 0.78)
     text = discussion(comparison_table(results, costs), "sft")
     assert "**grpo** scored highest" in text and "Worse than sft beyond it: dpo" in text
     assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
-    assert "grpo beat DPO on gold" in text and "No verdict here is firm" in text
+    assert "grpo beat DPO on gold" in text
     results[1] = row("dpo", 0.548, 0.4, 1.5, 0.55, 0.40, 0.70)  # within GOLD_TIE of grpo: a tie, not a win
     text = discussion(comparison_table(results, costs), "sft")
     assert "DPO and grpo reached the same gold (0.548 and 0.550" in text and "beat DPO" not in text
+    results[2] = row("grpo", 0.55, 0.9, 3.0, 0.55, 0.40, 0.70)  # best above sft, but its interval holds 0.5
+    text = discussion(comparison_table(results, costs), "sft")
+    verdict = text.split("When each wins, by these numbers.")[1]
+    assert "None, by gold: the best, grpo (+0.050 over sft), wins 0.55 [0.40, 0.70]" in verdict
+    assert "dpo trained in 100 s, grpo in 400 s" in verdict
+    assert "the method to start with" not in verdict and "beat DPO" not in verdict and "paid off" not in verdict
     flat = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("dpo", 0.5, 0.1, 0.0, 0.5, 0.5, 0.5)]
     text = discussion(comparison_table(flat, costs), "sft")  # nothing moved: no winner is named
     assert "no method raised the mean gold reward" in text and "None, yet" in text and "scored highest" not in text

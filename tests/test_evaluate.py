@@ -3,6 +3,7 @@ and the results check, on hand-made numbers and a fake run folder (no model need
 import json
 import math
 import re
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,9 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from rlhf_helpers import check_results
-from rlhf_helpers.evaluate import (bootstrap_ci, compare_policies, frontier_points, gold_proxy_over_training, mc_kl,
-                                   paired_win_rate, parting_point, per_prompt_means, results_table, subset_metrics,
-                                   training_series, win_outcomes, win_rate)
+from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, frontier_points,
+                                   gold_proxy_over_training, mc_kl, paired_win_rate, parting_point, per_prompt_means,
+                                   results_table, subset_metrics, training_series, win_outcomes, win_rate)
 from rlhf_helpers.report import build_report, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
@@ -173,6 +174,41 @@ def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_
         results_table({"ppo": (ppo, _metrics(ppo, 3.0))})
 
 
+def test_best_of_n_matches_picking_from_every_subset_by_hand():
+    rng = np.random.default_rng(3)
+    k, prompts = 4, 6
+    gold = rng.random((prompts, k)).round(1)  # rounded: ties in gold, broken towards the earlier reply
+    proxy = gold + rng.normal(0, 0.3, (prompts, k))
+    rows = best_of_n(gold.ravel(), proxy.ravel(), k, n_boot=200)
+    for row in rows:
+        n = row["n"]
+        subsets = list(itertools.combinations(range(k), n))
+        by_proxy = np.mean([[gold[p, max(c, key=lambda i: (proxy[p, i], -i))] for c in subsets]
+                            for p in range(prompts)])
+        by_gold = np.mean([[max(gold[p, list(c)]) for c in subsets] for p in range(prompts)])
+        assert row["by_proxy"] == pytest.approx(by_proxy) and row["by_gold"] == pytest.approx(by_gold)
+        assert row["random"] == pytest.approx(gold.mean()) and row["prompts"] == prompts
+        assert row["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n)
+        assert row["gain_ci_low"] <= row["gain"] <= row["gain_ci_high"]
+    assert rows[0]["by_proxy"] == pytest.approx(rows[0]["random"]) and rows[0]["gain"] == pytest.approx(0)
+    perfect, reversed_ = best_of_n(gold.ravel(), gold.ravel(), k), best_of_n(gold.ravel(), -gold.ravel(), k)
+    assert perfect[-1]["by_proxy"] == pytest.approx(gold.max(axis=1).mean())  # the proxy is the gold
+    assert reversed_[-1]["by_proxy"] == pytest.approx(gold.min(axis=1).mean())  # the proxy is backwards
+    assert reversed_[-1]["gain_ci_high"] < 0
+    with pytest.raises(ValueError, match="multiple of k=4"):
+        best_of_n(gold.ravel()[:-1], proxy.ravel()[:-1], k)
+
+
+def test_within_prompt_agreement_compares_replies_to_the_same_prompt_only():
+    from rlhf_helpers.evaluate import within_prompt_agreement
+
+    gold = [0.1, 0.9, 0.5, 0.5, 0.2, 0.8]  # prompt 1: a gold gap; prompt 2: a gold tie; prompt 3: a gap
+    proxy = [5.0, 6.0, 1.0, 9.0, 3.0, 3.0]  # agrees on prompt 1, ties on prompt 3; prompt 2 is not counted
+    assert within_prompt_agreement(gold, proxy, 2) == {"agreement": 0.75, "pairs": 2}
+    # a proxy that only knows which prompt it is (the gold's between-prompt spread) orders no pair within one
+    assert within_prompt_agreement([0.1, 0.2, 0.8, 0.9], [0.0, 0.0, 1.0, 1.0], 2)["agreement"] == 0.5
+
+
 def test_several_samples_per_prompt_are_averaged_so_the_prompt_stays_the_unit_of_the_win_rate():
     # prompt-major, 2 replies per prompt: per prompt PPO averages 0.6, 0.5, 0.2 against SFT's 0.5 everywhere
     prompts = ["a", "a", "b", "b", "c", "c"]
@@ -296,13 +332,26 @@ def test_check_results_fails_a_run_that_misses_them(tmp_path, capsys):
     build_report(run)
     assert check_results.main([str(run)]) == 1
     out = capsys.readouterr().out
-    for name in ("reward_model_learns", "rl_beats_sft", "every_policy_evaluated"):
+    for name in ("reward_model_learns", "rl_not_worse_than_sft", "every_policy_evaluated"):
         assert re.search(rf"FAIL\s+{name}\b", out), out
     assert re.search(r"PASS\s+sft_beats_base\b", out)
     assert check_results.main([str(run), "--profile", "smoke"]) == 0  # smoke: artifacts only
     (run / "eval" / "report.html").unlink()
     assert check_results.main([str(run), "--profile", "smoke"]) == 1
     assert re.search(r"FAIL\s+report_offline\b", capsys.readouterr().out)
+
+
+def test_check_results_does_not_call_a_tie_with_sft_a_win(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "level", rl_shift=-0.1)  # ppo ties SFT on every prompt, the rest lose
+    build_report(run)
+    assert check_results.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"PASS\s+rl_not_worse_than_sft\b.*ppo 0\.50 \[0\.50, 0\.50\]", out), out
+    assert "none beats SFT beyond its interval" in out
+    good = make_fake_run(tmp_path / "good")
+    build_report(good)
+    check_results.main([str(good)])
+    assert "beats SFT beyond its interval: ppo, dpo, grpo" in capsys.readouterr().out
 
 
 def test_check_results_exit_2_for_a_missing_run_or_summary(tmp_path, capsys):
@@ -411,3 +460,31 @@ def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interv
     assert r["examples"][0].startswith("I can't")
     with pytest.raises(ValueError, match="samples_per_prompt"):
         evaluate.refusal_rate("some/model", [], samples_per_prompt=2)
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_best_of_n_script_prints_the_table_from_saved_rows_and_names_a_bad_line(tmp_path, capsys):
+    script = _script("best_of_n")
+    rows = [{"prompt": p, "gold": g, "proxy": q} for p, g, q in
+            [("a", 0.2, 0.0), ("a", 0.8, 1.0), ("b", 0.9, 0.0), ("b", 0.1, 1.0), ("c", 0.5, 2.0), ("c", 0.7, 3.0)]]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert script.main(["--run-dir", str(tmp_path), "--rows", str(path), "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 prompts x 2 replies" in out and "orders 0.667 as gold does" in out  # right on a and c, wrong on b
+    # best of 2: by the reward model (0.8 + 0.1 + 0.7) / 3, by gold (0.8 + 0.9 + 0.7) / 3, random 0.533
+    assert re.search(r"\| 2 \| 0\.19 \| 0\.533 \| 0\.533 \| \+0\.000 .*\| 0\.800 \|", out), out
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + json.dumps({"prompt": "b", "gold": 0.1}) + "\n")
+    with pytest.raises(SystemExit, match=r"rows\.jsonl, line 4: field 'proxy'"):
+        script.main(["--run-dir", str(tmp_path), "--rows", str(path), "--k", "2"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:5]))  # a|b, b|c: not k per prompt
+    with pytest.raises(SystemExit, match=r"line 1: rows must come k=2 per prompt"):
+        script.main(["--run-dir", str(tmp_path), "--rows", str(path), "--k", "2"])

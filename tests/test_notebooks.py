@@ -50,7 +50,8 @@ def check_rm(run_dir: Path) -> None:
 
     s = json.loads((run_dir / "rm" / "summary.json").read_text())
     assert s["steps"] >= 1 and 0.0 <= s["eval_accuracy"] <= 1.0 and 0.5 <= s["bayes_ceiling"] <= 1.0
-    assert s["normalization"]["scale"] > 0
+    assert s["normalization"]["scale"] > 0 and s["normalization"]["n"] == 4 * s["fresh_samples_per_prompt"]
+    assert [r["n"] for r in s["best_of_n"]] == list(range(1, s["fresh_samples_per_prompt"] + 1))
     assert (run_dir / "rm" / "model" / "normalization.json").exists()
     pairs = read_pairs(run_dir / "preferences" / "pairs.jsonl")  # validates, and carries provenance
     assert len(pairs) == s["n_pairs"] and all("policy" in p.metadata for p in pairs)
