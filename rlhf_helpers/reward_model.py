@@ -15,6 +15,7 @@ Outputs in `run_dir/rm/`: `adapter/`, `normalization.json`, `metrics.jsonl`, `su
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,14 +124,25 @@ def lora_for_rm(cfg: RMStageConfig, n_layers: int):
                       modules_to_save=["score"])
 
 
-def load_backbone(name: str, dtype: str = "float32", device: str = "cpu"):
-    """`(model, tokenizer)`: a sequence classifier with one output, padding with a non-end-of-turn token."""
+def load_backbone(name: str, dtype: str = "float32", device: str = "cpu", head_from_adapter: bool = False):
+    """`(model, tokenizer)`: a sequence classifier with one output, padding with a non-end-of-turn token.
+
+    The score head is new, and transformers reports it as "newly initialized ... consider training". With
+    `head_from_adapter` (loading a trained reward model, whose adapter carries the head) that report would
+    mislead, so it is silenced; any other warning or error still shows."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     tok = load_tokenizer(name, padding_side="right")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_torch_dtype(dtype),
-                                                               trust_remote_code=False)
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    if head_from_adapter:
+        log.setLevel(logging.ERROR)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_torch_dtype(dtype),
+                                                                   trust_remote_code=False)
+    finally:
+        log.setLevel(level)
     model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
 
@@ -244,7 +256,7 @@ class RewardModel(RewardFunction):
         from peft import PeftModel
 
         folder = Path(folder)
-        model, tok = load_backbone(backbone, dtype, device)
+        model, tok = load_backbone(backbone, dtype, device, head_from_adapter=True)
         model = PeftModel.from_pretrained(model, str(folder)).eval()
         norm = json.loads((folder / "normalization.json").read_text())
         loaded = cls(model, tok, norm["shift"], norm["scale"])
