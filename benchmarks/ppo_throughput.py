@@ -6,7 +6,8 @@ Builds the PPO policy as notebook 04 does (the SFT model of --run-dir when prese
 base model), runs --steps PPO steps into a scratch folder, and prints a table: per step, the time of the
 rollout, the scoring, the forward passes (policy, values, reference) and the updates; then, on the same
 batch in the same process, the generated tokens per second inside PPO's rollout beside a bare
-`policy.generate` call with the same prompts and sampling settings; and the peak memory.
+`policy.generate` call with the same prompts, seed, sampling settings and policy (run just before the
+step, so it samples the same replies: column `same`); and the peak memory.
 
 Run it alone: on a 2-core machine another busy process slows generation several-fold.
 """
@@ -33,15 +34,20 @@ from rlhf_helpers.tracking import PeakMemory  # noqa: E402
 
 
 def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[float, int, float]:
-    """(seconds, response tokens up to the first EOS, tokens/s) of one plain generate call on `prompts`."""
+    """(seconds, response tokens up to the first EOS, tokens/s) of one plain generate call on `prompts`, seeded
+    as PPO's rollout seeds its own (the global RNG is left as it was)."""
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
     tok.padding_side = "left"
     enc = tok([chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = enc.to(next(policy.parameters()).device)
-    torch.manual_seed(seed)
+    enc = enc.to(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), ppo._seeded(seed, device):
         out = policy.generate(**enc, generation_config=ppo.generation_config(cfg, tok))
     seconds = time.perf_counter() - t0
+    if was_training:
+        policy.train()
     mask, _ = ppo.response_mask_from_eos(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
     n = int(mask.sum())
     return seconds, n, n / seconds
@@ -68,20 +74,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = ppo.PPOTrainer(policy, tok, ppo.as_tensor_reward(reward), cfg, scratch, prompts)
         header = f"{'step':>4} {'rollout s':>10} {'score s':>8} {'forward s':>10} {'update s':>9} {'step s':>7} " \
-                 f"{'tokens':>7} {'PPO tok/s':>10} {'bare tok/s':>11} {'ratio':>6}"
+                 f"{'tokens':>7} {'PPO tok/s':>10} {'bare tok/s':>11} {'ratio':>6} {'same':>5}"
         print(header)
         print("-" * len(header))
         ratios = []
+        bare_generate_tokens_per_s(policy, tok, prompts[:2], cfg, 0)  # warm-up: the first call pays one-off costs
         for _ in range(args.steps):
+            # a bare generate call on the batch the next rollout samples, with its seed and the same policy (before
+            # the step updates it): the same replies, so the two times differ only by what PPO's rollout adds
+            step = trainer.step_count + 1
+            _, bare_tokens, bare = bare_generate_tokens_per_s(policy, tok, trainer._prompts_for(step), cfg,
+                                                               trainer._seed(step))
             m = trainer.step()
-            # the same batch, seed and sampling settings, as a bare generate call
-            batch = trainer._prompts_for(trainer.step_count)
-            _, _, bare = bare_generate_tokens_per_s(policy, tok, batch, cfg, trainer._seed(trainer.step_count))
             inside = m["tokens/generated"] / m["time/rollout_s"]
             ratios.append(inside / bare)
+            same = "yes" if int(m["tokens/generated"]) == bare_tokens else "no"
             print(f"{trainer.step_count:>4} {m['time/rollout_s']:>10.2f} {m['time/score_s']:>8.2f} "
                   f"{m['time/forward_s']:>10.2f} {m['time/update_s']:>9.2f} {m['time/step_s']:>7.2f} "
-                  f"{int(m['tokens/generated']):>7} {inside:>10.1f} {bare:>11.1f} {inside / bare:>6.2f}")
+                  f"{int(m['tokens/generated']):>7} {inside:>10.1f} {bare:>11.1f} {inside / bare:>6.2f} {same:>5}")
     print("-" * len(header))
     print(f"mean PPO/bare generation throughput ratio: {sum(ratios) / len(ratios):.2f} (aim >= 0.9); "
           f"peak memory {memory.peak_mb():.0f} MB ({memory.facts()['peak_memory_kind']})")

@@ -424,3 +424,19 @@ def test_resume_continues_where_it_stopped(straight_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stray row after the checkpoint was dropped
     # with adapter, head, optimizer and KL coefficient restored, steps 3-4 equal the uninterrupted run's
     assert without_timings(rows) == without_timings(read_metrics(straight_run / "ppo" / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_times_the_same_replies_as_the_rollout(tmp_path, capsys):
+    """The benchmark's bare `generate` call must sample exactly the replies PPO's rollout samples (same batch,
+    seed, settings and policy), or its ratio would compare different amounts of work."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ppo_throughput.py"
+    spec = importlib.util.spec_from_file_location("ppo_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--profile", "smoke", "--run-dir", str(tmp_path), "--steps", "2", "--reward", "gold"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "yes" for r in rows), rows
