@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if args.reward == "rm" else GoldJudge()
     prompts = train_prompts()
-    memory = PeakMemory().start()
+    memory = PeakMemory(cfg.device).start()
     policy, tok = ppo.build_policy(cfg, policy_path)
     print(f"profile {args.profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} x "
           f"{cfg.response_length} tokens, {cfg.ppo_epochs} epochs x {cfg.num_mini_batches} mini-batches, "

@@ -236,7 +236,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
 
     `policy_path` is the SFT model folder (or the base model's name when there is none); `on_row(row)` gets
     every metrics row (a live plot's `update`); `callbacks` are extra transformers TrainerCallbacks."""
-    memory = PeakMemory().start()
+    memory = PeakMemory(cfg.device).start()
     t0 = time.perf_counter()
     out = stage_dir(run_dir, "dpo")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)

@@ -239,7 +239,7 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype if torch_dtype != torch.float32 else torch.bfloat16,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": torch.device(device).index or 0}  # bitsandbytes places it when loading
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -290,10 +290,18 @@ def reference_model(model) -> Iterator[Any]:
         yield model
 
 
+def _n_weights(p) -> int:
+    """Weights held by a parameter: bitsandbytes packs two 4-bit weights per byte of a uint8 tensor, so its
+    numel() is half the count (transformers and peft count them the same way)."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
 def count_parameters(model) -> dict[str, int]:
-    """Trainable and total parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable and total parameter counts (4-bit weights counted as weights, not as packed bytes)."""
+    total = sum(_n_weights(p) for p in model.parameters())
+    trainable = sum(_n_weights(p) for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": total}
 
 

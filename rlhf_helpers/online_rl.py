@@ -330,7 +330,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         raise TypeError(f"reward must be a RewardFunction (e.g. load_run_reward_model(run_dir)), got {type(reward).__name__}")
     gold = GoldJudge() if gold is None else gold
     prompts = list(prompts)[: cfg.n_prompts]
-    memory = PeakMemory().start()
+    memory = PeakMemory(cfg.device).start()
     t0 = time.perf_counter()
     out = stage_dir(run_dir, cfg.stage)
     ckpt, logger, settings = resume_point(out, cfg, data=prompts)

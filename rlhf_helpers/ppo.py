@@ -754,7 +754,7 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     summary (also in run_dir/ppo/summary.json); the adapter is saved to run_dir/ppo/adapter."""
     from .seeding import seed_everything
 
-    t0, memory = time.perf_counter(), PeakMemory().start()
+    t0, memory = time.perf_counter(), PeakMemory(cfg.device).start()
     seed_everything(cfg.seed)
     reward_fn = as_tensor_reward(reward)
     monitors = {"gold": as_tensor_reward(gold)} if gold is not None else {}

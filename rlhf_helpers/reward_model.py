@@ -27,7 +27,7 @@ import torch
 from .callbacks import MetricsCallback
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
-from .models import _torch_dtype, chat_prompt, load_tokenizer, resolve_model_path
+from .models import _resolve_device, _torch_dtype, chat_prompt, load_tokenizer, resolve_model_path
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
@@ -144,7 +144,7 @@ def load_backbone(name: str, dtype: str = "float32", device: str = "cpu", head_f
     finally:
         log.setLevel(level)
     model.config.pad_token_id = tok.pad_token_id
-    return model.to(device), tok
+    return model.to(_resolve_device(device)), tok
 
 
 def to_dataset(pairs: Sequence[PreferencePair]):

@@ -170,7 +170,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
 
     `on_row(row)` is called with every metrics row (a live plot's `update`); `callbacks` are extra
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
-    t0, memory = time.perf_counter(), PeakMemory().start()
+    t0, memory = time.perf_counter(), PeakMemory(cfg.device).start()
     out = stage_dir(run_dir, "sft")
     ckpt, logger, settings = resume_point(out, cfg)  # rows logged after the checkpoint are redone
     logger.save_config(settings)
@@ -180,7 +180,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
     atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
-    atomic_write_dir(out / "model", lambda d: _save_merged(model, tok, d))
+    unquantized_base = cfg.model_name if cfg.load_in_4bit else None
+    atomic_write_dir(out / "model", lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
     tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
     runtime = result.metrics.get("train_runtime", float("nan"))
@@ -198,11 +199,25 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     return summary
 
 
-def _save_merged(model, tok, folder: Path) -> None:
-    """Base + adapter merged into plain weights (a copy, so the trainer's model keeps its adapter)."""
+def _save_merged(model, tok, folder: Path, unquantized_base: str | None = None, adapter_dir: Path | None = None,
+                 dtype: str = "float32") -> None:
+    """Base + adapter merged into plain weights (a copy, so the trainer's model keeps its adapter).
+
+    A 4-bit (QLoRA) model is not merged in place: peft would dequantize each layer, add the LoRA delta and
+    quantize it again, saving a twice-rounded NF4 model that every later stage would take as its base and KL
+    reference. With `unquantized_base`, the base is loaded again unquantized (in `dtype`, on the CPU) and the
+    saved adapter in `adapter_dir` is merged into it instead."""
     import copy
 
-    merged = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    if unquantized_base is not None:
+        from peft import PeftModel
+
+        base, _ = load_model(unquantized_base, dtype=dtype, device="cpu")
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    elif hasattr(model, "merge_and_unload"):
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        merged = model
     merged.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
 

@@ -188,15 +188,21 @@ class MetricsLogger:
 
 
 class PeakMemory:
-    """Peak memory of one stage, in MiB: CUDA's peak allocation since `start()`, or on CPU the process's peak
-    resident set since `start()` (Linux resets it through /proc/self/clear_refs; elsewhere the process's
-    lifetime peak, so an earlier stage's peak can show through). `start_mb` is the resident set at the start."""
+    """Peak memory of one stage, in MiB, on the device the stage runs on (`device`: cpu, cuda[:N] or auto):
+    CUDA's peak allocation since `start()`, or on CPU the process's peak resident set since `start()` (Linux
+    resets it through /proc/self/clear_refs; elsewhere the process's lifetime peak, so an earlier stage's peak
+    can show through). `memory_at_start_mb` is measured the same way: the resident set on CPU, CUDA's
+    allocation on a GPU, so the two figures can be compared."""
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
 
     def start(self) -> "PeakMemory":
         import torch
 
-        self.cuda = torch.cuda.is_available()
-        self.start_mb = _status_mb("VmRSS")
+        on_gpu = self.device.startswith("cuda") or self.device == "auto"
+        self.cuda = on_gpu and torch.cuda.is_available()
+        self.start_mb = torch.cuda.memory_allocated() / 2**20 if self.cuda else _status_mb("VmRSS")
         self.reset = False
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -120,13 +120,13 @@ def test_objective_aliases_by_hand():
 
 
 def test_peak_memory_sees_an_allocation():
-    mem = PeakMemory().start()
+    mem = PeakMemory("cpu").start()  # a cpu stage counts host memory, even on a machine with a GPU
     block = torch.ones(64 * 2**20 // 4 * 4)  # 256 MiB of float32, touched
     block += 1
     peak = mem.peak_mb()
     del block
     assert peak >= mem.start_mb + 200, (peak, mem.start_mb)
-    assert mem.facts()["peak_memory_kind"] in ("rss_peak_since_start", "rss_peak_of_process", "cuda_max_allocated")
+    assert mem.facts()["peak_memory_kind"] in ("rss_peak_since_start", "rss_peak_of_process")
 
 
 def test_discussion_is_written_from_the_numbers():

@@ -107,3 +107,14 @@ def test_reference_needs_an_adapter(base):
     with pytest.raises(TypeError, match="LoRA adapter"):
         with reference_model(base[0]):
             pass
+
+
+def test_parameter_counts_unpack_4bit_weights():
+    """bitsandbytes stores two 4-bit weights per byte (a uint8 `Params4bit`): numel() alone would halve them."""
+    class Params4bit(torch.nn.Parameter):  # stands in for bitsandbytes.nn.Params4bit, which needs CUDA to use
+        pass
+
+    layer = torch.nn.Module()
+    layer.packed = Params4bit(torch.zeros(10, dtype=torch.uint8), requires_grad=False)  # 20 weights
+    layer.bias = torch.nn.Parameter(torch.zeros(3))
+    assert models.count_parameters(layer) == {"trainable": 3, "total": 23}

@@ -38,7 +38,7 @@ def test_pairs_are_disjoint_labelled_and_carry_provenance(tmp_path):
 @pytest.fixture(scope="module")
 def rm_parts():
     cfg = RMStageConfig(lora_layers=2)
-    model, tok = load_backbone(cfg.model_name)
+    model, tok = load_backbone(cfg.model_name, device="auto")  # "auto" resolves (cpu here), never .to("auto")
     from peft import get_peft_model
 
     return cfg, get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers)), tok

@@ -88,3 +88,24 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 3
     assert (tmp_path / "sft" / "model" / "config.json").exists()
     assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
+
+
+def test_merging_into_a_freshly_loaded_base_matches_merging_in_place(trainer, tmp_path):
+    """The path a 4-bit run takes (load the base again unquantized, merge the saved adapter into it) gives the
+    model that merging in place gives; on a CPU both are unquantized, so they must agree."""
+    from rlhf_helpers.models import load_model
+    from rlhf_helpers.sft import _save_merged
+
+    model, tok = trainer.model, trainer.processing_class
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01 * torch.randn_like(p))  # a non-zero adapter
+    model.save_pretrained(tmp_path / "adapter")
+    _save_merged(model, tok, tmp_path / "in_place")
+    _save_merged(model, tok, tmp_path / "reloaded", trainer.sft_cfg.model_name, tmp_path / "adapter", "float32")
+    ids = tok("Name three rivers.", return_tensors="pt")["input_ids"]
+    logits = [load_model(str(tmp_path / f))[0](ids).logits for f in ("in_place", "reloaded")]
+    base = load_model(trainer.sft_cfg.model_name)[0](ids).logits
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.allclose(logits[0], base, atol=1e-3)  # the adapter was merged, not dropped
