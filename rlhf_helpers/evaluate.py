@@ -282,6 +282,9 @@ class EvalConfig:
     """Weights dtype for evaluation."""
     device: str = "cpu"
     """cpu, cuda or auto."""
+    load_in_4bit: bool = False
+    """Load each policy's base in 4-bit (the profile's setting), as training did: an adapter trained on a 4-bit
+    base is scored, and its KL measured, on that base rather than on a different, unquantized one."""
     n_prompts: int = 72
     """Held-out prompts (taken round-robin over domains; 72 is the whole test split)."""
     n_checkpoint_prompts: int = 24
@@ -311,7 +314,7 @@ def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None
     """What a cached evaluation depends on besides the policy's weights (checked by mtime separately)."""
     keep = ("model_name", "max_new_tokens", "temperature", "seed", "batch_size")
     return {**{k: getattr(cfg, k) for k in keep}, "n_prompts": n_prompts, "samples_per_prompt": samples,
-            "adapter": adapter, "proxy": proxy}
+            "adapter": adapter, "proxy": proxy, **({"load_in_4bit": True} if cfg.load_in_4bit else {})}
 
 
 def _proxy_stamp(run_dir, reward_model: Any) -> str | None:
@@ -368,10 +371,10 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
             rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
             return rows, meta["metrics"]
     policy, tok = load_policy(run_dir, stage, base_model=cfg.model_name, dtype=cfg.dtype, device=cfg.device,
-                              adapter=adapter)
+                              adapter=adapter, load_in_4bit=cfg.load_in_4bit)
     reference: Any = "adapter" if hasattr(policy, "disable_adapter") else None
     if stage == "base" and (stage_dir(run_dir, "sft") / "model" / "config.json").exists():
-        reference, _ = load_policy(run_dir, "sft", dtype=cfg.dtype, device=cfg.device)
+        reference, _ = load_policy(run_dir, "sft", dtype=cfg.dtype, device=cfg.device, load_in_4bit=cfg.load_in_4bit)
     if reward_model == "auto":
         reward_model = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
     prompts = [{**p, "sample": j} for p in heldout_prompts(n) for j in range(k)]  # prompt-major

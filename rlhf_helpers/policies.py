@@ -50,28 +50,29 @@ def available_policies(run_dir: str | os.PathLike) -> list[str]:
 
 
 def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEFAULT_MODEL, dtype: str = "float32",
-                device: str = "cpu", adapter: str | os.PathLike | None = None):
+                device: str = "cpu", adapter: str | os.PathLike | None = None, load_in_4bit: bool = False):
     """(model, tokenizer) of `stage`'s policy in `run_dir` (see the module docstring), in eval mode.
 
-    `adapter` overrides the adapter folder (a checkpoint). A stage with no artifact raises FileNotFoundError
-    naming the notebook that writes it."""
+    `adapter` overrides the adapter folder (a checkpoint); `load_in_4bit` loads the base in 4-bit, as a
+    QLoRA run trained on it. A stage with no artifact raises FileNotFoundError naming the notebook that
+    writes it."""
     from peft import PeftModel
 
     from .models import load_model
 
     if stage == "base":
-        return load_model(base_model, dtype=dtype, device=device)
+        return load_model(base_model, dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     if stage == "sft":
         folder = stage_dir(run_dir, "sft") / "model"
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"no SFT model in {folder}: run notebook 02 first")
-        return load_model(str(folder), dtype=dtype, device=device)
+        return load_model(str(folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     folder = Path(adapter) if adapter is not None else adapter_dir(run_dir, stage)
     if folder is None or not (folder / "adapter_config.json").exists():
         writer = {"ppo": "04", "dpo": "05", "grpo": "05", "rloo": "05"}.get(stage, "?")
         raise FileNotFoundError(f"no {stage} adapter in {stage_dir(run_dir, stage) / 'adapter'}: "
                                 f"run notebook {writer} first")
-    model, tok = load_model(adapter_base(folder), dtype=dtype, device=device)
+    model, tok = load_model(adapter_base(folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     model.eval()
     return model, tok

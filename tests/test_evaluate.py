@@ -488,3 +488,32 @@ def test_best_of_n_script_prints_the_table_from_saved_rows_and_names_a_bad_line(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:5]))  # a|b, b|c: not k per prompt
     with pytest.raises(SystemExit, match=r"line 1: rows must come k=2 per prompt"):
         script.main(["--run-dir", str(tmp_path), "--rows", str(path), "--k", "2"])
+
+
+def test_evaluation_loads_policies_in_4bit_when_the_profile_trained_in_4bit(tmp_path, monkeypatch):
+    """An adapter trained on a 4-bit base is scored on that base (the profile's load_in_4bit reaches load_policy),
+    and a 4-bit evaluation is cached apart from an unquantized one."""
+    import dataclasses
+
+    from rlhf_helpers import evaluate, policies
+    from rlhf_helpers.config import PROFILES, stage_config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_policy(run_dir, stage, **kw):
+        seen.append(kw.get("load_in_4bit"))
+        raise Stop
+
+    monkeypatch.setattr(policies, "load_policy", fake_load_policy)
+    quantized = stage_config(evaluate.EvalConfig, dataclasses.replace(PROFILES["gpu"], load_in_4bit=True))
+    plain = stage_config(evaluate.EvalConfig, "gpu")
+    for cfg in (quantized, plain):
+        with pytest.raises(Stop):
+            evaluate.evaluate_stage(tmp_path, "ppo", cfg, reward_model=None)
+    assert seen == [True, False]
+    key = evaluate._eval_key
+    assert key(quantized, 4, 1, None, None) != key(plain, 4, 1, None, None)
+    assert "load_in_4bit" not in key(plain, 4, 1, None, None)  # caches written before the field stay valid
