@@ -749,9 +749,10 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
               callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict[str, Any]:
     """The PPO stage end to end: a fresh LoRA policy on `policy_path` (the SFT model), trained against
     `reward` (a RewardFunction, e.g. the normalised reward model, or a callable (prompts, responses) -> (B,)),
-    resuming from the newest checkpoint when cfg.resume (unless it was made with other settings); `gold` (a RewardFunction) is logged as
-    `objective/gold` but never optimised. `on_row(row)` gets every metrics row (live curves). Returns the
-    summary (also in run_dir/ppo/summary.json); the adapter is saved to run_dir/ppo/adapter."""
+    resuming from the newest checkpoint when cfg.resume (unless it was made with other settings); `gold` (a
+    RewardFunction) is logged as `objective/gold` but never optimised. `on_row(row)` gets every metrics row
+    (live curves). Returns the summary (also in run_dir/ppo/summary.json); the adapter is saved to
+    run_dir/ppo/adapter."""
     from .seeding import seed_everything
 
     t0, memory = time.perf_counter(), PeakMemory(cfg.device).start()
@@ -774,7 +775,6 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
                "samples_seen": trainer.step_count * cfg.batch_size, **memory.facts()}
     trainer.logger.summary(summary)
     return summary
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
