@@ -462,17 +462,8 @@ def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interv
         evaluate.refusal_rate("some/model", [], samples_per_prompt=2)
 
 
-def _script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_best_of_n_script_prints_the_table_from_saved_rows_and_names_a_bad_line(tmp_path, capsys):
-    script = _script("best_of_n")
+def test_best_of_n_script_prints_the_table_from_saved_rows_and_names_a_bad_line(tmp_path, capsys, load_script):
+    script = load_script("scripts/best_of_n.py")
     rows = [{"prompt": p, "gold": g, "proxy": q} for p, g, q in
             [("a", 0.2, 0.0), ("a", 0.8, 1.0), ("b", 0.9, 0.0), ("b", 0.1, 1.0), ("c", 0.5, 2.0), ("c", 0.7, 3.0)]]
     path = tmp_path / "rows.jsonl"

@@ -427,16 +427,10 @@ def test_resume_continues_where_it_stopped(straight_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_throughput_benchmark_times_the_same_replies_as_the_rollout(tmp_path, capsys):
+def test_throughput_benchmark_times_the_same_replies_as_the_rollout(tmp_path, capsys, load_script):
     """The benchmark's bare `generate` call must sample exactly the replies PPO's rollout samples (same batch,
     seed, settings and policy), or its ratio would compare different amounts of work."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ppo_throughput.py"
-    spec = importlib.util.spec_from_file_location("ppo_throughput", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/ppo_throughput.py")
     assert bench.main(["--profile", "smoke", "--run-dir", str(tmp_path), "--steps", "2", "--reward", "gold"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "yes" for r in rows), rows
