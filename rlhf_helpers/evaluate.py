@@ -140,6 +140,15 @@ def _by_ranking(values: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     return (np.take_along_axis(values, order, axis=1) * weights).sum(axis=1)
 
 
+def _prompt_major(gold: Sequence[float], proxy: Sequence[float], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """gold and proxy as (prompts, k) arrays: k replies per prompt, prompt-major; a clear error otherwise."""
+    g, r = np.asarray(gold, float), np.asarray(proxy, float)
+    if k < 1 or g.size != r.size or g.size % k:
+        raise ValueError(f"need gold and proxy of the same length, a multiple of k={k} (prompt-major, k replies "
+                         f"per prompt); got {g.size} and {r.size}")
+    return g.reshape(-1, k), r.reshape(-1, k)
+
+
 def best_of_n(gold: Sequence[float], proxy: Sequence[float], k: int, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """What choosing by the proxy buys in gold, with no training: for n = 1..k, the mean gold of the reply
     that the proxy ranks highest among n replies to the same prompt, beside a random reply (`random`) and the
@@ -151,11 +160,7 @@ def best_of_n(gold: Sequence[float], proxy: Sequence[float], k: int, n_boot: int
     each row is about what a policy trained on the proxy could reach at that KL if it optimised perfectly: if
     picking by the proxy buys no gold here, RL against it will not either. `gain` is by_proxy − random, with a
     bootstrap 95% interval over prompts."""
-    g, r = np.asarray(gold, float), np.asarray(proxy, float)
-    if k < 1 or g.size != r.size or g.size % k:
-        raise ValueError(f"best_of_n needs gold and proxy of the same length, a multiple of k={k} (prompt-major, "
-                         f"k replies per prompt); got {g.size} and {r.size}")
-    g, r = g.reshape(-1, k), r.reshape(-1, k)
+    g, r = _prompt_major(gold, proxy, k)
     random_pick = g.mean(axis=1)
     out = []
     for n in range(1, k + 1):
@@ -174,7 +179,7 @@ def within_prompt_agreement(gold: Sequence[float], proxy: Sequence[float], k: in
     a prompt's k replies whose gold differs by more than tie_tol (proxy ties count half). This, not a rank
     correlation across prompts, is what RL against the proxy feeds on: it only ever compares replies to
     the prompt it was given. {'agreement', 'pairs'}; agreement is nan when no pair differs in gold."""
-    g, r = np.asarray(gold, float).reshape(-1, k), np.asarray(proxy, float).reshape(-1, k)
+    g, r = _prompt_major(gold, proxy, k)
     i, j = np.triu_indices(k, 1)
     dg, dr = g[:, i] - g[:, j], r[:, i] - r[:, j]
     counted = np.abs(dg) > tie_tol

@@ -181,7 +181,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     model, tok = trainer.model, trainer.processing_class
     atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
     unquantized_base = cfg.model_name if cfg.load_in_4bit else None
-    atomic_write_dir(out / "model", lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
+    atomic_write_dir(out / "model",
+                     lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
     tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
     runtime = result.metrics.get("train_runtime", float("nan"))
