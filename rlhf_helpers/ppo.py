@@ -115,7 +115,8 @@ class PPOConfig:
     gamma: float = 1.0
     """Discount γ of GAE (1: no discounting within a response)."""
     lam: float = 0.95
-    """GAE λ (bias–variance trade-off of the advantage estimate)."""
+    """GAE λ (bias–variance trade-off of the advantage estimate). While V is still 0, a token k places
+    before the end gets λ^k of the score (0.05 at k = 60 for λ = 0.95); λ = 1 gives every token all of it."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never reached EOS (0 disables)."""
     whiten_rewards: bool = False
@@ -341,7 +342,8 @@ class ValueHead(nn.Module):
     Why a head on the shared backbone: on a CPU a second network (the usual choice, a value model
     initialised from the reward model) doubles memory and forward/backward compute; the head costs one
     Linear, and the value loss (weighted by vf_coef) also shapes the LoRA adapter. The weights start at
-    zero, so V = 0 at first and the first advantages are plain returns rather than noise."""
+    zero, so V = 0 at first and the first advantages are λ-weighted sums of the rewards after each token
+    rather than noise."""
 
     def __init__(self, hidden_size: int):
         super().__init__()

@@ -191,6 +191,21 @@ def test_gae_matches_reference_loop_with_padding(gamma, lam):
         compute_gae(rewards, values, torch.tensor([[1, 0, 1, 1, 1, 1]] * 4, dtype=torch.bool), gamma, lam)
 
 
+def test_gae_with_zero_values_gives_each_token_lambda_to_the_k_of_the_score():
+    """What notebook 04 draws: with V = 0 and only a final score, a token k places before the end gets
+    λ^k of it at γ = 1, and all of it at λ = 1 (the return)."""
+    T = 64
+    score = torch.zeros(1, T)
+    score[0, -1] = 1.0
+    whole, zeros = torch.ones(1, T, dtype=torch.bool), torch.zeros(1, T)
+    k = torch.arange(T - 1, -1, -1, dtype=torch.float32)  # places before the end
+    adv, ret = compute_gae(score, zeros, whole, 1.0, 0.95)
+    assert torch.allclose(adv[0], 0.95 ** k, atol=1e-6)
+    assert torch.allclose(ret[0], adv[0])
+    adv1, _ = compute_gae(score, zeros, whole, 1.0, 1.0)
+    assert torch.allclose(adv1[0], torch.ones(T))
+
+
 def test_ppo_losses_match_reference_loop():
     torch.manual_seed(2)
     B, T, eps, eps_v, vf_coef = 3, 5, 0.2, 0.2, 0.1
