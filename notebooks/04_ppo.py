@@ -128,11 +128,13 @@ T = cfg.response_length
 score_only = torch.zeros(1, T)
 score_only[0, -1] = 1.0  # a score of 1 on the last token, no KL terms
 no_values, whole = torch.zeros(1, T), torch.ones(1, T, dtype=torch.bool)
-reach = {f"λ = {lam:g}": ppo.compute_gae(score_only, no_values, whole, cfg.gamma, lam)[0][0] for lam in (cfg.lam, 1.0)}
+reach = {f"λ = {lam:g}": ppo.compute_gae(score_only, no_values, whole, cfg.gamma, lam)[0][0]
+         for lam in (cfg.lam, 1.0)}
 plotting.overlay_curves([{"tokens before the end": T - 1 - t, **{k: float(a[t]) for k, a in reach.items()}}
                          for t in range(T)], list(reach), x="tokens before the end", yaxis_title="advantage",
                         title="How much of a score of 1 on the last token reaches each token (V = 0, no KL)")
 
+# %% [markdown]
 # ### The clipped losses
 # PPO reuses each batch for a few epochs. The ratio $\rho = \pi_{new}/\pi_{old}$ measures how far the
 # update has moved; the policy loss takes the pessimistic branch of $\rho A$ and $\mathrm{clip}(\rho, 1\pm
