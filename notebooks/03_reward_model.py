@@ -46,12 +46,13 @@ max_steps: int = 0  # reward-model optimizer steps; 0 keeps the profile's value
 import time
 
 import numpy as np
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import load_preferences, train_prompts
-from rlhf_helpers.evaluate import best_of_n, generate_and_score, heldout_prompts, within_prompt_agreement
+from rlhf_helpers.evaluate import (best_of_n, best_of_n_markdown, generate_and_score, heldout_prompts,
+                                   within_prompt_agreement)
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
@@ -174,12 +175,7 @@ if k_fresh >= 2:
     gold_fresh = [r["gold"] for r in fresh]
     agreement = within_prompt_agreement(gold_fresh, rm_scores, k_fresh)
     bon = best_of_n(gold_fresh, rm_scores, k_fresh, seed=seed)
-    print(f"Of {agreement['pairs']} pairs of replies to the same prompt whose gold differs, the reward model "
-          f"orders {agreement['agreement']:.2f} as gold does (chance 0.5).")
-    for row in bon[1:]:
-        print(f"best of {row['n']} (KL <= {row['kl_bound']:.2f}): picked by the reward model {row['by_proxy']:.3f}, "
-              f"gain over a random reply {row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}]; "
-              f"picked by gold {row['by_gold']:.3f}; random {row['random']:.3f}")
+    display(Markdown(best_of_n_markdown(agreement, bon)))
     display(plotting.best_of_n_figure(bon))
 else:
     agreement, bon = None, []

@@ -187,6 +187,21 @@ def within_prompt_agreement(gold: Sequence[float], proxy: Sequence[float], k: in
     return {"agreement": float(score.mean()) if score.size else float("nan"), "pairs": int(counted.sum())}
 
 
+def best_of_n_markdown(agreement: dict, rows: Sequence[dict], proxy_name: str = "reward model") -> str:
+    """A best-of-n measurement as text: the `within_prompt_agreement` sentence, then a Markdown table of the
+    `best_of_n` rows (n = 1..k). Notebook 03 and scripts/best_of_n.py both print it."""
+    lines = [f"{rows[0]['prompts']} prompts x {len(rows)} replies. Of {agreement['pairs']} pairs of replies to one "
+             f"prompt whose gold differs, the {proxy_name} orders {agreement['agreement']:.3f} as gold does "
+             f"(chance 0.5).", "",
+             f"| n | KL bound (nats) | random | picked by {proxy_name} | gain [95%] | picked by gold |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['n']} | {row['kl_bound']:.2f} | {row['random']:.3f} | {row['by_proxy']:.3f} | "
+                     f"{row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}] | "
+                     f"{row['by_gold']:.3f} |")
+    return "\n".join(lines)
+
+
 def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", name_b: str = "b"):
     """Side-by-side table of two policies' replies on the same prompts, and A's win rate against B (on
     per-prompt means when there are several samples per prompt)."""

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf_helpers.evaluate import best_of_n, heldout_prompts, within_prompt_agreement
+from rlhf_helpers.evaluate import best_of_n, best_of_n_markdown, heldout_prompts, within_prompt_agreement
 from rlhf_helpers.tracking import atomic_write_text
 
 
@@ -58,16 +58,7 @@ def read_rows(path: Path, k: int) -> list[dict]:
 
 def report(rows: list[dict], k: int) -> str:
     gold, proxy = [r["gold"] for r in rows], [r["proxy"] for r in rows]
-    agree = within_prompt_agreement(gold, proxy, k)
-    lines = [f"{len(rows) // k} prompts x {k} replies. Of {agree['pairs']} pairs of replies to one prompt whose gold "
-             f"differs, the reward model orders {agree['agreement']:.3f} as gold does (chance 0.5).", "",
-             "| n | KL bound (nats) | random | picked by reward model | gain [95%] | picked by gold |",
-             "|---|---|---|---|---|---|"]
-    for row in best_of_n(gold, proxy, k):
-        lines.append(f"| {row['n']} | {row['kl_bound']:.2f} | {row['random']:.3f} | {row['by_proxy']:.3f} | "
-                     f"{row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}] | "
-                     f"{row['by_gold']:.3f} |")
-    return "\n".join(lines)
+    return best_of_n_markdown(within_prompt_agreement(gold, proxy, k), best_of_n(gold, proxy, k))
 
 
 def main(argv=None) -> int:
