@@ -120,7 +120,8 @@ per_token.tail(6)
 # where its plan and its length are decided, hears almost nothing of the score until the value head has
 # learned to carry it back. (The "N implementation details" study starts the value model from the reward
 # model, so its values mean something from the first step.) The curve below is that share, from
-# `compute_gae` itself; the closing notes below say what $\lambda = 1$ changed on the cpu run.
+# `compute_gae` itself; the closing notes below say what $\lambda = 1$ changed in separate runs from the cpu
+# run's SFT model.
 
 # %%
 display(plotting.show_source(ppo.compute_gae))
@@ -138,8 +139,10 @@ plotting.overlay_curves([{"tokens before the end": T - 1 - t, **{k: float(a[t]) 
 # ### The clipped losses
 # PPO reuses each batch for a few epochs. The ratio $\rho = \pi_{new}/\pi_{old}$ measures how far the
 # update has moved; the policy loss takes the pessimistic branch of $\rho A$ and $\mathrm{clip}(\rho, 1\pm
-# \epsilon) A$, so no token is pushed further than the clip range in one batch. On the very first
-# mini-batch nothing has moved yet: the ratio is exactly 1 and nothing is clipped.
+# \epsilon) A$: once a token's ratio has left the range in the direction its advantage favours, its
+# gradient stops, so nothing pushes it further in that batch (the ratio can still end up past the range,
+# carried by the shared LoRA weights). On the very first mini-batch nothing has moved yet: the ratio is
+# exactly 1 and nothing is clipped.
 
 # %%
 display(plotting.show_source(ppo.ppo_losses))
@@ -166,7 +169,10 @@ sft_metrics
 # ## 3. Train
 # Each step: a rollout of `batch_size` prompts, `ppo_epochs` passes of clipped updates, then the KL
 # controller. Watch the curves:
-# - `objective/scores` (the proxy) should rise; `objective/kl` should grow slowly, not explode.
+# - `objective/scores` (the proxy) should rise; `objective/kl` should grow slowly, not explode. Both are
+#   means over one batch, so they jump from step to step; `objective/kl`, the sampled estimate
+#   $\sum_t (\log\pi - \log\pi_{ref})$, can even dip below zero on a batch while the policy is still close
+#   to the reference. Judge the trend, not one step.
 # - `policy/clipfrac_avg` above ~0.3 means steps too large for the clip range (lower the learning rate).
 # - `policy/entropy_avg` falling fast means the policy is collapsing onto a few answers.
 # - `response/length_mean` drifting is the classic sign of the reward model liking length for its own sake.
@@ -175,7 +181,15 @@ sft_metrics
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg",
                             "policy/entropy_avg", "response/length_mean"], title="PPO (live)")
 summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, prompts, gold=gold, on_row=live.update)
-{k: summary[k] for k in ("steps", "scores_first", "scores_last", "gold_first", "gold_last", "kl_last", "wall_time_s")}
+print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s; KL to the reference at the last step "
+      f"{summary['kl_last']:.2f} nats")
+pd.DataFrame({"proxy (objective/scores)": summary["scores_halves"],
+              "gold (objective/gold)": summary["gold_halves"]}).T.round(3)
+
+# %% [markdown]
+# Did the rewards rise? The table compares the mean over the second half of the steps with the first half,
+# with the standard error of the change. The first and the last step alone would mislead: each is one
+# batch of a few replies to different prompts.
 
 # %% [markdown]
 # ## 4. Proxy against gold, step by step
@@ -191,11 +205,14 @@ plotting.overlay_curves(rows, ["objective/raw_scores", "objective/gold"], yaxis_
                         title="Proxy (reward model, before the missing-EOS penalty) and gold reward of each rollout")
 
 # %% [markdown]
-# Samples written during training (`run_dir/ppo/samples.jsonl`): how the answers changed.
+# Samples written during training (`run_dir/ppo/samples.jsonl`): the first two replies of each sampled
+# step, in full. Each step answers different prompts, so read them for what the policy does (does it end
+# its replies, does it refuse, does it repeat itself), not as before-and-after pairs: section 5 has those.
 
 # %%
 samples = pd.DataFrame(read_metrics(out_dir / "samples.jsonl"))
-samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2)
+with pd.option_context("display.max_colwidth", None):
+    display(samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2).round(3))
 
 # %% [markdown]
 # ## 5. After: PPO against SFT on held-out prompts
@@ -241,13 +258,14 @@ MetricsLogger(out_dir).summary(summary)
 # `python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 --learning-rate 3e-4 --max-steps 12`
 # `python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo`
 #
-# (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured on the cpu run:
-# a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at learning rate 1e-3 with the default
-# penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to refuse more often, on harmful
-# prompts and also on harmless how-to questions, where gold punishes a refusal. In about a hundred rollouts
-# not even a perfect reward model lifts this SFT model; the README has the six runs. And the reward model
-# itself leaves little to find: notebook 03's best-of-n shows that picking the best of 3 SFT replies by it
-# (about this run's KL) buys about +0.01 of gold, where picking by gold buys +0.11.
+# (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured in such runs from the
+# cpu run's SFT model, not in this notebook: a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at
+# learning rate 1e-3 with the default penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to
+# refuse more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal.
+# In about a hundred rollouts not even a perfect reward model lifts this SFT model; the README summarises the
+# six runs. And the reward model itself leaves little to find: notebook 03's best-of-n shows that picking the
+# best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, about where PPO's training KL ends) buys
+# about +0.01 of gold, where picking by gold buys +0.11.
 #
 # Nor is the λ of the GAE section what holds PPO back here: six runs with `--lam 1.0`, against gold and
 # against the reward model, also landed within 0.01 of SFT (README). Against gold it taught PPO to end its

@@ -51,7 +51,7 @@ from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
 from .data import train_prompts
-from .tracking import MetricsLogger, PeakMemory, _jsonable, keep_rows_through, resume_point
+from .tracking import MetricsLogger, PeakMemory, _jsonable, half_means, keep_rows_through, resume_point
 
 
 @dataclass
@@ -354,6 +354,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "length_mean_last": last.get("completions/mean_length"),
         "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_last": last.get("response/eos_frac"),
         "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
+        "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
         "train_runtime_s": result.metrics.get("train_runtime"), "wall_time_s": time.perf_counter() - t0,
         **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }

@@ -308,18 +308,31 @@ class LiveCurves:
 
     >>> live = LiveCurves(["train/loss", "eval/loss"])
     >>> logger.add_callback(live.update)   # or MetricsCallback(logger, on_row=live.update)
+
+    The figure goes out as a raw mime bundle under one display id. Displaying the plotly figure object
+    itself would not do: IPython hands it to the figure's own `_ipython_display_`, which shows a new
+    output and ignores the display id, so every update would stack another figure below the last.
     """
 
     def __init__(self, keys, title="Training curves (live)", every=1, cols=3):
         from IPython.display import display
 
         self.keys, self.title, self.every, self.cols, self.rows = list(keys), title, every, cols, []
-        self.handle = display(metric_curves([], self.keys, title, cols=cols), display_id=True)
+        self.handle = display(self._bundle(), raw=True, display_id=True)
+
+    def _bundle(self) -> dict:
+        """The current figure as {mimetype: data}, as plotly's active renderer would show it (plain text
+        where there is none, as outside a notebook)."""
+        import plotly.io as pio
+
+        fig = metric_curves(self.rows, self.keys, self.title, cols=self.cols)
+        bundle = fig._repr_mimebundle_() if pio.renderers.default else {}
+        return bundle or {"text/plain": f"{self.title}: {len(self.rows)} rows of {', '.join(self.keys)}"}
 
     def update(self, row):
         self.rows.append(row)
         if self.handle is not None and len(self.rows) % self.every == 0:
-            self.handle.update(metric_curves(self.rows, self.keys, self.title, cols=self.cols))
+            self.handle.update(self._bundle(), raw=True)
 
 
 def paired_scores(table, x_col, y_col, title=None):

@@ -113,6 +113,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
+    """Did `key` rise over training? The mean over the first half of the rows that hold it, over the second
+    half, their difference and its standard error: {'first_half', 'second_half', 'change', 'change_se'}.
+
+    One rollout's mean is a noisy number (a batch of 8 replies to 8 prompts), so the first and the last
+    step alone can show a rise or a fall that is not there. With an odd count the middle row is left out;
+    fewer than two rows give None throughout (one row per half: no standard error)."""
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    half = len(values) // 2
+    if half < 1:
+        return {"first_half": None, "second_half": None, "change": None, "change_se": None}
+    a, b = values[:half], values[len(values) - half:]
+    mean = lambda xs: sum(xs) / len(xs)
+    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else math.nan
+    se = math.sqrt(var(a) / len(a) + var(b) / len(b)) if half > 1 else None
+    return {"first_half": mean(a), "second_half": mean(b), "change": mean(b) - mean(a), "change_se": se}
+
+
 def keep_rows_through(path: str | os.PathLike, step: int) -> None:
     """Rewrite a step-keyed jsonl file (samples.jsonl) with only its rows of steps <= `step`, atomically: a
     resumed run redoes the later steps, so their rows must go. A missing file is left missing."""

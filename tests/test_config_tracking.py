@@ -10,7 +10,7 @@ import torch
 
 from rlhf_helpers.config import PROFILES, describe_fields, get_profile, stage_config
 from rlhf_helpers.seeding import make_generator, seed_everything
-from rlhf_helpers.tracking import MetricsLogger, atomic_write_json, read_metrics
+from rlhf_helpers.tracking import MetricsLogger, atomic_write_json, half_means, read_metrics
 
 
 @dataclass
@@ -138,3 +138,12 @@ def test_settings_changed_names_changed_fields_and_data_but_not_the_training_len
     other_data = run_settings(_Stage(), data=[{"prompt": "a", "chosen": "y", "rejected": "x"}])
     assert settings_changed(tmp_path, other_data)
     assert "data_sha256" in capsys.readouterr().out
+
+
+def test_half_means_compare_the_halves_and_leave_out_the_middle_row():
+    rows = [{"step": i + 1, "s": v} for i, v in enumerate([1.0, 3.0, 100.0, 4.0, 6.0])] + [{"step": 6}]
+    h = half_means(rows, "s")  # the row without "s" is not counted; 100 is the middle of five and left out
+    assert (h["first_half"], h["second_half"], h["change"]) == (2.0, 5.0, 3.0)
+    assert h["change_se"] == pytest.approx((2.0 / 2 + 2.0 / 2) ** 0.5)  # sample variances 2 and 2, two each
+    assert half_means(rows[:1], "s") == {"first_half": None, "second_half": None, "change": None, "change_se": None}
+    assert half_means(rows[:2], "s")["change_se"] is None and half_means(rows[:2], "s")["change"] == 2.0

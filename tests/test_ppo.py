@@ -406,7 +406,9 @@ def test_toy_reward_rises(tmp_path):
     assert [s for s, _ in seen] == list(range(1, 11)) and summary["steps"] == 10
     assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores  # seeds 0-3 all give > +0.3
     assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").exists()
-    assert read_json(tmp_path / "ppo" / "summary.json")["scores_last"] == pytest.approx(scores[-1])
+    summary = read_json(tmp_path / "ppo" / "summary.json")
+    assert summary["scores_last"] == pytest.approx(scores[-1])
+    assert summary["scores_halves"]["change"] == pytest.approx(sum(scores[5:]) / 5 - sum(scores[:5]) / 5)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,21 @@
+"""Plotting helpers in a real kernel: what a notebook user sees, not just the figure objects."""
+import nbformat
+from nbclient import NotebookClient
+
+LIVE = """\
+from rlhf_helpers import plotting
+live = plotting.LiveCurves(["loss", "accuracy"], title="live")
+for step in range(1, 5):
+    live.update({"step": step, "loss": 1.0 / step, "accuracy": step / 4})
+"""
+
+
+def test_live_curves_redraw_one_figure_in_place():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 1, [o.get("output_type") for o in outputs]  # updated in place, not stacked
+    traces = figures[0]["data"]["application/vnd.plotly.v1+json"]["data"]
+    assert [list(t["x"]) for t in traces] == [[1, 2, 3, 4], [1, 2, 3, 4]]  # the last update's rows
+    assert list(traces[0]["y"]) == [1.0, 0.5, 1.0 / 3, 0.25]
