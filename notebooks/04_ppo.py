@@ -211,6 +211,7 @@ plotting.overlay_curves(rows, ["objective/raw_scores", "objective/gold"], yaxis_
 
 # %%
 samples = pd.DataFrame(read_metrics(out_dir / "samples.jsonl"))
+samples["prompt"] = samples["prompt"].map(lambda p: p if len(p) <= 100 else p[:100] + "…")  # the reply in full
 with pd.option_context("display.max_colwidth", None):
     display(samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2).round(3))
 
