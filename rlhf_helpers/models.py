@@ -205,6 +205,21 @@ def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
     return tok
 
 
+def quiet_loading_bars() -> None:
+    """Turn off transformers' own progress bars, the "Loading weights" bar drawn at every model load. A load
+    takes a second or two here, and in a saved notebook or HTML report the bar stays frozen at 0%, which
+    reads as a hang. Training and evaluation bars are tqdm's, not transformers', and keep showing; so do
+    huggingface_hub's download bars (a hub model on the gpu profile), which transformers' switch would also
+    turn off."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars_were_off = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    if not hub_bars_were_off:
+        enable_progress_bars()
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
@@ -228,6 +243,7 @@ def load_model(
         )
     from transformers import AutoModelForCausalLM
 
+    quiet_loading_bars()
     torch_dtype = _torch_dtype(dtype)
     device = _resolve_device(device)
     path = resolve_model_path(name)

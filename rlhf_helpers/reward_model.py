@@ -27,7 +27,8 @@ import torch
 from .callbacks import MetricsCallback
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
-from .models import _resolve_device, _torch_dtype, chat_prompt, load_tokenizer, resolve_model_path
+from .models import (_resolve_device, _torch_dtype, chat_prompt, load_tokenizer, quiet_loading_bars,
+                     resolve_model_path)
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
@@ -134,6 +135,7 @@ def load_backbone(name: str, dtype: str = "float32", device: str = "cpu", head_f
 
     path = resolve_model_path(name)
     tok = load_tokenizer(name, padding_side="right")
+    quiet_loading_bars()
     log = logging.getLogger("transformers.modeling_utils")
     level = log.level
     if head_from_adapter:

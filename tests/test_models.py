@@ -118,3 +118,11 @@ def test_parameter_counts_unpack_4bit_weights():
     layer.packed = Params4bit(torch.zeros(10, dtype=torch.uint8), requires_grad=False)  # 20 weights
     layer.bias = torch.nn.Parameter(torch.zeros(3))
     assert models.count_parameters(layer) == {"trainable": 3, "total": 23}
+
+
+def test_loading_draws_no_frozen_progress_bar(base, capfd):
+    capfd.readouterr()
+    load_model()  # transformers' "Loading weights" bar would stay at 0% in a saved notebook
+    assert "Loading weights" not in capfd.readouterr().err
+    from huggingface_hub.utils import are_progress_bars_disabled
+    assert not are_progress_bars_disabled()  # download bars (a hub model on a GPU) still show
