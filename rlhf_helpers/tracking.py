@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -125,10 +126,9 @@ def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
     if half < 1:
         return {"first_half": None, "second_half": None, "change": None, "change_se": None}
     a, b = values[:half], values[len(values) - half:]
-    mean = lambda xs: sum(xs) / len(xs)
-    var = lambda xs: sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else math.nan
-    se = math.sqrt(var(a) / len(a) + var(b) / len(b)) if half > 1 else None
-    return {"first_half": mean(a), "second_half": mean(b), "change": mean(b) - mean(a), "change_se": se}
+    se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / half) if half > 1 else None
+    return {"first_half": statistics.fmean(a), "second_half": statistics.fmean(b),
+            "change": statistics.fmean(b) - statistics.fmean(a), "change_se": se}
 
 
 def keep_rows_through(path: str | os.PathLike, step: int) -> None:
