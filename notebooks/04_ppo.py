@@ -183,8 +183,7 @@ live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl"
 summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, prompts, gold=gold, on_row=live.update)
 print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s; KL to the reference at the last step "
       f"{summary['kl_last']:.2f} nats")
-pd.DataFrame({"proxy (objective/scores)": summary["scores_halves"],
-              "gold (objective/gold)": summary["gold_halves"]}).T.round(3)
+plotting.rise_table(summary)
 
 # %% [markdown]
 # Did the rewards rise? The table compares the mean over the second half of the steps with the first half,

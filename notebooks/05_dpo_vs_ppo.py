@@ -134,11 +134,8 @@ live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl"
                            title="GRPO (live)")
 grpo_summary = train_grpo(grpo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
 gc.collect()
-kl = grpo_summary["kl_last"]
-print(f"{grpo_summary['steps']} steps, {grpo_summary['samples_seen']} replies; KL at the last step "
-      + (f"{kl:.3f}" if kl is not None else "not logged (beta = 0)") + "; by halves of the steps:")
-pd.DataFrame({"proxy (objective/scores)": grpo_summary["scores_halves"],
-              "gold (objective/gold)": grpo_summary["gold_halves"]}).T.round(3)
+print({k: grpo_summary[k] for k in ("steps", "samples_seen", "kl_last")})
+plotting.rise_table(grpo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 3. RLOO: leave one out
@@ -152,11 +149,8 @@ live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl"
                            title="RLOO (live)")
 rloo_summary = train_rloo(rloo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
 gc.collect()
-kl = rloo_summary["kl_last"]
-print(f"{rloo_summary['steps']} steps, {rloo_summary['samples_seen']} replies; KL at the last step "
-      + (f"{kl:.3f}" if kl is not None else "not logged (beta = 0)") + "; by halves of the steps:")
-pd.DataFrame({"proxy (objective/scores)": rloo_summary["scores_halves"],
-              "gold (objective/gold)": rloo_summary["gold_halves"]}).T.round(3)
+print({k: rloo_summary[k] for k in ("steps", "samples_seen", "kl_last")})
+plotting.rise_table(rloo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 4. PPO, from notebook 04

@@ -335,6 +335,16 @@ class LiveCurves:
             self.handle.update(self._bundle(), raw=True)
 
 
+def rise_table(summary):
+    """Did the rewards rise? An RL stage's summary (PPO, GRPO, RLOO) as a table: the proxy's and the gold's
+    mean over the first and the second half of the steps, the change and its standard error
+    (`scores_halves` and `gold_halves`, from `tracking.half_means`)."""
+    import pandas as pd
+
+    return pd.DataFrame({"proxy (objective/scores)": summary["scores_halves"],
+                         "gold (objective/gold)": summary["gold_halves"]}).T.round(3)
+
+
 def paired_scores(table, x_col, y_col, title=None):
     """One dot per prompt: policy X's score against policy Y's; above the diagonal, Y won."""
     import plotly.graph_objects as go

@@ -19,3 +19,16 @@ def test_live_curves_redraw_one_figure_in_place():
     traces = figures[0]["data"]["application/vnd.plotly.v1+json"]["data"]
     assert [list(t["x"]) for t in traces] == [[1, 2, 3, 4], [1, 2, 3, 4]]  # the last update's rows
     assert list(traces[0]["y"]) == [1.0, 0.5, 1.0 / 3, 0.25]
+
+
+def test_rise_table_reads_both_halves_from_an_rl_summary():
+    from rlhf_helpers.plotting import rise_table
+    from rlhf_helpers.tracking import half_means
+
+    rows = [{"step": i, "objective/scores": s, "objective/gold": g}
+            for i, (s, g) in enumerate([(0.0, 0.5), (1.0, 0.5), (2.0, 0.7), (4.0, 0.9)], start=1)]
+    table = rise_table({"scores_halves": half_means(rows, "objective/scores"),
+                        "gold_halves": half_means(rows, "objective/gold")})
+    assert list(table.index) == ["proxy (objective/scores)", "gold (objective/gold)"]
+    assert table.loc["proxy (objective/scores)", "change"] == 2.5  # (2 + 4) / 2 - (0 + 1) / 2
+    assert table.loc["gold (objective/gold)", "change"] == 0.3  # rounded to 3 places
