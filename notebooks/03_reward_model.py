@@ -200,8 +200,8 @@ else:
 # gain about 0.01 at a KL of 0.4, less than the ±0.02 that separates two policies on 72 prompts × 3 replies.
 # That is the first reason PPO, GRPO and RLOO, which optimise this reward model, stay level with SFT on the
 # `cpu` profile (notebooks 04 and 05). The second is the budget: about a hundred rollouts are few even for
-# a perfect reward (the README's PPO runs against the gold judge itself). A reward model worth optimising
-# shows a clear gain here first.
+# a perfect reward (PPO runs against the gold judge itself, in `docs/rl_on_a_cpu_budget.md`). A reward
+# model worth optimising shows a clear gain here first.
 #
 # ## 6. Diagnostics on held-out pairs
 

@@ -262,13 +262,13 @@ MetricsLogger(out_dir).summary(summary)
 # cpu run's SFT model, not in this notebook: a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at
 # learning rate 1e-3 with the default penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to
 # refuse more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal.
-# In about a hundred rollouts not even a perfect reward model lifts this SFT model; the README summarises the
-# six runs. And the reward model itself leaves little to find: notebook 03's best-of-n shows that picking the
-# best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, about where PPO's training KL ends) buys
-# about +0.01 of gold, where picking by gold buys +0.11.
+# In about a hundred rollouts not even a perfect reward model lifts this SFT model;
+# `docs/rl_on_a_cpu_budget.md` has the six runs. And the reward model itself leaves little to find: notebook
+# 03's best-of-n shows that picking the best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, about
+# where PPO's training KL ends) buys about +0.01 of gold, where picking by gold buys +0.11.
 #
 # Nor is the λ of the GAE section what holds PPO back here: six runs with `--lam 1.0`, against gold and
-# against the reward model, also landed within 0.01 of SFT (README). Against gold it taught PPO to end its
+# against the reward model, also landed within 0.01 of SFT (same page). Against gold it taught PPO to end its
 # replies (0.55 → 0.73 within 96 tokens), which gold likes, by saying less, which gold does not.
 # Nor is the baseline: with four replies per prompt and the score centred within each prompt (as GRPO and
 # RLOO do), λ = 1 and learning rate 1e-3, PPO gained +0.003 against gold and +0.002 against the reward

@@ -85,8 +85,8 @@ EXPECTATIONS: dict[str, Expectation] = {
     "rl_not_worse_than_sft": Expectation(
         "At least one of PPO, DPO, GRPO and RLOO is not worse than SFT beyond doubt by the gold judge: the upper "
         "end of its win-rate interval against SFT reaches the threshold. This catches an RL stage that broke the "
-        "policy. It does not claim that RL beat SFT: a cpu run is too short for that (README), and the detail "
-        "line says whether any policy beat SFT beyond its interval.",
+        "policy. It does not claim that RL beat SFT: a cpu run is too short for that "
+        "(docs/rl_on_a_cpu_budget.md), and the detail line says whether any policy beat SFT beyond its interval.",
         0.5, _rl_not_worse),
     "every_policy_evaluated": Expectation(
         "Every policy the cpu profile trains was found and evaluated (none skipped for a missing artifact).",

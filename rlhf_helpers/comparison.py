@@ -140,8 +140,8 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
         cost = ""
         if len(costed) > 1:
             fast, slow = min(costed, key=lambda r: r["wall_time_s"]), max(costed, key=lambda r: r["wall_time_s"])
-            cost = (f" What the numbers do settle is cost: {fast['policy']} trained in {fast['wall_time_s']:.0f} s, "
-                    f"{slow['policy']} in {slow['wall_time_s']:.0f} s.")
+            cost = (f" What the numbers do settle is cost (above): {slow['policy']} took "
+                    f"{slow['wall_time_s'] / max(fast['wall_time_s'], 1e-9):.1f} times {fast['policy']}'s training time.")
         return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}), "
                 f"wins {best['win_rate']:.2f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}], an interval that still "
                 f"holds 0.5, so at this budget the order of the methods by gold may be sampling noise.{cost} Until "

@@ -311,7 +311,10 @@ class LiveCurves:
 
     The figure goes out as a raw mime bundle under one display id. Displaying the plotly figure object
     itself would not do: IPython hands it to the figure's own `_ipython_display_`, which shows a new
-    output and ignores the display id, so every update would stack another figure below the last.
+    output and ignores the display id, so every update would stack another figure below the last. Nor
+    does the figure's `_repr_mimebundle_`: it re-activates the renderers on every call, and the notebook
+    renderer's activation writes all of plotly.js (about 5 MB) as another output each time. The bundle
+    is built as `plotly.io.show` builds it, which activates them once per kernel.
     """
 
     def __init__(self, keys, title="Training curves (live)", every=1, cols=3):
@@ -326,7 +329,7 @@ class LiveCurves:
         import plotly.io as pio
 
         fig = metric_curves(self.rows, self.keys, self.title, cols=self.cols)
-        bundle = fig._repr_mimebundle_() if pio.renderers.default else {}
+        bundle = pio.renderers._build_mime_bundle(fig.to_dict()) if pio.renderers.default else {}
         return bundle or {"text/plain": f"{self.title}: {len(self.rows)} rows of {', '.join(self.keys)}"}
 
     def update(self, row):

@@ -122,9 +122,13 @@ def test_notebook_runs_in_smoke_profile(notebook, run_dir):
     before = set(run_dir.glob("*/summary.json"))
     # a cell time limit: once, with both cores busy with other work, the kernel finished a cell but its reply
     # never reached papermill, which would have waited for ever (a whole smoke notebook takes ~90 s)
-    execute_notebook(notebook, run_dir / "notebooks", {"run_dir": str(run_dir), "profile": "smoke", "seed": 0},
-                     timeout_s=600)
+    executed = execute_notebook(notebook, run_dir / "notebooks",
+                                {"run_dir": str(run_dir), "profile": "smoke", "seed": 0}, timeout_s=600)
     written = set(run_dir.glob("*/summary.json")) - before
+    # plotly.js (about 5 MB) is written once, for the saved notebook's and HTML copy's figures, not per figure
+    copies = sum(len(o.get("data", {}).get("text/html", "")) > 1_000_000
+                 for cell in nbformat.read(executed, as_version=4).cells for o in cell.get("outputs", []))
+    assert copies <= 1, f"{notebook.name} carries plotly.js {copies} times"
     if notebook.stem in CHECKS:
         CHECKS[notebook.stem](run_dir)
     else:

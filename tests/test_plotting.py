@@ -21,6 +21,30 @@ def test_live_curves_redraw_one_figure_in_place():
     assert list(traces[0]["y"]) == [1.0, 0.5, 1.0 / 3, 0.25]
 
 
+AGAIN = """\
+from IPython.display import display
+again = plotting.LiveCurves(["loss"], title="again")
+for step in range(1, 4):
+    again.update({"step": step, "loss": 1.0 / step})
+display(plotting.metric_curves(again.rows, ["loss"]))
+"""
+
+
+def _plotlyjs_copies(cell) -> int:
+    """Outputs that carry the plotly.js library itself (several MB of script), not a figure."""
+    return sum(len(o.get("data", {}).get("text/html", "")) > 1_000_000 for o in cell.outputs)
+
+
+def test_live_curves_write_plotlyjs_once_per_kernel(monkeypatch):
+    # A figure's own _repr_mimebundle_ re-activates plotly's notebook renderer on every call, and each
+    # activation writes all of plotly.js as a new output: 5 MB per update of a training curve. The
+    # renderer is the one `rlhf_helpers.run` gives papermill runs, so saved notebooks draw offline.
+    monkeypatch.setenv("PLOTLY_RENDERER", "plotly_mimetype+notebook")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(LIVE), nbformat.v4.new_code_cell(AGAIN)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    assert [_plotlyjs_copies(cell) for cell in nb.cells] == [1, 0]
+
+
 def test_rise_table_reads_both_halves_from_an_rl_summary():
     from rlhf_helpers.plotting import rise_table
     from rlhf_helpers.tracking import half_means
