@@ -138,7 +138,7 @@ print(f"π_ref = {pi_ref.numpy().round(3)}\nr     = {r.numpy().round(3)}\nπ*   
       f"  (β = {cfg.beta})")
 print(f"β = 1e-3: π* = {kl_optimal_policy(pi_ref, r, 1e-3).numpy().round(3)}  (argmax r is arm {r.argmax()})")
 print(f"β = 1e+3: π* = {kl_optimal_policy(pi_ref, r, 1e3).numpy().round(3)}  (≈ π_ref)")
-sweep = beta_sweep(pi_ref, r, torch.logspace(-1.3, 0.7, 31).tolist())  # β from 0.05 to 5
+sweep = beta_sweep(pi_ref, r, sorted({*torch.logspace(-1.3, 0.7, 31).tolist(), cfg.beta}))  # β from 0.05 to 5
 plotting.kl_optimum_slider(pi_ref, r, sweep, beta_start=cfg.beta).show()
 
 # %% [markdown]
@@ -151,7 +151,9 @@ plotting.reward_kl_frontier(sweep, beta_mark=cfg.beta).show()
 
 # %% [markdown]
 # ## 4. PPO's clipped surrogate
-# Policy-gradient methods increase $\log\pi(y)$ in proportion to the advantage $A$ of the sampled $y$.
+# Policy-gradient methods increase $\log\pi(y)$ in proportion to the advantage $A$ of the sampled $y$: its
+# reward minus a baseline, such as the mean reward of the batch, so that better-than-usual samples are pushed
+# up and worse-than-usual ones down.
 # PPO reuses each batch for several gradient steps, which is only safe while the policy stays close to the
 # policy $\pi_\text{old}$ that sampled the batch. It therefore maximises the clipped surrogate
 #
@@ -211,6 +213,11 @@ print(f"DPO loss {loss.item():.4f}; " + ", ".join(f"{k} = {v:.3f}" for k, v in m
 # and the sampling noise vanishes at the optimum. (With a language model the per-token estimate of the KL
 # and a learned value function add noise that does not vanish.)
 #
+# **How close.** Two distances to $\pi^*$ are tracked: the total variation
+# $\mathrm{TV}(\pi, \pi^*) = \tfrac12\sum_y |\pi(y) - \pi^*(y)|$, the largest difference in probability the two
+# policies give any set of arms, and $\mathrm{KL}(\pi\,\|\,\pi^*)$, which section 3 showed is the
+# suboptimality divided by $\beta$.
+#
 # **DPO.** Each iteration draws `cfg.dpo_pairs_per_iter` fresh pairs of distinct arms from $\pi_\text{ref}$,
 # labels each with a Bradley–Terry coin flip $P(a \succ b) = \sigma(r_a - r_b)$ from the true rewards, and takes
 # an Adam step on the DPO loss with the same $\beta$. Why that gives the same $\pi^*$: for a pair $(a, b)$ the
@@ -239,8 +246,10 @@ plotting.bandit_convergence(logger.rows, {
 plotting.policy_bars({"π_ref": pi_ref, "π*": pi_star, "π_PPO": pi_ppo, "π_DPO": pi_dpo}).show()
 
 # %% [markdown]
-# PPO gets within a few per cent of $\pi^*$ in a few dozen iterations; early on, most samples sit in the
-# clipped regions (`policy/clipfrac_avg` in `metrics.jsonl`), which is the clip limiting each step. DPO moves
+# PPO gets within a few per cent of $\pi^*$ in a few dozen iterations. In the very first iteration most
+# samples end up in the clipped regions (the first row of `policy/clipfrac_avg` in `metrics.jsonl`): the
+# clip is what limits that first large step. By the tenth iteration the policy is close enough that none
+# do. DPO moves
 # more slowly and settles at a small distance set by the label noise and the learning-rate schedule. On the
 # frontier, both final policies land on the point of $\pi^*$ for this $\beta$:
 

@@ -18,8 +18,9 @@
 #
 # In RLHF the reward is where "what good means" is written down, and a policy will find every gap in
 # what you wrote. This notebook builds rewards from parts, tunes their weights with sliders, and shows a
-# reward being gamed. Its products are what every later stage scores with: a tuned reward config, the
-# **gold judge** that plays the human, and a **simulated annotator** that labels preference pairs.
+# reward being gamed. It ends with a tuned reward config (`python -m rlhf_helpers.rewards score` applies
+# it to any file of replies) and introduces the two pieces every later stage relies on: the **gold judge**
+# that plays the human, and a **simulated annotator** that labels preference pairs.
 #
 # **What you will learn**
 # 1. The `RewardFunction` API: `compute_reward(trajectory) -> RewardOutput(reward, metadata)`.
@@ -69,8 +70,8 @@ print(f"{len(candidates)} candidate responses to {len({c['prompt_id'] for c in c
 # %% [markdown]
 # ## 1. The API, and a naive reward
 # A `Trajectory` holds a prompt and a response; a `RewardFunction` turns it into a `RewardOutput` with a
-# scalar `reward` and `metadata` that explains it. Here is the `QualityReward` of the Flux tutorial,
-# unchanged: it pays for a length band, for words like "First" or "1.", for "because", for "please", and
+# scalar `reward` and `metadata` that explains it. Here is `QualityReward`, the example reward of the
+# Flux tutorial on reward functions (one of the documents this suite grew from), unchanged: it pays for a length band, for words like "First" or "1.", for "because", for "please", and
 # docks points for heavy repetition.
 
 # %%
@@ -83,8 +84,8 @@ for label, c in [("good", good), ("stuffed", stuffed)]:
 print("\nPROMPT:", good["prompt"], "\n\nSTUFFED:", stuffed["response"])
 
 # %% [markdown]
-# The stuffed response says nothing, yet the naive reward rates it about as high as a real answer: it has
-# every keyword the reward looks for. A policy trained on this reward would learn to write exactly that.
+# The stuffed response says nothing, yet the naive reward rates it higher than the real answer: it has
+# every keyword the reward looks for (over all candidates, the table below: stuffed 0.90, good 0.45). A policy trained on this reward would learn to write exactly that.
 # This is **reward hacking**, and it is the rule, not the exception: an optimiser maximises what you
 # wrote, not what you meant.
 #
@@ -106,8 +107,16 @@ display(plotting.rewards_by_kind(table, ["naive", "gold"], gaming_kinds=GAMING_K
 table.groupby("kind")[["naive", "gold"]].mean().round(2).sort_values("gold", ascending=False)
 
 # %% [markdown]
+# Read the gold column too, for what this judge cannot do. It checks form, not facts: the answers marked
+# `poor` (vague or wrong, but fluent) outscore the short, correct ones marked `okay`. And it docks short
+# answers. A policy optimised against it could learn to be long and fluent rather than right. In this suite
+# the gold judge is the yardstick every stage is measured by, and it is not the truth: a real human
+# evaluation, or a stronger judge, would be the next step.
+
+# %% [markdown]
 # ## 3. Components and a weighted mix
-# Practical rewards are built from parts, each scoring in [0, 1] (higher is better), combined by weights.
+# Practical rewards are built from parts, each scoring in [0, 1] (higher is better), combined by weights,
+# so a mix's top score is the sum of its weights (1.1 with this notebook's), not 1.
 # `0.7 * quality + 0.3 * safety` works literally: `RewardFunction`s support `+` and scalar `*`, and a
 # combination reports every component in its metadata.
 
@@ -121,7 +130,8 @@ print(f"reward = {out.reward:.3f}")
 # ## 4. Tune the weights
 # Move a slider and the ranked table and the histogram follow. The number to watch is the rank agreement
 # (Spearman) between your tuned reward and the gold judge, and how many gaming responses sit in the top
-# quarter. Try raising `politeness` and `explanation` and watch the stuffed answers climb. **Save config**
+# quarter. Raise `politeness` and `explanation` and watch the stuffed answers climb to the top; then try
+# to push them back down. **Save config**
 # writes `run_dir/rewards/reward_config.json`, which later notebooks can use. (Run headless by papermill,
 # the tuner is built with the weights from the parameters cell and saved as they are.)
 
@@ -132,6 +142,21 @@ tuner
 # %%
 config_path = tuner.save()  # interactive users: press the button instead, after tuning
 print(f"saved {config_path}; Spearman with gold: {tuner.agreement:.3f}; gaming share of the top quarter: {tuner.gaming_top_share:.0%}")
+
+# %% [markdown]
+# Sliders try one setting at a time. `tuner.search()` tries them all: every weight in {0, 0.25, 0.5, 1}
+# for each of the eight components, 65,536 settings scored the way the tuner scores its sliders, best by
+# Spearman first. Set the sliders to a row and the tuner shows the same two numbers.
+
+# %%
+best_weights = tuner.search()
+best_weights
+
+# %% [markdown]
+# The best settings here keep repetition and safety and switch off every component a keyword can fake
+# (length, structure, explanation, politeness, format). They reach a Spearman of about 0.65 with gold, where
+# the weights above reach about 0.3, and they still rank some gaming answers in the top quarter. Tuning
+# by hand against a judge finds which parts are proxies; it does not make the proxies better.
 
 # %% [markdown]
 # ## 5. Reward hacking, measured
@@ -162,8 +187,8 @@ print(f"{len(prompts)} pairs, each labelled 100 times")
 # ## 7. The Bayes ceiling
 # Even a perfect reward model, one that knows the gold reward exactly, cannot predict a noisy annotator's
 # every label. Its expected accuracy is $\mathbb{E}[\max(p, 1-p)]$ with $p = \sigma(\Delta/T)$: the **Bayes
-# ceiling**. Notebook 03 compares its trained reward model with this number on the same pairs, which is a
-# far more honest yardstick than "accuracy went up".
+# ceiling**. Notebook 03 computes the same ceiling on its own held-out pairs and measures its trained
+# reward model against it, a far more honest yardstick than "accuracy went up".
 
 # %%
 g_a, g_b = gold.score(prompts, resp_a), gold.score(prompts, resp_b)
@@ -186,6 +211,8 @@ summary = {
     "naive_gaming_top_share": float(hacking.loc["naive", "gaming share of top quarter"]),
     "gold_gaming_top_share": float(hacking.loc["gold", "gaming share of top quarter"]),
     "tuned_spearman_with_gold": tuner.agreement,
+    "searched_weights": best_weights.iloc[0][tuner.names].to_dict(),
+    "searched_spearman_with_gold": float(best_weights["Spearman with gold"].iloc[0]),
     "annotator_temperature": annotator_temperature,
     "bayes_ceiling": ceilings.get(annotator_temperature, bayes_ceiling(g_a, g_b, annotator_temperature)),
     "bayes_ceiling_by_temperature": {str(T): c for T, c in ceilings.items()},
@@ -196,13 +223,17 @@ summary
 
 # %% [markdown]
 # ## What you saw, and what to try
-# - A keyword reward rates stuffed, content-free answers as high as real ones; the gold judge, whose gates
+# - A keyword reward rates stuffed, content-free answers twice as high as real ones; the gold judge, whose gates
 #   (repetition, stuffing, copying, gibberish) multiply its merit, does not.
-# - A weighted mix of simple components can be tuned towards the gold judge, but only so far: every
-#   component is a proxy, which is why later stages learn a reward model from preferences instead.
+# - A weighted mix of simple components can be tuned towards the gold judge, but only so far: the best
+#   weights switch off every component a keyword can fake, and even they leave much of gold's order
+#   unexplained. Every component is a proxy, which is why later stages learn a reward model from
+#   preferences instead.
 # - The simulated annotator's labels follow the Bradley–Terry curve, and its noise sets a ceiling on any
 #   reward model's accuracy.
 #
 # Try: set `w_politeness` and `w_explanation` to 1 and rerun section 5; lower `annotator_temperature` to
-# 0.02 and watch the ceiling approach 1. Next, notebook 02 teaches the model to answer in the style the
+# 0.02 and watch the ceiling rise. It stops short of 1 (about 0.955 as T goes to 0), because 27 of the
+# 303 pairs tie exactly in gold, mostly gaming answers that all score 0, and a tie is a coin flip at any
+# temperature. Next, notebook 02 teaches the model to answer in the style the
 # gold judge values, by supervised fine-tuning.

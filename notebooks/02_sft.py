@@ -61,9 +61,10 @@ cfg
 
 # %% [markdown]
 # ## 1. The demonstrations
-# `data/sft.jsonl` holds 224 answers written for this suite in the style the gold judge values: correct,
-# concise, structured where it helps, polite without stock phrases, and polite refusals for harmful
-# requests. A tenth is held out (by prompt) to measure the loss on answers the model never trained on.
+# `data/sft.jsonl` holds 224 answers written for this suite to be correct, concise, structured where it
+# helps, polite without stock phrases, and to refuse harmful requests politely: the style the gold judge
+# values (though it checks their form, not their facts). A tenth is held out (by prompt), and `n_eval` of
+# those measure the loss on answers the model never trained on.
 
 # %%
 train_records, eval_records = load_demonstrations(cfg)
@@ -87,7 +88,8 @@ del trainer
 # %% [markdown]
 # ## 3. Train
 # LoRA freezes the base weights $W$ and learns a low-rank update $W + \frac{\alpha}{r} BA$ with
-# $B \in \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer: a few million trainable
+# $B \in \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer of the top `lora_layers`
+# blocks (16 of SmolLM2's 30 in the cpu profile): a few million trainable
 # parameters instead of 135 million, and an adapter of a few megabytes. The curve below redraws as the
 # run logs; a checkpoint is saved every `save_steps`, and rerunning this cell after an interruption
 # continues from the last one.
@@ -155,11 +157,13 @@ print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 # %% [markdown]
 # A rate of zero here would be the most important number in this notebook: no later stage could repair
 # it. It was zero in an earlier version of the cpu profile: 24 steps of 8 demonstrations at learning rate
-# 1e-3 refused 0 of 48 samples on 12 harmful prompts without a demonstration (the 9 held-out ones and 3
-# train prompts). The same 192 demonstrations taken 4 at a time for 48 steps refused 6 of 48, and at
-# learning rate 2e-3 (the profile now) 15 of 48, with a lower held-out loss (2.08 against 2.19), no false
-# refusal on 40 benign prompts, in about the same time. A short answer that is one demonstration in eight is
-# learnt late; more, smaller steps reach it within the same budget.
+# 1e-3 refused 0 of 48 samples on 12 harmful prompts without a demonstration. Taking the demonstrations 4 at
+# a time for 48 steps at learning rate 2e-3 (the profile now) made it refuse about a quarter of the time,
+# with a lower held-out loss (2.08 against 2.19), in about the same time: a short answer that is one
+# demonstration in eight is learnt late, and more, smaller steps reach it within the same budget. (Those
+# figures came from a separate probe on a slightly smaller training set; the cell above gives this run's.)
+# The base model's interval of [0.00, 0.00] only says that every one of its samples complied; a bootstrap
+# cannot put an interval around a rate it never saw move.
 
 # %% [markdown]
 # ## Save the summary
@@ -178,8 +182,11 @@ MetricsLogger(out_dir).summary(summary)
 # %% [markdown]
 # ## What you saw, and what to try
 # - The chat template as tokens, and the loss mask that keeps the prompt out of the loss.
-# - A LoRA run whose train and held-out losses fall, and an SFT model that the gold judge prefers to the
-#   base model on prompts neither saw in training.
+# - A LoRA run whose held-out loss falls (the training loss is noisy: in a single pass every batch is new),
+#   and an SFT model that the gold judge scores above the base model on prompts neither saw in training,
+#   though 24 prompts are too few to be sure of it (the win rate's interval holds 0.5). On 72 held-out
+#   prompts × 3 replies (`python -m rlhf_helpers.evaluate --run-dir RUN --n-prompts 72 --samples-per-prompt 3
+#   base`) the base model scores below SFT beyond its interval: the README's table.
 #
 # Try: `use_lora=False` (full fine-tuning: slower, more memory, a bigger file); more `max_steps` (watch the
 # held-out loss for the point where it stops falling); a different `model_name`. Next, notebook 03 samples

@@ -57,7 +57,9 @@ from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
 from rlhf_helpers.preferences import label_samples, read_pairs, sample_at_temperatures, snapshot_info, write_pairs
-from rlhf_helpers.reward_model import RMStageConfig, calibration_bins, pair_margins, split_pairs, train_reward_model
+from rlhf_helpers.reward_model import (
+    RMStageConfig, accuracy_against_ceiling, calibration_bins, pair_margins, split_pairs, train_reward_model,
+)
 from rlhf_helpers.reward_tuner import spearman
 from rlhf_helpers.sft import sft_policy_path
 from rlhf_helpers.tracking import MetricsLogger
@@ -98,9 +100,11 @@ if snap_pairs:
     print(f"snapshot: {len(snap_pairs)} pairs, made with {snapshot_info(snapshot)}")
     if snap_pairs[0].metadata["annotator_temperature"] != cfg.annotator_temperature:
         print("note: the snapshot was labelled at another annotator temperature; the Bayes ceiling is per temperature")
-pairs = live_pairs + [p for p in snap_pairs if p.prompt not in set(live_prompts)]
+kept = [p for p in snap_pairs if p.prompt not in set(live_prompts)]  # live pairs replace the snapshot's
+pairs = live_pairs + kept
 write_pairs(pref_dir / "pairs.jsonl", pairs)
-print(f"{len(pairs)} pairs written to {pref_dir / 'pairs.jsonl'}")
+print(f"{len(pairs)} pairs written to {pref_dir / 'pairs.jsonl'}: {len(live_pairs)} live and {len(kept)} from the "
+      f"snapshot ({len(snap_pairs) - len(kept)} snapshot pairs on the live prompts were replaced by the live ones)")
 
 # %% [markdown]
 # ## 2. The formats people bring
@@ -117,7 +121,8 @@ for fmt in ("ranked", "ratings", "hh"):
 # ## 3. The yardstick: the Bayes ceiling
 # Split the pairs by prompt (no prompt on both sides). On the held-out pairs, even a model that knew the
 # gold reward exactly would agree with the annotator only as often as the annotator agrees with the gold
-# order: that is the Bayes ceiling. A reward model at 85% of it has learned most of what can be learned.
+# order: that is the Bayes ceiling. Read a reward model's accuracy against both ends, chance (0.5) and the
+# ceiling: the share of the gap between them that it closes is what it has learnt (section 6).
 
 # %%
 train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, seed, cfg.n_train, cfg.n_eval)
@@ -127,7 +132,9 @@ print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; Bay
 # %% [markdown]
 # ## 4. Train the reward model
 # The backbone is the SFT model with a one-output head on the last token; the loss is Bradley–Terry,
-# $-\log\sigma(r(x, y_w) - r(x, y_l))$. LoRA adapts the top blocks and the head is trained in full.
+# $-\log\sigma(r(x, y_w) - r(x, y_l))$. LoRA adapts the top blocks and the head is trained in full. The
+# load report below lists `score.weight` as missing: that is the new head, which starts from random values,
+# as it should. A loss that stays near $\ln 2 \approx 0.69$ is a model still guessing.
 
 # %%
 live = plotting.LiveCurves(["train/loss", "train/accuracy", "eval/accuracy"], every=2)
@@ -138,7 +145,8 @@ facts
 # ## 5. Normalise on fresh SFT samples, and check against the gold judge
 # RL adds the reward to a KL penalty, so its scale matters: we shift and scale it so that fresh SFT samples
 # (on held-out prompts, never trained on; `fresh_samples_per_prompt` replies to each) score mean 0 and
-# standard deviation 1. The same samples test whether the reward model *ranks* answers as the gold judge
+# standard deviation 1. They are sampled at `fresh_temperature` (1.0 in the cpu profile, for variety);
+# PPO samples at 0.7, where the same shift and scale leave its scores near, not exactly at, 0 and 1. The same samples test whether the reward model *ranks* answers as the gold judge
 # does (Spearman's ρ).
 
 # %%
@@ -154,7 +162,7 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 
 # %% [markdown]
 # Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24), although the held-out accuracy
-# below is well above chance. The two measure different things. The pairs contrast a careful sample
+# below is above chance. The two measure different things. The pairs contrast a careful sample
 # (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking two
 # ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ runs
 # across *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
@@ -165,10 +173,11 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 # *this* prompt deserve more probability. So the question that decides whether RL against this reward model
 # can raise the gold is narrower than ρ: of two replies to the same prompt, does it prefer the one the gold
 # judge prefers? And the payoff has a price tag. Picking the best of n sampled replies by the reward model
-# (*best-of-n*) is a policy too, at a KL to the SFT policy of at most log n − (n−1)/n nats: 0.19 for n = 2,
-# 0.43 for n = 3, 0.64 for n = 4. A policy that optimised the reward model *perfectly* at that KL would do
-# about as well. If picking by the reward model buys no gold here, RL against it will buy none either,
-# however good the RL; picking by the gold judge itself shows what a perfect reward model would buy.
+# (*best-of-n*) is a policy too, at a KL to the sampling policy of at most log n − (n−1)/n nats: 0.19 for
+# n = 2, 0.43 for n = 3, 0.64 for n = 4. Best-of-n trades KL for the reward model's score about as well as
+# any policy can, so if picking by the reward model buys no gold here, RL against it is unlikely to buy
+# much at a comparable KL, however good the RL. Picking by the gold judge itself shows what a perfect
+# reward model would buy.
 
 # %%
 if k_fresh >= 2:
@@ -184,7 +193,8 @@ else:
 # %% [markdown]
 # On the `cpu` profile 24 prompts × 2 replies are few, so read the interval before the point. A larger
 # measurement of the committed cpu run's reward model, 72 held-out prompts × 8 SFT replies at PPO's
-# temperature (`scripts/best_of_n.py --run-dir runs/cpu --k 8`), gave these:
+# temperature, 0.7 (`scripts/best_of_n.py --run-dir runs/cpu --k 8`), gave these; they differ from the
+# cell above, which samples at `fresh_temperature`:
 #
 # | n | KL bound | picked by the reward model | its gain over a random reply [95%] | picked by gold |
 # |---|---|---|---|---|
@@ -209,9 +219,21 @@ else:
 chosen, rejected = pair_margins(rm, eval_pairs)
 accuracy = float(np.mean(chosen > rejected))
 p_chosen = 1 / (1 + np.exp(-(chosen - rejected)))
-print(f"held-out accuracy {accuracy:.3f}; Bayes ceiling {ceiling:.3f}; ratio {accuracy / ceiling:.2f}")
+report = accuracy_against_ceiling(chosen, rejected, [p.prompt for p in eval_pairs], ceiling, seed=seed)
+print(f"held-out accuracy {accuracy:.3f} [{report['ci_low']:.3f}, {report['ci_high']:.3f}] on {report['n_pairs']} pairs "
+      f"({report['n_prompts']} prompts); chance 0.5, Bayes ceiling {ceiling:.3f}: it closes "
+      f"{report['gap_closed']:.0%} [{report['gap_closed_low']:.0%}, {report['gap_closed_high']:.0%}] of the gap")
 display(plotting.calibration_figure(calibration_bins(p_chosen)))
 plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (rejected - norm["shift"]) / norm["scale"])
+
+# %% [markdown]
+# Read the interval before the point: a hundred-odd pairs on half as many prompts pin accuracy down to
+# about ±0.1. In the calibration plot each point is a bin of predicted probabilities against how often the
+# first answer really was preferred; on the diagonal the model's confidence is what happens. Points flatter
+# than the diagonal mean over-confidence, steeper under-confidence. A weak reward model's predictions
+# crowd around 0.5, where the points carry most of the pairs and say least. The histogram sets the
+# normalised scores of chosen answers against rejected ones: the more they overlap, the less the reward
+# model tells them apart.
 
 # %% [markdown]
 # ## Save
@@ -223,18 +245,21 @@ summary = {
     "n_pairs": len(pairs), "n_live_pairs": len(live_pairs), "n_snapshot_pairs": len(pairs) - len(live_pairs),
     "skipped_live": dict(skipped), "annotator_temperature": cfg.annotator_temperature,
     "eval_accuracy": accuracy, "bayes_ceiling": ceiling, "accuracy_over_ceiling": accuracy / ceiling,
+    "eval_accuracy_ci": [report["ci_low"], report["ci_high"]], "gap_closed": report["gap_closed"],
     "spearman_with_gold": rho, "normalization": norm, "fresh_samples_per_prompt": k_fresh,
     "within_prompt_agreement": agreement, "best_of_n": bon, "wall_time_s": time.perf_counter() - t0,
 }
 MetricsLogger(rm_dir).summary(summary)
-{k: summary[k] for k in ("eval_accuracy", "bayes_ceiling", "accuracy_over_ceiling", "spearman_with_gold", "wall_time_s")}
+{k: summary[k] for k in ("eval_accuracy", "eval_accuracy_ci", "bayes_ceiling", "gap_closed", "spearman_with_gold",
+                         "wall_time_s")}
 
 # %% [markdown]
 # ## What you saw, and what to try
 # - Pairs sampled from the SFT policy and labelled by a noisy annotator, with their provenance.
-# - A reward model whose held-out accuracy is measured against the best achievable, its calibration, and
+# - A reward model whose held-out accuracy is read against chance and the best achievable, its calibration, and
 #   its agreement with the gold judge on fresh answers, across prompts and between replies to one prompt.
-# - Best-of-n: what picking by the reward model buys in gold at a known KL, the most RL against it can hope for.
+# - Best-of-n: what picking by the reward model buys in gold at a known KL, about the most RL against it can
+#   hope for at that KL.
 #
 # Try: `annotator_temperature=0.02` (a consistent annotator: the ceiling rises, and so should accuracy);
 # `use_snapshot=False` (fewer pairs: watch accuracy fall); more `max_steps`. Next, notebook 04 optimises the

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from .tracking import MetricsLogger
+from .tracking import MetricsLogger, StageClock
 
 SKIP = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second", "step"}
 
@@ -58,3 +58,19 @@ class StepCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self.fn(state.global_step, namespaced(logs))
+
+
+class ClockCallback(TrainerCallback):
+    """Stamp a `StageClock`'s running total into every checkpoint a transformers/TRL trainer saves."""
+
+    def __init__(self, clock: StageClock):
+        self.clock = clock
+
+    def on_save(self, args, state, control, **kwargs):
+        from pathlib import Path
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.clock.stamp(folder)

@@ -4,7 +4,8 @@
 Cost columns, read from run_dir/<stage>/summary.json:
   samples_seen   replies the method trained on: PPO, GRPO, RLOO the replies they sampled and scored; DPO two per
                  pair (chosen and rejected), none of them sampled
-  wall_time_s    wall-clock seconds of the training stage (model loading and data included, evaluation not)
+  wall_time_s    wall-clock seconds of the training stage (model loading and data included, evaluation not),
+                 summed over the sessions of a run that was interrupted and resumed (`tracking.StageClock`)
   peak_memory_mb peak memory during the stage: CUDA's peak allocation, or on CPU the process's peak resident
                  set (see `dpo.PeakMemory`; PPO's comes from notebook 04's own process)
 """

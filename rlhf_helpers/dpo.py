@@ -25,7 +25,6 @@ Outputs in `run_dir/dpo/`: `metrics.jsonl`, `summary.json`, `config.json`, `chec
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -33,13 +32,13 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
 
 
 @dataclass
@@ -237,11 +236,13 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     `policy_path` is the SFT model folder (or the base model's name when there is none); `on_row(row)` gets
     every metrics row (a live plot's `update`); `callbacks` are extra transformers TrainerCallbacks."""
     memory = PeakMemory(cfg.device).start()
-    t0 = time.perf_counter()
+    clock = StageClock()
     out = stage_dir(run_dir, "dpo")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
+    clock.resumed(ckpt)
     logger.save_config(settings)
-    trainer, _ = build_trainer(cfg, run_dir, policy_path, train_pairs, eval_pairs, logger, on_row, callbacks)
+    trainer, _ = build_trainer(cfg, run_dir, policy_path, train_pairs, eval_pairs, logger, on_row,
+                               [*callbacks, ClockCallback(clock)])
     tok = trainer.processing_class
     lengths = {"train": length_report(tok, train_pairs, cfg.max_length)}
     if eval_pairs:
@@ -269,7 +270,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
         "accuracy_last": last.get("rewards/accuracies"),
         "eval_margin": evals.get("eval/rewards/margins"), "eval_accuracy": evals.get("eval/rewards/accuracies"),
         "eval_loss": evals.get("eval/loss"), "train_runtime_s": result.metrics.get("train_runtime"),
-        "wall_time_s": time.perf_counter() - t0, **memory.facts(), "parameters": count_parameters(model),
+        **clock.facts(), **memory.facts(), "parameters": count_parameters(model),
         "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
     logger.summary(summary)

@@ -36,14 +36,13 @@ Outputs in `run_dir/<stage>/`: `metrics.jsonl`, `samples.jsonl`, `summary.json`,
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from transformers import TrainerCallback
 
-from .callbacks import namespaced
+from .callbacks import ClockCallback, namespaced
 from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
 from .models import count_parameters, default_lora_config, load_model, num_layers
@@ -51,7 +50,7 @@ from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
 from .data import train_prompts
-from .tracking import MetricsLogger, PeakMemory, _jsonable, half_means, keep_rows_through, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, _jsonable, half_means, keep_rows_through, resume_point
 
 
 @dataclass
@@ -331,13 +330,15 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     gold = GoldJudge() if gold is None else gold
     prompts = list(prompts)[: cfg.n_prompts]
     memory = PeakMemory(cfg.device).start()
-    t0 = time.perf_counter()
+    clock = StageClock()
     out = stage_dir(run_dir, cfg.stage)
     ckpt, logger, settings = resume_point(out, cfg, data=prompts)
+    clock.resumed(ckpt)
     start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     keep_rows_through(out / "samples.jsonl", start)
     logger.save_config(settings)
-    trainer = build_trainer(cfg, run_dir, policy_path, prompts, reward, gold, logger, on_row, callbacks)
+    trainer = build_trainer(cfg, run_dir, policy_path, prompts, reward, gold, logger, on_row,
+                            [*callbacks, ClockCallback(clock)])
     result = trainer.train(resume_from_checkpoint=ckpt)
     model, tok = trainer.model, trainer.processing_class
     adapter = save_adapter(model, tok, out / "adapter")
@@ -355,8 +356,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_last": last.get("response/eos_frac"),
         "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
         "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
-        "train_runtime_s": result.metrics.get("train_runtime"), "wall_time_s": time.perf_counter() - t0,
-        **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
+        "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(), **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
     logger.summary(summary)
     return summary

@@ -39,7 +39,8 @@ Metrics, one row per step in `run_dir/ppo/metrics.jsonl` (TRL's names where TRL 
   tokens/generated           response tokens generated this step (EOS included, padding not)
   time/rollout_s, time/score_s, time/forward_s, time/update_s, time/step_s   wall-clock seconds
 Sample generations go to `run_dir/ppo/samples.jsonl` at step 1 and every `sample_every` steps.
-Checkpoints: `run_dir/ppo/checkpoints/step-N/` (adapter/, value_head.pt, optimizer.pt, trainer_state.json).
+Checkpoints: `run_dir/ppo/checkpoints/step-N/` (adapter/, value_head.pt, optimizer.pt, trainer_state.json,
+elapsed.json: the seconds spent so far, so a resumed run reports what the whole run cost).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
-                       PeakMemory, half_means, keep_rows_through, read_json, settings_changed)
+                       PeakMemory, StageClock, half_means, keep_rows_through, read_json, settings_changed)
 
 
 @dataclass
@@ -536,7 +537,8 @@ class PPOTrainer:
 
     def __init__(self, policy, tokenizer, reward_fn: Callable[[Sequence[Any], Sequence[str]], Any],
                  cfg: PPOConfig, run_dir: str | os.PathLike, prompts: Sequence[Any],
-                 monitors: dict[str, Callable[[Sequence[Any], Sequence[str]], Any]] | None = None):
+                 monitors: dict[str, Callable[[Sequence[Any], Sequence[str]], Any]] | None = None,
+                 clock: StageClock | None = None):
         if not hasattr(policy, "disable_adapter"):
             raise TypeError("PPOTrainer needs a peft model with a LoRA adapter (build_policy(cfg) or "
                             "attach_lora(model)): the reference is the policy with its adapter disabled")
@@ -559,6 +561,7 @@ class PPOTrainer:
         self.samples_path = self.out / "samples.jsonl"
         self.step_count = 0
         self.resumed_from: str | None = None
+        self.clock = clock or StageClock()  # its total goes into every checkpoint, and comes back on resume
         self.minibatch_stats: list[dict[str, float]] = []  # of the last step, in update order
         self._callbacks: list[Callable[[int, dict], None]] = []
 
@@ -658,6 +661,7 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             atomic_write_json(tmp / "trainer_state.json", {"step": self.step_count,
                                                            "kl_controller": self.kl_ctl.state_dict()})
+            self.clock.stamp(tmp)
 
         target = atomic_write_dir(self.out / "checkpoints" / f"step-{self.step_count}", write)
         for _, old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
@@ -685,6 +689,7 @@ class PPOTrainer:
         state = read_json(path / "trainer_state.json")
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.step_count, self.resumed_from = int(state["step"]), str(path)
+        self.clock.resumed(path)
         self._drop_after(self.step_count)
         print(f"Resumed from {path} (step {self.step_count}).")
         return self.step_count
@@ -758,12 +763,12 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     run_dir/ppo/adapter."""
     from .seeding import seed_everything
 
-    t0, memory = time.perf_counter(), PeakMemory(cfg.device).start()
+    clock, memory = StageClock(), PeakMemory(cfg.device).start()
     seed_everything(cfg.seed)
     reward_fn = as_tensor_reward(reward)
     monitors = {"gold": as_tensor_reward(gold)} if gold is not None else {}
     policy, tok = build_policy(cfg, policy_path)
-    trainer = PPOTrainer(policy, tok, reward_fn, cfg, run_dir, prompts, monitors=monitors)
+    trainer = PPOTrainer(policy, tok, reward_fn, cfg, run_dir, prompts, monitors=monitors, clock=clock)
     if on_row is not None:
         trainer.add_step_callback(lambda step, metrics: on_row({"step": step, **metrics}))
     for fn in callbacks:
@@ -773,7 +778,7 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     else:
         shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)
     summary = trainer.train()
-    summary = {**summary, "train_wall_time_s": summary["wall_time_s"], "wall_time_s": time.perf_counter() - t0,
+    summary = {**summary, "train_wall_time_s": summary["wall_time_s"], **clock.facts(),
                "policy_path": policy_path, "n_prompts": len(trainer.prompts),
                "samples_seen": trainer.step_count * cfg.batch_size, **memory.facts()}
     trainer.logger.summary(summary)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -24,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import (_resolve_device, _torch_dtype, chat_prompt, load_tokenizer, quiet_loading_bars,
@@ -32,7 +31,7 @@ from .models import (_resolve_device, _torch_dtype, chat_prompt, load_tokenizer,
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
-from .tracking import atomic_write_dir, atomic_write_json, resume_point
+from .tracking import StageClock, atomic_write_dir, atomic_write_json, resume_point
 
 
 @dataclass
@@ -185,19 +184,21 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     out = stage_dir(run_dir, "rm")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
     logger.save_config(settings)
+    clock = StageClock()
+    clock.resumed(ckpt)
     model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
     model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
     trainer = RewardTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train_pairs),
                             eval_dataset=to_dataset(eval_pairs), processing_class=tok,
-                            callbacks=[MetricsCallback(logger, on_row)])
+                            callbacks=[MetricsCallback(logger, on_row), ClockCallback(clock)])
     dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
     if any(dropped.values()):
         print(f"TRL dropped pairs longer than max_length={cfg.max_length} tokens: {dropped}")
-    t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=ckpt)
     facts = {"steps": trainer.state.global_step, "train_pairs": len(trainer.train_dataset),
              "eval_pairs": len(trainer.eval_dataset), "dropped_too_long": dropped,
-             "train_runtime_s": time.perf_counter() - t0, "resumed_from": ckpt, "backbone": backbone}
+             "train_runtime_s": clock.seconds, "resumed_time_s": clock.before, "resumed_from": ckpt,
+             "backbone": backbone}
     model.eval()
     return RewardModel(model, tok), facts
 
@@ -301,11 +302,42 @@ def pair_margins(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[np.n
     return chosen, rejected
 
 
-def calibration_bins(p_chosen: np.ndarray, bins: int = 5) -> dict[str, list[float]]:
+def accuracy_against_ceiling(chosen: Sequence[float], rejected: Sequence[float], prompts: Sequence[str],
+                             ceiling: float, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Held-out pair accuracy read against both of its ends: chance (0.5) and the Bayes ceiling.
+
+    `gap_closed` = (accuracy − 0.5) / (ceiling − 0.5) is the share of what could be learnt that was: a
+    ratio to the ceiling alone flatters, since a coin flip already scores 0.5 / ceiling of it. The 95%
+    interval resamples prompts, keeping a prompt's pairs together (they share the prompt, so they are not
+    independent); `gap_closed_low` and `_high` are the same interval on that scale."""
+    correct = np.asarray(chosen, dtype=float) > np.asarray(rejected, dtype=float)  # (P,)
+    if not len(correct) or len(prompts) != len(correct):
+        raise ValueError(f"need one prompt per pair and at least one pair; got {len(correct)} pairs and "
+                         f"{len(prompts)} prompts")
+    keys = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    group = np.array([keys[p] for p in prompts])
+    hits = np.bincount(group, weights=correct, minlength=len(keys))  # (G,)
+    counts = np.bincount(group, minlength=len(keys))  # (G,)
+    draws = np.random.default_rng(seed).integers(0, len(keys), (n_boot, len(keys)))  # (B, G)
+    low, high = np.quantile(hits[draws].sum(1) / counts[draws].sum(1), [0.025, 0.975])
+    accuracy = float(correct.mean())
+    span = ceiling - 0.5
+
+    def closed(a: float) -> float:
+        return float((a - 0.5) / span) if span > 0 else float("nan")
+
+    return {"accuracy": accuracy, "ci_low": float(low), "ci_high": float(high), "ceiling": float(ceiling),
+            "n_pairs": int(len(correct)), "n_prompts": len(keys), "gap_closed": closed(accuracy),
+            "gap_closed_low": closed(low), "gap_closed_high": closed(high)}
+
+
+def calibration_bins(p_chosen: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
     """Predicted P(chosen ≻ rejected) = σ(r_c − r_r), binned by the prediction of the *first-listed* response.
 
     Each pair is seen from both sides (p and 1 − p, with outcomes 1 and 0), so bins cover [0, 1] and a
-    calibrated model puts every bin on the diagonal."""
+    calibrated model puts every bin on the diagonal. Keep `bins` even, so that 0.5 is an edge: with an odd
+    number the middle bin holds pairs together with their mirror images and shows (0.5, 0.5) whatever the
+    model does, and a weak reward model's predictions mostly fall there."""
     p = np.concatenate([p_chosen, 1 - p_chosen])
     y = np.concatenate([np.ones_like(p_chosen), np.zeros_like(p_chosen)])
     edges = np.linspace(0, 1, bins + 1)

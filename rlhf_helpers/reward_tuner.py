@@ -100,10 +100,43 @@ class RewardTuner:
         ]
         self.agreement = spearman(r, self.gold_scores[idx])
         gaming = np.array([self.candidates[i].get("kind") in GAMING_KINDS for i in idx])
-        self.gaming_top_share = float(np.mean(gaming[np.argsort(-r)][: max(1, len(idx) // 4)])) if len(idx) else 0.0
+        # ties keep the candidates' order, as in the ranking (`search` counts the same way)
+        self.gaming_top_share = (float(np.mean(gaming[np.argsort(-r, kind="stable")][: max(1, len(idx) // 4)]))
+                                 if len(idx) else 0.0)
         self.figure = self._histogram(idx, rewards)
         if hasattr(self, "table"):
             self._render()
+
+    def search(self, grid: Sequence[float] = (0.0, 0.25, 0.5, 1.0), top: int = 5):
+        """Every combination of weights from `grid` (one per component), scored on all candidates as the
+        tuner scores its sliders: Spearman with gold and the gaming share of the top quarter. Returns the
+        `top` best by Spearman as a DataFrame, one column per weight. Combinations that are multiples of
+        one another rank the candidates alike; the first found is kept. 4 values for 8 components is
+        65,536 combinations, about a second."""
+        import itertools
+
+        import pandas as pd
+        from scipy.stats import rankdata
+
+        weights = np.array([w for w in itertools.product(grid, repeat=len(self.names)) if any(w)], dtype=float)
+        if not len(weights):
+            raise ValueError(f"the grid {tuple(grid)} has no non-zero weight to try")
+        scores = self.component_scores @ weights.T  # (N, W)
+        ranks = rankdata(scores, axis=0)  # average ranks for ties, as `spearman` does
+        ranks -= ranks.mean(axis=0)
+        gold = rankdata(self.gold_scores)
+        gold -= gold.mean()
+        norm = np.sqrt((ranks ** 2).sum(axis=0) * (gold ** 2).sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.where(norm > 0, gold @ ranks / norm, np.nan)
+        gaming = np.array([c.get("kind") in GAMING_KINDS for c in self.candidates])
+        top_n = max(1, len(self.candidates) // 4)
+        order = np.argsort(-scores, axis=0, kind="stable")[:top_n]  # (top_n, W)
+        share = gaming[order].mean(axis=0)
+        table = pd.DataFrame(weights, columns=self.names)
+        table["Spearman with gold"], table["gaming share of top quarter"] = rho, share
+        table = table.sort_values("Spearman with gold", ascending=False, kind="stable")
+        return table.drop_duplicates(["Spearman with gold", "gaming share of top quarter"]).head(top).reset_index(drop=True)
 
     def save(self, *_: Any) -> Path:
         path = save_reward_config(self.reward, self.save_path)

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .callbacks import MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback
 from .config import DEFAULT_MODEL, add_config_arguments, stage_config
 from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, atomic_write_dir, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
 
 
 @dataclass
@@ -170,11 +169,12 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
 
     `on_row(row)` is called with every metrics row (a live plot's `update`); `callbacks` are extra
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
-    t0, memory = time.perf_counter(), PeakMemory(cfg.device).start()
+    clock, memory = StageClock(), PeakMemory(cfg.device).start()
     out = stage_dir(run_dir, "sft")
     ckpt, logger, settings = resume_point(out, cfg)  # rows logged after the checkpoint are redone
+    clock.resumed(ckpt)
     logger.save_config(settings)
-    trainer, _ = build_trainer(cfg, run_dir, callbacks, logger, on_row)
+    trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
     eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
     result = trainer.train(resume_from_checkpoint=ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
@@ -192,7 +192,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         "eval_examples": len(trainer.eval_dataset), "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
-        "train_runtime_s": runtime, "wall_time_s": time.perf_counter() - t0, **memory.facts(),
+        "train_runtime_s": runtime, **clock.facts(), **memory.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
         "adapter_dir": str(out / "adapter"), "model_dir": str(out / "model"),
     }

@@ -89,6 +89,41 @@ def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     return target
 
 
+class StageClock:
+    """Seconds spent producing a stage's model, across interrupted sessions.
+
+    Start it with the stage; every checkpoint gets the running total (`stamp`, into `elapsed.json`), and a
+    session that resumes from a checkpoint adds the total written there (`resumed`). So a resumed stage's
+    `wall_time_s` is what producing its model cost, not only the last session's share. Work an interrupted
+    session did after its last checkpoint is not counted: it is redone, and counted then."""
+
+    FILE = "elapsed.json"
+
+    def __init__(self, start: float | None = None):
+        import time
+
+        self._now = time.perf_counter
+        self.start = self._now() if start is None else start
+        self.before: float | None = 0.0  # seconds spent before this session; None: the checkpoint did not say
+
+    def resumed(self, checkpoint: str | os.PathLike | None) -> None:
+        """Count the seconds recorded in `checkpoint` (None: a fresh start, nothing to add)."""
+        record = Path(checkpoint) / self.FILE if checkpoint else None
+        self.before = 0.0 if record is None else float(read_json(record)["seconds"]) if record.exists() else None
+
+    @property
+    def seconds(self) -> float:
+        """This session's seconds plus those recorded before it (when known)."""
+        return (self.before or 0.0) + self._now() - self.start
+
+    def stamp(self, checkpoint: str | os.PathLike) -> None:
+        atomic_write_json(Path(checkpoint) / self.FILE, {"seconds": self.seconds})
+
+    def facts(self) -> dict[str, float | None]:
+        """For a summary: `wall_time_s` (all sessions) and `resumed_time_s` (the sessions before this one)."""
+        return {"wall_time_s": self.seconds, "resumed_time_s": self.before}
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -270,8 +270,16 @@ def _drive_tuner(lab, page):
     saved_by_cell = json.loads(config_path.read_text())
     assert politeness(saved_by_cell) == 0.0
 
-    # bring the top of the tuner (prompt picker, sliders, histogram, Save button) into view
-    tuner.evaluate("el => el.scrollIntoView({block: 'start'})")
+    # bring the top of the tuner (prompt picker, sliders, histogram, Save button) into view. JupyterLab
+    # lays out cells outside the window lazily, with estimated heights, so one scroll can land short
+    # while the cells it passes take their real size: scroll again until the handle stays in view.
+    def handle_in_view() -> bool:
+        tuner.evaluate("el => el.scrollIntoView({block: 'start'})")
+        page.wait_for_timeout(300)
+        return slider.locator(".noUi-handle").evaluate(
+            "h => { const r = h.getBoundingClientRect(); return r.top >= 0 && r.bottom <= window.innerHeight; }")
+
+    _wait_until(handle_in_view, 15, "the tuner's sliders to scroll into view")
     expect(slider.locator(".noUi-handle")).to_be_in_viewport()
     expect(tuner.locator(".js-plotly-plot")).to_be_in_viewport()
     # everything reads as it should: the picker shows "all prompts", no slider's readout is cut off

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_helpers.config import PROFILES, describe_fields, get_profile, stage_config
 from rlhf_helpers.seeding import make_generator, seed_everything
-from rlhf_helpers.tracking import MetricsLogger, atomic_write_json, half_means, read_metrics
+from rlhf_helpers.tracking import MetricsLogger, StageClock, atomic_write_json, half_means, read_metrics
 
 
 @dataclass
@@ -56,6 +56,25 @@ def test_seed_everything_repeats_every_rng():
     seed_everything(8)
     assert draw() != a
     assert torch.rand(3, generator=make_generator(1)).tolist() == torch.rand(3, generator=make_generator(1)).tolist()
+
+
+def test_stage_clock_carries_seconds_across_a_resume(tmp_path):
+    ticks = iter([100.0, 130.0, 500.0, 520.0, 540.0])  # a fake perf_counter
+    first = StageClock()
+    first._now = lambda: next(ticks)
+    first.start = first._now()  # 100
+    (tmp_path / "ckpt").mkdir()
+    first.stamp(tmp_path / "ckpt")  # at 130: 30 s so far
+    again = StageClock()
+    again._now = lambda: next(ticks)
+    again.start = again._now()  # 500: a new session, after a gap that is not counted
+    again.resumed(tmp_path / "ckpt")
+    assert again.facts() == {"wall_time_s": 30.0 + 20.0, "resumed_time_s": 30.0}  # at 520
+    fresh = StageClock()
+    fresh.resumed(None)
+    assert fresh.before == 0.0
+    fresh.resumed(tmp_path)  # a checkpoint from before clocks were stamped: unknown, and this session counts
+    assert fresh.before is None and fresh.seconds >= 0.0
 
 
 def test_metrics_logger_appends_resumes_and_writes_summary(tmp_path):

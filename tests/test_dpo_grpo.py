@@ -341,6 +341,8 @@ def test_grpo_resumes_from_its_checkpoint(tiny, tmp_path):
                          Recording(1.0))
     assert summary["resumed_from"] and Path(summary["resumed_from"]).name == "checkpoint-1"
     assert summary["steps"] == 2
+    recorded = json.loads((Path(summary["resumed_from"]) / "elapsed.json").read_text())["seconds"]
+    assert summary["resumed_time_s"] == recorded > 0 and summary["wall_time_s"] > recorded  # both sessions
     rows = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "objective/scores" in r]
     assert [r["step"] for r in rows] == [1, 2]  # step 1 kept once, step 2 added
 

@@ -35,6 +35,7 @@ def check_rewards(run_dir: Path) -> None:
     assert s["gold_mean_good"] > s["gold_mean_gaming"] + 0.3, s  # the gold judge is not gamed
     assert s["naive_gaming_top_share"] > s["gold_gaming_top_share"], s  # the naive reward is
     assert 0.5 < s["bayes_ceiling"] <= 1.0
+    assert s["searched_spearman_with_gold"] > s["tuned_spearman_with_gold"], s  # the search beats the defaults
 
 
 def check_sft(run_dir: Path) -> None:

@@ -431,8 +431,10 @@ def test_resume_continues_where_it_stopped(straight_run, tmp_path):
     make_trainer(tmp_path, tiny_config(save_steps=1)).train(2)
     assert [s for s, _ in list_checkpoints(tmp_path / "ppo")] == [1, 2]
     (tmp_path / "ppo" / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "objective/kl": 9.9}) + "\n")
+    recorded = json.loads((tmp_path / "ppo" / "checkpoints" / "step-2" / "elapsed.json").read_text())["seconds"]
     trainer = make_trainer(tmp_path, tiny_config(save_steps=1))  # a fresh process: new model, new head
     assert trainer.resume() == 2
+    assert trainer.clock.before == recorded > 0  # the run's cost so far comes back with it
     saved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-2" / "value_head.pt", weights_only=True)
     assert torch.equal(trainer.value_head.summary.weight, saved["summary.weight"])
     assert trainer.optimizer.state_dict()["state"]  # Adam's moments are back
@@ -441,6 +443,7 @@ def test_resume_continues_where_it_stopped(straight_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stray row after the checkpoint was dropped
     # with adapter, head, optimizer and KL coefficient restored, steps 3-4 equal the uninterrupted run's
     assert without_timings(rows) == without_timings(read_metrics(straight_run / "ppo" / "metrics.jsonl"))
+    assert json.loads((tmp_path / "ppo" / "checkpoints" / "step-4" / "elapsed.json").read_text())["seconds"] > recorded
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import PreferencePair
 from rlhf_helpers.gold import SimulatedAnnotator
 from rlhf_helpers.preferences import label_samples, read_pairs, snapshot_info, write_pairs
-from rlhf_helpers.reward_model import RewardModel, RMStageConfig, calibration_bins, load_backbone, lora_for_rm, train_reward_model
+from rlhf_helpers.reward_model import RewardModel, RMStageConfig, accuracy_against_ceiling, calibration_bins, load_backbone, lora_for_rm, train_reward_model
 from rlhf_helpers.rewards import RewardFunction, RewardOutput
 
 
@@ -92,6 +92,23 @@ def test_calibration_bins_by_hand():
     # seen from both sides: predictions 0.9, 0.9, 0.6 (chosen, outcome 1) and 0.1, 0.1, 0.4 (outcome 0)
     assert bins["count"] == [3, 3]
     assert bins["predicted"] == pytest.approx([0.2, 0.8]) and bins["observed"] == pytest.approx([0.0, 1.0])
+    # a weak model, always 0.55 and always right: by default no bin mixes a pair with its mirror image
+    bins = calibration_bins(np.full(4, 0.55))
+    assert bins["predicted"] == pytest.approx([0.45, 0.55]) and bins["observed"] == pytest.approx([0.0, 1.0])
+
+
+def test_accuracy_is_read_against_chance_and_the_ceiling():
+    chosen, rejected = [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]  # 3 of 4 right
+    report = accuracy_against_ceiling(chosen, rejected, ["a", "a", "b", "c"], ceiling=0.9)
+    assert report["accuracy"] == 0.75 and report["n_prompts"] == 3
+    assert report["gap_closed"] == pytest.approx(0.25 / 0.4)  # not 0.75 / 0.9
+    assert report["ci_low"] < 0.75 < report["ci_high"] and report["ci_high"] == 1.0
+    assert report["gap_closed_low"] == pytest.approx((report["ci_low"] - 0.5) / 0.4)
+    # prompts are resampled whole: one prompt's pairs all right or all wrong move together
+    clustered = accuracy_against_ceiling([1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4, ["a"] * 4 + ["b"] * 4, 0.9)
+    assert clustered["ci_low"] == 0.0 and clustered["ci_high"] == 1.0
+    with pytest.raises(ValueError, match="one prompt per pair"):
+        accuracy_against_ceiling([1.0], [0.0], ["a", "b"], 0.9)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_helpers import rewards as R
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, bayes_ceiling, pair_ceiling, prompt_kind
-from rlhf_helpers.reward_tuner import RewardTuner, spearman
+from rlhf_helpers.reward_tuner import RewardTuner, load_candidates, spearman
 from rlhf_helpers.rewards import Trajectory
 
 GOOD = ("Start with one beginner-friendly language such as Python, because its syntax is simple.\n"
@@ -204,6 +204,24 @@ def test_slider_rerank_updates_table_histogram_and_saves(tmp_path):
     saved = json.loads((tmp_path / "cfg.json").read_text())
     assert {t_["type"]: t_["weight"] for t_ in saved["terms"]}["politeness"] == 1.0
     assert "Saved" in tuner.status.value
+
+
+def test_weight_search_finds_the_component_gold_is_made_of_and_agrees_with_the_sliders(tmp_path):
+    # a gold that is one component: the best weights are that component alone, with a Spearman of 1
+    tuner = RewardTuner(load_candidates(), R.default_mix(), tmp_path / "cfg.json", gold=R.REGISTRY["relevance"](),
+                        show_widgets=False)
+    found = tuner.search(grid=(0.0, 0.5, 1.0), top=3)
+    best = found.iloc[0]
+    assert best["Spearman with gold"] == pytest.approx(1.0)
+    assert [n for n in tuner.names if best[n] > 0] == ["relevance"]
+    assert found["Spearman with gold"].is_monotonic_decreasing and found.iloc[1]["Spearman with gold"] < 1.0
+    for _, row in found.iterrows():  # each row is what the sliders show at those weights
+        for name in tuner.names:
+            tuner.set_weight(name, row[name])
+        assert tuner.agreement == pytest.approx(row["Spearman with gold"])
+        assert tuner.gaming_top_share == pytest.approx(row["gaming share of top quarter"])
+    with pytest.raises(ValueError, match="no non-zero weight"):
+        tuner.search(grid=(0.0,))
 
 
 def test_rewards_cli_scores_lines(tmp_path):

@@ -81,8 +81,11 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_sft(cfg, tmp_path, callbacks=[Interrupt()])
     assert last_checkpoint(tmp_path / "sft" / "checkpoints").endswith("checkpoint-2")
+    recorded = json.loads((tmp_path / "sft" / "checkpoints" / "checkpoint-2" / "elapsed.json").read_text())["seconds"]
     summary = train_sft(cfg, tmp_path)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 3
+    # the cost is the whole run's: the interrupted session's seconds up to its checkpoint, plus this one's
+    assert summary["resumed_time_s"] == recorded > 0 and summary["wall_time_s"] > recorded
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "train/loss" in r]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 3
