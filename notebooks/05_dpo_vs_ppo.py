@@ -18,7 +18,8 @@
 #
 # Notebook 04 trained the policy with PPO: sample, score with the reward model, update, with a critic and
 # a KL penalty. That is one answer among several. This notebook runs three more on the same footing (the
-# same SFT starting point, the same preference pairs, the same reward model, a comparable budget) and
+# same SFT starting point, the same preference pairs, the same reward model, a budget of the same order:
+# not equal, and the cost columns say how many samples each saw) and
 # measures all four the same way, so the question a practitioner has, *which method, for what, at what
 # cost*, gets an answer from numbers rather than folklore.
 #
@@ -119,6 +120,14 @@ display(plotting.implicit_reward_scatter(margins["rm_margin"], margins["dpo_marg
 implicit
 
 # %% [markdown]
+# `dpo_pair_accuracy` and `rm_pair_accuracy` are the shares of held-out pairs each orders as the annotator
+# did; `spearman_margins` compares the two margins pair by pair, and `spearman_rewards` the two rewards of
+# every reply, chosen and rejected pooled. Read them against their size: on two dozen pairs an accuracy
+# of 0.5 is chance and its interval spans about ±0.2. A DPO run of a few steps hardly moves its implicit
+# reward, so it can sit at chance while the reward model, trained longer on the same pairs, orders more of
+# them right.
+
+# %% [markdown]
 # ## 2. GRPO: the group is the baseline
 # GRPO samples `num_generations` replies to each prompt, scores them, and takes each reply's advantage
 # relative to its siblings: $A_i = (r_i - \mathrm{mean}_g\, r) / \mathrm{std}_g\, r$. A reply better than
@@ -126,8 +135,12 @@ implicit
 # worth. The loss is PPO's clipped ratio per token, plus $\beta\,\mathrm{KL}(\pi\|\pi_{ref})$ added to
 # the loss (not to the reward). The score is the one PPO optimises: the reward model's, minus the
 # missing-EOS penalty for a reply cut off at `max_completion_length` (without it, the reward model would
-# score half-written replies and nothing would teach the policy to finish). Curves: the proxy should rise,
-# the gold should follow, the KL grow slowly.
+# score half-written replies and nothing would teach the policy to finish). Curves: given enough steps the
+# proxy rises, the gold follows and the KL grows slowly. In a short run each step scores a couple of new
+# prompts, so the curves mostly show how prompts differ: read the rise table's `change` against its
+# `change_se` before reading a trend into them. The training loss sits near zero and is no progress
+# signal: with advantages centred within each group and one update per batch, GRPO's loss is about
+# $\beta$ times the KL and RLOO's about 0. Watch the scores and the KL.
 
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],
@@ -191,7 +204,8 @@ comparison.format_comparison(table, reference)
 # %% [markdown]
 # ## 6. Curves on shared axes
 # The online methods side by side, by samples seen: the proxy reward they optimised, the gold reward of
-# the same samples, and the KL to the reference in nats per reply (each trainer's own estimate on its
+# the same samples, and the KL to the reference in nats per reply (the proxy is the reward model's score
+# alone, without the missing-EOS penalty; the KL is each trainer's own estimate on its
 # training samples: the sampled log-ratio for PPO and RLOO, TRL's always-positive k3 estimator for GRPO).
 # Then what each bought against what it cost.
 
@@ -225,6 +239,7 @@ pd.DataFrame(table).set_index("policy")[["gold", "win_rate", "kl", "samples_seen
 # - GRPO and RLOO learning online from groups of samples, with the gold reward logged beside the proxy.
 # - All four methods measured the same way, with what each cost, and a verdict read from the numbers.
 #
-# Try: `dpo_beta=0.5` (a tighter leash: smaller margins, less KL); `kl_coef=0.0` (GRPO and RLOO with no
-# KL: watch the proxy run away from the gold); the gpu profile, where the intervals shrink enough to rank
+# Try: `dpo_beta=0.5` (a tighter leash: less KL once the loss levels off, though the logged margins, which
+# are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL: watch the proxy
+# run away from the gold; TRL then computes no KL at all, so the KL panel stays empty); the gpu profile, where the intervals shrink enough to rank
 # the methods. Notebook 06 puts every policy on the reward–KL frontier and watches gold against proxy.

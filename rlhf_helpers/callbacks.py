@@ -74,3 +74,24 @@ class ClockCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             self.clock.stamp(folder)
+
+
+def train_or_restore(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except when the checkpoint already holds the
+    whole run (its step is `max_steps`, as when a finished notebook is run again): then its weights and
+    state are loaded and no step is taken. transformers would take one step past `max_steps` there (a
+    rerun of a 10-step DPO stage trained an 11th), and every rerun would add another."""
+    import json
+    from pathlib import Path
+
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.exists() or trainer.args.max_steps <= 0 or \
+            json.loads(state_file.read_text())["global_step"] < trainer.args.max_steps:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(state_file))
+    print(f"{checkpoint} already holds all {trainer.state.global_step} steps: loaded it, trained nothing more.")
+    return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})

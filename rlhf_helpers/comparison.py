@@ -59,10 +59,19 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         return "Nothing to compare: the table needs the reference and at least one trained method."
     n = ref.get("prompts", ref["n"])
     best = max(rows, key=lambda r: r["gold"])
-    if best["gold"] > ref["gold"]:
+    tied = [r for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE]
+    if best["gold"] > ref["gold"] and tied:
+        names = ", ".join(f"{r['policy']} ({r['gold']:.3f}, winning {r['win_rate']:.2f} "
+                          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}])" for r in [best, *tied])
+        text = [f"**Gold reward.** On {n} held-out prompts the highest mean gold, against {reference}'s "
+                f"{ref['gold']:.3f}, is shared, less than {GOLD_TIE} apart: {names}."]
+    elif best["gold"] > ref["gold"]:
         text = [f"**Gold reward.** On {n} held-out prompts, **{best['policy']}** scored highest by the gold judge "
                 f"({best['gold']:.3f} against {reference}'s {ref['gold']:.3f}), winning {best['win_rate']:.2f} of "
                 f"comparisons [{best['ci_low']:.2f}, {best['ci_high']:.2f}]."]
+        if best["win_rate"] < 0.5:
+            text.append("Its mean is higher, yet it wins fewer than half of its comparisons: a few large gains "
+                        "outweigh more, smaller losses.")
     else:
         text = [f"**Gold reward.** On {n} held-out prompts no method raised the mean gold reward above {reference}'s "
                 f"{ref['gold']:.3f} (the best, {best['policy']}, reached {best['gold']:.3f})."]
@@ -81,14 +90,27 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
                     f"by {n} prompts; more held-out prompts or training steps would settle it.")
     if ref.get("proxy") is not None:
         rise = proxy_rise_threshold(ref["n"])
-        fooled = [f"{r['policy']} (proxy {r['proxy'] - ref['proxy']:+.2f}, gold {r['gold'] - ref['gold']:+.3f})"
-                  for r in rows if r.get("proxy") is not None and r["proxy"] - ref["proxy"] > rise
-                  and r["gold"] <= ref["gold"]]
-        text.append("\n\n**Proxy against gold.** " + (
-            f"Raised the reward model's score by more than {rise:.2f} (beyond resampling noise on {ref['n']} replies) "
-            f"but not the gold reward, the first sign of over-optimisation: {'; '.join(fooled)}." if fooled else
-            f"No method raised the reward model's score beyond resampling noise ({rise:.2f} on {ref['n']} replies) "
-            f"while losing gold reward: the proxy has not been gamed yet."))
+        scored = [r for r in rows if r.get("proxy") is not None]
+
+        def moved(rs):
+            return "; ".join(f"{r['policy']} (proxy {r['proxy'] - ref['proxy']:+.2f}, "
+                             f"gold {r['gold'] - ref['gold']:+.3f})" for r in rs)
+
+        risen = [r for r in scored if r["proxy"] - ref["proxy"] > rise]
+        fooled = [r for r in risen if r["gold"] <= ref["gold"]]
+        fallen = [r for r in scored if r["proxy"] - ref["proxy"] < -rise]
+        noise = f"beyond resampling noise ({rise:.2f} on {ref['n']} replies)"
+        if fooled:
+            said = (f"Raised the reward model's score {noise} but not the gold reward, the first sign of "
+                    f"over-optimisation: {moved(fooled)}.")
+        elif risen:
+            said = f"Raised the reward model's score {noise} without losing gold reward: {moved(risen)}."
+        else:
+            said = (f"No method raised the reward model's score {noise}: at this budget none has climbed the "
+                    "reward it was trained against, so there is nothing yet to be gamed.")
+        if fallen:
+            said += f" Lowered it {noise}: {moved(fallen)}."
+        text.append("\n\n**Proxy against gold.** " + said)
     with_kl = [r for r in rows if r.get("kl") is not None]
     if with_kl:
         far, near = max(with_kl, key=lambda r: r["kl"]), min(with_kl, key=lambda r: r["kl"])
@@ -176,8 +198,9 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
 
 CURVE_KEYS = {"proxy reward": ("objective/raw_scores", "objective/scores"), "gold reward": ("objective/gold",),
               "KL to reference (nats)": ("objective/kl",)}
-"""Shared-axis curve -> the metrics keys it reads, first present wins. PPO's `objective/scores` subtracts its
-missing-EOS penalty, so its penalty-free `objective/raw_scores` is what compares with GRPO's and RLOO's proxy."""
+"""Shared-axis curve -> the metrics keys it reads, first present wins. Every online stage's `objective/scores`
+carries the missing-EOS penalty; `objective/raw_scores`, the reward model's score alone, is what the proxy curve
+shows (runs logged before raw scores existed fall back to `objective/scores`)."""
 
 
 def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "grpo", "rloo")

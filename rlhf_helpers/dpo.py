@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import count_parameters, default_lora_config, load_model, num_layers
@@ -236,7 +236,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     `policy_path` is the SFT model folder (or the base model's name when there is none); `on_row(row)` gets
     every metrics row (a live plot's `update`); `callbacks` are extra transformers TrainerCallbacks."""
     memory = PeakMemory(cfg.device).start()
-    clock = StageClock()
+    clock = StageClock(memory=memory)
     out = stage_dir(run_dir, "dpo")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
     clock.resumed(ckpt)
@@ -254,7 +254,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     if len(trainer.train_dataset) != len(train_pairs) - lengths["train"]["dropped_prompt_too_long"]:
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(train_pairs)} training pairs, but "
                            f"{lengths['train']} predicted otherwise: TRL's preprocessing changed; update length_report")
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    result = train_or_restore(trainer, ckpt)
     evals = {k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()} if eval_pairs else {}
     model = trainer.model
     adapter = save_adapter(model, tok, out / "adapter")
@@ -270,7 +270,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
         "accuracy_last": last.get("rewards/accuracies"),
         "eval_margin": evals.get("eval/rewards/margins"), "eval_accuracy": evals.get("eval/rewards/accuracies"),
         "eval_loss": evals.get("eval/loss"), "train_runtime_s": result.metrics.get("train_runtime"),
-        **clock.facts(), **memory.facts(), "parameters": count_parameters(model),
+        **clock.facts(), "parameters": count_parameters(model),
         "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
     logger.summary(summary)

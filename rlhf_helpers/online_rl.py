@@ -42,7 +42,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from transformers import TrainerCallback
 
-from .callbacks import ClockCallback, namespaced
+from .callbacks import ClockCallback, namespaced, train_or_restore
 from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
 from .models import count_parameters, default_lora_config, load_model, num_layers
@@ -330,7 +330,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     gold = GoldJudge() if gold is None else gold
     prompts = list(prompts)[: cfg.n_prompts]
     memory = PeakMemory(cfg.device).start()
-    clock = StageClock()
+    clock = StageClock(memory=memory)
     out = stage_dir(run_dir, cfg.stage)
     ckpt, logger, settings = resume_point(out, cfg, data=prompts)
     clock.resumed(ckpt)
@@ -339,7 +339,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     logger.save_config(settings)
     trainer = build_trainer(cfg, run_dir, policy_path, prompts, reward, gold, logger, on_row,
                             [*callbacks, ClockCallback(clock)])
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    result = train_or_restore(trainer, ckpt)
     model, tok = trainer.model, trainer.processing_class
     adapter = save_adapter(model, tok, out / "adapter")
     rows = [r for r in logger.rows if "objective/scores" in r]
@@ -356,7 +356,8 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_last": last.get("response/eos_frac"),
         "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
         "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
-        "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(), **memory.facts(), "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
+        "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(),
+        "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
     logger.summary(summary)
     return summary

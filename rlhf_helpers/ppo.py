@@ -763,7 +763,8 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     run_dir/ppo/adapter."""
     from .seeding import seed_everything
 
-    clock, memory = StageClock(), PeakMemory(cfg.device).start()
+    memory = PeakMemory(cfg.device).start()
+    clock = StageClock(memory=memory)
     seed_everything(cfg.seed)
     reward_fn = as_tensor_reward(reward)
     monitors = {"gold": as_tensor_reward(gold)} if gold is not None else {}
@@ -780,7 +781,7 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     summary = trainer.train()
     summary = {**summary, "train_wall_time_s": summary["wall_time_s"], **clock.facts(),
                "policy_path": policy_path, "n_prompts": len(trainer.prompts),
-               "samples_seen": trainer.step_count * cfg.batch_size, **memory.facts()}
+               "samples_seen": trainer.step_count * cfg.batch_size}
     trainer.logger.summary(summary)
     return summary
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import (_resolve_device, _torch_dtype, chat_prompt, load_tokenizer, quiet_loading_bars,
@@ -194,7 +194,7 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
     if any(dropped.values()):
         print(f"TRL dropped pairs longer than max_length={cfg.max_length} tokens: {dropped}")
-    trainer.train(resume_from_checkpoint=ckpt)
+    train_or_restore(trainer, ckpt)
     facts = {"steps": trainer.state.global_step, "train_pairs": len(trainer.train_dataset),
              "eval_pairs": len(trainer.eval_dataset), "dropped_too_long": dropped,
              "train_runtime_s": clock.seconds, "resumed_time_s": clock.before, "resumed_from": ckpt,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback
+from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL, add_config_arguments, stage_config
 from .data import SFTRecord, load_sft, train_test_split
 from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
@@ -169,14 +169,15 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
 
     `on_row(row)` is called with every metrics row (a live plot's `update`); `callbacks` are extra
     transformers `TrainerCallback`s (see `rlhf_helpers.callbacks.StepCallback`)."""
-    clock, memory = StageClock(), PeakMemory(cfg.device).start()
+    memory = PeakMemory(cfg.device).start()
+    clock = StageClock(memory=memory)
     out = stage_dir(run_dir, "sft")
     ckpt, logger, settings = resume_point(out, cfg)  # rows logged after the checkpoint are redone
     clock.resumed(ckpt)
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
     eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
     atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
@@ -192,7 +193,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         "eval_examples": len(trainer.eval_dataset), "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
-        "train_runtime_s": runtime, **clock.facts(), **memory.facts(),
+        "train_runtime_s": runtime, **clock.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
         "adapter_dir": str(out / "adapter"), "model_dir": str(out / "model"),
     }

@@ -95,33 +95,52 @@ class StageClock:
     Start it with the stage; every checkpoint gets the running total (`stamp`, into `elapsed.json`), and a
     session that resumes from a checkpoint adds the total written there (`resumed`). So a resumed stage's
     `wall_time_s` is what producing its model cost, not only the last session's share. Work an interrupted
-    session did after its last checkpoint is not counted: it is redone, and counted then."""
+    session did after its last checkpoint is not counted: it is redone, and counted then. Given the stage's
+    `PeakMemory`, it carries the peak the same way: the largest of every session's."""
 
     FILE = "elapsed.json"
 
-    def __init__(self, start: float | None = None):
+    def __init__(self, start: float | None = None, memory: "PeakMemory | None" = None):
         import time
 
         self._now = time.perf_counter
         self.start = self._now() if start is None else start
+        self.memory = memory
         self.before: float | None = 0.0  # seconds spent before this session; None: the checkpoint did not say
+        self.peak_before: float | None = None  # MB, the earlier sessions' peak, when recorded
 
     def resumed(self, checkpoint: str | os.PathLike | None) -> None:
         """Count the seconds recorded in `checkpoint` (None: a fresh start, nothing to add)."""
         record = Path(checkpoint) / self.FILE if checkpoint else None
-        self.before = 0.0 if record is None else float(read_json(record)["seconds"]) if record.exists() else None
+        saved = read_json(record) if record is not None and record.exists() else {}
+        self.before = 0.0 if record is None else float(saved["seconds"]) if "seconds" in saved else None
+        self.peak_before = saved.get("peak_memory_mb")
 
     @property
     def seconds(self) -> float:
         """This session's seconds plus those recorded before it (when known)."""
         return (self.before or 0.0) + self._now() - self.start
 
-    def stamp(self, checkpoint: str | os.PathLike) -> None:
-        atomic_write_json(Path(checkpoint) / self.FILE, {"seconds": self.seconds})
+    def peak_mb(self) -> float | None:
+        """The peak memory of every session so far (None without a `PeakMemory`)."""
+        if self.memory is None:
+            return None
+        return max(self.memory.peak_mb(), self.peak_before or 0.0)
 
-    def facts(self) -> dict[str, float | None]:
-        """For a summary: `wall_time_s` (all sessions) and `resumed_time_s` (the sessions before this one)."""
-        return {"wall_time_s": self.seconds, "resumed_time_s": self.before}
+    def stamp(self, checkpoint: str | os.PathLike) -> None:
+        record = {"seconds": self.seconds}
+        if self.memory is not None:
+            record["peak_memory_mb"] = self.peak_mb()
+        atomic_write_json(Path(checkpoint) / self.FILE, record)
+
+    def facts(self) -> dict[str, Any]:
+        """For a summary: `wall_time_s` (all sessions) and `resumed_time_s` (the sessions before this one);
+        with a `PeakMemory`, its facts, the peak taken over every session."""
+        facts: dict[str, Any] = {"wall_time_s": self.seconds, "resumed_time_s": self.before}
+        if self.memory is not None:
+            facts.update(self.memory.facts(), peak_memory_mb=self.peak_mb(),
+                         peak_memory_earlier_sessions_mb=self.peak_before)
+        return facts
 
 
 def read_json(path: str | os.PathLike) -> Any:

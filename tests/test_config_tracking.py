@@ -70,6 +70,21 @@ def test_stage_clock_carries_seconds_across_a_resume(tmp_path):
     again.start = again._now()  # 500: a new session, after a gap that is not counted
     again.resumed(tmp_path / "ckpt")
     assert again.facts() == {"wall_time_s": 30.0 + 20.0, "resumed_time_s": 30.0}  # at 520
+    class Memory:  # a PeakMemory stand-in
+        def __init__(self, peak):
+            self.peak = peak
+
+        def peak_mb(self):
+            return self.peak
+
+        def facts(self):
+            return {"peak_memory_mb": self.peak, "peak_memory_kind": "test"}
+
+    big = StageClock(memory=Memory(900.0))
+    big.stamp(tmp_path / "ckpt")
+    small = StageClock(memory=Memory(300.0))  # a resumed session that only loads: its own peak is lower
+    small.resumed(tmp_path / "ckpt")
+    assert small.facts()["peak_memory_mb"] == 900.0 and small.facts()["peak_memory_earlier_sessions_mb"] == 900.0
     fresh = StageClock()
     fresh.resumed(None)
     assert fresh.before == 0.0

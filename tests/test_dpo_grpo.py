@@ -152,9 +152,12 @@ def test_discussion_is_written_from_the_numbers():
     assert "**grpo** scored highest" in text and "Worse than sft beyond it: dpo" in text
     assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
     assert "grpo beat DPO on gold" in text
+    assert "without losing gold reward: grpo (proxy +0.90, gold +0.050)" in text  # a rise gold shares
     results[1] = row("dpo", 0.548, 0.4, 1.5, 0.55, 0.40, 0.70)  # within GOLD_TIE of grpo: a tie, not a win
     text = discussion(comparison_table(results, costs), "sft")
     assert "DPO and grpo reached the same gold (0.548 and 0.550" in text and "beat DPO" not in text
+    assert "is shared, less than 0.005 apart: grpo (0.550, winning 0.65 [0.52, 0.78]), dpo (0.548" in text
+    assert "scored highest" not in text
     results[2] = row("grpo", 0.55, 0.9, 3.0, 0.55, 0.40, 0.70)  # best above sft, but its interval holds 0.5
     text = discussion(comparison_table(results, costs), "sft")
     verdict = text.split("When each wins, by these numbers.")[1]
@@ -166,6 +169,12 @@ def test_discussion_is_written_from_the_numbers():
     text = discussion(comparison_table(flat, costs), "sft")  # nothing moved: no winner is named
     assert "no method raised the mean gold reward" in text and "None, yet" in text and "scored highest" not in text
     assert "No method moved measurably" in text
+    assert "No method raised the reward model's score beyond resampling noise (0.50 on 32 replies)" in text
+    fell = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("rloo", 0.6, -0.9, 0.3, 0.45, 0.30, 0.60)]
+    text = discussion(comparison_table(fell, costs), "sft")
+    assert "Lowered it beyond resampling noise (0.50 on 32 replies): rloo (proxy -1.00, gold +0.100)" in text
+    assert "nothing yet to be gamed" in text
+    assert "**rloo** scored highest" in text and "wins fewer than half of its comparisons" in text  # mean vs wins
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------
@@ -345,6 +354,27 @@ def test_grpo_resumes_from_its_checkpoint(tiny, tmp_path):
     assert summary["resumed_time_s"] == recorded > 0 and summary["wall_time_s"] > recorded  # both sessions
     rows = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "objective/scores" in r]
     assert [r["step"] for r in rows] == [1, 2]  # step 1 kept once, step 2 added
+
+
+def test_running_a_finished_stage_again_trains_no_further_step(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    def adapter(stage):
+        return load_file(tmp_path / stage / "adapter" / "adapter_model.safetensors")
+
+    runs = {"grpo": lambda: train_grpo(tiny_rl_config(GRPOStageConfig, tiny, max_steps=2, resume=True), tmp_path,
+                                       tiny, PROMPTS, Recording(1.0)),
+            "dpo": lambda: train_dpo(tiny_dpo_config(tiny, max_steps=2, save_steps=1, resume=True), tmp_path, tiny,
+                                     PAIRS)}
+    for stage, run in runs.items():
+        first = run()
+        weights = adapter(stage)
+        again = run()  # transformers alone would take a third step here, and a fourth on the next rerun
+        assert (first["steps"], again["steps"]) == (2, 2), stage
+        assert all(torch.equal(weights[k], v) for k, v in adapter(stage).items()), stage  # the same model
+        assert "trained nothing more" in capsys.readouterr().out
+        assert again["resumed_time_s"] > 0 and again["wall_time_s"] >= again["resumed_time_s"]
+        assert again["peak_memory_mb"] >= again["peak_memory_earlier_sessions_mb"] > 0  # the first run's peak
 
 
 @pytest.mark.slow
