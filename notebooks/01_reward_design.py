@@ -146,7 +146,8 @@ print(f"saved {config_path}; Spearman with gold: {tuner.agreement:.3f}; gaming s
 # %% [markdown]
 # Sliders try one setting at a time. `tuner.search()` tries them all: every weight in {0, 0.25, 0.5, 1}
 # for each of the eight components, 65,536 settings scored the way the tuner scores its sliders, best by
-# Spearman first. Set the sliders to a row and the tuner shows the same two numbers.
+# Spearman first. Set the sliders to a row (with the prompt picker on all prompts) and the tuner shows the
+# same two numbers.
 
 # %%
 best_weights = tuner.search()

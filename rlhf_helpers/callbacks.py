@@ -87,11 +87,19 @@ def train_or_restore(trainer, checkpoint: str | None):
     from transformers.trainer_callback import TrainerState
     from transformers.trainer_utils import TrainOutput
 
+    max_steps = trainer.args.max_steps
     state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
-    if state_file is None or not state_file.exists() or trainer.args.max_steps <= 0 or \
-            json.loads(state_file.read_text())["global_step"] < trainer.args.max_steps:
+    if state_file is None or not state_file.exists() or max_steps <= 0 or \
+            json.loads(state_file.read_text())["global_step"] < max_steps:
         return trainer.train(resume_from_checkpoint=checkpoint)
+    exact = Path(checkpoint).parent / f"checkpoint-{max_steps}"
+    if Path(checkpoint) != exact and (exact / "trainer_state.json").exists():
+        print(f"{checkpoint} went past max_steps={max_steps} (a rerun before this was fixed): using {exact}.")
+        checkpoint, state_file = str(exact), exact / "trainer_state.json"
     trainer._load_from_checkpoint(checkpoint)
     trainer.state = TrainerState.load_from_json(str(state_file))
+    # the saved state is rank 0's: each process says for itself which rank it is, as train() would
+    trainer.state.is_local_process_zero = trainer.is_local_process_zero()
+    trainer.state.is_world_process_zero = trainer.is_world_process_zero()
     print(f"{checkpoint} already holds all {trainer.state.global_step} steps: loaded it, trained nothing more.")
-    return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": 0.0})
+    return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": None})

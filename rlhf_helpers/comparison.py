@@ -4,7 +4,8 @@
 Cost columns, read from run_dir/<stage>/summary.json:
   samples_seen   replies the method trained on: PPO, GRPO, RLOO the replies they sampled and scored; DPO two per
                  pair (chosen and rejected), none of them sampled
-  wall_time_s    wall-clock seconds of the training stage (model loading and data included, evaluation not),
+  wall_time_s    wall-clock seconds of the training stage (model loading, data, saving, and any evaluation the
+                 stage runs itself included; notebook 05's held-out evaluation not),
                  summed over the sessions of a run that was interrupted and resumed (`tracking.StageClock`)
   peak_memory_mb peak memory during the stage: CUDA's peak allocation, or on CPU the process's peak resident
                  set (see `dpo.PeakMemory`; PPO's comes from notebook 04's own process)
@@ -59,7 +60,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         return "Nothing to compare: the table needs the reference and at least one trained method."
     n = ref.get("prompts", ref["n"])
     best = max(rows, key=lambda r: r["gold"])
-    tied = [r for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE]
+    tied = [r for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE and r["gold"] > ref["gold"]]
     if best["gold"] > ref["gold"] and tied:
         names = ", ".join(f"{r['policy']} ({r['gold']:.3f}, winning {r['win_rate']:.2f} "
                           f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}])" for r in [best, *tied])
@@ -100,14 +101,14 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         fooled = [r for r in risen if r["gold"] <= ref["gold"]]
         fallen = [r for r in scored if r["proxy"] - ref["proxy"] < -rise]
         noise = f"beyond resampling noise ({rise:.2f} on {ref['n']} replies)"
-        if fooled:
-            said = (f"Raised the reward model's score {noise} but not the gold reward, the first sign of "
-                    f"over-optimisation: {moved(fooled)}.")
-        elif risen:
-            said = f"Raised the reward model's score {noise} without losing gold reward: {moved(risen)}."
-        else:
-            said = (f"No method raised the reward model's score {noise}: at this budget none has climbed the "
-                    "reward it was trained against, so there is nothing yet to be gamed.")
+        honest = [r for r in risen if r not in fooled]
+        said = " ".join(part for part in (
+            f"Raised the reward model's score {noise} but not the gold reward, the first sign of "
+            f"over-optimisation: {moved(fooled)}." if fooled else "",
+            f"Raised the reward model's score {noise} without losing gold reward: {moved(honest)}." if honest else "",
+            f"No method raised the reward model's score {noise}, so there is nothing yet to be gamed: at this "
+            "budget the online methods have not climbed the reward they were trained against." if not risen else "",
+        ) if part)
         if fallen:
             said += f" Lowered it {noise}: {moved(fallen)}."
         text.append("\n\n**Proxy against gold.** " + said)

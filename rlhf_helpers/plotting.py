@@ -329,7 +329,12 @@ class LiveCurves:
         import plotly.io as pio
 
         fig = metric_curves(self.rows, self.keys, self.title, cols=self.cols)
-        bundle = pio.renderers._build_mime_bundle(fig.to_dict()) if pio.renderers.default else {}
+        if not pio.renderers.default:
+            bundle = {}
+        elif hasattr(pio.renderers, "_build_mime_bundle"):  # plotly's own, private: what plotly.io.show uses
+            bundle = pio.renderers._build_mime_bundle(fig.to_dict())
+        else:  # should plotly rename it: a working figure, even if it writes plotly.js again
+            bundle = fig._repr_mimebundle_()
         return bundle or {"text/plain": f"{self.title}: {len(self.rows)} rows of {', '.join(self.keys)}"}
 
     def update(self, row):

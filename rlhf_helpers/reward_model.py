@@ -184,16 +184,17 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     out = stage_dir(run_dir, "rm")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
     logger.save_config(settings)
-    clock = StageClock()
-    clock.resumed(ckpt)
     model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
     model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
     trainer = RewardTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train_pairs),
                             eval_dataset=to_dataset(eval_pairs), processing_class=tok,
-                            callbacks=[MetricsCallback(logger, on_row), ClockCallback(clock)])
+                            callbacks=[MetricsCallback(logger, on_row)])
     dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
     if any(dropped.values()):
         print(f"TRL dropped pairs longer than max_length={cfg.max_length} tokens: {dropped}")
+    clock = StageClock()  # train_runtime_s times the training alone, as it always has
+    clock.resumed(ckpt)
+    trainer.add_callback(ClockCallback(clock))
     train_or_restore(trainer, ckpt)
     facts = {"steps": trainer.state.global_step, "train_pairs": len(trainer.train_dataset),
              "eval_pairs": len(trainer.eval_dataset), "dropped_too_long": dropped,

@@ -110,8 +110,8 @@ class RewardTuner:
     def search(self, grid: Sequence[float] = (0.0, 0.25, 0.5, 1.0), top: int = 5):
         """Every combination of weights from `grid` (one per component), scored on all candidates as the
         tuner scores its sliders: Spearman with gold and the gaming share of the top quarter. Returns the
-        `top` best by Spearman as a DataFrame, one column per weight. Combinations that are multiples of
-        one another rank the candidates alike; the first found is kept. 4 values for 8 components is
+        `top` best by Spearman as a DataFrame, one column per weight. Combinations that tie on both numbers
+        (multiples of one another always do) are shown once, the first found. 4 values for 8 components is
         65,536 combinations, about a second."""
         import itertools
 

@@ -122,8 +122,9 @@ class StageClock:
         return (self.before or 0.0) + self._now() - self.start
 
     def peak_mb(self) -> float | None:
-        """The peak memory of every session so far (None without a `PeakMemory`)."""
-        if self.memory is None:
+        """The peak memory of every session so far (None without a `PeakMemory`, or when an earlier
+        session's checkpoint did not record it)."""
+        if self.memory is None or self.before is None:
             return None
         return max(self.memory.peak_mb(), self.peak_before or 0.0)
 
@@ -135,8 +136,11 @@ class StageClock:
 
     def facts(self) -> dict[str, Any]:
         """For a summary: `wall_time_s` (all sessions) and `resumed_time_s` (the sessions before this one);
-        with a `PeakMemory`, its facts, the peak taken over every session."""
-        facts: dict[str, Any] = {"wall_time_s": self.seconds, "resumed_time_s": self.before}
+        with a `PeakMemory`, its facts, the peak taken over every session. Resumed from a checkpoint that
+        recorded neither (written before clocks were stamped), both are None: unknown, not this session's
+        share passed off as the whole."""
+        facts: dict[str, Any] = {"wall_time_s": None if self.before is None else self.seconds,
+                                 "resumed_time_s": self.before}
         if self.memory is not None:
             facts.update(self.memory.facts(), peak_memory_mb=self.peak_mb(),
                          peak_memory_earlier_sessions_mb=self.peak_before)

@@ -112,6 +112,23 @@ def test_accuracy_is_read_against_chance_and_the_ceiling():
 
 
 @pytest.mark.slow
+def test_a_finished_reward_model_run_again_is_restored_not_retrained(tmp_path, capsys):
+    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
+                            metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
+             for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks")]
+    cfg = stage_config(RMStageConfig, "smoke", max_steps=2, batch_size=4, lora_layers=2, learning_rate=1e-3,
+                       max_length=64, eval_steps=100, save_steps=1, logging_steps=1, resume=True)
+    prompts, chosen = [p.prompt for p in pairs[:3]], [p.chosen for p in pairs[:3]]
+    rm, facts = train_reward_model(cfg, tmp_path, cfg.model_name, pairs[:6], pairs[6:])
+    scores = rm.raw_scores(prompts, chosen)
+    again, facts_again = train_reward_model(cfg, tmp_path, cfg.model_name, pairs[:6], pairs[6:])
+    assert (facts["steps"], facts_again["steps"]) == (2, 2) and "trained nothing more" in capsys.readouterr().out
+    # the LoRA adapter and the fully trained score head both come back from the checkpoint
+    assert np.allclose(again.raw_scores(prompts, chosen), scores, atol=1e-5)
+    assert facts_again["resumed_time_s"] > 0
+
+
+@pytest.mark.slow
 def test_a_few_steps_on_an_easy_preference_beat_chance(tmp_path):
     topics = ["rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks", "rivers", "music", "paint", "boats",
               "trees", "stars", "glass", "salt", "wool", "bees", "coins", "lamps", "ships", "roads", "kites", "bells"]
