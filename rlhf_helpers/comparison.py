@@ -166,7 +166,10 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
             fast, slow = min(costed, key=lambda r: r["wall_time_s"]), max(costed, key=lambda r: r["wall_time_s"])
             cost = (f" What the numbers do settle is cost (above): {slow['policy']} took "
                     f"{slow['wall_time_s'] / max(fast['wall_time_s'], 1e-9):.1f} times {fast['policy']}'s training time.")
-        return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}), "
+        level = [r["policy"] for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE]
+        with_level = f", level with {', '.join(level)}" if level else ""
+        return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}"
+                f"{with_level}), "
                 f"wins {best['win_rate']:.2f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}], an interval that still "
                 f"holds 0.5, so at this budget the order of the methods by gold may be sampling noise.{cost} Until "
                 "gold separates them, choose by what you have: DPO needs only preference pairs and samples nothing "

@@ -161,7 +161,7 @@ def test_discussion_is_written_from_the_numbers():
     results[2] = row("grpo", 0.55, 0.9, 3.0, 0.55, 0.40, 0.70)  # best above sft, but its interval holds 0.5
     text = discussion(comparison_table(results, costs), "sft")
     verdict = text.split("When each wins, by these numbers.")[1]
-    assert "None, by gold: the best, grpo (+0.050 over sft), wins 0.55 [0.40, 0.70]" in verdict
+    assert "None, by gold: the best, grpo (+0.050 over sft, level with dpo), wins 0.55 [0.40, 0.70]" in verdict
     assert "grpo took 4.0 times dpo's training time" in verdict  # the Cost paragraph has the seconds
     assert "400 s" in text.split("When each wins")[0] and "400 s" not in verdict
     assert "the method to start with" not in verdict and "beat DPO" not in verdict and "paid off" not in verdict
