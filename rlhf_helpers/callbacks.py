@@ -1,4 +1,5 @@
-"""Trainer callbacks shared by every TRL-based stage: TRL's logs into `metrics.jsonl`, and live curves.
+"""Trainer callbacks shared by every TRL-based stage: TRL's logs into `metrics.jsonl`, live curves, the stage
+clock in every checkpoint; and `train_or_restore`, which resumes a run without stepping past its end.
 
 Key names follow one vocabulary: TRL/transformers log `loss`, `eval_loss`, `learning_rate`,
 `rewards/margins`...; we write them as `train/loss`, `eval/loss`, `train/learning_rate`, and keep keys that

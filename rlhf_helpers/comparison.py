@@ -60,7 +60,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         return "Nothing to compare: the table needs the reference and at least one trained method."
     n = ref.get("prompts", ref["n"])
     best = max(rows, key=lambda r: r["gold"])
-    tied = [r for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE and r["gold"] > ref["gold"]]
+    tied = _level_with(best, rows, ref)
     if best["gold"] > ref["gold"] and tied:
         names = ", ".join(f"{r['policy']} ({r['gold']:.3f}, winning {r['win_rate']:.2f} "
                           f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}])" for r in [best, *tied])
@@ -152,6 +152,11 @@ def proxy_rise_threshold(n_replies: int) -> float:
     return 2.0 * math.sqrt(2.0 / max(n_replies, 1))
 
 
+def _level_with(best: dict, rows: Sequence[dict], ref: dict) -> list[dict]:
+    """The other methods whose gold is within GOLD_TIE of the best's and above the reference's."""
+    return [r for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE and r["gold"] > ref["gold"]]
+
+
 def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     by_name = {r["policy"]: r for r in rows}
     dpo, online = by_name.get("dpo"), [r for r in rows if r["policy"] in ("ppo", "grpo", "rloo")]
@@ -166,7 +171,7 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
             fast, slow = min(costed, key=lambda r: r["wall_time_s"]), max(costed, key=lambda r: r["wall_time_s"])
             cost = (f" What the numbers do settle is cost (above): {slow['policy']} took "
                     f"{slow['wall_time_s'] / max(fast['wall_time_s'], 1e-9):.1f} times {fast['policy']}'s training time.")
-        level = [r["policy"] for r in rows if r is not best and best["gold"] - r["gold"] < GOLD_TIE]
+        level = [r["policy"] for r in _level_with(best, rows, ref)]
         with_level = f", level with {', '.join(level)}" if level else ""
         return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}"
                 f"{with_level}), "

@@ -112,7 +112,7 @@ class RewardTuner:
         tuner scores its sliders: Spearman with gold and the gaming share of the top quarter. Returns the
         `top` best by Spearman as a DataFrame, one column per weight. Combinations that tie on both numbers
         (multiples of one another always do) are shown once, the first found. 4 values for 8 components is
-        65,536 combinations, about a second."""
+        65,536 combinations, about two seconds."""
         import itertools
 
         import pandas as pd
