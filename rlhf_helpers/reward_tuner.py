@@ -24,6 +24,13 @@ ALL_PROMPTS = ""  # the prompt picker's value for "all prompts" (prompt ids are 
 GAMING_KINDS = {"stuffed", "prompt_copy", "repetitive", "padded", "unsafe", "over_refusal"}
 
 
+def top_quarter_share(scores: np.ndarray, gaming: np.ndarray) -> np.ndarray | float:
+    """The share of gaming responses among the top quarter by `scores` ((N,), or (N, W) for W scorings at
+    once); ties keep the candidates' order. The tuner, its search and `top_share_table` all count this way."""
+    top = np.argsort(-np.asarray(scores), axis=0, kind="stable")[: max(1, len(scores) // 4)]
+    return np.asarray(gaming)[top].mean(axis=0)
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
     from scipy.stats import spearmanr
@@ -100,9 +107,7 @@ class RewardTuner:
         ]
         self.agreement = spearman(r, self.gold_scores[idx])
         gaming = np.array([self.candidates[i].get("kind") in GAMING_KINDS for i in idx])
-        # ties keep the candidates' order, as in the ranking (`search` counts the same way)
-        self.gaming_top_share = (float(np.mean(gaming[np.argsort(-r, kind="stable")][: max(1, len(idx) // 4)]))
-                                 if len(idx) else 0.0)
+        self.gaming_top_share = float(top_quarter_share(r, gaming)) if len(idx) else 0.0
         self.figure = self._histogram(idx, rewards)
         if hasattr(self, "table"):
             self._render()
@@ -130,9 +135,7 @@ class RewardTuner:
         with np.errstate(invalid="ignore", divide="ignore"):
             rho = np.where(norm > 0, gold @ ranks / norm, np.nan)
         gaming = np.array([c.get("kind") in GAMING_KINDS for c in self.candidates])
-        top_n = max(1, len(self.candidates) // 4)
-        order = np.argsort(-scores, axis=0, kind="stable")[:top_n]  # (top_n, W)
-        share = gaming[order].mean(axis=0)
+        share = top_quarter_share(scores, gaming)  # (W,)
         table = pd.DataFrame(weights, columns=self.names)
         table["Spearman with gold"], table["gaming share of top quarter"] = rho, share
         table = table.sort_values("Spearman with gold", ascending=False, kind="stable")
@@ -270,10 +273,9 @@ def top_share_table(table, scorers: Sequence[str], gaming_kinds=GAMING_KINDS):
     """Per scorer: the share of gaming responses among its top quarter, and its Spearman with `gold`."""
     import pandas as pd
 
-    top_n = max(1, len(table) // 4)
+    gaming = table["kind"].isin(gaming_kinds).to_numpy()
     rows = {}
     for name in scorers:
-        top = table.sort_values(name, ascending=False, kind="stable").head(top_n)
-        rows[name] = {"gaming share of top quarter": float(top["kind"].isin(gaming_kinds).mean()),
+        rows[name] = {"gaming share of top quarter": float(top_quarter_share(table[name].to_numpy(), gaming)),
                       "Spearman with gold": spearman(table[name], table["gold"]) if "gold" in table else float("nan")}
     return pd.DataFrame(rows).T

@@ -100,11 +100,11 @@ class StageClock:
 
     FILE = "elapsed.json"
 
-    def __init__(self, start: float | None = None, memory: "PeakMemory | None" = None):
+    def __init__(self, memory: "PeakMemory | None" = None):
         import time
 
         self._now = time.perf_counter
-        self.start = self._now() if start is None else start
+        self.start = self._now()
         self.memory = memory
         self.before: float | None = 0.0  # seconds spent before this session; None: the checkpoint did not say
         self.peak_before: float | None = None  # MB, the earlier sessions' peak, when recorded
