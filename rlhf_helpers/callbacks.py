@@ -45,9 +45,17 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
-        row = self.logger.log(state.global_step, **namespaced(logs))
+        values = namespaced(logs)
+        if "eval/loss" in values and self._evaluated(state.global_step):
+            # the same weights evaluated again at this step: the stage's closing evaluate() after the
+            # trainer's own at the last step, or a finished stage run again. Logged once, not twice.
+            return
+        row = self.logger.log(state.global_step, **values)
         if self.on_row:
             self.on_row(row)
+
+    def _evaluated(self, step: int) -> bool:
+        return any(r["step"] == step and "eval/loss" in r for r in self.logger.rows)
 
 
 class StepCallback(TrainerCallback):

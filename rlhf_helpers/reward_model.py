@@ -169,7 +169,7 @@ def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
         max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
         eval_strategy="steps", eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
-        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, gradient_checkpointing=False,
+        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, activation_checkpointing=False,
         lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
     )
 

@@ -91,12 +91,28 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd:
     try:
         papermill.execute_notebook(
             str(path), str(output), parameters=passed, kernel_name="python3", language="python", progress_bar=False,
-            cwd=str(cwd or project_root()), execution_timeout=timeout_s,
+            cwd=str(cwd or project_root()), execution_timeout=timeout_s, kernel_manager_class=_local_kernel_manager(),
         )
     except PapermillExecutionError as e:
         error = ANSI.sub("", "\n".join(e.traceback[-12:])) if e.traceback else f"{e.ename}: {e.evalue}"
         raise NotebookFailed(path, e.cell_index, e.source, error, output) from None
     return output
+
+
+def _local_kernel_manager():
+    """A kernel manager that talks to its kernel over local (IPC) sockets rather than TCP ports: nothing here
+    leaves the machine, and ipykernel warns at every start that TCP without keys is open to eavesdropping.
+    ZeroMQ has no IPC sockets on Windows: there, jupyter's default (TCP on localhost) stays."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Unicode
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        transport = Unicode("ipc")
+
+    return LocalKernelManager
 
 
 def export_html(notebook: Path) -> Path:

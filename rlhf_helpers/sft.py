@@ -134,7 +134,7 @@ def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, logging_steps=cfg.logging_steps, logging_first_step=True, report_to="none",
         bf16=(cfg.dtype == "bfloat16" and not on_cpu), fp16=False, use_cpu=on_cpu,
-        gradient_checkpointing=cfg.load_in_4bit, seed=cfg.seed, data_seed=cfg.seed,
+        activation_checkpointing=cfg.load_in_4bit, seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=0, disable_tqdm=False,
     )
 

@@ -127,9 +127,14 @@ def test_notebook_runs_in_smoke_profile(notebook, run_dir):
                                 {"run_dir": str(run_dir), "profile": "smoke", "seed": 0}, timeout_s=600)
     written = set(run_dir.glob("*/summary.json")) - before
     # plotly.js (about 5 MB) is written once, for the saved notebook's and HTML copy's figures, not per figure
-    copies = sum(len(o.get("data", {}).get("text/html", "")) > 1_000_000
-                 for cell in nbformat.read(executed, as_version=4).cells for o in cell.get("outputs", []))
+    outputs = [o for cell in nbformat.read(executed, as_version=4).cells for o in cell.get("outputs", [])]
+    copies = sum(len(o.get("data", {}).get("text/html", "")) > 1_000_000 for o in outputs)
     assert copies <= 1, f"{notebook.name} carries plotly.js {copies} times"
+    # library notices a reader can do nothing about stay out of the notebooks (see rlhf_helpers/__init__.py)
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    for notice in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated",
+                   "gemm_4bit_forward"):
+        assert notice not in stderr, f"{notebook.name} prints {notice!r}"
     if notebook.stem in CHECKS:
         CHECKS[notebook.stem](run_dir)
     else:

@@ -93,6 +93,20 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
 
 
+def test_each_evaluation_is_logged_once_when_the_stage_ends_on_one_and_is_run_again(tmp_path):
+    """The trainer evaluates at the last step (eval_steps divides max_steps), then the stage's own closing
+    evaluate() measures the same weights again; a finished stage run again restores them and evaluates a third
+    time. metrics.jsonl must hold that evaluation once, or its curves draw doubled points."""
+    cfg = stage_config(SFTStageConfig, "smoke", max_steps=2, **{**TINY, "eval_steps": 2, "save_steps": 2})
+    first = train_sft(cfg, tmp_path)
+    again = train_sft(cfg, tmp_path)
+    assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 2
+    assert again["eval_loss_after"] == pytest.approx(first["eval_loss_after"], abs=1e-6)  # restored, not retrained
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2]  # before training, and after
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+
+
 def test_merging_into_a_freshly_loaded_base_matches_merging_in_place(trainer, tmp_path):
     """The path a 4-bit run takes (load the base again unquantized, merge the saved adapter into it) gives the
     model that merging in place gives; on a CPU both are unquantized, so they must agree."""
