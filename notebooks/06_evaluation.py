@@ -43,20 +43,24 @@ force: bool = False  # re-evaluate even where run_dir/eval/policies/ holds a cac
 # %% [markdown]
 # ## Setup
 # One evaluation config for every policy: the same prompts, reply length, temperature and seed, so that
-# differences between rows are differences between policies. Evaluations are cached in
+# nothing but the policy differs between rows. That does not make every difference between rows the
+# policies': a reply is one draw, and the same weights drawn again score differently. On this profile's 16
+# checkpoint prompts, the same adapter sampled in a batch of 32 instead of 16 moved mean gold by 0.04–0.08
+# (measured on the cpu run). So read each row's interval before its point estimate. Evaluations are cached in
 # `run_dir/eval/policies/` (notebooks 04 and 05 use the same cache), and reused while the settings and the
 # policy's weights are unchanged.
 
 # %%
 import time
 
-import pandas as pd
+from IPython.display import Markdown
 
 from rlhf_helpers import plotting
+from rlhf_helpers.comparison import discussion
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.evaluate import (EvalConfig, curve_keys, evaluate_checkpoints, evaluate_stage, format_results,
-                                   frontier_points, gold_proxy_over_training, missing_policies, results_table,
-                                   stage_metrics)
+from rlhf_helpers.evaluate import (EvalConfig, curve_keys, evaluate_checkpoints, evaluate_line_ends, evaluate_stage,
+                                   format_results, frontier_points, gold_proxy_over_training, missing_policies,
+                                   results_table, stage_metrics, widest_disagreements)
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.paths import stage_dir
 from rlhf_helpers.policies import available_policies
@@ -86,7 +90,9 @@ for stage, why in missing.items():
 # `cfg.samples_per_prompt` times each (then win rates and gains compare each prompt's mean). The gold
 # judge scores each answer; the reward model of notebook 03, normalised so that SFT answers score mean 0 and
 # standard deviation 1, gives the proxy score. The KL column is the Monte-Carlo estimate
-# $\frac{1}{N}\sum_i \sum_t \big(\log\pi(y_{i,t}) - \log\pi_\text{SFT}(y_{i,t})\big)$ over the policy's own samples.
+# $\frac{1}{N}\sum_i \sum_t \big(\log\pi_T(y_{i,t}) - \log\pi_{\text{SFT},T}(y_{i,t})\big)$ over the policy's own
+# samples, both distributions at the sampling temperature $T$ (`cfg.temperature`), as PPO's `objective/kl` is.
+# One reply's term can be negative; the mean cannot be, in expectation.
 
 # %%
 judge, rm = GoldJudge(), load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
@@ -101,9 +107,16 @@ for name in present:
 
 # %% [markdown]
 # ## 3. The results table
-# Win rate against SFT: per prompt, the gold judge picks the better of the two answers; a tie counts half.
-# The 95% interval is a percentile bootstrap over prompts, so it shows how much the figure would move on
-# another draw of prompts. With a few dozen prompts, intervals are wide: read them before the point estimate.
+# Two ways to ask "does the gold judge prefer this policy to SFT?", both paired by prompt:
+# - **gold gain**: the mean of (policy's gold − SFT's gold) over prompts. It keeps the size of each win.
+# - **win rate**: per prompt, the gold judge picks the better of the two answers; a tie counts half. The
+#   prompts won, tied and lost are beside it. Ties are common: with one seed for every policy, a policy that
+#   moved little often writes SFT's reply word for word, and every tie pulls the win rate towards 0.5.
+#
+# Each comes with a 95% percentile-bootstrap interval over prompts: how much the figure would move on another
+# draw of prompts and replies. A win rate of 0.34 [0.22, 0.48] reads "SFT's reply was preferred more often;
+# on another draw the rate could be anywhere from 0.22 to 0.48, all below an even 0.5". A gain whose interval
+# holds 0, or a win rate whose interval holds 0.5, has not told the policy from SFT on these prompts.
 
 # %%
 reference = "sft" if "sft" in evaluations else "base"
@@ -116,42 +129,62 @@ format_results(table, reference)
 plotting.win_rate_bars(table, reference)
 
 # %% [markdown]
-# Numbers hide what changed; here are the first answers of every policy to the same prompts.
+# What the table says, in words (the same reading notebook 05 gives its comparison; the base model is left
+# out, as it was never meant to beat SFT).
 
 # %%
-pd.DataFrame({"prompt": [r["prompt"][:80] for r in evaluations[reference][0][:3]],
-              **{name: [f"[{r['gold']:.2f}] {r['response'][:160]}" for r in rows[:3]]
-                 for name, (rows, _) in evaluations.items()}})
+Markdown(discussion([r for r in table if r["policy"] != "base"], reference))
+
+# %% [markdown]
+# Numbers hide what changed. Here are the three prompts on which the policies' gold rewards spread widest, with
+# every policy's whole reply. With one seed for all, replies to a prompt often open with the same words and part
+# later, so read to the end.
+
+# %%
+widest_disagreements(evaluations, k=3).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
 
 # %% [markdown]
 # ## 4. The reward–KL frontier
 # Every RL method trades divergence from the reference for reward. Plotting gold reward against KL for each
 # policy and for each checkpoint saved along its training shows how efficiently each method makes that
 # trade: a curve that rises faster, further left, is better (Rafailov et al. 2023, figure 2). Checkpoints are
-# scored on the first `cfg.n_checkpoint_prompts` prompts only, and so is every point of their dotted line
-# (its ends too), so that a line compares like with like; the large markers use all the prompts.
+# scored on the first `cfg.n_checkpoint_prompts` prompts only, and so is every point of their dotted line:
+# it starts at SFT and ends at the final policy, each sampled in the same batches with the same seed as the
+# checkpoints (`evaluate.evaluate_line_ends`; sampling depends on the batch a prompt sits in, so taking
+# the line's ends from the full evaluation would put the same weights at two places). The large markers use
+# all the prompts, and those prompts are not as hard as the first few: lines and markers sit at different
+# heights for that reason alone. Points on 16 prompts with one reply each move by a few hundredths of gold
+# between draws, and the KL of a policy that moved little is a small mean of terms of either sign: read
+# small steps along a line as noise.
 
 # %%
 ckpts = ({s: evaluate_checkpoints(run_dir, s, cfg, reward_model=rm, judge=judge, force=force)
           for s in present if s not in ("base", "sft")} if checkpoints else {})
 print({s: [step for step, _ in c] for s, c in ckpts.items()} or "no checkpoints evaluated")
-points = frontier_points(evaluations, ckpts, reference, cfg.n_checkpoint_prompts)
+ends = (evaluate_line_ends(run_dir, [s for s, c in ckpts.items() if c], cfg, reference=reference, reward_model=rm,
+                           judge=judge, force=force) if any(ckpts.values()) else {})
+points = frontier_points(evaluations, ckpts, reference, ends)
 plotting.gold_kl_frontier(points, reference)
 
 # %% [markdown]
 # ## 5. Gold beside proxy over training: where the reward model started lying
-# The online RL stages log, per step, the mean proxy reward (`objective/scores`) and the mean gold reward
-# (`objective/gold`) of the very samples they trained on. Early on both rise together. When the policy finds
-# answers the reward model over-rates, the proxy keeps rising while gold stalls or falls (Gao et al. 2023).
-# The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves, the first
-# step after which gold gains at most `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`.
+# The online RL stages log, per step, the mean gold reward (`objective/gold`) and the mean proxy reward of
+# the very samples they trained on: the reward model's score (`objective/scores` for GRPO and RLOO;
+# `objective/raw_scores` for PPO, whose `objective/scores` also subtracts the missing-EOS penalty). When the
+# policy finds answers the reward model over-rates, the proxy keeps rising while gold stalls or falls (Gao et
+# al. 2023). The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves
+# over 5 steps (the lines; the dots are single steps), the first step after which gold gains at most
+# `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`, in a run whose proxy rose.
+#
+# Two cautions. These are training prompts and training-length replies, so the proxy here is not on the scale
+# of the table's proxy column (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few
+# replies (8 in the cpu profile): over 6–16 steps, a parting point would need a proxy that climbs clearly,
+# which a short CPU run's does not. Each stage's sentence below says which case it is.
 
 # %%
 over = gold_proxy_over_training(run_dir)
 for stage, s in over.items():
-    p = s["parting"]
-    print(f"{stage}: " + (f"parting at step {p['step']}: gold {p['gold_at']:.3f} -> {p['gold_end']:.3f}, "
-                          f"proxy {p['proxy_at']:.2f} -> {p['proxy_end']:.2f}" if p else "gold kept pace with the proxy"))
+    print(f"{stage}: {s['note']}")
 plotting.gold_vs_proxy(over)
 
 # %% [markdown]
@@ -170,7 +203,8 @@ plotting.stage_curves(curves, {s: curve_keys(s, rows) for s, rows in curves.item
 
 # %%
 summary = {"profile": profile, "seed": seed, "reference": reference, "policies": table, "missing": missing,
-           "frontier": points, "parting": {s: v["parting"] for s, v in over.items()}, "config": cfg,
+           "frontier": points, "parting": {s: v["parting"] for s, v in over.items()},
+           "parting_notes": {s: v["note"] for s, v in over.items()}, "config": cfg,
            "wall_time_s": time.perf_counter() - t0}
 atomic_write_json(stage_dir(run_dir, "eval") / "summary.json", summary)
 report = build_report(run_dir)

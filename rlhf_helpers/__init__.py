@@ -17,3 +17,7 @@ import logging as _logging
 # bitsandbytes, imported by peft, says on CPUs with AVX512-BF16 that it could not fetch a 4-bit CPU kernel from
 # the Hub. Nothing here runs 4-bit on a CPU (the `gpu` profile alone quantizes), so that line is noise.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# transformers checks a model's tensor-parallel plan at every load, and for a model with a classification head
+# (the reward model) warns that `score.weight` and the norms "were not sharded". Nothing here shards tensors
+# (several GPUs run data-parallel under accelerate), so that warning says nothing about this suite.
+_logging.getLogger("transformers.distributed.tensor_parallel").setLevel(_logging.ERROR)

@@ -215,6 +215,22 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
     return table, paired_win_rate(rows_a, rows_b)
 
 
+def widest_disagreements(evaluations: dict[str, tuple[list[dict], dict]], k: int = 3):
+    """The `k` prompts on which the policies' gold rewards spread widest (first sample of each), with every
+    policy's whole reply and its gold: where the policies differ, which the first prompts seldom show (with
+    one seed for all, replies to a prompt often open alike and part later). A pandas DataFrame, a row per
+    prompt and policy."""
+    import pandas as pd
+
+    first = {name: {r["prompt"]: r for r in rows if r.get("sample", 0) == 0} for name, (rows, _) in evaluations.items()}
+    prompts = [p for p in next(iter(first.values()), {}) if all(p in by for by in first.values())]
+    spread = {p: np.ptp([by[p]["gold"] for by in first.values()]) for p in prompts}
+    chosen = sorted(prompts, key=lambda p: -spread[p])[:k]
+    return pd.DataFrame([{"prompt": p, "gold spread": round(float(spread[p]), 3), "policy": name,
+                          "gold": round(by[p]["gold"], 3), "reply": by[p]["response"]}
+                         for p in chosen for name, by in first.items()]).set_index(["prompt", "gold spread", "policy"])
+
+
 # --- sampling a policy with its KL to the reference --------------------------------------------------
 
 FORWARD_CHUNK = 16
@@ -361,15 +377,16 @@ def _artifact_mtime(run_dir, stage: str, adapter: str | os.PathLike | None) -> f
 
 
 def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, adapter: str | os.PathLike | None = None,
-                   name: str | None = None, n_prompts: int | None = None, reward_model: Any = "auto",
-                   judge: Any = None, force: bool = False) -> tuple[list[dict], dict[str, Any]]:
+                   name: str | None = None, n_prompts: int | None = None, samples_per_prompt: int | None = None,
+                   reward_model: Any = "auto", judge: Any = None, force: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """Evaluate `stage`'s policy in `run_dir` (see rlhf_helpers.policies) on the held-out prompts.
 
     Gold reward (the judge), proxy reward (the run's normalised reward model, when it has one), Monte-Carlo
     KL to the reference (the SFT model: for adapter stages the adapter switched off; 0 for SFT itself; for
     the base model, a separately loaded SFT model), distinct-1/2 and length. Final policies answer each
     prompt cfg.samples_per_prompt times (rows prompt-major, each with its `sample` index); `adapter`
-    evaluates a checkpoint instead of the final adapter, with one reply per prompt. The result is cached in
+    evaluates a checkpoint instead of the final adapter, with one reply per prompt (as does
+    `samples_per_prompt=1`). The result is cached in
     run_dir/eval/policies/<name>.jsonl (rows) and <name>.json (metrics, settings) and reused while the
     settings, the policy's weights and the run's reward model are unchanged; `force=True` recomputes.
     """
@@ -381,7 +398,7 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
 
     name = name or stage
     n = n_prompts or cfg.n_prompts
-    k = 1 if adapter else cfg.samples_per_prompt
+    k = 1 if adapter else (samples_per_prompt or cfg.samples_per_prompt)
     folder = stage_dir(run_dir, "eval") / "policies"
     rows_path, meta_path = folder / f"{name}.jsonl", folder / f"{name}.json"
     key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
@@ -449,8 +466,9 @@ def missing_policies(run_dir: str | os.PathLike) -> dict[str, str]:
 def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: str = "sft", n_boot: int = 2000,
                   seed: int = 0) -> list[dict]:
     """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
-    half) with ci_low/ci_high (percentile bootstrap 95% over prompts), gain (mean paired gold difference to
-    the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean tokens), n (replies)
+    half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
+    (wins, ties, losses), gain (mean paired gold difference to the reference) with gain_ci_low/gain_ci_high,
+    distinct_1, distinct_2, length (mean tokens), n (replies)
     and prompts. With several replies per prompt, win rate and gain compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
@@ -472,7 +490,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
             "policy": name, "gold": metrics.get("gold_mean"), "proxy": metrics.get("proxy_mean"),
             "kl": metrics.get("kl_mean"), "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
             "ci_high": win and win["ci_high"], "gain": win and win["gain"], "gain_ci_low": win and win["gain_ci_low"],
-            "gain_ci_high": win and win["gain_ci_high"], "distinct_1": metrics.get("distinct_1"),
+            "gain_ci_high": win and win["gain_ci_high"], "wins": win and win["wins"], "ties": win and win["ties"],
+            "losses": win and win["losses"], "distinct_1": metrics.get("distinct_1"),
             "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
             "prompts": len(dict.fromkeys(ref_prompts)),
         })
@@ -480,16 +499,24 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
 
 
 def format_results(table: Sequence[dict], reference: str = "sft"):
-    """The results table as a pandas DataFrame for people: rounded, the win rate with its interval."""
+    """The results table as a pandas DataFrame for people: rounded; the gold gain over the reference and the
+    win rate, each with its interval; the prompts won, tied and lost."""
     import pandas as pd
 
     def num(v, digits=3):
         return "–" if v is None else f"{v:.{digits}f}"
 
+    def gain(r):
+        if r.get("gain") is None:
+            return "(reference)"
+        return f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
+
     return pd.DataFrame([{
-        "policy": r["policy"], "gold": num(r["gold"]), "proxy (RM)": num(r["proxy"]), "KL to SFT (nats)": num(r["kl"], 2),
+        "policy": r["policy"], "gold": num(r["gold"]), f"gold gain vs {reference} [95% CI]": gain(r),
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
+        "won / tied / lost": ("–" if r.get("wins") is None else f"{r['wins']} / {r['ties']} / {r['losses']}"),
+        "proxy (RM)": num(r["proxy"]), f"KL to {reference} (nats)": num(r["kl"], 2),
         "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
         "n": r["n"],
     } for r in table])
@@ -512,15 +539,21 @@ def centred_mean(values: Sequence[float], window: int) -> np.ndarray:
     return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(v.size)])
 
 
-def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[float], *, window: int = 5,
-                  gold_tol: float = 0.01, min_proxy_rise: float = 0.1) -> dict[str, Any] | None:
+PARTING_WINDOW, PARTING_MIN_PROXY_RISE = 5, 0.1
+"""`parting_point`'s default smoothing window (steps) and the least rise of the proxy that counts."""
+
+
+def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[float], *, window: int = PARTING_WINDOW,
+                  gold_tol: float = 0.01, min_proxy_rise: float = PARTING_MIN_PROXY_RISE) -> dict[str, Any] | None:
     """Where the reward model starts lying: the first step after which gold stops rising while the proxy
     keeps rising (the over-optimisation of Gao et al. 2023).
 
     Precisely: smooth both series with `centred_mean(·, window)` into g and p. The parting index is the
     first k < n−1 with
       max(g[k:]) − g[k] ≤ gold_tol          (from step k on, gold never gains more than gold_tol), and
-      p[n−1] − p[k] > min_proxy_rise        (while the proxy ends higher than at k by more than min_proxy_rise).
+      p[n−1] − p[k] > min_proxy_rise        (while the proxy ends higher than at k by more than min_proxy_rise),
+    in a run whose proxy rose: p[n−1] − p[0] > min_proxy_rise. A proxy that dips and comes back to where it
+    started has not been over-optimised, however well gold did meanwhile.
     Returns None when there is no such k (gold still rising, or the proxy not rising either), else
     {'step', 'index', 'gold_at', 'proxy_at', 'gold_end', 'proxy_end', 'window', 'gold_tol', 'min_proxy_rise'}
     with smoothed values. Gold is in [0, 1]; the proxy is the normalised reward (1 = one SFT standard deviation).
@@ -531,6 +564,8 @@ def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[f
     if not (np.isfinite(gold).all() and np.isfinite(proxy).all()):
         raise ValueError("gold and proxy must be finite numbers (a NaN in metrics.jsonl?)")
     g, p = centred_mean(gold, window), centred_mean(proxy, window)
+    if p.size < 2 or p[-1] - p[0] <= min_proxy_rise:
+        return None
     for k in range(len(steps) - 1):
         if g[k:].max() - g[k] <= gold_tol and p[-1] - p[k] > min_proxy_rise:
             return {"step": int(steps[k]), "index": k, "gold_at": float(g[k]), "proxy_at": float(p[k]),
@@ -569,8 +604,41 @@ def gold_proxy_over_training(run_dir: str | os.PathLike, **parting_kw) -> dict[s
         series["objective/kl"] = [kl.get(s) for s in series["step"]]
         series["parting"] = parting_point(series["step"], series["objective/gold"], series["objective/scores"],
                                           **parting_kw)
+        window = parting_kw.get("window", PARTING_WINDOW)
+        g, p = centred_mean(series["objective/gold"], window), centred_mean(series["objective/scores"], window)
+        series["trend"] = {"gold_start": float(g[0]), "gold_end": float(g[-1]), "proxy_start": float(p[0]),
+                           "proxy_end": float(p[-1]), "window": window, "steps": len(series["step"]),
+                           "min_proxy_rise": parting_kw.get("min_proxy_rise", PARTING_MIN_PROXY_RISE)}
+        series["note"] = parting_note(series)
         out[stage] = series
     return out
+
+
+def parting_outcome(series: dict) -> str:
+    """'parted', 'gold kept pace' (with a proxy that rose) or 'proxy did not rise', for one stage of
+    `gold_proxy_over_training`."""
+    t = series["trend"]
+    if series.get("parting"):
+        return "parted"
+    return "gold kept pace" if t["proxy_end"] - t["proxy_start"] > t["min_proxy_rise"] else "proxy did not rise"
+
+
+def parting_note(series: dict) -> str:
+    """What a stage's gold and proxy did over training, in one sentence (notebook 06, its figure and the
+    report say the same): where they parted; or that gold kept pace with a rising proxy; or that the proxy
+    never rose, so there was nothing over-optimised to see. `series`: one stage of `gold_proxy_over_training`."""
+    t, part = series["trend"], series.get("parting")
+    smoothed = f"means of {min(t['window'], t['steps'])} steps, of {t['steps']}"
+    outcome = parting_outcome(series)
+    if outcome == "parted":
+        return (f"gold stopped rising at step {part['step']} (gold {part['gold_at']:.3f} → {part['gold_end']:.3f}) "
+                f"while the proxy rose {part['proxy_at']:.2f} → {part['proxy_end']:.2f} ({smoothed})")
+    if outcome == "gold kept pace":
+        return (f"no parting: gold kept pace with the proxy (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, "
+                f"gold {t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed})")
+    return (f"the proxy did not rise (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold "
+            f"{t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed}): the policy did not climb the reward model's "
+            f"score, so nothing was over-optimised and there is no parting point to see")
 
 
 CURVE_KEYS = {
@@ -611,32 +679,18 @@ def _point(policy: str, step: int | None, kind: str, metrics: dict, kl: float | 
             "proxy": metrics.get("proxy_mean"), "kl": kl, "n": metrics.get("n")}
 
 
-def subset_metrics(rows: Sequence[dict], n: int) -> dict[str, Any]:
-    """gold_mean, proxy_mean, kl_mean and n (replies) over the rows of the first `n` prompts (None where a
-    value is missing)."""
-    first = set(list(dict.fromkeys(r["prompt"] for r in rows))[:n])
-    head = [r for r in rows if r["prompt"] in first]
-
-    def mean(key):
-        values = [r[key] for r in head if r.get(key) is not None]
-        return float(np.mean(values)) if values else None
-
-    return {"gold_mean": mean("gold"), "proxy_mean": mean("proxy"), "kl_mean": mean("kl"), "n": len(head)}
-
-
 def frontier_points(evaluations: dict[str, tuple[list[dict], dict]],
                     checkpoints: dict[str, list[tuple[int, dict]]] | None = None, reference: str = "sft",
-                    n_checkpoint_prompts: int | None = None) -> list[dict]:
+                    line_ends: dict[str, dict] | None = None) -> list[dict]:
     """Points of the gold-reward-against-KL frontier, as rows {policy, step, kind, gold, proxy, kl, n}:
 
     - kind 'final': every evaluated policy (`evaluations`: name -> (rows, metrics) of `evaluate_stage`) on
       all its prompts; the reference sits at KL 0 by definition. A policy whose KL was not measured gets
       kind 'no_kl' (left off the plot, and named there).
     - kind 'checkpoint': each stage's checkpoints ((step, metrics) of `evaluate_checkpoints`), in step order.
-    - kind 'line': for the reference and each stage with checkpoints, its final policy again, on the first
-      `n_checkpoint_prompts` rows only, so a stage's line (reference -> checkpoints -> final) compares
-      every point on the same prompts (held-out prompts come in a fixed order, so the first n are the
-      checkpoints' n). Without them a line would mix prompt sets and show their difference as training.
+    - kind 'line': the ends of each stage's line other than its checkpoints, as `evaluate_line_ends`
+      measured them (name -> metrics): the reference, where every line starts, and a final policy that no
+      checkpoint holds. Every point of a line is then sampled in the same way, on the same prompts.
     """
     points = []
     for name, (_, m) in evaluations.items():
@@ -644,15 +698,47 @@ def frontier_points(evaluations: dict[str, tuple[list[dict], dict]],
         points.append(_point(name, None, "final" if kl is not None else "no_kl", m, kl))
     for stage, items in (checkpoints or {}).items():
         points += [_point(stage, int(step), "checkpoint", m, m.get("kl_mean")) for step, m in sorted(items, key=lambda t: t[0])]
-    staged = [s for s, items in (checkpoints or {}).items() if items]
-    if staged and n_checkpoint_prompts:
-        for name in [reference] + [s for s in staged if s in evaluations]:
-            if name not in evaluations:
-                continue
-            rows = evaluations[name][0]
-            m = subset_metrics(rows, n_checkpoint_prompts)
-            points.append(_point(name, None, "line", m, 0.0 if name == reference else m["kl_mean"]))
+    for name, m in (line_ends or {}).items():
+        points.append(_point(name, None, "line", m, 0.0 if name == reference else m.get("kl_mean")))
     return points
+
+
+def same_weights(folder_a: str | os.PathLike, folder_b: str | os.PathLike) -> bool:
+    """Whether two adapter folders hold byte-identical weights (a stage's final adapter and the checkpoint
+    saved at its last step do)."""
+    import hashlib
+
+    def digest(folder):
+        files = sorted(Path(folder).glob("*.safetensors"))
+        return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] if files else None
+
+    a = digest(folder_a)
+    return a is not None and a == digest(folder_b)
+
+
+def evaluate_line_ends(run_dir: str | os.PathLike, stages: Sequence[str], cfg: EvalConfig, *, reference: str = "sft",
+                       reward_model: Any = "auto", judge: Any = None, force: bool = False) -> dict[str, dict]:
+    """The points a stage's dotted line on the frontier needs besides its checkpoints, measured as the
+    checkpoints are (`evaluate_checkpoints`: the first cfg.n_checkpoint_prompts prompts, one reply each,
+    in the same generate batches with the same seed): the reference, where every line starts, and each
+    stage's final policy unless the checkpoint at its last step holds the same weights. name -> metrics,
+    cached as eval/policies/<name>-line.json.
+
+    Sampling depends on the batch a prompt sits in, not on the prompt alone: the first 16 rows of a
+    32-prompt evaluation are other samples than a 16-prompt evaluation draws for the same prompts, though
+    the seed is the same. Taking a line's ends from the full evaluation (as this notebook once did) put the
+    same weights at two places on the plot, 0.06 of gold apart (the cpu run's PPO)."""
+    from .policies import adapter_dir, policy_checkpoints
+
+    kw = dict(n_prompts=cfg.n_checkpoint_prompts, samples_per_prompt=1, reward_model=reward_model, judge=judge,
+              force=force)
+    ends = {reference: evaluate_stage(run_dir, reference, cfg, name=f"{reference}-line", **kw)[1]}
+    for stage in stages:
+        ckpts, final = policy_checkpoints(run_dir, stage), adapter_dir(run_dir, stage)
+        if not ckpts or final is None or same_weights(final, ckpts[-1][1]):
+            continue
+        ends[stage] = evaluate_stage(run_dir, stage, cfg, name=f"{stage}-line", **kw)[1]
+    return ends
 
 
 def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, reward_model: Any = "auto",

@@ -515,14 +515,28 @@ def gold_vs_proxy(series_by_stage):
         fig.update_layout(height=200, title="Gold against proxy reward over training",
                           xaxis_visible=False, yaxis_visible=False)
         return fig
-    fig = make_subplots(rows=1, cols=len(stages), subplot_titles=stages,
+    from .evaluate import centred_mean, parting_outcome
+
+    def title(stage):
+        s = series_by_stage[stage]
+        outcome = parting_outcome(s) if "trend" in s else ("parted" if s.get("parting") else "")
+        return f"{stage}: parting at step {s['parting']['step']}" if outcome == "parted" else \
+            f"{stage}: {outcome}" if outcome else stage
+
+    fig = make_subplots(rows=1, cols=len(stages), subplot_titles=[title(s) for s in stages],
                         specs=[[{"secondary_y": True}] * len(stages)])
     for col, stage in enumerate(stages, start=1):
         s = series_by_stage[stage]
-        fig.add_trace(go.Scatter(x=s["step"], y=s["objective/gold"], name="gold", mode="lines+markers",
-                                 line=dict(color=COLORS["optimum"]), showlegend=col == 1), row=1, col=col)
-        fig.add_trace(go.Scatter(x=s["step"], y=s["objective/scores"], name="proxy (reward model)", mode="lines+markers",
-                                 line=dict(color=COLORS["reward"]), showlegend=col == 1), row=1, col=col, secondary_y=True)
+        window = min(s.get("trend", {}).get("window", 1), len(s["step"]))
+        for key, label, color, right in (("objective/gold", "gold", COLORS["optimum"], False),
+                                         ("objective/scores", "proxy (reward model)", COLORS["reward"], True)):
+            # each step's mean as a faint dot; the line is the moving average the parting rule reads
+            fig.add_trace(go.Scatter(x=s["step"], y=s[key], name=f"{label}, per step", mode="markers",
+                                     marker=dict(color=color, size=5, opacity=0.45), showlegend=col == 1),
+                          row=1, col=col, secondary_y=right)
+            fig.add_trace(go.Scatter(x=s["step"], y=centred_mean(s[key], window).tolist(),
+                                     name=f"{label}, mean of {window} steps", mode="lines", line=dict(color=color),
+                                     showlegend=col == 1), row=1, col=col, secondary_y=right)
         part = s.get("parting")
         if part:
             fig.add_vline(x=part["step"], line=dict(color="crimson", dash="dash"), row=1, col=col,
@@ -531,9 +545,7 @@ def gold_vs_proxy(series_by_stage):
         fig.update_yaxes(title_text="gold" if col == 1 else None, row=1, col=col, secondary_y=False)
         fig.update_yaxes(title_text="proxy (normalised)" if col == len(stages) else None, row=1, col=col,
                          secondary_y=True, tickmode="auto", nticks=6, showgrid=False)
-    parted = [f"{st} at step {series_by_stage[st]['parting']['step']}" for st in stages if series_by_stage[st].get("parting")]
-    sub = "parting: " + ", ".join(parted) if parted else "no parting: gold kept pace with the proxy"
-    fig.update_layout(height=380, title=f"Gold beside proxy reward of the training samples ({sub})")
+    fig.update_layout(height=380, title="Gold beside proxy reward of the training samples, per step")
     return fig
 
 

@@ -79,7 +79,10 @@ def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEF
 
 
 def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int, Path]]:
-    """(step, adapter folder) of every saved checkpoint of `stage`, oldest first (final adapter excluded)."""
+    """(step, adapter folder) of every saved checkpoint of `stage`, oldest first (final adapter excluded).
+
+    A checkpoint past the stage's `max_steps` (its config.json) is left out, and said so: an older version
+    of this suite took a step past the end when a finished stage was run again."""
     root = stage_dir(run_dir, stage) / "checkpoints"
     found = []
     if root.is_dir():
@@ -90,4 +93,13 @@ def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int
                 folder = path / sub if sub else path
                 if name.startswith(prefix) and digits.isdigit() and (folder / "adapter_config.json").exists():
                     found.append((int(digits), folder))
-    return sorted(found)
+    config = stage_dir(run_dir, stage) / "config.json"
+    try:
+        max_steps = int(json.loads(config.read_text()).get("max_steps") or 0) if config.exists() else 0
+    except (ValueError, TypeError, json.JSONDecodeError):
+        max_steps = 0
+    past = [step for step, _ in found if max_steps and step > max_steps]
+    if past:
+        print(f"{root}: left out checkpoint(s) at step {', '.join(map(str, sorted(past)))}, past the stage's "
+              f"max_steps={max_steps} in {config} (delete them to silence this)")
+    return sorted((step, folder) for step, folder in found if step not in past)

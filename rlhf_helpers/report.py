@@ -70,13 +70,14 @@ def network_references(page: str) -> list[str]:
 def report_figures(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
     """The report's figures, by caption: win rates, the frontier, gold vs proxy, every stage's curves."""
     from . import plotting
-    from .evaluate import curve_keys, gold_proxy_over_training, stage_metrics
+    from .evaluate import curve_keys, gold_proxy_over_training, parting_note, stage_metrics
 
     ref = summary["reference"]
     curves = stage_metrics(run_dir)
     over = gold_proxy_over_training(run_dir)
     for stage, series in over.items():  # the parting points notebook 06 found (and may have tuned) win
         series["parting"] = summary["parting"].get(stage, series["parting"])
+        series["note"] = parting_note(series)
     return {
         f"Win rate against {ref}: how often the gold judge prefers each policy's reply to {ref}'s on the same "
         f"prompt (ties count half), with a bootstrap 95% interval over prompts.":
@@ -125,11 +126,12 @@ def render_report(run_dir: str | os.PathLike, summary: dict[str, Any], figures: 
     table = format_results(summary["policies"], ref).to_html(index=False, escape=True, border=0, classes="results")
     missing = "".join(f"<li><b>{html.escape(s)}</b>: {html.escape(why)}</li>" for s, why in summary["missing"].items())
     parting = []
+    notes = summary.get("parting_notes") or {}
     for stage, p in (summary.get("parting") or {}).items():
-        parting.append(f"<li>{html.escape(stage)}: " + (
-            f"gold stopped rising at step {p['step']} (smoothed gold {p['gold_at']:.3f} → {p['gold_end']:.3f}) while "
-            f"the proxy rose {p['proxy_at']:.2f} → {p['proxy_end']:.2f}</li>" if p else
-            "no parting: gold kept rising with the proxy</li>"))
+        note = notes.get(stage) or (  # a summary written before notes were kept
+            f"gold stopped rising at step {p['step']} (gold {p['gold_at']:.3f} → {p['gold_end']:.3f}) while "
+            f"the proxy rose {p['proxy_at']:.2f} → {p['proxy_end']:.2f}" if p else "no parting point")
+        parting.append(f"<li>{html.escape(stage)}: {html.escape(note)}</li>")
     figs = "".join(
         f"<figure>{fig.to_html(full_html=False, include_plotlyjs=False, config={'displaylogo': False})}"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>" for caption, fig in figures.items())

@@ -12,9 +12,10 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from rlhf_helpers import check_results
-from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, frontier_points,
+from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, format_results, frontier_points,
                                    gold_proxy_over_training, mc_kl, paired_win_rate, parting_point, per_prompt_means,
-                                   results_table, subset_metrics, training_series, win_outcomes, win_rate)
+                                   results_table, training_series, widest_disagreements, win_outcomes,
+                                   win_rate)
 from rlhf_helpers.report import build_report, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
@@ -133,6 +134,12 @@ def test_no_parting_point_while_gold_keeps_rising_or_the_proxy_does_not():
     assert parting_point(steps, np.linspace(0.2, 0.6, 10), np.linspace(0, 2, 10), window=1) is None
     falling = [0.5 - 0.02 * i for i in range(10)]
     assert parting_point(steps, falling, [0.3] * 10, window=1) is None  # proxy flat: nothing over-optimised
+    # a proxy that dips and comes back has not risen, though gold peaked meanwhile (the cpu run's PPO: smoothed
+    # proxy -0.43 at the start, -0.73 in the dip, -0.60 at the end, parted "at step 13" before this rule)
+    dip = [0.0, -0.3, -0.6, -0.6, -0.3, -0.1, 0.0, -0.05, 0.02, 0.0]
+    peaked = [0.5, 0.55, 0.6, 0.62, 0.6, 0.58, 0.57, 0.56, 0.56, 0.55]
+    assert parting_point(steps, peaked, dip, window=1) is None
+    assert parting_point(steps, peaked, [d + 0.05 * i for i, d in enumerate(dip)], window=1)["step"] == 3
     with pytest.raises(ValueError, match="one length"):
         parting_point(steps, falling, [0.3] * 9)
     with pytest.raises(ValueError, match="finite"):
@@ -222,30 +229,92 @@ def test_several_samples_per_prompt_are_averaged_so_the_prompt_stays_the_unit_of
     assert by["ppo"]["gain"] == pytest.approx((0.1 + 0.0 - 0.3) / 3)
     _, wins = compare_policies(ppo, sft, "ppo", "sft")
     assert wins["n"] == 3 and wins["win_rate"] == pytest.approx(0.5)
-    assert subset_metrics(ppo, 2) == {"gold_mean": pytest.approx(0.55), "proxy_mean": pytest.approx(0.05),
-                                               "kl_mean": 1.0, "n": 4}
+    assert (by["ppo"]["wins"], by["ppo"]["ties"], by["ppo"]["losses"]) == (1, 1, 1)
+    shown = format_results(list(by.values())).set_index("policy")
+    assert shown.loc["ppo", "won / tied / lost"] == "1 / 1 / 1" and shown.loc["sft", "won / tied / lost"] == "–"
+    assert shown.loc["ppo", "gold gain vs sft [95% CI]"].startswith("-0.067 [")
     with pytest.raises(ValueError, match="same prompts in the same order"):
         paired_win_rate(ppo, _rows([0.5] * 6, ["a", "a", "c", "c", "b", "b"]))
 
 
-def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_end_lines_on_their_prompts():
+def test_widest_disagreements_show_the_prompts_where_gold_spreads_most_with_whole_replies():
+    sft, ppo = _rows([0.5, 0.5, 0.5, 0.5]), _rows([0.5, 0.9, 0.1, 0.55])
+    ppo[1]["response"] = "x" * 500  # shown whole, not cut
+    table = widest_disagreements({"sft": (sft, {}), "ppo": (ppo, {})}, k=2).reset_index()
+    assert list(table["prompt"]) == ["prompt 1", "prompt 1", "prompt 2", "prompt 2"]
+    assert list(table["gold spread"]) == [0.4, 0.4, 0.4, 0.4] and list(table["policy"]) == ["sft", "ppo"] * 2
+    assert table.loc[1, "reply"] == "x" * 500
+
+
+def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_take_line_ends_as_measured():
     sft, base, ppo = _rows([0.5, 0.5, 0.9, 0.9]), _rows([0.4] * 4), _rows([0.6, 0.8, 0.2, 0.2])
-    for i, r in enumerate(ppo):
-        r["kl"] = float(i)  # 0, 1, 2, 3
     evaluations = {"sft": (sft, {**_metrics(sft, None)}), "base": (base, _metrics(base, None)),
                    "ppo": (ppo, _metrics(ppo, 1.5))}
+    ends = {"sft": {"gold_mean": 0.52, "kl_mean": 0.0, "n": 2}, "ppo": {"gold_mean": 0.61, "kl_mean": 0.9, "n": 2}}
     pts = frontier_points(evaluations, {"ppo": [(20, {"gold_mean": 0.58, "kl_mean": 1.5, "n": 2}),
-                                                (10, {"gold_mean": 0.55, "kl_mean": 0.7, "n": 2})]},
-                          n_checkpoint_prompts=2)
+                                                (10, {"gold_mean": 0.55, "kl_mean": 0.7, "n": 2})]}, line_ends=ends)
     by = {(p["policy"], p["kind"]): p for p in pts}
     assert (by[("sft", "final")]["kl"], by[("sft", "final")]["gold"]) == (0.0, pytest.approx(0.7))
     assert by[("base", "no_kl")]["kl"] is None and ("base", "final") not in by
     assert [p["step"] for p in pts if p["kind"] == "checkpoint"] == [10, 20]
-    # the line's ends: the reference and the final PPO policy on the first two prompts only
-    assert (by[("sft", "line")]["gold"], by[("sft", "line")]["kl"], by[("sft", "line")]["n"]) == (0.5, 0.0, 2)
-    assert (by[("ppo", "line")]["gold"], by[("ppo", "line")]["kl"]) == (pytest.approx(0.7), pytest.approx(0.5))
-    assert ("base", "line") not in by  # base has no checkpoints, so no line
-    assert not [p for p in frontier_points(evaluations, {}, n_checkpoint_prompts=2) if p["kind"] == "line"]
+    # the line's ends are the separate evaluations on the checkpoints' prompts, not rows of the full ones
+    assert (by[("sft", "line")]["gold"], by[("sft", "line")]["kl"], by[("sft", "line")]["n"]) == (0.52, 0.0, 2)
+    assert (by[("ppo", "line")]["gold"], by[("ppo", "line")]["kl"]) == (0.61, 0.9)
+    assert ("base", "line") not in by
+    assert not [p for p in frontier_points(evaluations, {}) if p["kind"] == "line"]
+
+
+def test_line_ends_are_sampled_as_checkpoints_are_and_skip_a_final_that_a_checkpoint_holds(tmp_path, monkeypatch):
+    from rlhf_helpers import evaluate
+    from rlhf_helpers.config import stage_config
+
+    for stage, final in (("ppo", b"final"), ("dpo", b"last")):  # ppo's final is new; dpo's is its last checkpoint
+        for folder, weights in (("adapter", final), ("checkpoints/checkpoint-5", b"early"),
+                                ("checkpoints/checkpoint-10", b"last")):
+            (tmp_path / stage / folder).mkdir(parents=True)
+            (tmp_path / stage / folder / "adapter_config.json").write_text("{}")
+            (tmp_path / stage / folder / "adapter_model.safetensors").write_bytes(weights)
+    calls = []
+
+    def fake_evaluate_stage(run_dir, stage, cfg, **kw):
+        calls.append((stage, kw["name"], kw["n_prompts"], kw["samples_per_prompt"], kw.get("adapter")))
+        return [], {"gold_mean": 0.5, "kl_mean": 0.0, "n": kw["n_prompts"]}
+
+    monkeypatch.setattr(evaluate, "evaluate_stage", fake_evaluate_stage)
+    cfg = stage_config(evaluate.EvalConfig, "cpu", samples_per_prompt=3)
+    ends = evaluate.evaluate_line_ends(tmp_path, ["ppo", "dpo"], cfg, reward_model=None)
+    n = cfg.n_checkpoint_prompts
+    assert calls == [("sft", "sft-line", n, 1, None), ("ppo", "ppo-line", n, 1, None)]
+    assert list(ends) == ["sft", "ppo"]
+
+
+def test_checkpoints_past_a_stages_max_steps_are_left_out_and_said(tmp_path, capsys):
+    from rlhf_helpers.policies import policy_checkpoints
+
+    for step in (5, 10, 11):
+        (tmp_path / "dpo" / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "dpo" / "checkpoints" / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    assert [s for s, _ in policy_checkpoints(tmp_path, "dpo")] == [5, 10, 11]  # no config: nothing to judge by
+    (tmp_path / "dpo" / "config.json").write_text(json.dumps({"max_steps": 10}))
+    assert [s for s, _ in policy_checkpoints(tmp_path, "dpo")] == [5, 10]
+    assert "left out checkpoint(s) at step 11, past the stage's max_steps=10" in capsys.readouterr().out
+
+
+def test_parting_notes_tell_a_proxy_that_never_rose_from_gold_keeping_pace(tmp_path):
+    steps = list(range(1, 11))
+    cases = {"ppo": ([0.5 + 0.01 * i for i in range(10)], [0.1 * i for i in range(10)]),   # both rise
+             "grpo": ([0.5] * 10, [0.2 - 0.05 * i for i in range(10)])}                     # proxy falls
+    for stage, (gold, proxy) in cases.items():
+        _write_jsonl(tmp_path / stage / "metrics.jsonl", [{"step": s, "objective/gold": g, "objective/scores": p}
+                                                          for s, g, p in zip(steps, gold, proxy)])
+    over = gold_proxy_over_training(tmp_path)
+    assert over["ppo"]["note"].startswith("no parting: gold kept pace with the proxy")
+    assert over["grpo"]["note"].startswith("the proxy did not rise")
+    assert over["grpo"]["trend"]["proxy_end"] < over["grpo"]["trend"]["proxy_start"]
+    steps, gold, proxy = _peaked()
+    _write_jsonl(tmp_path / "rloo" / "metrics.jsonl", [{"step": s, "objective/gold": g, "objective/scores": p}
+                                                       for s, g, p in zip(steps, gold, proxy)])
+    assert gold_proxy_over_training(tmp_path, window=1)["rloo"]["note"].startswith("gold stopped rising at step 10")
 
 
 # --- a fake run folder: report and results check ----------------------------------------------------------
@@ -284,8 +353,9 @@ def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_acc
                "policies": results_table(evaluations, reference, n_boot=200),
                "missing": {s: "not in this fake run" for s in POLICY_GOLD if s not in policies and s != "base"},
                "frontier": frontier_points(evaluations, {"ppo": [(10, {"gold_mean": 0.56, "kl_mean": 1.0, "n": 2})]},
-                                           reference, n_checkpoint_prompts=2),
-               "parting": {s: v["parting"] for s, v in over.items()}}
+                                           reference, {reference: {"gold_mean": 0.5, "kl_mean": 0.0, "n": 2}}),
+               "parting": {s: v["parting"] for s, v in over.items()},
+               "parting_notes": {s: v["note"] for s, v in over.items()}}
     (root / "eval" / "summary.json").write_text(json.dumps(summary))
     return root
 
