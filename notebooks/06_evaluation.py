@@ -117,6 +117,11 @@ for name in present:
 # draw of prompts and replies. A win rate of 0.34 [0.22, 0.48] reads "SFT's reply was preferred more often;
 # on another draw the rate could be anywhere from 0.22 to 0.48, all below an even 0.5". A gain whose interval
 # holds 0, or a win rate whose interval holds 0.5, has not told the policy from SFT on these prompts.
+#
+# Distinct-1 and distinct-2 are the shares of distinct words and word pairs over all of a policy's replies
+# pooled: shorter replies score higher, so read them beside the length column. With one reply per prompt they
+# measure variety across prompts, not the loss of variety per prompt that RL is known for; that needs
+# `samples_per_prompt` > 1.
 
 # %%
 reference = "sft" if "sft" in evaluations else "base"
