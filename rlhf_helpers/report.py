@@ -115,15 +115,23 @@ def _stage_summaries(root: Path) -> str:
     return "".join(parts)
 
 
+def _markdown_paragraphs(text: str) -> str:
+    """The little markdown `comparison.discussion` writes (paragraphs, **bold**) as escaped HTML."""
+    paragraphs = [html.escape(part.strip()) for part in text.split("\n\n") if part.strip()]
+    return "".join("<p>" + re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", part) + "</p>" for part in paragraphs)
+
+
 def render_report(run_dir: str | os.PathLike, summary: dict[str, Any], figures: dict[str, Any]) -> str:
     """The page as a string: plotly.js inlined once in the head, the results table, every figure."""
     from plotly.offline import get_plotlyjs
 
+    from .comparison import discussion
     from .evaluate import format_results
 
     root = resolve_run_dir(run_dir)
     ref = summary["reference"]
     table = format_results(summary["policies"], ref).to_html(index=False, escape=True, border=0, classes="results")
+    reading = _markdown_paragraphs(discussion([r for r in summary["policies"] if r["policy"] != "base"], ref))
     missing = "".join(f"<li><b>{html.escape(s)}</b>: {html.escape(why)}</li>" for s, why in summary["missing"].items())
     parting = []
     notes = summary.get("parting_notes") or {}
@@ -148,7 +156,7 @@ def render_report(run_dir: str | os.PathLike, summary: dict[str, Any], figures: 
         f"Each policy answered the same held-out prompts with the same sampling seed; the gold judge and the "
         f"reward model (proxy) scored the replies. KL is the Monte-Carlo sequence KL to the SFT reference.</p>"
         + _run_facts()
-        + f"<h2>Results</h2>{table}"
+        + f"<h2>Results</h2>{table}{reading}"
         + (f"<h3>Not in this run</h3><ul>{missing}</ul>" if missing else "")
         + (f"<h3>Where the reward model started lying</h3><ul>{''.join(parting)}</ul>" if parting else "")
         + f"<h2>Figures</h2>{figs}<h2>Stage summaries</h2>{_stage_summaries(root)}</body></html>"
