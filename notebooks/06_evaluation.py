@@ -44,9 +44,9 @@ force: bool = False  # re-evaluate even where run_dir/eval/policies/ holds a cac
 # ## Setup
 # One evaluation config for every policy: the same prompts, reply length, temperature and seed, so that
 # nothing but the policy differs between rows. That does not make every difference between rows the
-# policies': a reply is one draw, and the same weights drawn again score differently. On this profile's 16
+# policies': a reply is one draw, and the same weights drawn again score differently. On the cpu profile's 16
 # checkpoint prompts, the same adapter sampled in a batch of 32 instead of 16 moved mean gold by 0.04–0.08
-# (measured on the cpu run). So read each row's interval before its point estimate. Evaluations are cached in
+# (measured on a cpu run). So read each row's interval before its point estimate. Evaluations are cached in
 # `run_dir/eval/policies/` (notebooks 04 and 05 use the same cache), and reused while the settings and the
 # policy's weights are unchanged.
 
@@ -141,12 +141,12 @@ plotting.win_rate_bars(table, reference)
 Markdown(discussion([r for r in table if r["policy"] != "base"], reference))
 
 # %% [markdown]
-# Numbers hide what changed. Here are the three prompts on which the policies' gold rewards spread widest, with
-# every policy's whole reply. With one seed for all, replies to a prompt often open with the same words and part
+# Numbers hide what changed. Here are the three prompts on which the policies from SFT on have gold rewards
+# spread widest, with every policy's whole reply. With one seed for all, replies to a prompt often open with the same words and part
 # later, so read to the end.
 
 # %%
-widest_disagreements(evaluations, k=3).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+widest_disagreements({k: v for k, v in evaluations.items() if k != "base"}, k=3).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
 
 # %% [markdown]
 # ## 4. The reward–KL frontier
@@ -157,10 +157,11 @@ widest_disagreements(evaluations, k=3).style.set_properties(**{"white-space": "p
 # it starts at SFT and ends at the final policy, each sampled in the same batches with the same seed as the
 # checkpoints (`evaluate.evaluate_line_ends`; sampling depends on the batch a prompt sits in, so taking
 # the line's ends from the full evaluation would put the same weights at two places). The large markers use
-# all the prompts, and those prompts are not as hard as the first few: lines and markers sit at different
-# heights for that reason alone. Points on 16 prompts with one reply each move by a few hundredths of gold
-# between draws, and the KL of a policy that moved little is a small mean of terms of either sign: read
-# small steps along a line as noise.
+# all the prompts (and every reply per prompt): where those are more prompts than the lines', lines and
+# markers can sit at different heights for that reason alone (on a cpu run the first 16 prompts were the
+# harder half). Points on a few dozen prompts with one reply each move by a few hundredths of gold between
+# draws, and the KL of a policy that moved little is a small mean of terms of either sign: read small steps
+# along a line as noise.
 
 # %%
 ckpts = ({s: evaluate_checkpoints(run_dir, s, cfg, reward_model=rm, judge=judge, force=force)

@@ -36,7 +36,8 @@ def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsCallback(TrainerCallback):
-    """Append every trainer log to `metrics.jsonl` (step = optimizer steps) and call `on_row(row)` hooks."""
+    """Append every trainer log to `metrics.jsonl` (step = optimizer steps) and call `on_row(row)` hooks; an
+    evaluation at a step that already has one (the same weights measured again) is not logged twice."""
 
     def __init__(self, logger: MetricsLogger, on_row: Callable[[dict], None] | None = None):
         self.logger = logger

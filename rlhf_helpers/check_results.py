@@ -40,9 +40,9 @@ def _sft_beats_base(facts: dict, threshold: float) -> tuple[bool, str]:
     # win rate of SFT against base = 1 − base's against SFT (ties count half both ways)
     win, low, high = 1 - base["win_rate"], 1 - base["ci_high"], 1 - base["ci_low"]
     prompts = base.get("prompts", base["n"])  # summaries written before `prompts` existed have only n
-    narrow = "; the interval holds 0.5, so SFT is not shown better beyond noise" if low <= 0.5 <= high else ""
+    undecided = "; the interval holds 0.5, so SFT is not shown better beyond noise" if low <= 0.5 <= high else ""
     return win > threshold, (f"SFT wins {win:.2f} [{low:.2f}, {high:.2f}] against base on {prompts} prompts "
-                             f"(needs > {threshold}, a point estimate{narrow})")
+                             f"(needs > {threshold}, a point estimate{undecided})")
 
 
 def _rm_accuracy(facts: dict, threshold: float) -> tuple[bool, str]:

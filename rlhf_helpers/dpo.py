@@ -35,7 +35,7 @@ import torch
 from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
-from .models import count_parameters, default_lora_config, load_model, num_layers
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
@@ -197,7 +197,7 @@ def trl_kwargs(cfg: DPOStageConfig, output_dir: str | Path, with_eval: bool = Fa
         eval_strategy="steps" if with_eval and cfg.eval_steps else "no", eval_steps=cfg.eval_steps or None,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, logging_steps=cfg.logging_steps,
         logging_first_step=True, report_to="none", **precision_flags(cfg.dtype, cfg.device),
-        activation_checkpointing=cfg.load_in_4bit, disable_dropout=True, precompute_ref_log_probs=False,
+        **checkpointing_flag(cfg.load_in_4bit), disable_dropout=True, precompute_ref_log_probs=False,
         trust_remote_code=False, seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
     )
 

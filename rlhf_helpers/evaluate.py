@@ -507,8 +507,10 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
         return "–" if v is None else f"{v:.{digits}f}"
 
     def gain(r):
-        if r.get("gain") is None:
+        if r["policy"] == reference:
             return "(reference)"
+        if r.get("gain") is None:  # a summary written before gains were kept
+            return "–"
         return f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
 
     return pd.DataFrame([{
@@ -726,8 +728,9 @@ def evaluate_line_ends(run_dir: str | os.PathLike, stages: Sequence[str], cfg: E
 
     Sampling depends on the batch a prompt sits in, not on the prompt alone: the first 16 rows of a
     32-prompt evaluation are other samples than a 16-prompt evaluation draws for the same prompts, though
-    the seed is the same. Taking a line's ends from the full evaluation (as this notebook once did) put the
-    same weights at two places on the plot, 0.06 of gold apart (the cpu run's PPO)."""
+    the seed is the same, whenever a generate batch holds more prompts than the checkpoints'. Taking a line's
+    ends from the full evaluation (as notebook 06 once did) put the same weights at two places on the plot,
+    0.06 of gold apart (the cpu run's PPO: batches of 32, 16 checkpoint prompts)."""
     from .policies import adapter_dir, policy_checkpoints
 
     kw = dict(n_prompts=cfg.n_checkpoint_prompts, samples_per_prompt=1, reward_model=reward_model, judge=judge,

@@ -183,6 +183,16 @@ def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, tas
                       layers_to_transform=list(range(n_layers - top_layers, n_layers)), layers_pattern="layers")
 
 
+def checkpointing_flag(on: bool) -> dict[str, bool]:
+    """Activation (gradient) checkpointing for a TrainingArguments-based config, under the field name the
+    installed transformers reads: late 5.x releases renamed `gradient_checkpointing` to
+    `activation_checkpointing` and warn on the old one; earlier ones have only the old."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
+
+
 def num_layers(name: str) -> int:
     """Transformer blocks of model `name`, read from its config (no weights loaded)."""
     from transformers import AutoConfig

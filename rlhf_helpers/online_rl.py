@@ -45,7 +45,7 @@ from transformers import TrainerCallback
 from .callbacks import ClockCallback, namespaced, train_or_restore
 from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
-from .models import count_parameters, default_lora_config, load_model, num_layers
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
@@ -178,7 +178,7 @@ def trl_kwargs(cfg: OnlineRLConfig, output_dir: str | Path) -> dict[str, Any]:
         mask_truncated_completions=cfg.mask_truncated_completions, warmup_steps=cfg.warmup,
         lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
         logging_first_step=True, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        report_to="none", **precision_flags(cfg.dtype, cfg.device), activation_checkpointing=cfg.load_in_4bit,
+        report_to="none", **precision_flags(cfg.dtype, cfg.device), **checkpointing_flag(cfg.load_in_4bit),
         disable_dropout=True, shuffle_dataset=True, log_completions=False, trust_remote_code=False,
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
     )

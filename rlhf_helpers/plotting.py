@@ -519,15 +519,14 @@ def gold_vs_proxy(series_by_stage):
 
     def title(stage):
         s = series_by_stage[stage]
-        outcome = parting_outcome(s) if "trend" in s else ("parted" if s.get("parting") else "")
-        return f"{stage}: parting at step {s['parting']['step']}" if outcome == "parted" else \
-            f"{stage}: {outcome}" if outcome else stage
+        outcome = parting_outcome(s)
+        return f"{stage}: parting at step {s['parting']['step']}" if outcome == "parted" else f"{stage}: {outcome}"
 
     fig = make_subplots(rows=1, cols=len(stages), subplot_titles=[title(s) for s in stages],
                         specs=[[{"secondary_y": True}] * len(stages)])
     for col, stage in enumerate(stages, start=1):
         s = series_by_stage[stage]
-        window = min(s.get("trend", {}).get("window", 1), len(s["step"]))
+        window = min(s["trend"]["window"], len(s["step"]))
         for key, label, color, right in (("objective/gold", "gold", COLORS["optimum"], False),
                                          ("objective/scores", "proxy (reward model)", COLORS["reward"], True)):
             # each step's mean as a faint dot; the line is the moving average the parting rule reads

@@ -78,6 +78,10 @@ def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEF
     return model, tok
 
 
+_SAID_PAST: set[Path] = set()
+"""Checkpoint folders whose checkpoints past max_steps `policy_checkpoints` has already named."""
+
+
 def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int, Path]]:
     """(step, adapter folder) of every saved checkpoint of `stage`, oldest first (final adapter excluded).
 
@@ -96,10 +100,11 @@ def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int
     config = stage_dir(run_dir, stage) / "config.json"
     try:
         max_steps = int(json.loads(config.read_text()).get("max_steps") or 0) if config.exists() else 0
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
         max_steps = 0
     past = [step for step, _ in found if max_steps and step > max_steps]
-    if past:
+    if past and root not in _SAID_PAST:  # said once: notebook 06 lists a stage's checkpoints twice
+        _SAID_PAST.add(root)
         print(f"{root}: left out checkpoint(s) at step {', '.join(map(str, sorted(past)))}, past the stage's "
               f"max_steps={max_steps} in {config} (delete them to silence this)")
     return sorted((step, folder) for step, folder in found if step not in past)

@@ -25,7 +25,9 @@ EVAL_SUMMARY_FIELDS = {
     "frontier": "points of evaluate.frontier_points (final policies and checkpoints)",
     "parting": "per online RL stage, evaluate.parting_point of gold against proxy (or null)",
 }
-"""Fields of `run_dir/eval/summary.json` (written by notebook 06), each with what it holds."""
+"""Fields of `run_dir/eval/summary.json` (written by notebook 06), each with what it holds. Summaries also
+hold `parting_notes` (per online stage, `evaluate.parting_note`), and each policy row gain, gain_ci_low,
+gain_ci_high, wins, ties and losses; the report does without them, for summaries written before they were."""
 
 POLICY_ROW_FIELDS = ("policy", "gold", "proxy", "kl", "win_rate", "ci_low", "ci_high", "distinct_1", "distinct_2",
                      "length", "n")
@@ -70,14 +72,13 @@ def network_references(page: str) -> list[str]:
 def report_figures(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
     """The report's figures, by caption: win rates, the frontier, gold vs proxy, every stage's curves."""
     from . import plotting
-    from .evaluate import curve_keys, gold_proxy_over_training, parting_note, stage_metrics
+    from .evaluate import curve_keys, gold_proxy_over_training, stage_metrics
 
     ref = summary["reference"]
     curves = stage_metrics(run_dir)
     over = gold_proxy_over_training(run_dir)
     for stage, series in over.items():  # the parting points notebook 06 found (and may have tuned) win
         series["parting"] = summary["parting"].get(stage, series["parting"])
-        series["note"] = parting_note(series)
     return {
         f"Win rate against {ref}: how often the gold judge prefers each policy's reply to {ref}'s on the same "
         f"prompt (ties count half), with a bootstrap 95% interval over prompts.":

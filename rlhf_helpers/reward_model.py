@@ -26,8 +26,8 @@ import torch
 from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
-from .models import (_resolve_device, _torch_dtype, chat_prompt, load_tokenizer, quiet_loading_bars,
-                     resolve_model_path)
+from .models import (_resolve_device, _torch_dtype, chat_prompt, checkpointing_flag, load_tokenizer,
+                     quiet_loading_bars, resolve_model_path)
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
@@ -169,7 +169,7 @@ def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
         max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
         eval_strategy="steps", eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
-        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, activation_checkpointing=False,
+        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, **checkpointing_flag(False),
         lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
     )
 

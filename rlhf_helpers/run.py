@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,28 +90,36 @@ def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd:
     # spinning threads made generation 5-10x slower (measured); it must be set before torch starts
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        papermill.execute_notebook(
-            str(path), str(output), parameters=passed, kernel_name="python3", language="python", progress_bar=False,
-            cwd=str(cwd or project_root()), execution_timeout=timeout_s, kernel_manager_class=_local_kernel_manager(),
-        )
+        with tempfile.TemporaryDirectory(prefix="rlhf-kernel-") as sockets:
+            papermill.execute_notebook(
+                str(path), str(output), parameters=passed, kernel_name="python3", language="python",
+                progress_bar=False, cwd=str(cwd or project_root()), execution_timeout=timeout_s,
+                kernel_manager_class=_local_kernel_manager(sockets),
+            )
     except PapermillExecutionError as e:
         error = ANSI.sub("", "\n".join(e.traceback[-12:])) if e.traceback else f"{e.ename}: {e.evalue}"
         raise NotebookFailed(path, e.cell_index, e.source, error, output) from None
     return output
 
 
-def _local_kernel_manager():
-    """A kernel manager that talks to its kernel over local (IPC) sockets rather than TCP ports: nothing here
-    leaves the machine, and ipykernel warns at every start that TCP without keys is open to eavesdropping.
-    ZeroMQ has no IPC sockets on Windows: there, jupyter's default (TCP on localhost) stays."""
+def _local_kernel_manager(sockets: str):
+    """A kernel manager that talks to its kernel over local (IPC) sockets in the private folder `sockets`
+    rather than over TCP ports: nothing here leaves the machine, and ipykernel warns at every start that TCP
+    without keys is open to eavesdropping. (Left to itself, jupyter would put IPC sockets in the working
+    directory, the repository, where two kernels started together could take the same names.) ZeroMQ has no
+    IPC sockets on Windows: there, jupyter's default (TCP on localhost) stays."""
     from jupyter_client.manager import AsyncKernelManager
-    from traitlets import Unicode
+    from traitlets import Unicode, default
 
     if os.name != "posix":
         return AsyncKernelManager
 
     class LocalKernelManager(AsyncKernelManager):
         transport = Unicode("ipc")
+
+        @default("ip")
+        def _ip_default(self):
+            return os.path.join(sockets, "kernel")
 
     return LocalKernelManager
 

@@ -24,7 +24,8 @@ import torch
 from .callbacks import ClockCallback, MetricsCallback, train_or_restore
 from .config import DEFAULT_MODEL, add_config_arguments, stage_config
 from .data import SFTRecord, load_sft, train_test_split
-from .models import count_parameters, default_lora_config, load_model, num_layers, resolve_model_path
+from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
+                     resolve_model_path)
 from .paths import data_path, stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
@@ -134,7 +135,7 @@ def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, logging_steps=cfg.logging_steps, logging_first_step=True, report_to="none",
         bf16=(cfg.dtype == "bfloat16" and not on_cpu), fp16=False, use_cpu=on_cpu,
-        activation_checkpointing=cfg.load_in_4bit, seed=cfg.seed, data_seed=cfg.seed,
+        **checkpointing_flag(cfg.load_in_4bit), seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=0, disable_tqdm=False,
     )
 

@@ -265,7 +265,7 @@ def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_take_lin
 
 
 def test_line_ends_are_sampled_as_checkpoints_are_and_skip_a_final_that_a_checkpoint_holds(tmp_path, monkeypatch):
-    from rlhf_helpers import evaluate
+    from rlhf_helpers import evaluate, policies
     from rlhf_helpers.config import stage_config
 
     for stage, final in (("ppo", b"final"), ("dpo", b"last")):  # ppo's final is new; dpo's is its last checkpoint
@@ -274,18 +274,23 @@ def test_line_ends_are_sampled_as_checkpoints_are_and_skip_a_final_that_a_checkp
             (tmp_path / stage / folder).mkdir(parents=True)
             (tmp_path / stage / folder / "adapter_config.json").write_text("{}")
             (tmp_path / stage / folder / "adapter_model.safetensors").write_bytes(weights)
-    calls = []
+    sampled = []
 
-    def fake_evaluate_stage(run_dir, stage, cfg, **kw):
-        calls.append((stage, kw["name"], kw["n_prompts"], kw["samples_per_prompt"], kw.get("adapter")))
-        return [], {"gold_mean": 0.5, "kl_mean": 0.0, "n": kw["n_prompts"]}
+    def fake_evaluate_policy(policy, tok, prompts, judge, reward_model, **kw):  # what reaches the sampler
+        sampled.append(([(p["prompt"], p["sample"]) for p in prompts], kw))
+        return [], {"gold_mean": 0.5, "kl_mean": 0.0, "n": len(prompts)}
 
-    monkeypatch.setattr(evaluate, "evaluate_stage", fake_evaluate_stage)
+    monkeypatch.setattr(policies, "load_policy", lambda *a, **kw: (object(), None))
+    monkeypatch.setattr(evaluate, "evaluate_policy", fake_evaluate_policy)
     cfg = stage_config(evaluate.EvalConfig, "cpu", samples_per_prompt=3)
+    evaluate.evaluate_checkpoints(tmp_path, "ppo", cfg, reward_model=None)
     ends = evaluate.evaluate_line_ends(tmp_path, ["ppo", "dpo"], cfg, reward_model=None)
-    n = cfg.n_checkpoint_prompts
-    assert calls == [("sft", "sft-line", n, 1, None), ("ppo", "ppo-line", n, 1, None)]
-    assert list(ends) == ["sft", "ppo"]
+    assert list(ends) == ["sft", "ppo"]  # dpo's final adapter is its checkpoint-10: no separate point
+    assert len(sampled) == 4  # checkpoints 5 and 10, then sft and ppo's final
+    first_prompts, first_kw = sampled[0]
+    assert len(first_prompts) == cfg.n_checkpoint_prompts and {j for _, j in first_prompts} == {0}
+    for prompts, kw in sampled[1:]:  # the same prompts, one reply each, the same seed, batches and lengths
+        assert prompts == first_prompts and kw == first_kw
 
 
 def test_checkpoints_past_a_stages_max_steps_are_left_out_and_said(tmp_path, capsys):
