@@ -82,7 +82,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     if above:
         text.append(f"Better than {reference} beyond the bootstrap interval: {', '.join(above)}.")
     if below:
-        text.append(f"Worse than {reference} beyond it: {', '.join(below)}.")
+        text.append(f"Worse than {reference} beyond the bootstrap interval: {', '.join(below)}.")
     if level:
         text.append(f"Not distinguishable from {reference} at this budget (the interval holds 0.5): {', '.join(level)}.")
     rivals = [r["policy"] for r in rows if r is not best and r["ci_high"] >= best["ci_low"]]

@@ -149,7 +149,7 @@ def test_discussion_is_written_from_the_numbers():
     results[1] = row("dpo", 0.40, 0.4, 1.5, 0.30, 0.15, 0.45)  # change the numbers: the text follows
     results[2] = row("grpo", 0.55, 0.9, 3.0, 0.65, 0.52, 0.78)
     text = discussion(comparison_table(results, costs), "sft")
-    assert "**grpo** scored highest" in text and "Worse than sft beyond it: dpo" in text
+    assert "**grpo** scored highest" in text and "Worse than sft beyond the bootstrap interval: dpo" in text
     assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
     assert "grpo beat DPO on gold" in text
     assert "without losing gold reward: grpo (proxy +0.90, gold +0.050)" in text  # a rise gold shares
