@@ -27,7 +27,7 @@
 # 1. Win rates with honest error bars: paired comparisons, ties counted half, a bootstrap interval.
 # 2. The Monte-Carlo KL to the reference, diversity (distinct-1/2) and length as the price of alignment.
 # 3. The reward–KL frontier (as in the DPO paper) for every policy and every saved checkpoint.
-# 4. Over-optimisation (Gao et al. 2023): gold beside proxy reward over training, and the point where they part.
+# 4. Over-optimisation (Gao et al. 2023): gold beside proxy reward over training, and whether and where they part.
 # 5. One self-contained report of the whole run, `run_dir/eval/report.html`.
 
 # %% tags=["parameters"]
@@ -59,8 +59,8 @@ from rlhf_helpers import plotting
 from rlhf_helpers.comparison import discussion
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.evaluate import (EvalConfig, curve_keys, evaluate_checkpoints, evaluate_line_ends, evaluate_stage,
-                                   format_results, frontier_points, gold_proxy_over_training, missing_policies,
-                                   results_table, stage_metrics, widest_disagreements)
+                                   format_results, frontier_points, gold_proxy_over_training, line_gains,
+                                   missing_policies, results_table, stage_metrics, widest_disagreements)
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.paths import stage_dir
 from rlhf_helpers.policies import available_policies
@@ -111,7 +111,8 @@ for name in present:
 # - **gold gain**: the mean of (policy's gold − SFT's gold) over prompts. It keeps the size of each win.
 # - **win rate**: per prompt, the gold judge picks the better of the two answers; a tie counts half. The
 #   prompts won, tied and lost are beside it. Ties are common: with one seed for every policy, a policy that
-#   moved little often writes SFT's reply word for word, and every tie pulls the win rate towards 0.5.
+#   moved little often writes SFT's reply word for word, and two replies often both hit gold's floor (0) or
+#   ceiling (1). Every tie pulls the win rate towards 0.5.
 #
 # Each comes with a 95% percentile-bootstrap interval over prompts: how much the figure would move on another
 # draw of prompts and replies. A win rate of 0.34 [0.22, 0.48] reads "SFT's reply was preferred more often;
@@ -142,8 +143,10 @@ Markdown(discussion([r for r in table if r["policy"] != "base"], reference))
 
 # %% [markdown]
 # Numbers hide what changed. Here are the three prompts on which the policies from SFT on have gold rewards
-# spread widest, with every policy's whole reply. With one seed for all, replies to a prompt often open with the same words and part
-# later, so read to the end.
+# spread widest, with every policy's whole reply. With one seed for all, replies to a prompt often open with
+# the same words and part later, so read to the end. Read them as the gold judge does, too: it scores form
+# (length, structure, relevance, refusals, repetition), not correctness, so a wrong answer in good form can
+# score 1 (notebook 01 says what gold cannot check).
 
 # %%
 widest_disagreements({k: v for k, v in evaluations.items() if k != "base"}, k=3).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
@@ -173,17 +176,25 @@ points = frontier_points(evaluations, ckpts, reference, ends)
 plotting.gold_kl_frontier(points, reference)
 
 # %% [markdown]
-# ## 5. Gold beside proxy over training: where the reward model started lying
+# Read a line against its own start, never against the large markers. The table puts each stage's final gain
+# over SFT on the line's prompts beside its gain on all the prompts: where they differ in sign or size, the
+# prompts only the markers see, or a fresh draw of replies, decide it.
+
+# %%
+line_gains(points, reference)
+
+# %% [markdown]
+# ## 5. Gold beside proxy over training: did the reward model start lying?
 # The online RL stages log, per step, the mean gold reward (`objective/gold`) and the mean proxy reward of
-# the very samples they trained on: the reward model's score (`objective/scores` for GRPO and RLOO;
-# `objective/raw_scores` for PPO, whose `objective/scores` also subtracts the missing-EOS penalty). When the
+# the very samples they trained on: the reward model's score before the missing-EOS penalty
+# (`objective/raw_scores`; each stage's `objective/scores`, drawn in section 6, has the penalty subtracted). When the
 # policy finds answers the reward model over-rates, the proxy keeps rising while gold stalls or falls (Gao et
 # al. 2023). The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves
 # over 5 steps (the lines; the dots are single steps), the first step after which gold gains at most
 # `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`, in a run whose proxy rose.
 #
-# Two cautions. These are training prompts and training-length replies, so the proxy here is not on the scale
-# of the table's proxy column (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few
+# Two cautions. These are training prompts and training-length replies, so neither curve is on the scale of
+# the table's columns (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few
 # replies (8 in the cpu profile): over 6–16 steps, a parting point would need a proxy that climbs clearly,
 # which a short CPU run's does not. Each stage's sentence below says which case it is.
 
@@ -221,11 +232,11 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 # - Every policy of the run on the same prompts: gold and proxy reward, win rate against SFT with its
 #   interval, KL to SFT, diversity and length.
 # - The reward–KL frontier of the final policies and their checkpoints, and the gold and proxy curves of the
-#   online RL stages with the point where they part.
+#   online RL stages, and whether (and where) they part.
 #
 # Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
 # prompts with 3 replies each narrowed the gain's interval to about ±0.02–0.03 on the cpu run, against
 # ±0.04–0.08 for 32 prompts with one reply, and moved DPO's gain over SFT from +0.016 to −0.008); in
 # notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier stretch
-# right and the parting point move earlier; read the answers of the policy with the highest proxy score and
+# right and, once the proxy climbs, look for a parting point; read the answers of the policy with the highest proxy score and
 # lowest gold: what did it learn?

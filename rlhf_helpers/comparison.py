@@ -66,6 +66,11 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
                           f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}])" for r in [best, *tied])
         text = [f"**Gold reward.** On {n} held-out prompts the highest mean gold, against {reference}'s "
                 f"{ref['gold']:.3f}, is shared, less than {GOLD_TIE} apart: {names}."]
+        under = [r["policy"] for r in [best, *tied] if r["win_rate"] < 0.5]
+        if under:
+            text.append(f"Yet {', '.join(under)} {'wins' if len(under) == 1 else 'win'} fewer than half of "
+                        f"{'its' if len(under) == 1 else 'their'} comparisons: a few large gains outweigh more, "
+                        f"smaller losses.")
     elif best["gold"] > ref["gold"]:
         text = [f"**Gold reward.** On {n} held-out prompts, **{best['policy']}** scored highest by the gold judge "
                 f"({best['gold']:.3f} against {reference}'s {ref['gold']:.3f}), winning {best['win_rate']:.2f} of "
@@ -85,10 +90,15 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         text.append(f"Worse than {reference} beyond the bootstrap interval: {', '.join(below)}.")
     if level:
         text.append(f"Not distinguishable from {reference} at this budget (the interval holds 0.5): {', '.join(level)}.")
+    split = [r["policy"] for r in rows if r["policy"] in above + below and r.get("gain_ci_low") is not None
+             and r["gain_ci_low"] <= 0 <= r["gain_ci_high"]]
+    if split:
+        text.append(f"For {', '.join(split)} the two measures disagree: the gold gain's interval holds 0, so by the "
+                    f"size of its wins and losses it is not told apart from {reference}; only their count is.")
     rivals = [r["policy"] for r in rows if r is not best and r["ci_high"] >= best["ci_low"]]
     if rivals:
         text.append(f"The intervals of {best['policy']} and {', '.join(rivals)} overlap, so their order is not settled "
-                    f"by {n} prompts; more held-out prompts or training steps would settle it.")
+                    f"by {n} prompts; more held-out prompts, or several replies per prompt, would settle it.")
     if ref.get("proxy") is not None:
         rise = proxy_rise_threshold(ref["n"])
         scored = [r for r in rows if r.get("proxy") is not None]
@@ -100,7 +110,8 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
         risen = [r for r in scored if r["proxy"] - ref["proxy"] > rise]
         fooled = [r for r in risen if r["gold"] <= ref["gold"]]
         fallen = [r for r in scored if r["proxy"] - ref["proxy"] < -rise]
-        noise = f"beyond resampling noise ({rise:.2f} on {ref['n']} replies)"
+        noise = (f"beyond resampling noise ({rise:.2f} on {ref['n']} replies, in units of the standard "
+                 f"deviation of {reference}'s proxy scores)")
         honest = [r for r in risen if r not in fooled]
         said = " ".join(part for part in (
             f"Raised the reward model's score {noise} but not the gold reward, the first sign of "
@@ -119,8 +130,12 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
             text.append(f"\n\n**Distance from the reference.** No method moved measurably from the reference (the "
                         f"largest KL, {far['policy']}'s, is {far['kl']:.3f} nats per reply).")
         else:
-            text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {far['kl']:.2f} nats "
-                        f"per reply), {near['policy']} least ({near['kl']:.2f}).")
+            def kl(r):
+                return f"{r['kl']:.2f}" + (f" ± {r['kl_sem']:.2f}" if r.get("kl_sem") is not None else "")
+
+            text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {kl(far)} nats "
+                        f"per reply), {near['policy']} least ({kl(near)}). One reply's KL term is noisy (it can be "
+                        f"negative); the ± is the standard error of the mean over replies.")
         gainers = [r for r in with_kl if r["gold"] > ref["gold"] and r["ci_low"] > 0.5 and r["kl"] > 0.01]
         if gainers:
             eff = max(gainers, key=lambda r: (r["gold"] - ref["gold"]) / r["kl"])

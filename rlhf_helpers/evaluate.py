@@ -217,7 +217,7 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
 
 def widest_disagreements(evaluations: dict[str, tuple[list[dict], dict]], k: int = 3):
     """The `k` prompts on which the policies' gold rewards spread widest (first sample of each), with every
-    policy's whole reply and its gold: where the policies differ, which the first prompts seldom show (with
+    policy's whole reply (marked where it hit the token limit) and its gold: where the policies differ, which the first prompts seldom show (with
     one seed for all, replies to a prompt often open alike and part later). A pandas DataFrame, a row per
     prompt and policy."""
     import pandas as pd
@@ -226,8 +226,11 @@ def widest_disagreements(evaluations: dict[str, tuple[list[dict], dict]], k: int
     prompts = [p for p in next(iter(first.values()), {}) if all(p in by for by in first.values())]
     spread = {p: np.ptp([by[p]["gold"] for by in first.values()]) for p in prompts}
     chosen = sorted(prompts, key=lambda p: -spread[p])[:k]
-    return pd.DataFrame([{"prompt": p, "gold spread": round(float(spread[p]), 3), "policy": name,
-                          "gold": round(by[p]["gold"], 3), "reply": by[p]["response"]}
+    def reply(row):  # a reply that ran out of tokens is marked, so the cut is not taken for the display's
+        return row["response"] + ("" if row.get("has_eos", True) else " [cut: the token limit]")
+
+    return pd.DataFrame([{"prompt": p, "gold spread": f"{spread[p]:.3f}", "policy": name,
+                          "gold": f"{by[p]['gold']:.3f}", "reply": reply(by[p])}
                          for p in chosen for name, by in first.items()]).set_index(["prompt", "gold spread", "policy"])
 
 
@@ -463,13 +466,19 @@ def missing_policies(run_dir: str | os.PathLike) -> dict[str, str]:
             for s in POLICY_STAGES if s not in present}
 
 
+def _sem(values: Sequence[float | None]) -> float | None:
+    """Standard error of the mean of the values that are numbers (None with fewer than two)."""
+    v = np.asarray([x for x in values if x is not None], float)
+    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+
+
 def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: str = "sft", n_boot: int = 2000,
                   seed: int = 0) -> list[dict]:
     """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
-    (wins, ties, losses), gain (mean paired gold difference to the reference) with gain_ci_low/gain_ci_high,
-    distinct_1, distinct_2, length (mean tokens), n (replies)
-    and prompts. With several replies per prompt, win rate and gain compare per-prompt means.
+    (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
+    difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
+    tokens), n (replies) and prompts. With several replies per prompt, win rate and gain compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
@@ -488,7 +497,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
                paired_win_rate(rows, ref_rows, n_boot=n_boot, seed=seed))
         table.append({
             "policy": name, "gold": metrics.get("gold_mean"), "proxy": metrics.get("proxy_mean"),
-            "kl": metrics.get("kl_mean"), "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
+            "kl": metrics.get("kl_mean"), "kl_sem": _sem([r.get("kl") for r in rows]),
+            "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
             "ci_high": win and win["ci_high"], "gain": win and win["gain"], "gain_ci_low": win and win["gain_ci_low"],
             "gain_ci_high": win and win["gain_ci_high"], "wins": win and win["wins"], "ties": win and win["ties"],
             "losses": win and win["losses"], "distinct_1": metrics.get("distinct_1"),
@@ -630,7 +640,7 @@ def parting_note(series: dict) -> str:
     report say the same): where they parted; or that gold kept pace with a rising proxy; or that the proxy
     never rose, so there was nothing over-optimised to see. `series`: one stage of `gold_proxy_over_training`."""
     t, part = series["trend"], series.get("parting")
-    smoothed = f"means of {min(t['window'], t['steps'])} steps, of {t['steps']}"
+    smoothed = f"moving means over up to {min(t['window'], t['steps'])} of {t['steps']} steps"
     outcome = parting_outcome(series)
     if outcome == "parted":
         return (f"gold stopped rising at step {part['step']} (gold {part['gold_at']:.3f} → {part['gold_end']:.3f}) "
@@ -703,6 +713,26 @@ def frontier_points(evaluations: dict[str, tuple[list[dict], dict]],
     for name, m in (line_ends or {}).items():
         points.append(_point(name, None, "line", m, 0.0 if name == reference else m.get("kl_mean")))
     return points
+
+
+def line_gains(points: Sequence[dict], reference: str = "sft"):
+    """Per stage with a frontier line: the final policy's gold gain over the reference on the line's prompts
+    (its last point, the final policy, against the line's start) beside the same gain on all prompts (the
+    large markers). A line is read against its own start, never against the markers: where the two gains
+    differ, the prompts only the markers see decide the difference (or resampling does). A DataFrame."""
+    import pandas as pd
+
+    start = next((p for p in points if p["kind"] == "line" and p["policy"] == reference), None)
+    finals = {p["policy"]: p for p in points if p["kind"] == "final"}
+    rows = []
+    for stage in dict.fromkeys(p["policy"] for p in points if p["kind"] == "checkpoint"):
+        line = sorted((p for p in points if p["kind"] == "checkpoint" and p["policy"] == stage), key=lambda p: p["step"])
+        end = next((p for p in points if p["kind"] == "line" and p["policy"] == stage), line[-1])
+        if start is None or stage not in finals or reference not in finals:
+            continue
+        rows.append({"stage": stage, f"gain on the line's {end['n']} replies": round(end["gold"] - start["gold"], 3),
+                     f"gain on all {finals[stage]['n']} replies": round(finals[stage]["gold"] - finals[reference]["gold"], 3)})
+    return pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame()
 
 
 def same_weights(folder_a: str | os.PathLike, folder_b: str | os.PathLike) -> bool:

@@ -470,7 +470,9 @@ def gold_kl_frontier(points, reference="sft"):
         fig.add_trace(go.Scatter(
             x=[p["kl"] for p in line], y=[p["gold"] for p in line], mode="lines+markers", name=f"{stage} checkpoints",
             line=dict(color=POLICY_COLORS.get(stage), width=1, dash="dot"), marker=dict(size=6),
-            text=[f"{p['policy']} {'step ' + str(p['step']) if p['step'] is not None else '(final)'}, n={p['n']}" for p in line],
+            text=[f"{p['policy']} " + (f"step {p['step']}" if p["step"] is not None else
+                                       "(line start)" if p["policy"] == reference else "(final)") + f", n={p['n']}"
+                  for p in line],
             hovertemplate="%{text}<br>KL %{x:.2f}, gold %{y:.3f}<extra></extra>"))
     for p in points:
         if p["kind"] == "final":
@@ -544,7 +546,8 @@ def gold_vs_proxy(series_by_stage):
         fig.update_yaxes(title_text="gold" if col == 1 else None, row=1, col=col, secondary_y=False)
         fig.update_yaxes(title_text="proxy (normalised)" if col == len(stages) else None, row=1, col=col,
                          secondary_y=True, tickmode="auto", nticks=6, showgrid=False)
-    fig.update_layout(height=380, title="Gold beside proxy reward of the training samples, per step")
+    fig.update_layout(height=380, title="Gold beside proxy reward of the training samples, per step (each on its "
+                                        "own axis: where the lines cross means nothing)")
     return fig
 
 

@@ -88,9 +88,10 @@ def report_figures(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[
         "the reference to the final policy, every point of a line on the checkpoint prompts only). Up and to the "
         "left is better: more reward for less divergence.":
             plotting.gold_kl_frontier(summary["frontier"], ref),
-        "Over-optimisation: gold and proxy reward of the samples each online RL step trained on. Where the proxy "
-        "keeps rising and gold does not, the policy has found what the reward model over-rates; the dashed line "
-        "marks that parting point (see evaluate.parting_point).":
+        "Over-optimisation: gold and proxy reward of the samples each online RL step trained on (dots: single "
+        "steps; lines: moving means; each on its own axis). Where the proxy keeps rising and gold does not, the "
+        "policy has found what the reward model over-rates; a dashed line marks that parting point when there is "
+        "one (see evaluate.parting_point).":
             plotting.gold_vs_proxy(over),
         "Every stage's training curves, from its metrics.jsonl.":
             plotting.stage_curves(curves, {s: curve_keys(s, rows) for s, rows in curves.items()}),
@@ -159,7 +160,7 @@ def render_report(run_dir: str | os.PathLike, summary: dict[str, Any], figures: 
         + _run_facts()
         + f"<h2>Results</h2>{table}{reading}"
         + (f"<h3>Not in this run</h3><ul>{missing}</ul>" if missing else "")
-        + (f"<h3>Where the reward model started lying</h3><ul>{''.join(parting)}</ul>" if parting else "")
+        + (f"<h3>Did the reward model start lying?</h3><ul>{''.join(parting)}</ul>" if parting else "")
         + f"<h2>Figures</h2>{figs}<h2>Stage summaries</h2>{_stage_summaries(root)}</body></html>"
     )
 

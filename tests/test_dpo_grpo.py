@@ -169,12 +169,22 @@ def test_discussion_is_written_from_the_numbers():
     text = discussion(comparison_table(flat, costs), "sft")  # nothing moved: no winner is named
     assert "no method raised the mean gold reward" in text and "None, yet" in text and "scored highest" not in text
     assert "No method moved measurably" in text
-    assert "No method raised the reward model's score beyond resampling noise (0.50 on 32 replies)" in text
+    assert "No method raised the reward model's score beyond resampling noise (0.50 on 32 replies, in units of " \
+           "the standard deviation of sft's proxy scores)" in text
     fell = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("rloo", 0.6, -0.9, 0.3, 0.45, 0.30, 0.60)]
     text = discussion(comparison_table(fell, costs), "sft")
-    assert "Lowered it beyond resampling noise (0.50 on 32 replies): rloo (proxy -1.00, gold +0.100)" in text
+    assert "Lowered it beyond resampling noise (0.50 on 32 replies, in units of the standard deviation of sft's " \
+           "proxy scores): rloo (proxy -1.00, gold +0.100)" in text
     assert "nothing yet to be gamed" in text
     assert "**rloo** scored highest" in text and "wins fewer than half of its comparisons" in text  # mean vs wins
+    # a shared lead whose holders win under half; a count of wins and a size of gains that disagree; KL ± its error
+    tied = [row("sft", 0.5, 0.1, 0.0, None, None, None), {**row("grpo", 0.6, 0.1, 0.3, 0.45, 0.30, 0.60), "kl_sem": 0.1},
+            {**row("dpo", 0.598, 0.1, 0.9, 0.30, 0.15, 0.45), "gain": 0.098, "gain_ci_low": -0.02, "gain_ci_high": 0.2,
+             "kl_sem": 0.2}]
+    text = discussion(comparison_table(tied, costs), "sft")
+    assert "is shared" in text and "Yet grpo, dpo win fewer than half of their comparisons" in text
+    assert "For dpo the two measures disagree: the gold gain's interval holds 0" in text
+    assert "dpo moved furthest (KL 0.90 ± 0.20 nats per reply), grpo least (0.30 ± 0.10)" in text
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------

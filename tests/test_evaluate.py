@@ -13,9 +13,9 @@ from plotly.offline import get_plotlyjs
 
 from rlhf_helpers import check_results
 from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, format_results, frontier_points,
-                                   gold_proxy_over_training, mc_kl, paired_win_rate, parting_point, per_prompt_means,
-                                   results_table, training_series, widest_disagreements, win_outcomes,
-                                   win_rate)
+                                   gold_proxy_over_training, line_gains, mc_kl, paired_win_rate, parting_point,
+                                   per_prompt_means, results_table, training_series, widest_disagreements,
+                                   win_outcomes, win_rate)
 from rlhf_helpers.report import build_report, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
@@ -240,10 +240,25 @@ def test_several_samples_per_prompt_are_averaged_so_the_prompt_stays_the_unit_of
 def test_widest_disagreements_show_the_prompts_where_gold_spreads_most_with_whole_replies():
     sft, ppo = _rows([0.5, 0.5, 0.5, 0.5]), _rows([0.5, 0.9, 0.1, 0.55])
     ppo[1]["response"] = "x" * 500  # shown whole, not cut
+    ppo[2]["has_eos"] = False  # ran out of tokens: said so
     table = widest_disagreements({"sft": (sft, {}), "ppo": (ppo, {})}, k=2).reset_index()
     assert list(table["prompt"]) == ["prompt 1", "prompt 1", "prompt 2", "prompt 2"]
-    assert list(table["gold spread"]) == [0.4, 0.4, 0.4, 0.4] and list(table["policy"]) == ["sft", "ppo"] * 2
-    assert table.loc[1, "reply"] == "x" * 500
+    assert list(table["gold spread"]) == ["0.400"] * 4 and list(table["policy"]) == ["sft", "ppo"] * 2
+    assert table.loc[1, "reply"] == "x" * 500 and table.loc[1, "gold"] == "0.900"
+    assert table.loc[3, "reply"].endswith("[cut: the token limit]") and "[cut" not in table.loc[2, "reply"]
+
+
+def test_line_gains_read_each_line_against_its_own_start():
+    points = [{"policy": "sft", "kind": "final", "step": None, "gold": 0.75, "kl": 0.0, "n": 32},
+              {"policy": "ppo", "kind": "final", "step": None, "gold": 0.71, "kl": 0.7, "n": 32},
+              {"policy": "sft", "kind": "line", "step": None, "gold": 0.71, "kl": 0.0, "n": 16},
+              {"policy": "ppo", "kind": "checkpoint", "step": 16, "gold": 0.79, "kl": 0.5, "n": 16},
+              {"policy": "ppo", "kind": "checkpoint", "step": 8, "gold": 0.78, "kl": 0.3, "n": 16}]
+    table = line_gains(points)
+    assert table.loc["ppo"].tolist() == [pytest.approx(0.08), pytest.approx(-0.04)]  # the last checkpoint ends it
+    assert list(table.columns) == ["gain on the line's 16 replies", "gain on all 32 replies"]
+    points.append({"policy": "ppo", "kind": "line", "step": None, "gold": 0.70, "kl": 0.6, "n": 16})  # a final
+    assert line_gains(points).loc["ppo"].tolist()[0] == pytest.approx(-0.01)  # no checkpoint held
 
 
 def test_frontier_points_put_the_reference_at_zero_sort_checkpoints_and_take_line_ends_as_measured():
