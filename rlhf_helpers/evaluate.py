@@ -217,15 +217,16 @@ def compare_policies(rows_a: list[dict], rows_b: list[dict], name_a: str = "a", 
 
 def widest_disagreements(evaluations: dict[str, tuple[list[dict], dict]], k: int = 3):
     """The `k` prompts on which the policies' gold rewards spread widest (first sample of each), with every
-    policy's whole reply (marked where it hit the token limit) and its gold: where the policies differ, which the first prompts seldom show (with
-    one seed for all, replies to a prompt often open alike and part later). A pandas DataFrame, a row per
-    prompt and policy."""
+    policy's whole reply (marked where it hit the token limit) and its gold: where the policies differ,
+    which the first prompts seldom show (with one seed for all, replies to a prompt often open alike and
+    part later). A pandas DataFrame, a row per prompt and policy."""
     import pandas as pd
 
     first = {name: {r["prompt"]: r for r in rows if r.get("sample", 0) == 0} for name, (rows, _) in evaluations.items()}
     prompts = [p for p in next(iter(first.values()), {}) if all(p in by for by in first.values())]
     spread = {p: np.ptp([by[p]["gold"] for by in first.values()]) for p in prompts}
     chosen = sorted(prompts, key=lambda p: -spread[p])[:k]
+
     def reply(row):  # a reply that ran out of tokens is marked, so the cut is not taken for the display's
         return row["response"] + ("" if row.get("has_eos", True) else " [cut: the token limit]")
 
@@ -478,7 +479,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
     (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
-    tokens), n (replies) and prompts. With several replies per prompt, win rate and gain compare per-prompt means.
+    tokens), n (replies) and prompts. With several replies per prompt, win rate and gain compare per-prompt
+    means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
@@ -726,10 +728,10 @@ def line_gains(points: Sequence[dict], reference: str = "sft"):
     finals = {p["policy"]: p for p in points if p["kind"] == "final"}
     rows = []
     for stage in dict.fromkeys(p["policy"] for p in points if p["kind"] == "checkpoint"):
-        line = sorted((p for p in points if p["kind"] == "checkpoint" and p["policy"] == stage), key=lambda p: p["step"])
-        end = next((p for p in points if p["kind"] == "line" and p["policy"] == stage), line[-1])
         if start is None or stage not in finals or reference not in finals:
             continue
+        last = max((p for p in points if p["kind"] == "checkpoint" and p["policy"] == stage), key=lambda p: p["step"])
+        end = next((p for p in points if p["kind"] == "line" and p["policy"] == stage), last)
         rows.append({"stage": stage, f"gain on the line's {end['n']} replies": round(end["gold"] - start["gold"], 3),
                      f"gain on all {finals[stage]['n']} replies": round(finals[stage]["gold"] - finals[reference]["gold"], 3)})
     return pd.DataFrame(rows).set_index("stage") if rows else pd.DataFrame()
