@@ -769,7 +769,8 @@ def evaluate_line_ends(run_dir: str | os.PathLike, stages: Sequence[str], cfg: E
               force=force)
     ends = {reference: evaluate_stage(run_dir, reference, cfg, name=f"{reference}-line", **kw)[1]}
     for stage in stages:
-        ckpts, final = policy_checkpoints(run_dir, stage), adapter_dir(run_dir, stage)
+        # quiet: `evaluate_checkpoints` has already named any checkpoint it leaves out
+        ckpts, final = policy_checkpoints(run_dir, stage, say=False), adapter_dir(run_dir, stage)
         if not ckpts or final is None or same_weights(final, ckpts[-1][1]):
             continue
         ends[stage] = evaluate_stage(run_dir, stage, cfg, name=f"{stage}-line", **kw)[1]

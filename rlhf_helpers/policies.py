@@ -78,15 +78,12 @@ def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEF
     return model, tok
 
 
-_SAID_PAST: set[Path] = set()
-"""Checkpoint folders whose checkpoints past max_steps `policy_checkpoints` has already named."""
-
-
-def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int, Path]]:
+def policy_checkpoints(run_dir: str | os.PathLike, stage: str, say: bool = True) -> list[tuple[int, Path]]:
     """(step, adapter folder) of every saved checkpoint of `stage`, oldest first (final adapter excluded).
 
-    A checkpoint past the stage's `max_steps` (its config.json) is left out, and said so: an older version
-    of this suite took a step past the end when a finished stage was run again."""
+    A checkpoint past the stage's `max_steps` (its config.json) is left out, and said so unless `say` is
+    False (for a second listing of the same stage): an older version of this suite took a step past the end
+    when a finished stage was run again."""
     root = stage_dir(run_dir, stage) / "checkpoints"
     found = []
     if root.is_dir():
@@ -103,8 +100,7 @@ def policy_checkpoints(run_dir: str | os.PathLike, stage: str) -> list[tuple[int
     except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
         max_steps = 0
     past = [step for step, _ in found if max_steps and step > max_steps]
-    if past and root not in _SAID_PAST:  # said once: notebook 06 lists a stage's checkpoints twice
-        _SAID_PAST.add(root)
+    if past and say:
         print(f"{root}: left out checkpoint(s) at step {', '.join(map(str, sorted(past)))}, past the stage's "
               f"max_steps={max_steps} in {config} (delete them to silence this)")
     return sorted((step, folder) for step, folder in found if step not in past)

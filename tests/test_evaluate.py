@@ -318,6 +318,8 @@ def test_checkpoints_past_a_stages_max_steps_are_left_out_and_said(tmp_path, cap
     (tmp_path / "dpo" / "config.json").write_text(json.dumps({"max_steps": 10}))
     assert [s for s, _ in policy_checkpoints(tmp_path, "dpo")] == [5, 10]
     assert "left out checkpoint(s) at step 11, past the stage's max_steps=10" in capsys.readouterr().out
+    assert [s for s, _ in policy_checkpoints(tmp_path, "dpo", say=False)] == [5, 10]
+    assert capsys.readouterr().out == ""  # a second listing leaves it unsaid
 
 
 def test_parting_notes_tell_a_proxy_that_never_rose_from_gold_keeping_pace(tmp_path):
