@@ -40,20 +40,23 @@ kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the pro
 # %% [markdown]
 # ## Setup
 # The policy starts from the SFT model of notebook 02 (the base model when there is none), with a fresh
-# LoRA adapter; the reference is the same model with the adapter switched off. The reward is the trained
-# reward model of notebook 03, normalised so SFT answers score mean 0 and standard deviation 1.
+# LoRA adapter; the reference is the same model with the adapter switched off. `lora_layers` puts the
+# adapter on the top blocks only (all of them when it is None): the backward pass stops at the lowest one. The
+# reward is the trained reward model of notebook 03, normalised so that SFT answers to held-out prompts
+# score mean 0 and standard deviation 1. The cell prints which reward this run uses.
 
 # %%
 import time
 
 import pandas as pd
 import torch
-from IPython.display import display
+from IPython.display import Markdown, display
 
 from rlhf_helpers import plotting, ppo
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import train_prompts
-from rlhf_helpers.evaluate import EvalConfig, compare_policies, evaluate_stage
+from rlhf_helpers.evaluate import (EvalConfig, evaluate_stage, gold_proxy_over_training, paired_win_rate,
+                                   ppo_reading, widest_disagreements)
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.online_rl import run_reward
 from rlhf_helpers.paths import stage_dir
@@ -70,6 +73,7 @@ gold = GoldJudge()
 reward_fn, reward_name = run_reward(run_dir, cfg.dtype, cfg.device) if reward == "rm" else (gold, "gold_judge")
 prompts = train_prompts()
 out_dir = stage_dir(run_dir, "ppo")
+print(f"policy: {policy_path}; reward: {reward_name}")
 cfg
 
 # %% [markdown]
@@ -79,6 +83,11 @@ cfg
 # column. Sampling is pure temperature sampling (no top-k, no top-p), so the probabilities we compute later
 # are exactly those the sampler used. Everything after an answer's first end-of-turn token is padding, and
 # the mask comes from the position of that token, never from comparing ids with the pad id.
+#
+# Each answer then gets its score: `raw score` is the reward model's, and `score` is what PPO optimises,
+# the raw score minus `missing_eos_penalty` when the answer never ended within `response_length` tokens.
+# Mind how much of the signal that penalty is: SFT answers often run past the limit, and a penalty of one
+# standard deviation of the reward model outweighs most of what the model says about the content.
 
 # %%
 policy, tok = ppo.build_policy(cfg, policy_path)
@@ -87,14 +96,19 @@ exp = ppo.make_experience(policy, value_head, tok, ppo.as_tensor_reward(reward_f
                           cfg.init_kl_coef, seed=seed, monitors={"gold": as_ppo_reward(gold)})
 pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
               "tokens": exp.rollout.response_mask.sum(1).tolist(), "ended": exp.rollout.has_eos.tolist(),
-              "score": exp.scores.tolist()})
+              "raw score": exp.raw_scores.tolist(), "score": exp.scores.tolist()}).round(3)
 
 # %% [markdown]
 # ### Rewards per token
 # The reward model scores a whole answer, but PPO learns per token. Every token gets $-\beta\,(\log\pi -
 # \log\pi_{ref})$, the KL penalty that keeps the policy near the SFT model, and the last real token also
-# gets the score. An answer that never ended loses `missing_eos_penalty` first. The adapter starts at
-# zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
+# gets the score. An answer that never ended loses `missing_eos_penalty` first (subtracted, as TRL's PPO
+# trainer did; OpenAI's original `lm-human-preferences` code replaced such a score with a fixed −1). The
+# adapter starts at zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
+#
+# Both log-probabilities come from the logits divided by the sampling temperature, the distribution the
+# answer was actually drawn from. Computed at temperature 1 instead, $\log\pi$ would not be the sampler's:
+# the ratio on the first update would not be 1, and the KL would measure the wrong distributions.
 
 # %%
 display(plotting.show_source(ppo.per_token_rewards))
@@ -103,7 +117,7 @@ n = int(exp.rollout.response_mask[i].sum())
 tokens = tok.convert_ids_to_tokens(exp.rollout.response_ids[i, :n].tolist())
 per_token = pd.DataFrame({"token": tokens, "log π": exp.logprobs[i, :n], "log π_ref": exp.ref_logprobs[i, :n],
                           "reward": exp.rewards[i, :n], "value": exp.values[i, :n], "advantage": exp.advantages[i, :n]})
-per_token.tail(6)
+per_token.tail(6).round(4).replace(-0.0, 0.0)  # no "-0.0"
 
 # %% [markdown]
 # ### Advantages: GAE
@@ -112,7 +126,10 @@ per_token.tail(6)
 # blends one-step errors $\delta_t = r_t + \gamma V_{t+1} - V_t$ with weights $(\gamma\lambda)^k$:
 # $A_t = \sum_k (\gamma\lambda)^k \delta_{t+k}$. $\lambda = 1$ gives the return minus the value (no bias,
 # most variance); smaller $\lambda$ leans on the value head for what comes later. The `advantage` column
-# above is $A_t$, whitened over the batch (mean 0, variance 1).
+# above is $A_t$, whitened over the batch (mean 0, variance 1). Whitening subtracts the batch's mean, so a
+# token whose raw advantage is about 0 (early in an answer, while $\lambda^k$ is small) ends up with minus
+# that mean over the standard deviation: the same small push for every such token of the batch, whatever
+# its own answer scored.
 #
 # Mind what $\lambda < 1$ does while the value head knows nothing yet. It starts at zero, so
 # $\delta_t = r_t$, and the score on the last token reaches a token $k$ places before the end scaled by
@@ -142,7 +159,9 @@ plotting.overlay_curves([{"tokens before the end": T - 1 - t, **{k: float(a[t]) 
 # \epsilon) A$: once a token's ratio has left the range in the direction its advantage favours, its
 # gradient stops, so nothing pushes it further in that batch (the ratio can still end up past the range,
 # carried by the shared LoRA weights). On the very first mini-batch nothing has moved yet: the ratio is
-# exactly 1 and nothing is clipped.
+# exactly 1 and nothing is clipped. The value loss is $\frac12$ the mean squared error of the values
+# against the returns (clipped the same way); with the head still at $V = 0$ it is $\frac12$ the mean
+# squared return.
 
 # %%
 display(plotting.show_source(ppo.ppo_losses))
@@ -151,7 +170,7 @@ new_logprobs, new_values, _ = ppo.forward_logprobs_values(policy, value_head, ex
                                                           cfg.temperature)
 _, stats = ppo.ppo_losses(new_logprobs, exp.logprobs, exp.advantages, new_values, exp.values, exp.returns,
                           exp.rollout.response_mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
-{k: round(v, 4) for k, v in stats.items()}
+{k: round(v, 4) + 0.0 for k, v in stats.items()}  # + 0.0: no "-0.0"
 
 # %%
 del policy, value_head, exp, new_logprobs, new_values
@@ -173,16 +192,20 @@ sft_metrics
 #   means over one batch, so they jump from step to step; `objective/kl`, the sampled estimate
 #   $\sum_t (\log\pi - \log\pi_{ref})$, can even dip below zero on a batch while the policy is still close
 #   to the reference. Judge the trend, not one step.
-# - `policy/clipfrac_avg` above ~0.3 means steps too large for the clip range (lower the learning rate).
+# - `policy/clipfrac_avg`, the share of tokens whose update was clipped: a few percent up to about 0.2 is
+#   usual. Above ~0.3 the steps are too large for the clip range (lower the learning rate); near 0 they
+#   are so small that the clipping and the extra epochs change nothing.
 # - `policy/entropy_avg` falling fast means the policy is collapsing onto a few answers.
 # - `response/length_mean` drifting is the classic sign of the reward model liking length for its own sake.
+# - `val/explained_variance`, how much of the returns of each fresh rollout the value head predicts before
+#   it trains on them (1: all; 0: no better than their mean). It starts at exactly 0, with the head at 0.
 
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg",
-                            "policy/entropy_avg", "response/length_mean"], title="PPO (live)")
+                            "policy/entropy_avg", "response/length_mean", "response/eos_frac",
+                            "val/explained_variance"], title="PPO (live)")
 summary = ppo.train_ppo(cfg, run_dir, policy_path, reward_fn, prompts, gold=gold, on_row=live.update)
-print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s; KL to the reference at the last step "
-      f"{summary['kl_last']:.2f} nats")
+print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s")
 plotting.rise_table(summary)
 
 # %% [markdown]
@@ -195,37 +218,58 @@ plotting.rise_table(summary)
 # The reward model is only a proxy for what the annotator wanted. While both rise together, PPO is
 # learning what we meant; where the proxy keeps rising and the gold reward stalls or falls, the policy has
 # found what the reward model gets wrong (reward hacking). Both are measured on the same training samples.
-# (The proxy is drawn as the reward model scored it, `objective/raw_scores`; `objective/scores` also holds
-# the missing-EOS penalty.)
+# The proxy is drawn as the reward model scored it (`objective/raw_scores`; `objective/scores` also holds
+# the missing-EOS penalty), on its own axis: the two are in different units, so only their trends compare.
+# The lines are moving means, since one step is one small batch; the sentence under the figure says what
+# they did, by the rule notebook 06 uses for every online stage.
 
 # %%
 rows = read_metrics(out_dir / "metrics.jsonl")
-plotting.overlay_curves(rows, ["objective/raw_scores", "objective/gold"], yaxis_title="mean reward",
-                        title="Proxy (reward model, before the missing-EOS penalty) and gold reward of each rollout")
+trend = gold_proxy_over_training(run_dir, stages=["ppo"])["ppo"]
+display(plotting.gold_vs_proxy({"ppo": trend}))
+print(trend["note"])
 
 # %% [markdown]
 # Samples written during training (`run_dir/ppo/samples.jsonl`): the first two replies of each sampled
-# step, in full. Each step answers different prompts, so read them for what the policy does (does it end
-# its replies, does it refuse, does it repeat itself), not as before-and-after pairs: section 5 has those.
+# step, in full (prompts shortened). Each step answers different prompts, so read them for what the policy
+# does (does it end its replies, does it refuse, does it repeat itself), not as before-and-after pairs:
+# section 5 has those. Columns: `ended`, whether the reply ended before `response_length` tokens (replies
+# that did not stop mid-sentence); `raw score`, the reward model's; `score`, after the missing-EOS penalty;
+# `gold`, the gold judge's (never optimised); `kl`, the reply's sampled $\sum_t \log\pi/\pi_{ref}$, which
+# can be negative for one reply.
 
 # %%
 samples = pd.DataFrame(read_metrics(out_dir / "samples.jsonl"))
-samples["prompt"] = samples["prompt"].map(lambda p: p if len(p) <= 100 else p[:100] + "…")  # the reply in full
+samples["prompt"] = samples["prompt"].map(lambda p: p if len(p) <= 100 else p[:100] + "…")
+samples = samples.rename(columns={"has_eos": "ended", "raw_score": "raw score"})
+columns = ["step", "prompt", "response", "ended", "raw score", "score", "gold", "kl"]
 with pd.option_context("display.max_colwidth", None):
-    display(samples[["step", "prompt", "response", "score", "kl"]].groupby("step").head(2).round(3))
+    display(samples[[c for c in columns if c in samples]].groupby("step").head(2).round(3))
 
 # %% [markdown]
 # ## 5. After: PPO against SFT on held-out prompts
+# Both policies answer the same held-out prompts with the same seed. Columns: `gold_mean` and `proxy_mean`,
+# the mean gold and reward-model score; `kl_mean`, the KL from SFT per reply (nats, at the sampling
+# temperature); `length_mean`, tokens per reply; `eos_frac`, the share of replies that ended within
+# the evaluation's token limit; `distinct_2`, the share of distinct word pairs among all word pairs in the
+# replies (lower: more repetitive); `n`, replies.
 
 # %%
 ppo_rows, ppo_metrics = evaluate_stage(run_dir, "ppo", eval_cfg)
-side_by_side, wins = compare_policies(ppo_rows, sft_rows, "PPO", "SFT")
+wins = paired_win_rate(ppo_rows, sft_rows)
 display(pd.DataFrame([sft_metrics, ppo_metrics]).set_index("policy")[
     ["gold_mean", "proxy_mean", "kl_mean", "length_mean", "eos_frac", "distinct_2", "n"]].round(3))
-print(f"PPO win rate against SFT by gold: {wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] "
-      f"on {wins['n']} held-out prompts; mean gold gain {wins['gain']:+.3f} "
-      f"[{wins['gain_ci_low']:+.3f}, {wins['gain_ci_high']:+.3f}]")
-side_by_side.head(6)
+display(Markdown(ppo_reading(rows, cfg, sft_metrics, ppo_metrics, ppo_rows, wins,
+                             max_new_tokens=eval_cfg.max_new_tokens, note=trend["note"])))
+
+# %% [markdown]
+# Generations before and after, where they differ most: with one seed for both, the two policies' replies
+# to a prompt often open alike and part later, so the first prompts seldom show a difference. These are the
+# prompts whose gold differs most between the two, with both replies whole.
+
+# %%
+with pd.option_context("display.max_colwidth", None):
+    display(widest_disagreements({"SFT": (sft_rows, sft_metrics), "PPO": (ppo_rows, ppo_metrics)}, k=3))
 
 # %% [markdown]
 # ## Save
@@ -246,8 +290,9 @@ MetricsLogger(out_dir).summary(summary)
 #   the proxy to catch reward hacking.
 # - PPO against SFT on held-out prompts: gold reward, win rate with its interval, and the KL paid for it.
 #
-# Try: `kl_coef=0.0` (no leash: watch the KL climb and the proxy part from gold); `reward="gold"` (optimise
-# the gold judge directly: what this budget can do with a perfect reward model); more `max_steps`.
+# Try: `kl_coef=0.0` (no leash: the KL climbs faster; over enough steps, as in the `gpu` profile, watch for
+# the proxy parting from gold); `reward="gold"` (optimise the gold judge directly: what this budget can do
+# with a perfect reward model); more `max_steps`.
 #
 # Mind the units of the missing-EOS penalty when you change the reward. Its default, 1.0, is one standard
 # deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers
@@ -263,7 +308,7 @@ MetricsLogger(out_dir).summary(summary)
 # learning rate 1e-3 with the default penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to
 # refuse more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal.
 # In about a hundred rollouts not even a perfect reward model lifts this SFT model;
-# `docs/rl_on_a_cpu_budget.md` has the six runs. And the reward model itself leaves little to find: notebook
+# `docs/rl_on_a_cpu_budget.md` (section 3) has the six runs in a table. And the reward model itself leaves little to find: notebook
 # 03's best-of-n shows that picking the best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, about
 # where PPO's training KL ends) buys about +0.01 of gold, where picking by gold buys +0.11.
 #
@@ -277,4 +322,8 @@ MetricsLogger(out_dir).summary(summary)
 # reward lies between prompts, not between replies to one prompt, so 8 to 16 replies a step give an update
 # direction that is mostly noise. Ten times the budget against gold, 80 steps of 16 replies (45 minutes
 # here), gained −0.003 ± 0.02. It ended more replies (0.55 → 0.78) by saying less, as above.
+# Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
+# policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
+# loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures
+# both; the page has the figures).
 # Notebook 05 runs DPO, GRPO and RLOO on the same data and budget and sets them beside this run.

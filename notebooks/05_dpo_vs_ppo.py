@@ -19,16 +19,20 @@
 # Notebook 04 trained the policy with PPO: sample, score with the reward model, update, with a critic and
 # a KL penalty. That is one answer among several. This notebook runs three more on the same footing (the
 # same SFT starting point, the same preference pairs, the same reward model, a budget of the same order:
-# not equal, and the cost columns say how many samples each saw) and
-# measures all four the same way, so the question a practitioner has, *which method, for what, at what
-# cost*, gets an answer from numbers rather than folklore.
+# not equal, and a settings table shows what each was given) and measures all four the same way, which is
+# how the question a practitioner has, *which method, for what, at what cost*, can be answered from numbers.
+#
+# What one run answers depends on its profile. The `cpu` profile trains each method for a few steps and
+# evaluates on a few dozen prompts: enough to see every piece work, not enough to rank the methods (their
+# intervals overlap; [docs/rl_on_a_cpu_budget.md](../docs/rl_on_a_cpu_budget.md) measures why no RL stage
+# beats SFT at that budget). The `gpu` profile is where a ranking can be read.
 #
 # **What you will learn**
 # 1. DPO: learning straight from preference pairs, no reward model and no sampling; its *implicit reward*
 #    set against the reward model's scores.
 # 2. GRPO and RLOO: online RL without a critic, the group of replies to one prompt serving as the baseline.
-# 3. How to compare methods fairly: gold reward, proxy reward, KL to the reference and win rate on held-out
-#    prompts, beside samples seen, wall time and peak memory.
+# 3. How to compare methods fairly: gold reward, proxy reward, KL to the reference and win rate (with its
+#    wins, ties and losses) on held-out prompts, beside what each method was given and its cost per sample.
 
 # %% tags=["parameters"]
 run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes dpo/, grpo/, rloo/ and comparison/
@@ -90,25 +94,40 @@ print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prom
 # No reward model, no sampling, no critic: one forward pass of policy and reference per reply.
 #
 # The held-out pairs are split by prompt exactly as notebook 03 split them for the reward model, so
-# neither model has seen them; they are kept for the next section. Watch `rewards/margins` (the mean of
-# $\hat r(y_w) - \hat r(y_l)$ over each batch) grow from 0, and `rewards/accuracies` (the share of pairs
-# where it is positive) rise above one half.
+# neither model has seen them; TRL scores them once at the end, and the next section looks closer.
+#
+# How to read the curves. A fresh adapter *is* the reference, so at step 1 every implicit reward and margin
+# is exactly 0 and `train/loss` is $\log 2 \approx 0.693$, the loss of a coin flip; below it, the pairs are
+# being ordered. `rewards/margins` (the batch mean of $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
+# `rewards/accuracies` (the share of the batch's pairs with a positive margin) starts at 0, not one half:
+# TRL counts a tie as wrong. It moves in steps of one over the pairs per step, so one batch's value says
+# little; the table after the curves gives means over the first and the second half of the steps.
+# `logps/chosen` is the policy's log-probability of the chosen replies, summed over their tokens: it can
+# fall while the margin grows, since DPO pushes the chosen reply up *relative to* the rejected one, and
+# both can go down. With a warm-up, transformers runs step 1 at learning rate 0, so step 2 is scored on the
+# same weights as step 1 (the line below the curves prints step 1's rate).
 
 # %%
 pairs, pairs_source = load_training_pairs(run_dir)
 train_pairs, eval_pairs = split_pairs(pairs, dpo_cfg.eval_fraction, seed, dpo_cfg.n_train, dpo_cfg.n_eval)
 print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs, from {pairs_source}")
 live = plotting.LiveCurves(["train/loss", "rewards/margins", "rewards/accuracies", "logps/chosen"], title="DPO (live)")
-dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, on_row=live.update,
-                        eval_pairs=eval_pairs if dpo_cfg.eval_steps else None)  # the gpu profile evaluates as it goes
-{k: dpo_summary[k] for k in ("steps", "pairs_seen", "margin_last", "accuracy_last", "lengths", "wall_time_s")}
+dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, eval_pairs=eval_pairs, on_row=live.update)
+
+# %%
+print(f"{dpo_summary['steps']} steps of {dpo_cfg.pairs_per_step} pairs ({dpo_summary['pairs_seen']} pairs seen, "
+      f"{dpo_summary['wall_time_s']:.0f} s); step 1's learning rate: {dpo_summary['learning_rate_first']}; "
+      f"accuracy moves in steps of {1 / dpo_cfg.pairs_per_step:.2f}")
+pd.DataFrame({"rewards/margins": dpo_summary["margin_halves"],
+              "rewards/accuracies": dpo_summary["accuracy_halves"]}).T.astype(float).round(3)
 
 # %% [markdown]
 # ### The implicit reward against the reward model
 # DPO has a reward model hidden inside it. On each held-out pair, compare its margin
 # $\hat r(y_w) - \hat r(y_l)$ with the trained reward model's score margin. Dots in the upper-right agree
 # with the annotator in both; the correlation says how much the two learned the same thing from the same
-# pairs. (Only margins are comparable: DPO's reward level for a prompt is not identified.)
+# pairs. (Only differences between replies to one prompt are comparable: DPO's reward level for a
+# prompt is not identified.)
 
 # %%
 policy, tok = load_policy(run_dir, "dpo", dtype=dpo_cfg.dtype, device=dpo_cfg.device)
@@ -121,49 +140,71 @@ implicit
 
 # %% [markdown]
 # `dpo_pair_accuracy` and `rm_pair_accuracy` are the shares of held-out pairs each orders as the annotator
-# did; `spearman_margins` compares the two margins pair by pair, and `spearman_rewards` the two rewards of
-# every reply, chosen and rejected pooled. Read them against their size: on two dozen pairs an accuracy
-# of 0.5 is chance and its interval spans about ±0.2. A DPO run of a few steps hardly moves its implicit
-# reward, so it can sit at chance while the reward model, trained longer on the same pairs, orders more of
-# them right.
+# did (a margin of exactly 0 counts as wrong); `spearman_margins` compares the two margins pair by pair;
+# `within_prompt_agreement` is the share of two replies *to one prompt* that the two rewards order the same
+# way, over `within_prompt_comparisons` such comparisons. Rewards of replies to different prompts are never
+# compared, since DPO's level for a prompt is not identified. A DPO run of a few steps hardly moves its
+# implicit reward, so it can sit at chance while the reward model, trained longer on the same pairs, orders
+# more of them right. Read each figure against its size:
+
+# %%
+display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accuracy(run_dir))))
 
 # %% [markdown]
 # ## 2. GRPO: the group is the baseline
 # GRPO samples `num_generations` replies to each prompt, scores them, and takes each reply's advantage
 # relative to its siblings: $A_i = (r_i - \mathrm{mean}_g\, r) / \mathrm{std}_g\, r$. A reply better than
 # its siblings is reinforced, a worse one discouraged; no value network has to learn what a prompt is
-# worth. The loss is PPO's clipped ratio per token, plus $\beta\,\mathrm{KL}(\pi\|\pi_{ref})$ added to
-# the loss (not to the reward). The score is the one PPO optimises: the reward model's, minus the
-# missing-EOS penalty for a reply cut off at `max_completion_length` (without it, the reward model would
-# score half-written replies and nothing would teach the policy to finish). Curves: given enough steps the
-# proxy rises, the gold follows and the KL grows slowly. In a short run each step scores a couple of new
-# prompts, so the curves mostly show how prompts differ: read the rise table's `change` against its
-# `change_se` before reading a trend into them. The training loss sits near zero and is no progress
-# signal: with advantages centred within each group and one update per batch, GRPO's loss is about
-# $\beta$ times the KL and RLOO's about 0. Watch the scores and the KL.
+# worth. The loss is PPO's clipped ratio per token, plus $\beta$ times TRL's k3 estimate of the KL,
+# $e^{\Delta} - \Delta - 1$ with $\Delta = \log\pi_{ref} - \log\pi$, added to each token's loss (not to
+# the reward). TRL's own default is $\beta = 0$, which loads no reference and computes no KL at all; we set
+# it above zero (the settings table in section 5 shows the value).
+#
+# The score optimised is the one PPO optimises: the reward model's, minus the missing-EOS penalty for a
+# reply cut off at the training token cap, `max_completion_length` (without it, the reward model would
+# score half-written replies and nothing would teach the policy to finish). In a short run that penalty is
+# much of the signal: when most replies hit the cap, whether a reply ended moves its score more than what
+# it says. So the curves include `response/eos_frac`, the share of the step's replies that ended, and the
+# rise table keeps the penalised score (`objective/scores`, the one optimised) apart from the reward
+# model's score alone (`objective/raw_scores`, the "proxy reward" of section 6).
+#
+# Given enough steps the proxy rises, the gold follows and the KL grows slowly. In a short run each step
+# scores a couple of new prompts, so the curves mostly show how prompts differ: read the rise table's
+# `change` against its `change_se` before reading a trend into them. The training loss is no progress
+# signal: with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss
+# is about $\beta$ times TRL's per-token KL, `train/kl` (logged again as `objective/kl_per_token`), not
+# $\beta$ times the plotted `objective/kl`, which is that per-token figure times the mean reply length.
 
 # %%
-live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],
-                           title="GRPO (live)")
+live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "response/eos_frac",
+                            "completions/mean_length"], title="GRPO (live)")
 grpo_summary = train_grpo(grpo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
 gc.collect()
-print({k: grpo_summary[k] for k in ("steps", "samples_seen", "kl_last")})
-plotting.rise_table(grpo_summary)  # mean over the first and the second half of the steps
+print({k: grpo_summary[k] for k in ("steps", "samples_seen", "kl_last", "kl_per_token_last")})
+print(comparison.truncation_note(grpo_summary, eval_cfg.max_new_tokens))
+comparison.rise_table(grpo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 3. RLOO: leave one out
 # RLOO (REINFORCE leave-one-out) uses the same groups with a different baseline: each reply is compared
-# with the mean reward of the *other* replies to its prompt, an unbiased baseline. The KL penalty goes into
-# the reward itself, $r_i - \beta \sum_t (\log\pi - \log\pi_{ref})$, once per reply (PPO spreads it over
-# the tokens). Same prompts, same budget, same reward as GRPO.
+# with the mean reward of the *other* replies to its prompt, an unbiased baseline. For a group of $K$ that
+# advantage is $r_i - \frac{1}{K-1}\sum_{j \ne i} r_j = \frac{K}{K-1}(r_i - \mathrm{mean}_g\, r)$: GRPO's
+# with `scale_rewards="none"` (no division by the group's spread), times a constant. What differs is where
+# the KL goes: into the reward itself, $r_i - \beta \sum_t (\log\pi - \log\pi_{ref})$, once per reply
+# (PPO spreads it over the tokens), and TRL's RLOO takes one probability ratio per reply where GRPO takes one
+# per token. So the same $\beta$ is not the same leash: a per-token k3 term in GRPO's loss, a summed
+# log-ratio in RLOO's reward. That summed log-ratio is a sample, not an expectation, and can be negative on
+# a batch; its mean over many replies cannot. RLOO's loss sits at about 0 (the advantages of a group sum to
+# zero). Same prompts, same budget, same reward as GRPO.
 
 # %%
-live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "completions/mean_length"],
-                           title="RLOO (live)")
+live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "response/eos_frac",
+                            "completions/mean_length"], title="RLOO (live)")
 rloo_summary = train_rloo(rloo_cfg, run_dir, policy_path, prompts, reward, gold, on_row=live.update)
 gc.collect()
-print({k: rloo_summary[k] for k in ("steps", "samples_seen", "kl_last")})
-plotting.rise_table(rloo_summary)  # mean over the first and the second half of the steps
+print({k: rloo_summary[k] for k in ("steps", "samples_seen", "kl_last", "kl_per_token_last")})
+print(comparison.truncation_note(rloo_summary, eval_cfg.max_new_tokens))
+comparison.rise_table(rloo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 4. PPO, from notebook 04
@@ -185,13 +226,27 @@ print(f"PPO from {ppo_source}: {ppo_summary.get('steps')} steps, {ppo_summary.ge
 
 # %% [markdown]
 # ## 5. All four on held-out prompts
-# Each policy answers the same held-out prompts with the same sampling seed. The gold judge scores them
-# (what we actually want), the reward model too (what the online methods optimised), and the Monte-Carlo
-# KL to the reference says how far each has moved. Win rate: how often the gold judge prefers the
-# method's answer to the reference's, ties half, with a bootstrap 95% interval. Evaluations are cached in
-# `run_dir/eval/policies/`, shared with notebooks 04 and 06. *Samples seen* counts the replies a method
-# trained on: sampled and scored for PPO, GRPO and RLOO; read from the pairs for DPO (two per pair, none
-# sampled). Wall time is the training stage's; peak memory is the process's peak during it.
+# First, what each method was given, read from its `config.json` and `summary.json`. The budgets are of
+# the same order, not equal: learning rates, passes over each batch, prompts and replies differ, and so does
+# what β does. *Training samples* counts the replies a method trained on: sampled and scored for PPO, GRPO
+# and RLOO; read from the pairs for DPO (two per pair, none sampled).
+
+# %%
+settings = comparison.settings_table(run_dir)
+print(f"held-out evaluation: {eval_cfg.max_new_tokens} new tokens per reply at most")
+pd.DataFrame(settings).set_index("method")
+
+# %% [markdown]
+# Then each policy answers the same held-out prompts with the same sampling seed. The gold judge scores
+# them (what we actually want), the reward model too (what the online methods optimised), and the
+# Monte-Carlo KL to the reference says how far each has moved. Win rate: how often the gold judge prefers
+# the method's answer to the reference's, ties counting half, with a bootstrap 95% interval; *won / tied /
+# lost* gives the prompts behind it, since many ties pull a win rate towards 0.5 whatever the rest say.
+# Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is
+# the training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is
+# the figure to compare. *Memory added* is the stage's peak memory above what the process held when the
+# stage began (on CPU the resident set of one process that runs every stage, so its peak alone would
+# mostly show what earlier stages left behind).
 
 # %%
 stages = [reference, "dpo", "grpo", "rloo", "ppo"]
@@ -202,22 +257,37 @@ table = comparison.comparison_table(results_table(evaluations, reference, seed=s
 comparison.format_comparison(table, reference)
 
 # %% [markdown]
+# What each method bought against what it cost per training sample. The methods ran at different budgets
+# (steps, replies, epochs: the settings table above), so total time compares budgets, not methods; per
+# sample it compares the work each sample took. Marker size: the memory the stage added to what the
+# process already held.
+
+# %%
+plotting.cost_figure(table, reference)
+
+# %% [markdown]
 # ## 6. Curves on shared axes
-# The online methods side by side, by samples seen: the proxy reward they optimised, the gold reward of
-# the same samples, and the KL to the reference in nats per reply (the proxy is the reward model's score
-# alone, without the missing-EOS penalty; the KL is each trainer's own estimate on its
-# training samples: the sampled log-ratio for PPO and RLOO, TRL's always-positive k3 estimator for GRPO).
-# Then what each bought against what it cost.
+# The online methods side by side, by samples seen: the proxy reward, the gold reward of the same samples,
+# the KL to the reference in nats per reply, and the share of replies that ended within the training cap.
+# The proxy here is the reward model's score alone (`objective/raw_scores`), without the missing-EOS
+# penalty that the optimised score carries. The KL is each trainer's own estimate on its training samples:
+# for PPO and RLOO the sampled log-ratio summed over the reply, which can be negative on a batch; for GRPO
+# TRL's k3 estimator, never negative, times the mean reply length.
 
 # %%
 curves, per_step = comparison.online_curves(run_dir)
 display(plotting.method_curves(curves, list(comparison.CURVE_KEYS), per_step))
-plotting.cost_figure(table, reference)
+kl_low = {m: min(r["KL to reference (nats)"] for r in rows if r["KL to reference (nats)"] is not None)
+          for m, rows in curves.items() if any(r["KL to reference (nats)"] is not None for r in rows)}
+print("lowest training KL per method (nats per reply):", {m: round(v, 3) for m, v in kl_low.items()})
 
 # %% [markdown]
 # ## 7. What these numbers say
 # Written from the table above, not by hand: which method won, by how much and how surely, and what it
-# cost. On the smoke profile nothing has trained long enough to mean anything; read the cpu profile's run.
+# cost at these budgets. On the smoke profile nothing has trained long enough to mean anything. On the cpu
+# profile read it as a check that the comparison works, not as a ranking: a few steps per method and a few
+# dozen held-out prompts leave the intervals overlapping, and the text says so when they do. The gpu
+# profile trains longer and evaluates on more prompts.
 
 # %%
 display(Markdown(comparison.discussion(table, reference)))
@@ -228,18 +298,22 @@ display(Markdown(comparison.discussion(table, reference)))
 # %%
 summary = {"profile": profile, "seed": seed, "reference": reference, "policy_path": policy_path,
            "fell_back_to_base": fell_back, "reward": reward_name, "pairs_source": pairs_source, "ppo_source": ppo_source,
-           "table": table, "implicit_reward": implicit, "eval_settings": eval_cfg,
+           "table": table, "settings": settings, "implicit_reward": implicit, "eval_settings": eval_cfg,
            "notebook_wall_time_s": time.perf_counter() - t0}
 atomic_write_json(stage_dir(run_dir, "comparison") / "summary.json", summary)
-pd.DataFrame(table).set_index("policy")[["gold", "win_rate", "kl", "samples_seen", "wall_time_s"]].round(3)
+print(f"saved {stage_dir(run_dir, 'comparison') / 'summary.json'}: the table of section 5, the settings and the "
+      f"implicit-reward figures")
 
 # %% [markdown]
 # ## What you saw, and what to try
 # - DPO learning from pairs alone, and its implicit reward agreeing (or not) with the reward model.
 # - GRPO and RLOO learning online from groups of samples, with the gold reward logged beside the proxy.
-# - All four methods measured the same way, with what each cost, and a verdict read from the numbers.
+# - All four methods measured the same way, beside what each was given and what it cost per sample, and a
+#   verdict read from the numbers, which on the cpu profile cannot rank them.
 #
 # Try: `dpo_beta=0.5` (a tighter leash: less KL once the loss levels off, though the logged margins, which
-# are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL: watch the proxy
-# run away from the gold; TRL then computes no KL at all, so the KL panel stays empty); the gpu profile, where the intervals shrink enough to rank
-# the methods. Notebook 06 puts every policy on the reward–KL frontier and watches gold against proxy.
+# are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL term: TRL then
+# loads no reference and computes no KL, so the KL panel stays empty; over a few cpu steps the policy hardly
+# moves either way, but on the gpu profile this is how to watch the proxy part from the gold); the gpu
+# profile, where the intervals can shrink enough to rank the methods. Notebook 06 puts every policy on the
+# reward–KL frontier and watches gold against proxy.

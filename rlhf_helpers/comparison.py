@@ -4,11 +4,18 @@
 Cost columns, read from run_dir/<stage>/summary.json:
   samples_seen   replies the method trained on: PPO, GRPO, RLOO the replies they sampled and scored; DPO two per
                  pair (chosen and rejected), none of them sampled
-  wall_time_s    wall-clock seconds of the training stage (model loading, data, saving, and any evaluation the
-                 stage runs itself included; notebook 05's held-out evaluation not),
+  wall_time_s    wall-clock seconds of the training stage (model loading, data and saving included, and any
+                 evaluation during training; DPO's closing held-out evaluation and notebook 05's not),
                  summed over the sessions of a run that was interrupted and resumed (`tracking.StageClock`)
   peak_memory_mb peak memory during the stage: CUDA's peak allocation, or on CPU the process's peak resident
                  set (see `dpo.PeakMemory`; PPO's comes from notebook 04's own process)
+  memory_at_start_mb  the same measure when the stage began: on CPU whatever the process already held
+Derived in `comparison_table`, because the methods are given different budgets and run in one process:
+  seconds_per_sample  wall_time_s / samples_seen (a DPO sample is one reply of a pair, scored not sampled)
+  memory_added_mb     peak_memory_mb − memory_at_start_mb: what the stage added to what the process held
+
+`settings_table` lists what each method was given (learning rate, passes, prompts, replies per prompt, token
+cap, β, samples) from each stage's config.json and summary.json, so that the budgets are seen, not assumed.
 """
 from __future__ import annotations
 
@@ -17,21 +24,76 @@ import math
 import os
 from typing import Any, Sequence
 
-from .paths import stage_dir
+from .paths import resolve_run_dir, stage_dir
 
-COST_KEYS = ("steps", "samples_seen", "wall_time_s", "peak_memory_mb", "peak_memory_kind")
+COST_KEYS = ("steps", "samples_seen", "wall_time_s", "peak_memory_mb", "memory_at_start_mb", "peak_memory_kind")
+DERIVED_KEYS = ("seconds_per_sample", "memory_added_mb")
+
+
+def _read(run_dir: str | os.PathLike, stage: str, name: str) -> dict[str, Any]:
+    """run_dir/<stage>/<name> as JSON, {} when it is missing (without creating the stage's folder)."""
+    path = resolve_run_dir(run_dir) / stage / name
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def stage_costs(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
     """The cost figures of `stage` from its summary.json (missing keys are None; no file: all None)."""
-    path = stage_dir(run_dir, stage) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = _read(run_dir, stage, "summary.json")
     return {k: summary.get(k) for k in COST_KEYS}
 
 
+def derived_costs(costs: dict[str, Any]) -> dict[str, Any]:
+    """seconds_per_sample and memory_added_mb from a stage's costs (None where a figure is missing)."""
+    wall, samples = costs.get("wall_time_s"), costs.get("samples_seen")
+    peak, start = costs.get("peak_memory_mb"), costs.get("memory_at_start_mb")
+    return {"seconds_per_sample": wall / samples if wall is not None and samples else None,
+            "memory_added_mb": peak - start if peak is not None and start is not None else None}
+
+
 def comparison_table(results: Sequence[dict], costs: dict[str, dict]) -> list[dict]:
-    """Rows of `evaluate.results_table` with each method's cost columns added (None for the reference)."""
-    return [{**r, **{k: costs.get(r["policy"], {}).get(k) for k in COST_KEYS}} for r in results]
+    """Rows of `evaluate.results_table` with each method's cost columns added, and the DERIVED_KEYS (None for
+    the reference)."""
+    rows = []
+    for r in results:
+        cost = {k: costs.get(r["policy"], {}).get(k) for k in COST_KEYS}
+        rows.append({**r, **cost, **derived_costs(cost)})
+    return rows
+
+
+def settings_table(run_dir: str | os.PathLike, stages: Sequence[str] = ("dpo", "grpo", "rloo", "ppo")) -> list[dict]:
+    """What each method was given, read from run_dir/<stage>/config.json and summary.json: one row per stage
+    that has both. Columns: learning rate and schedule, passes over each batch, optimizer steps, prompts drawn
+    (with repeats), replies per prompt, the token cap in training, β and where it acts, training samples."""
+    rows = []
+    for stage in stages:
+        cfg, summary = _read(run_dir, stage, "config.json"), _read(run_dir, stage, "summary.json")
+        if not cfg or not summary:
+            continue
+        steps, samples = summary.get("steps"), summary.get("samples_seen")
+        if stage == "dpo":
+            per_prompt, passes, cap = 2, 1, f"{cfg.get('max_length')} (prompt + reply)"
+            prompts, beta = summary.get("pairs_seen"), f"{cfg.get('beta')}: the implicit reward's scale"
+        elif stage == "ppo":
+            per_prompt, cap = 1, f"{cfg.get('response_length')} (reply)"
+            passes = cfg.get("ppo_epochs")
+            if (cfg.get("num_mini_batches") or 1) > 1:
+                passes = f"{passes} ({cfg['num_mini_batches']} minibatches each)"
+            prompts = samples
+            beta = (f"{cfg.get('init_kl_coef')}{' (adaptive)' if cfg.get('adaptive_kl') else ''}: "
+                    "per-token log-ratio in the reward")
+        else:
+            per_prompt, passes, cap = cfg.get("num_generations"), cfg.get("num_iterations"), \
+                f"{cfg.get('max_completion_length')} (reply)"
+            prompts = summary.get("prompts_seen")
+            where = "k3 per token in the loss" if stage == "grpo" else "summed log-ratio in the reward"
+            beta = f"{cfg.get('beta')}: {where}" if cfg.get("beta") else "0: no KL term, no reference"
+        warmup = cfg.get("warmup")
+        schedule = cfg.get("lr_scheduler", "constant") + (f", warm-up {warmup:g} of the steps" if warmup else "")
+        rows.append({"method": stage, "learning rate": cfg.get("learning_rate"), "schedule": schedule,
+                     "passes over each batch": passes, "steps": steps, "prompts drawn": prompts,
+                     "replies per prompt": per_prompt, "token cap in training": cap, "β": beta,
+                     "training samples": samples})
+    return rows
 
 
 def format_comparison(table: Sequence[dict], reference: str = "sft"):
@@ -46,9 +108,10 @@ def format_comparison(table: Sequence[dict], reference: str = "sft"):
         "KL to reference (nats)": num(r["kl"], 2),
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
-        "samples seen": "–" if r.get("samples_seen") is None else int(r["samples_seen"]),
-        "wall time (s)": num(r.get("wall_time_s"), 0), "peak memory (MB)": num(r.get("peak_memory_mb"), 0),
-        "n prompts": r.get("prompts", r["n"]),
+        "won / tied / lost": "–" if r.get("wins") is None else f"{r['wins']} / {r['ties']} / {r['losses']}",
+        "training samples": "–" if r.get("samples_seen") is None else int(r["samples_seen"]),
+        "wall time (s)": num(r.get("wall_time_s"), 0), "s per sample": num(r.get("seconds_per_sample"), 1),
+        "memory added (MB)": num(r.get("memory_added_mb"), 0), "n prompts": r.get("prompts", r["n"]),
     } for r in table]).set_index("method")
 
 
@@ -63,7 +126,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     tied = _level_with(best, rows, ref)
     if best["gold"] > ref["gold"] and tied:
         names = ", ".join(f"{r['policy']} ({r['gold']:.3f}, winning {r['win_rate']:.2f} "
-                          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}])" for r in [best, *tied])
+                          f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]{_record(r, '; ')})" for r in [best, *tied])
         text = [f"**Gold reward.** On {n} held-out prompts the highest mean gold, against {reference}'s "
                 f"{ref['gold']:.3f}, is shared, less than {GOLD_TIE} apart: {names}."]
         under = [r["policy"] for r in [best, *tied] if r["win_rate"] < 0.5]
@@ -74,7 +137,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     elif best["gold"] > ref["gold"]:
         text = [f"**Gold reward.** On {n} held-out prompts, **{best['policy']}** scored highest by the gold judge "
                 f"({best['gold']:.3f} against {reference}'s {ref['gold']:.3f}), winning {best['win_rate']:.2f} of "
-                f"comparisons [{best['ci_low']:.2f}, {best['ci_high']:.2f}]."]
+                f"comparisons [{best['ci_low']:.2f}, {best['ci_high']:.2f}]{_record(best, ': ')}."]
         if best["win_rate"] < 0.5:
             text.append("Its mean is higher, yet it wins fewer than half of its comparisons: a few large gains "
                         "outweigh more, smaller losses.")
@@ -143,16 +206,40 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
                         f"({(eff['gold'] - ref['gold']) / eff['kl']:.3f}).")
     costed = [r for r in rows if r.get("wall_time_s") is not None]
     if costed:
-        fast = min(costed, key=lambda r: r["wall_time_s"])
-        parts = [f"{r['policy']} {r['wall_time_s']:.0f} s / {r.get('samples_seen') or 0} samples" +
-                 (f" / {r['peak_memory_mb']:.0f} MB" if r.get("peak_memory_mb") is not None else "") for r in costed]
-        text.append(f"\n\n**Cost.** Training time, samples seen and peak memory: {'; '.join(parts)}. "
-                    f"The cheapest in time was {fast['policy']}.")
-        if fast["policy"] == "dpo" and best["policy"] != "dpo" and best["ci_low"] > 0.5:
-            text.append(f"DPO took {fast['wall_time_s'] / best['wall_time_s']:.0%} of {best['policy']}'s time for "
-                        f"{fast['gold'] - ref['gold']:+.3f} gold against {best['gold'] - ref['gold']:+.3f}.")
+        text.append(f"\n\n**Cost, at these budgets.** {'; '.join(_cost(r) for r in costed)}. The methods were "
+                    "given different budgets (the settings table), so a total time says as much about the budget "
+                    "as about the method; the time per training sample compares the methods.")
+        per = [r for r in costed if r.get("seconds_per_sample") is not None]
+        fast = min(per, key=lambda r: r["seconds_per_sample"]) if per else None
+        if fast is not None:
+            text.append(f"The cheapest per training sample was {fast['policy']}.")
+        if any(r.get("memory_added_mb") is not None for r in costed) and \
+                any(str(r.get("peak_memory_kind") or "").startswith("rss") for r in costed):
+            text.append("Memory is the resident set of the one process that runs every stage, so each figure is "
+                        "what the stage added to what the process already held; it includes loading the models.")
+        if fast is not None and fast["policy"] == "dpo" and best["policy"] != "dpo" and best["ci_low"] > 0.5 \
+                and best.get("seconds_per_sample"):
+            text.append(f"Per training sample DPO took {fast['seconds_per_sample'] / best['seconds_per_sample']:.0%} "
+                        f"of {best['policy']}'s time, for {fast['gold'] - ref['gold']:+.3f} gold against "
+                        f"{best['gold'] - ref['gold']:+.3f}.")
     text.append(f"\n\n**When each wins, by these numbers.** {_verdict(rows, ref, best)}")
     return " ".join(text).replace(" \n\n", "\n\n")
+
+
+def _record(r: dict, lead: str) -> str:
+    """"8 won, 14 tied, 10 lost" after `lead`, where the row holds the counts (else "")."""
+    if r.get("wins") is None:
+        return ""
+    return f"{lead}{r['wins']} won, {r['ties']} tied, {r['losses']} lost"
+
+
+def _cost(r: dict) -> str:
+    parts = [f"{r['wall_time_s']:.0f} s for {r.get('samples_seen') or 0} training samples"]
+    if r.get("seconds_per_sample") is not None:
+        parts.append(f"{r['seconds_per_sample']:.1f} s each")
+    if r.get("memory_added_mb") is not None:
+        parts.append(f"{r['memory_added_mb']:.0f} MB above its starting memory")
+    return f"{r['policy']} " + ", ".join(parts)
 
 
 GOLD_TIE = 0.005
@@ -180,12 +267,14 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
         return ("None, yet: no method improved on the reference at this budget, so the numbers cannot rank them. "
                 "Train longer or on a bigger profile (the gpu profile takes more steps and more held-out prompts).")
     if best["ci_low"] <= 0.5:  # the order by gold may be noise: recommend nothing from it
-        costed = [r for r in rows if r.get("wall_time_s") is not None]
+        costed = [r for r in rows if r.get("seconds_per_sample")]
         cost = ""
         if len(costed) > 1:
-            fast, slow = min(costed, key=lambda r: r["wall_time_s"]), max(costed, key=lambda r: r["wall_time_s"])
-            cost = (f" What the numbers do settle is cost (above): {slow['policy']} took "
-                    f"{slow['wall_time_s'] / max(fast['wall_time_s'], 1e-9):.1f} times {fast['policy']}'s training time.")
+            fast, slow = (f(costed, key=lambda r: r["seconds_per_sample"]) for f in (min, max))
+            cost = (f" What the numbers do settle is cost per training sample at these budgets (above): "
+                    f"{slow['policy']} took {slow['seconds_per_sample']:.1f} s, "
+                    f"{slow['seconds_per_sample'] / fast['seconds_per_sample']:.1f} times {fast['policy']}'s "
+                    f"{fast['seconds_per_sample']:.1f} s.")
         level = [r["policy"] for r in _level_with(best, rows, ref)]
         with_level = f", level with {', '.join(level)}" if level else ""
         return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}"
@@ -210,21 +299,24 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
                         f"({top['gold']:.3f} against {dpo['gold']:.3f}), which is the case for the online methods when "
                         f"a reward you trust can score new samples and you can pay for generation.")
     if len(online) > 1:
-        cheap = min((r for r in online if r.get("wall_time_s") is not None), key=lambda r: r["wall_time_s"], default=None)
+        cheap = min((r for r in online if r.get("seconds_per_sample")), key=lambda r: r["seconds_per_sample"],
+                    default=None)
         top = max(online, key=lambda r: r["gold"])
         if cheap is not None and cheap is not top:
             says.append(f"Among the online methods {top['policy']} reached the most gold and {cheap['policy']} was the "
-                        f"cheapest to run; choose by which of the two you are short of.")
+                        f"cheapest per training sample; choose by which of the two you are short of.")
         elif cheap is not None:
-            says.append(f"Among the online methods {top['policy']} was both the best by gold and the cheapest to run.")
+            says.append(f"Among the online methods {top['policy']} was both the best by gold and the cheapest per "
+                        "training sample.")
     return " ".join(says)
 
 
 CURVE_KEYS = {"proxy reward": ("objective/raw_scores", "objective/scores"), "gold reward": ("objective/gold",),
-              "KL to reference (nats)": ("objective/kl",)}
+              "KL to reference (nats)": ("objective/kl",), "share of replies that ended": ("response/eos_frac",)}
 """Shared-axis curve -> the metrics keys it reads, first present wins. Every online stage's `objective/scores`
 carries the missing-EOS penalty; `objective/raw_scores`, the reward model's score alone, is what the proxy curve
-shows (runs logged before raw scores existed fall back to `objective/scores`)."""
+shows (runs logged before raw scores existed fall back to `objective/scores`). The share of replies that ended
+before the token cap is what the penalty acts on."""
 
 
 def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "grpo", "rloo")
@@ -249,8 +341,9 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
     """DPO's implicit reward margins on `pairs` (policy: the DPO peft model) beside `reward`'s score margins.
 
     Returns ({'dpo_margin', 'rm_margin'}: arrays, one entry per pair, chosen − rejected) and statistics: each
-    one's agreement with the labels (share of positive margins), DPO's mean margin, and Spearman's ρ between
-    the two margins and between the two per-reply rewards."""
+    one's agreement with the labels (share of positive margins), DPO's mean margin, Spearman's ρ between the
+    two margins, and `within_prompt_agreement` (see `within_prompt_agreement`). The two rewards of replies to
+    different prompts are not compared: DPO's level for a prompt, β·log Z(x), is not identified."""
     import numpy as np
 
     from .dpo import pair_implicit_margins
@@ -261,9 +354,82 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
     rm_c = np.array(reward.score(prompts, [p.chosen for p in pairs]))
     rm_r = np.array(reward.score(prompts, [p.rejected for p in pairs]))
     margins = {"dpo_margin": dpo_c - dpo_r, "rm_margin": rm_c - rm_r}
+    replies = [(p.prompt, p.chosen, a, b) for p, a, b in zip(pairs, rm_c, dpo_c)] + \
+              [(p.prompt, p.rejected, a, b) for p, a, b in zip(pairs, rm_r, dpo_r)]
+    agreement, compared = within_prompt_agreement(replies)
     stats = {"dpo_pair_accuracy": float(np.mean(margins["dpo_margin"] > 0)),
              "rm_pair_accuracy": float(np.mean(margins["rm_margin"] > 0)),
              "dpo_mean_margin": float(np.mean(margins["dpo_margin"])),
              "spearman_margins": spearman(list(margins["rm_margin"]), list(margins["dpo_margin"])),
-             "spearman_rewards": spearman(list(rm_c) + list(rm_r), list(dpo_c) + list(dpo_r)), "n_pairs": len(pairs)}
+             "within_prompt_agreement": agreement, "within_prompt_comparisons": compared, "n_pairs": len(pairs)}
     return margins, stats
+
+
+def within_prompt_agreement(replies: Sequence[tuple[str, str, float, float]]) -> tuple[float | None, int]:
+    """(share, count): over every two distinct replies to the same prompt, the share that two rewards order the
+    same way, and how many such two-reply comparisons there were (a tie under either reward is left out).
+    `replies`: (prompt, reply, reward a, reward b). Only orders within a prompt are compared, because DPO's
+    implicit reward is identified only up to a constant per prompt."""
+    by_prompt: dict[str, dict[str, tuple[float, float]]] = {}
+    for prompt, reply, a, b in replies:
+        by_prompt.setdefault(prompt, {})[reply] = (float(a), float(b))
+    agree = compared = 0
+    for scored in by_prompt.values():
+        values = list(scored.values())
+        for i in range(len(values)):
+            for j in range(i + 1, len(values)):
+                da, db = values[i][0] - values[j][0], values[i][1] - values[j][1]
+                if da != 0 and db != 0:
+                    compared += 1
+                    agree += (da > 0) == (db > 0)
+    return (agree / compared if compared else None), compared
+
+
+def rm_held_out_accuracy(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Notebook 03's accuracy of the reward model on all its held-out pairs, with its interval, from
+    run_dir/rm/summary.json: {'accuracy', 'ci_low', 'ci_high', 'pairs'}; None when notebook 03 has not run."""
+    summary = _read(run_dir, "rm", "summary.json")
+    if summary.get("eval_accuracy") is None:
+        return None
+    low, high = summary.get("eval_accuracy_ci") or (None, None)
+    return {"accuracy": summary["eval_accuracy"], "ci_low": low, "ci_high": high, "pairs": summary.get("eval_pairs")}
+
+
+def rise_table(summary: dict[str, Any]):
+    """Did anything rise? A GRPO or RLOO summary as a table of first-half and second-half means, the change and
+    its standard error, for: the score optimised (the reward model's, minus the missing-EOS penalty), the
+    reward model's score alone, the share of replies that ended before the token cap, and the gold reward."""
+    import pandas as pd
+
+    rows = {"proxy − EOS penalty, optimised (objective/scores)": summary.get("scores_halves"),
+            "proxy alone (objective/raw_scores)": summary.get("raw_scores_halves"),
+            "replies that ended (response/eos_frac)": summary.get("eos_frac_halves"),
+            "gold (objective/gold)": summary.get("gold_halves")}
+    return pd.DataFrame({k: v for k, v in rows.items() if v}).T.astype(float).round(3)
+
+
+def held_out_note(implicit: dict[str, Any], rm_full: dict[str, Any] | None) -> str:
+    """Markdown: the pair accuracies of `implicit_vs_reward` with their uncertainty on this many pairs, beside
+    notebook 03's accuracy of the reward model on all its held-out pairs (`rm_held_out_accuracy`)."""
+    n = implicit["n_pairs"]
+    text = (f"On these {n} held-out pairs the reward model orders {implicit['rm_pair_accuracy']:.2f} as the annotator "
+            f"did and DPO {implicit['dpo_pair_accuracy']:.2f}; on {n} pairs an accuracy near 0.5 is uncertain by "
+            f"about ±{1.96 * math.sqrt(0.25 / max(n, 1)):.2f} (95%).")
+    if rm_full is not None:
+        interval = (f" [{rm_full['ci_low']:.2f}, {rm_full['ci_high']:.2f}]" if rm_full.get("ci_low") is not None else "")
+        text += (f" Notebook 03 measured the reward model on all {rm_full['pairs']} of its held-out pairs: "
+                 f"**{rm_full['accuracy']:.2f}{interval}**, the figure to quote for it (split with the same seed, "
+                 f"these {n} pairs are among them).")
+    return text
+
+
+def truncation_note(summary: dict[str, Any], eval_tokens: int) -> str:
+    """One line: the share of an online stage's replies that ended within its training token cap, at the first
+    and the last step, beside the token limit of the held-out evaluation."""
+    first, last = summary.get("eos_frac_first"), summary.get("eos_frac_last")
+    cap, steps = summary.get("max_completion_length"), summary.get("steps")
+    if first is None or last is None:
+        return f"{summary.get('stage')}: no response/eos_frac was logged."
+    when = f"{first:.0%} at step 1, {last:.0%} at step {steps}" if (steps or 0) > 1 else f"{last:.0%} at its one step"
+    return (f"{summary.get('stage')}: replies that ended within the {cap}-token training cap: {when}; the others "
+            f"lost the missing-EOS penalty. The held-out evaluation lets replies run to {eval_tokens} tokens.")

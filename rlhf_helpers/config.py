@@ -74,7 +74,7 @@ PROFILES: dict[str, Profile] = {
                     "learning_rate": 3e-4, "save_steps": 4, "keep_checkpoints": 4, "sample_every": 4},
             "eval": {"n_prompts": 32, "n_checkpoint_prompts": 16, "max_new_tokens": 96, "batch_size": 32},
             "dpo": {"max_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "lora_layers": 8, "n_eval": 24,
-                    "max_length": 256, "logging_steps": 1, "save_steps": 5},
+                    "max_length": 256, "logging_steps": 1, "save_steps": 5, "warmup": 0.0},
             "grpo": {"max_steps": 6, "batch_size": 8, "num_generations": 4, "max_completion_length": 64,
                      "learning_rate": 1e-3, "lora_layers": 8, "save_steps": 3, "sample_every": 3},
             "rloo": {"max_steps": 6, "batch_size": 8, "num_generations": 4, "max_completion_length": 64,

@@ -25,6 +25,8 @@ Outputs in `run_dir/dpo/`: `metrics.jsonl`, `summary.json`, `config.json`, `chec
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -38,7 +40,7 @@ from .data import PreferencePair
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, half_means, resume_point
 
 
 @dataclass
@@ -68,7 +70,8 @@ class DPOStageConfig:
     grad_accum: int = 1
     """Gradient accumulation steps."""
     warmup: float = 0.1
-    """Warm-up as a fraction of max_steps."""
+    """Warm-up as a fraction of max_steps. transformers' linear warm-up gives the first step a learning rate
+    of 0, so with any warm-up step 1 does not move the weights (1 of 10 steps on a 10-step run)."""
     lr_scheduler: str = "cosine"
     """Learning-rate schedule (transformers name)."""
     max_grad_norm: float = 1.0
@@ -133,6 +136,31 @@ def precision_flags(dtype: str, device: str) -> dict[str, bool]:
             "use_cpu": on_cpu}
 
 
+@contextmanager
+def quiet_datasets():
+    """The `datasets` progress bars off for a stage (usable as a decorator): under papermill a saved notebook
+    keeps a bar's first frame, "0%", in plain text, which reads as a hang. Restored afterwards."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def without_notebook_progress(trainer):
+    """Drop transformers' notebook progress table from `trainer`: it reads "Epoch 0/1" on a run of a fraction
+    of an epoch and prints the loss to 6 decimals ("-0.000000" for GRPO and RLOO, whose loss is no progress
+    signal). The live curves show progress instead; a terminal run keeps its tqdm bar."""
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer.remove_callback(NotebookProgressCallback)
+    return trainer
+
+
 def save_adapter(model, tok, folder: Path) -> Path:
     """The LoRA adapter (its adapter_config.json names the base folder) and the tokenizer, moved in whole."""
     return atomic_write_dir(folder, lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
@@ -185,6 +213,15 @@ def length_report(tok, pairs: Sequence[PreferencePair], max_length: int) -> dict
     return report
 
 
+def length_notice(split: str, report: dict[str, int], max_length: int) -> str:
+    """One line on the pairs of `report` (from `length_report`) that do not fit max_length; "" when all fit."""
+    dropped, cut = report["dropped_prompt_too_long"], report["truncated"]
+    parts = ([f"{cut} of {report['pairs']} are longer than max_length={max_length} tokens (prompt + reply) and "
+              f"TRL keeps their first {max_length}"] if cut else []) + \
+            ([f"{dropped} of {report['pairs']} are dropped, their prompt alone filling it"] if dropped else [])
+    return f"DPO {split} pairs: {'; '.join(parts)} (raise max_length to keep them whole)." if parts else ""
+
+
 # --- config and training ----------------------------------------------------------------------------------
 
 def trl_kwargs(cfg: DPOStageConfig, output_dir: str | Path, with_eval: bool = False) -> dict[str, Any]:
@@ -226,12 +263,14 @@ def build_trainer(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, tr
     trainer = DPOTrainer(model=model, ref_model=None, args=build_trl_config(cfg, out / "checkpoints", bool(eval_pairs)),
                          train_dataset=to_dataset(train_pairs), eval_dataset=to_dataset(eval_pairs) if eval_pairs else None,
                          processing_class=tok, peft_config=lora, callbacks=[MetricsCallback(logger, on_row), *callbacks])
-    return trainer, logger
+    return without_notebook_progress(trainer), logger
 
 
+@quiet_datasets()
 def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_pairs: Sequence[PreferencePair],
               eval_pairs: Sequence[PreferencePair] | None = None, on_row=None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train, evaluate on `eval_pairs`, save `adapter/`, write `summary.json`; returns the summary.
+    """Train, evaluate on `eval_pairs` (every `eval_steps` steps, and once at the end), save `adapter/`, write
+    `summary.json`; returns the summary.
 
     `policy_path` is the SFT model folder (or the base model's name when there is none); `on_row(row)` gets
     every metrics row (a live plot's `update`); `callbacks` are extra transformers TrainerCallbacks."""
@@ -248,16 +287,18 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     if eval_pairs:
         lengths["eval"] = length_report(tok, eval_pairs, cfg.max_length)
     for split, rep in lengths.items():
-        if rep["dropped_prompt_too_long"] or rep["truncated"]:
-            print(f"DPO {split} pairs: {rep['dropped_prompt_too_long']} of {rep['pairs']} dropped (the prompt alone "
-                  f"fills max_length={cfg.max_length}), {rep['truncated']} truncated to it; raise max_length to keep them")
+        said = length_notice(split, rep, cfg.max_length)
+        if said:
+            print(said)
     if len(trainer.train_dataset) != len(train_pairs) - lengths["train"]["dropped_prompt_too_long"]:
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(train_pairs)} training pairs, but "
                            f"{lengths['train']} predicted otherwise: TRL's preprocessing changed; update length_report")
     result = train_or_restore(trainer, ckpt)
-    evals = {k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()} if eval_pairs else {}
     model = trainer.model
     adapter = save_adapter(model, tok, out / "adapter")
+    cost = clock.facts()  # what producing the model took: the closing evaluation below is not part of it
+    evaluated = time.perf_counter()
+    evals = {k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()} if eval_pairs else {}
     rows = [r for r in logger.rows if "rewards/margins" in r]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     steps = trainer.state.global_step
@@ -267,10 +308,11 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
         "pairs_seen": steps * cfg.pairs_per_step, "samples_seen": 2 * steps * cfg.pairs_per_step,
         "train_loss_first": first.get("train/loss"), "train_loss_last": last.get("train/loss"),
         "margin_first": first.get("rewards/margins"), "margin_last": last.get("rewards/margins"),
-        "accuracy_last": last.get("rewards/accuracies"),
+        "accuracy_last": last.get("rewards/accuracies"), "learning_rate_first": first.get("train/learning_rate"),
+        "margin_halves": half_means(rows, "rewards/margins"), "accuracy_halves": half_means(rows, "rewards/accuracies"),
         "eval_margin": evals.get("eval/rewards/margins"), "eval_accuracy": evals.get("eval/rewards/accuracies"),
-        "eval_loss": evals.get("eval/loss"), "train_runtime_s": result.metrics.get("train_runtime"),
-        **clock.facts(), "parameters": count_parameters(model),
+        "eval_loss": evals.get("eval/loss"), "eval_time_s": time.perf_counter() - evaluated,
+        "train_runtime_s": result.metrics.get("train_runtime"), **cost, "parameters": count_parameters(model),
         "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
     logger.summary(summary)

@@ -592,8 +592,9 @@ ONLINE_STAGES = ("ppo", "grpo", "rloo")
 """Stages that sample while training and log `objective/scores` (proxy) and `objective/gold` per step."""
 
 
-def gold_proxy_over_training(run_dir: str | os.PathLike, **parting_kw) -> dict[str, dict]:
-    """For each online stage with a metrics.jsonl: its gold/proxy series (`training_series` of
+def gold_proxy_over_training(run_dir: str | os.PathLike, stages: Sequence[str] = ONLINE_STAGES,
+                             **parting_kw) -> dict[str, dict]:
+    """For each online stage of `stages` with a metrics.jsonl: its gold/proxy series (`training_series` of
     objective/gold and objective/scores, with objective/kl beside them, None where not logged) and its
     `parting_point` (or None).
 
@@ -603,7 +604,7 @@ def gold_proxy_over_training(run_dir: str | os.PathLike, **parting_kw) -> dict[s
     from .tracking import read_metrics
 
     out = {}
-    for stage in ONLINE_STAGES:
+    for stage in stages:
         path = resolve_run_dir(run_dir) / stage / "metrics.jsonl"
         if not path.exists():
             continue
@@ -653,6 +654,87 @@ def parting_note(series: dict) -> str:
     return (f"the proxy did not rise (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold "
             f"{t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed}): the policy did not climb the reward model's "
             f"score, so nothing was over-optimised and there is no parting point to see")
+
+
+def _tail_mean(rows: Sequence[dict], key: str, k: int) -> float | None:
+    """Mean of `key` over the last `k` rows that hold it (None when none does)."""
+    values = [float(r[key]) for r in rows if r.get(key) is not None][-k:]
+    return sum(values) / len(values) if values else None
+
+
+def _change(halves: dict, name: str, digits: int = 2) -> str:
+    """'a → b (change ± se)' of a `tracking.half_means` result, with whether the change clears two standard
+    errors."""
+    if halves.get("change") is None:
+        return f"{name}: too few steps to compare halves"
+    se = halves.get("change_se")
+    text = (f"{name} {halves['first_half']:.{digits}f} → {halves['second_half']:.{digits}f} "
+            f"({halves['change']:+.{digits}f}" + (f" ± {se:.{digits}f})" if se is not None else ")"))
+    if se is not None and abs(halves["change"]) <= 2 * se:
+        text += ", within two standard errors of no change"
+    return text
+
+
+def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: dict, ppo_rows: Sequence[dict],
+                wins: dict, *, max_new_tokens: int, note: str | None = None, tail: int = 4) -> str:
+    """What one PPO run did, in Markdown bullets built from its numbers (notebook 04 prints it): the trend of
+    the optimised score, of the reward model's own score and of gold over training (second half of the steps
+    against the first); the KL in training and on held-out prompts, each said with what it measures; whether
+    the updates were large enough to be clipped; how much the value head predicts; gold on held-out prompts
+    against SFT with its interval and the prompts won, tied and lost; and `note`, the reward-hacking verdict
+    (`parting_note`). `rows`: the stage's metrics.jsonl rows; `cfg`: its PPOConfig; `ppo_rows`: the
+    evaluation rows of the PPO policy (for the KL's standard error); `wins`: `paired_win_rate` of PPO against
+    SFT; `max_new_tokens`: the evaluation's reply limit."""
+    from .tracking import half_means
+
+    steps, eos = len(rows), _tail_mean(rows, "response/eos_frac", len(rows))
+    lines = [f"- **Training.** {steps} steps of {cfg.batch_size} replies of up to {cfg.response_length} tokens. "
+             f"The score PPO optimised (`objective/scores`) is the reward model's score minus "
+             f"{cfg.missing_eos_penalty:g} for a reply that never ended"
+             + (f", and {1 - eos:.0%} of the training replies never did" if eos is not None else "") + ". "
+             f"From the first half of the steps to the second: {_change(half_means(rows, 'objective/scores'), 'score')}; "
+             f"{_change(half_means(rows, 'objective/raw_scores'), 'the reward model alone')}; "
+             f"{_change(half_means(rows, 'objective/gold'), 'gold on the same replies', 3)}."]
+    kl_tail, kl_last = _tail_mean(rows, "objective/kl", tail), rows[-1].get("objective/kl") if rows else None
+    kl_sem = _sem([r.get("kl") for r in ppo_rows])
+    if kl_tail is not None:
+        lines.append(
+            f"- **KL.** In training, the sampled Σ_t (log π − log π_ref) of a reply, averaged over the last "
+            f"{min(tail, steps)} steps: {kl_tail:.2f} nats (the last step alone: {kl_last:.2f}; one batch of "
+            f"{cfg.batch_size} swings widely). On the held-out prompts, replies of up to {max_new_tokens} tokens: "
+            f"{ppo_metrics['kl_mean']:.2f}" + (f" ± {kl_sem:.2f}" if kl_sem is not None else "") +
+            " nats per reply. The two differ in prompts and in length: a longer reply sums more tokens.")
+    clip, approx = _tail_mean(rows, "policy/clipfrac_avg", steps), _tail_mean(rows, "policy/approxkl_avg", steps)
+    if clip is not None:
+        small = clip < 0.01
+        lines.append(
+            f"- **Update size.** The clip fraction averaged {clip:.3f} over the run and the KL of each update "
+            f"(`policy/approxkl_avg`) {approx:.1e} nats a token. "
+            + ("Updates this small never reach the clip range: the clipping and the extra epochs changed "
+               "nothing, and each update was in effect a plain policy-gradient step. A higher learning rate "
+               "moves further (and, at this budget, no nearer gold: see the notes below)."
+               if small else "Clipping was at work: a clip fraction of a few percent up to about 0.2 is usual."))
+    ev = _tail_mean(rows, "val/explained_variance", tail)
+    if ev is not None:
+        lines.append(
+            f"- **Value head.** Over the last {min(tail, steps)} steps it explained {ev:.2f} of the variance of "
+            "the returns of fresh rollouts (1: it predicts them; 0: no better than their mean). "
+            + ("Near 0, the advantages are the returns minus a batch mean, as in REINFORCE with a baseline."
+               if ev < 0.2 else "It has learned part of what a reply will score."))
+    lo, hi = wins["gain_ci_low"], wins["gain_ci_high"]
+    verdict = ("PPO raised gold over SFT on these prompts" if lo > 0 else
+               "PPO lowered gold below SFT on these prompts, beyond the interval" if hi < 0 else
+               "this run cannot tell PPO from SFT by gold on these prompts (the interval holds 0)")
+    lines.append(
+        f"- **Held-out prompts.** Gold {sft_metrics['gold_mean']:.3f} (SFT) → {ppo_metrics['gold_mean']:.3f} (PPO), "
+        f"a gain of {wins['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] (bootstrap 95% over {wins['n']} prompts): {verdict}. "
+        f"PPO won {wins['wins']}, tied {wins['ties']} and lost {wins['losses']} of the prompts; the win rate "
+        f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] counts a tie as half a win"
+        + (", and counts wins, not their size: so it can leave out 0.5 while the gain's interval holds 0."
+           if lo <= 0 <= hi and not wins["ci_low"] <= 0.5 <= wins["ci_high"] else "."))
+    if note:
+        lines.append(f"- **Reward hacking?** {note[0].upper() + note[1:]}.")
+    return "\n".join(lines)
 
 
 CURVE_KEYS = {

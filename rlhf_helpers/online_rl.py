@@ -3,11 +3,15 @@
 Both sample a *group* of `num_generations` replies per prompt from the current policy, score them with the
 reward, and use the group itself as the baseline, so neither needs a value network (PPO's critic):
 - GRPO (Shao et al. 2024, the algorithm of the Flux tutorial): advantage A_i = (r_i − mean_g r) / std_g r,
-  a clipped PPO-style ratio loss per token, and β·KL(π‖π_ref) added to the loss (the k3 estimator
-  exp(Δ) − Δ − 1 with Δ = log π_ref − log π, always ≥ 0).
+  a clipped PPO-style ratio loss per token (averaged over each reply's tokens, then over replies), and
+  β·KL(π‖π_ref) added to that per-token loss (the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π,
+  always ≥ 0).
 - RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, r_i − β·Σ_t (log π − log π_ref)_t
-  (the sequence k1 estimate), and the advantage is r_i minus the mean reward of the *other* replies to the
-  same prompt (leave-one-out).
+  (the sampled log-ratio summed over the reply, which can be negative on a batch), and the advantage is r_i
+  minus the mean reward of the *other* replies to the same prompt (leave-one-out). That advantage is
+  K/(K−1)·(r_i − mean_g r) for groups of K: GRPO's with scale_rewards="none", times a constant. TRL's RLOO
+  also takes one probability ratio per reply (its summed log-probability), not one per token.
+So the same β is not the same leash: a per-token k3 term in GRPO's loss, a summed log-ratio in RLOO's reward.
 In TRL 1.16 both call the KL coefficient `beta` (GRPOConfig's default is 0, which loads no reference and
 logs no KL; ours is above zero). The policy is the SFT model with a fresh LoRA adapter that TRL adds from
 our peft config, and the reference is that model with the adapter disabled.
@@ -23,7 +27,9 @@ Metrics, one row per logged step in `run_dir/<stage>/metrics.jsonl`: TRL's keys 
   objective/raw_scores      the same before the missing-EOS penalty (as PPO's)
   response/eos_frac         share of the step's replies that ended
   objective/gold            mean gold reward of the step's samples                (rewards/gold/mean)
-  objective/kl_per_token    TRL's `kl`: mean over completion tokens of the per-token KL estimate
+  objective/kl_per_token    TRL's `kl` (train/kl): mean over completion tokens of the per-token KL estimate
+                            (GRPO's k3, ≥ 0; RLOO's sampled log-ratio, which can be < 0); GRPO's loss is
+                            about β times this, since its policy term averages to 0 on-policy
   objective/kl              sequence KL, objective/kl_per_token · completions/mean_length, comparable with
                             PPO's objective/kl (the mean over samples of Σ_t of the per-token estimate)
   objective/kl_coef         β
@@ -44,7 +50,7 @@ from transformers import TrainerCallback
 
 from .callbacks import ClockCallback, namespaced, train_or_restore
 from .config import DEFAULT_MODEL
-from .dpo import precision_flags, save_adapter
+from .dpo import precision_flags, quiet_datasets, save_adapter, without_notebook_progress
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
@@ -70,7 +76,8 @@ class OnlineRLConfig:
     beta: float = 0.05
     """KL coefficient β (> 0 keeps the policy near the reference and logs the KL; 0 drops both)."""
     learning_rate: float = 1e-4
-    """AdamW learning rate of the LoRA adapter (as our PPO's)."""
+    """AdamW learning rate of the LoRA adapter (the profiles may set another, and PPO's may differ: see
+    notebook 05's settings table)."""
     max_steps: int = 50
     """Optimizer steps; each samples a fresh batch (one generation per step)."""
     batch_size: int = 16
@@ -315,9 +322,10 @@ def build_trainer(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pr
                           args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(prompts),
                           processing_class=tok, peft_config=lora,
                           callbacks=[OnlineRLMetricsCallback(logger, cfg.beta, on_row), *callbacks])
-    return trainer
+    return without_notebook_progress(trainer)
 
 
+@quiet_datasets()
 def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, prompts: Sequence[str | list[dict]],
                  reward: RewardFunction, gold: RewardFunction | None = None, on_row=None,
                  callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -353,9 +361,12 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
         "kl_last": last.get("objective/kl"), "kl_per_token_last": last.get("objective/kl_per_token"),
         "length_mean_last": last.get("completions/mean_length"),
-        "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_last": last.get("response/eos_frac"),
+        "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_first": first.get("response/eos_frac"),
+        "eos_frac_last": last.get("response/eos_frac"), "max_completion_length": cfg.max_completion_length,
         "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
         "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
+        "raw_scores_halves": half_means(rows, "objective/raw_scores"),
+        "eos_frac_halves": half_means(rows, "response/eos_frac"),
         "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }

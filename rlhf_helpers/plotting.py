@@ -262,9 +262,19 @@ def bayes_ceiling_curve(ceilings, current_temperature=None):
 
 # --- training curves ---------------------------------------------------------------------------------
 
+METRIC_UNITS = {
+    "objective/kl": "nats per reply", "objective/entropy": "nats per reply", "policy/entropy_avg": "nats per token",
+    "policy/approxkl_avg": "nats per token", "response/length_mean": "tokens", "objective/scores": "reward",
+    "objective/raw_scores": "reward", "objective/gold": "gold (0 to 1)", "policy/clipfrac_avg": "share of tokens",
+    "val/clipfrac_avg": "share of tokens", "response/eos_frac": "share of replies",
+    "val/explained_variance": "share of variance", "train/loss": "loss", "eval/loss": "loss",
+}
+"""The y-axis title `metric_curves` gives a metric key (keys not listed get none)."""
+
+
 def metric_curves(rows, keys, title="Training curves", x="step", cols=3):
     """One line per metric key present in `rows` (dicts from metrics.jsonl), each on its own subplot,
-    `cols` subplots to a row."""
+    `cols` subplots to a row, the y axis titled with the key's unit (`METRIC_UNITS`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -277,7 +287,8 @@ def metric_curves(rows, keys, title="Training curves", x="step", cols=3):
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=key,
                                  showlegend=False), row=i // n_cols + 1, col=i % n_cols + 1)
         fig.update_xaxes(title_text=x, row=i // n_cols + 1, col=i % n_cols + 1)
-    fig.update_layout(height=60 + 260 * n_rows, title=title, margin=dict(l=40, r=20, t=70, b=40))
+        fig.update_yaxes(title_text=METRIC_UNITS.get(key), row=i // n_cols + 1, col=i % n_cols + 1)
+    fig.update_layout(height=60 + 260 * n_rows, title=title, margin=dict(l=60, r=20, t=70, b=40))
     return fig
 
 
@@ -349,7 +360,7 @@ def rise_table(summary):
     (`scores_halves` and `gold_halves`, from `tracking.half_means`)."""
     import pandas as pd
 
-    return pd.DataFrame({"proxy (objective/scores)": summary["scores_halves"],
+    return pd.DataFrame({"proxy minus missing-EOS penalty (objective/scores)": summary["scores_halves"],
                          "gold (objective/gold)": summary["gold_halves"]}).T.round(3)
 
 
@@ -614,23 +625,29 @@ def implicit_reward_scatter(rm_margin, dpo_margin, hover=None, x_title="reward-m
 
 
 def cost_figure(table, reference="sft"):
-    """Gold reward against training wall time, one marker per method sized by peak memory; the reference's
-    gold reward as a dotted line. `table`: rows of `comparison.comparison_table`."""
+    """Gold reward against training seconds per sample, one marker per method sized by the memory its stage
+    added to what the process held; the reference's gold reward as a dotted line. Per sample, because the
+    methods ran at different budgets (a DPO sample is one reply of a pair, scored, not sampled). `table`:
+    rows of `comparison.comparison_table`."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     ref = next((r for r in table if r["policy"] == reference), None)
-    rows = [r for r in table if r["policy"] != reference and r.get("wall_time_s") is not None and r.get("gold") is not None]
-    peak = max((r.get("peak_memory_mb") or 0 for r in rows), default=0) or 1
+    rows = [r for r in table if r["policy"] != reference and r.get("seconds_per_sample") is not None
+            and r.get("gold") is not None]
+    most = max((r.get("memory_added_mb") or 0 for r in rows), default=0) or 1
     for r in rows:
+        added = r.get("memory_added_mb")
         fig.add_trace(go.Scatter(
-            x=[r["wall_time_s"]], y=[r["gold"]], mode="markers+text", text=[r["policy"]], textposition="top center",
-            name=r["policy"], marker=dict(size=12 + 28 * (r.get("peak_memory_mb") or 0) / peak,
-                                          color=POLICY_COLORS.get(r["policy"])),
-            hovertemplate=f"{r['policy']}: %{{x:.0f}} s, gold %{{y:.3f}}, peak {r.get('peak_memory_mb') or 0:.0f} MB"
-                          f", {r.get('samples_seen')} samples<extra></extra>"))
+            x=[r["seconds_per_sample"]], y=[r["gold"]], mode="markers+text", text=[r["policy"]],
+            textposition="top center", name=r["policy"],
+            marker=dict(size=12 + 28 * max(added or 0, 0) / most, color=POLICY_COLORS.get(r["policy"])),
+            hovertemplate=f"{r['policy']}: %{{x:.1f}} s per sample, gold %{{y:.3f}}, "
+                          + (f"{added:.0f} MB added" if added is not None else "memory not recorded")
+                          + f", {r.get('samples_seen')} samples in {r.get('wall_time_s') or 0:.0f} s<extra></extra>"))
     if ref and ref.get("gold") is not None:
         fig.add_hline(y=ref["gold"], line=dict(color="gray", dash="dot"), annotation_text=reference)
-    fig.update_layout(height=380, title="What each method bought, and what it cost (marker size: peak memory)",
-                      xaxis_title="training wall time (s)", yaxis_title="mean gold reward on held-out prompts")
+    fig.update_layout(height=380, title="What each method bought, and its cost per training sample, at these budgets "
+                                        "(marker size: memory the stage added)",
+                      xaxis_title="training seconds per sample", yaxis_title="mean gold reward on held-out prompts")
     return fig

@@ -34,11 +34,15 @@ Metrics, one row per step in `run_dir/ppo/metrics.jsonl` (TRL's names where TRL 
   loss/value_avg             ½·mean_t max((V−R)², (V_clip−R)²)
   val/clipfrac_avg           share of tokens whose value loss took the clipped branch
   val/ratio                  mean_t ρ
+  val/explained_variance     1 − Var(R − V)/Var(R) over the rollout's tokens, V from before the update: 1 is a
+                             value head that predicts the returns of fresh samples, 0 one no better than their
+                             mean (the zero-initialised head scores exactly 0 at step 1), below 0 worse
   response/length_mean       mean response length in tokens (EOS included)
   response/eos_frac          share of responses that reached EOS
   tokens/generated           response tokens generated this step (EOS included, padding not)
   time/rollout_s, time/score_s, time/forward_s, time/update_s, time/step_s   wall-clock seconds
-Sample generations go to `run_dir/ppo/samples.jsonl` at step 1 and every `sample_every` steps.
+Sample generations go to `run_dir/ppo/samples.jsonl` at step 1 and every `sample_every` steps, each with
+its raw score, score, sequence KL, whether it ended, and every monitor's reward of it (`gold`).
 Checkpoints: `run_dir/ppo/checkpoints/step-N/` (adapter/, value_head.pt, optimizer.pt, trainer_state.json,
 elapsed.json: the seconds spent so far, so a resumed run reports what the whole run cost).
 """
@@ -186,6 +190,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp_min(1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var(returns − values) / Var(returns) over the positions where `mask` is true: the share of the
+    returns' variance that the value estimates account for (NaN when the returns do not vary)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values
+    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return 1 - var_error / var_returns if var_returns > 0 else torch.tensor(float("nan"))
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -468,7 +481,7 @@ class Experience:
     rewards: torch.Tensor  # −β·kl_t, plus the score on the last real token
     advantages: torch.Tensor  # GAE, whitened when cfg.whiten_advantages
     returns: torch.Tensor  # advantages (before whitening) + values: the value targets
-    watched: dict[str, float]  # objective/<name>: mean of each monitor reward (logged, never optimised)
+    watched: dict[str, torch.Tensor]  # (B,) per monitor name: its reward of each reply (logged, never optimised)
     timings: dict[str, float]  # time/rollout_s, time/score_s, time/forward_s
 
 
@@ -485,7 +498,7 @@ def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts
     if raw.shape != (len(prompts),):
         raise ValueError(f"reward_fn returned {tuple(raw.shape)} scores for {len(prompts)} responses")
     scores = apply_missing_eos_penalty(raw, ro.has_eos, cfg.missing_eos_penalty)  # (B,)
-    watched = {f"objective/{name}": float(torch.as_tensor(fn(prompts, ro.texts), dtype=torch.float32).mean())
+    watched = {name: torch.as_tensor(fn(prompts, ro.texts), dtype=torch.float32).reshape(-1)
                for name, fn in (monitors or {}).items()}
     t2 = time.perf_counter()
     chunk = chunk or cfg.mini_batch_size
@@ -599,7 +612,9 @@ class PPOTrainer:
             "objective/kl": seq_kl.mean(), "objective/kl_coef": kl_coef, "objective/scores": exp.scores.mean(),
             "objective/raw_scores": exp.raw_scores.mean(), "objective/non_score_reward": (-kl_coef * seq_kl).mean(),
             "objective/rlhf_reward": exp.scores.mean() - kl_coef * seq_kl.mean(),
-            "objective/entropy": (-exp.logprobs * mask).sum(dim=1).mean(), **exp.watched, **update,
+            "objective/entropy": (-exp.logprobs * mask).sum(dim=1).mean(),
+            **{f"objective/{name}": each.mean() for name, each in exp.watched.items()}, **update,
+            "val/explained_variance": explained_variance(exp.values, exp.returns, mask),
             "response/length_mean": mask.sum(dim=1).float().mean(),
             "response/eos_frac": exp.rollout.has_eos.float().mean(), "tokens/generated": int(mask.sum()),
             **exp.timings, "time/update_s": t4 - t3, "time/step_s": time.perf_counter() - t0,
@@ -608,7 +623,7 @@ class PPOTrainer:
         self.step_count = step
         self.logger.log(step, **metrics)
         if cfg.sample_every and cfg.n_samples and (step == 1 or step % cfg.sample_every == 0):
-            self._write_samples(step, exp.rollout, exp.raw_scores, exp.scores, seq_kl)
+            self._write_samples(step, exp, seq_kl)
         for fn in self._callbacks:
             fn(step, metrics)
         return metrics
@@ -636,11 +651,13 @@ class PPOTrainer:
                 self.minibatch_stats.append(stats)
         return {k: sum(s[k] for s in self.minibatch_stats) / len(self.minibatch_stats) for k in self.minibatch_stats[0]}
 
-    def _write_samples(self, step: int, ro: Rollout, raw, scores, seq_kl) -> None:
+    def _write_samples(self, step: int, exp: Experience, seq_kl) -> None:
+        ro = exp.rollout
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for i in range(min(self.cfg.n_samples, len(ro.texts))):
-                row = {"step": step, "prompt": ro.prompts[i], "response": ro.texts[i], "raw_score": raw[i],
-                       "score": scores[i], "kl": seq_kl[i], "has_eos": bool(ro.has_eos[i])}
+                row = {"step": step, "prompt": ro.prompts[i], "response": ro.texts[i],
+                       "raw_score": exp.raw_scores[i], "score": exp.scores[i], "kl": seq_kl[i],
+                       "has_eos": bool(ro.has_eos[i]), **{name: each[i] for name, each in exp.watched.items()}}
                 f.write(json.dumps(_jsonable(row)) + "\n")
 
     def _drop_after(self, step: int) -> None:

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.utils.notebook import NotebookProgressCallback
 
 from rlhf_helpers.comparison import comparison_table, discussion
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import PreferencePair
 from rlhf_helpers.dpo import (
-    DPOStageConfig, PeakMemory, build_trainer, completion_ids, length_report, pair_implicit_margins, train_dpo,
+    DPOStageConfig, PeakMemory, build_trainer, completion_ids, length_notice, length_report, pair_implicit_margins,
+    quiet_datasets, train_dpo, without_notebook_progress,
 )
 from rlhf_helpers.dpo import build_trl_config as dpo_trl_config
 from rlhf_helpers.dpo import trl_kwargs as dpo_trl_kwargs
@@ -135,22 +137,30 @@ def test_discussion_is_written_from_the_numbers():
                 "n": 32}
     results = [row("sft", 0.50, 0.0, 0.0, None, None, None), row("dpo", 0.62, 0.4, 1.5, 0.70, 0.55, 0.85),
                row("grpo", 0.48, 0.9, 3.0, 0.45, 0.30, 0.60)]
-    costs = {"dpo": {"samples_seen": 320, "wall_time_s": 100.0, "peak_memory_mb": 900.0, "steps": 40},
+    costs = {"dpo": {"samples_seen": 320, "wall_time_s": 100.0, "peak_memory_mb": 900.0, "memory_at_start_mb": 600.0,
+                     "peak_memory_kind": "rss_peak_since_start", "steps": 40},
              "grpo": {"samples_seen": 96, "wall_time_s": 400.0, "peak_memory_mb": 1200.0, "steps": 12}}
     table = comparison_table(results, costs)
     assert table[1]["wall_time_s"] == 100.0 and table[0]["wall_time_s"] is None
+    # per sample: 100 s / 320 and 400 s / 96; memory above the start only where the start was recorded
+    assert table[1]["seconds_per_sample"] == 0.3125 and table[2]["seconds_per_sample"] == pytest.approx(400 / 96)
+    assert table[1]["memory_added_mb"] == 300.0 and table[2]["memory_added_mb"] is None
+    assert table[0]["seconds_per_sample"] is None and table[0]["memory_added_mb"] is None
     text = discussion(table, "sft")
     assert "**dpo** scored highest" in text and "0.620" in text and "[0.55, 0.85]" in text
     assert "Better than sft beyond the bootstrap interval: dpo" in text
     assert "Not distinguishable from sft" in text and "grpo" in text.split("Not distinguishable")[1]
     assert "over-optimisation: grpo" in text  # proxy up, gold down
-    assert "cheapest in time was dpo" in text
+    assert "cheapest per training sample was dpo" in text
+    assert "dpo 100 s for 320 training samples, 0.3 s each, 300 MB above its starting memory; grpo 400 s for 96 " \
+           "training samples, 4.2 s each." in text
+    assert "peak" not in text.split("**Cost")[1]  # a peak that includes earlier stages is not quoted
     assert "matched or beat the online methods" in text
     results[1] = row("dpo", 0.40, 0.4, 1.5, 0.30, 0.15, 0.45)  # change the numbers: the text follows
     results[2] = row("grpo", 0.55, 0.9, 3.0, 0.65, 0.52, 0.78)
     text = discussion(comparison_table(results, costs), "sft")
     assert "**grpo** scored highest" in text and "Worse than sft beyond the bootstrap interval: dpo" in text
-    assert "DPO took 25% of grpo's time" in text  # 100 s of 400 s
+    assert "Per training sample DPO took 8% of grpo's time" in text  # 0.3125 s of 4.17 s
     assert "grpo beat DPO on gold" in text
     assert "without losing gold reward: grpo (proxy +0.90, gold +0.050)" in text  # a rise gold shares
     results[1] = row("dpo", 0.548, 0.4, 1.5, 0.55, 0.40, 0.70)  # within GOLD_TIE of grpo: a tie, not a win
@@ -162,7 +172,7 @@ def test_discussion_is_written_from_the_numbers():
     text = discussion(comparison_table(results, costs), "sft")
     verdict = text.split("When each wins, by these numbers.")[1]
     assert "None, by gold: the best, grpo (+0.050 over sft, level with dpo), wins 0.55 [0.40, 0.70]" in verdict
-    assert "grpo took 4.0 times dpo's training time" in verdict  # the Cost paragraph has the seconds
+    assert "grpo took 4.2 s, 13.3 times dpo's 0.3 s" in verdict  # per sample, not the total budget
     assert "400 s" in text.split("When each wins")[0] and "400 s" not in verdict
     assert "the method to start with" not in verdict and "beat DPO" not in verdict and "paid off" not in verdict
     flat = [row("sft", 0.5, 0.1, 0.0, None, None, None), row("dpo", 0.5, 0.1, 0.0, 0.5, 0.5, 0.5)]
@@ -178,11 +188,13 @@ def test_discussion_is_written_from_the_numbers():
     assert "nothing yet to be gamed" in text
     assert "**rloo** scored highest" in text and "wins fewer than half of its comparisons" in text  # mean vs wins
     # a shared lead whose holders win under half; a count of wins and a size of gains that disagree; KL ± its error
-    tied = [row("sft", 0.5, 0.1, 0.0, None, None, None), {**row("grpo", 0.6, 0.1, 0.3, 0.45, 0.30, 0.60), "kl_sem": 0.1},
+    tied = [row("sft", 0.5, 0.1, 0.0, None, None, None),
+            {**row("grpo", 0.6, 0.1, 0.3, 0.45, 0.30, 0.60), "kl_sem": 0.1, "wins": 8, "ties": 13, "losses": 11},
             {**row("dpo", 0.598, 0.1, 0.9, 0.30, 0.15, 0.45), "gain": 0.098, "gain_ci_low": -0.02, "gain_ci_high": 0.2,
              "kl_sem": 0.2}]
     text = discussion(comparison_table(tied, costs), "sft")
     assert "is shared" in text and "Yet grpo, dpo win fewer than half of their comparisons" in text
+    assert "grpo (0.600, winning 0.45 [0.30, 0.60]; 8 won, 13 tied, 11 lost)" in text  # ties shown, not hidden
     assert "For dpo the two measures disagree: the gold gain's interval holds 0" in text
     assert "dpo moved furthest (KL 0.90 ± 0.20 nats per reply), grpo least (0.30 ± 0.10)" in text
 
@@ -272,7 +284,11 @@ def test_a_dpo_step_raises_the_margin_and_matches_trls_implicit_reward(tiny, tmp
     assert policy_checkpoints(tmp_path, "dpo")  # a TRL checkpoint-N adapter
     rows = read_metrics(tmp_path / "dpo" / "metrics.jsonl")
     assert rows[0]["step"] == 1 and rows[0]["rewards/margins"] == 0.0  # step 1 is scored before its update
-    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["margin_first"] == 0.0
+    saved = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert saved["margin_first"] == 0.0 and saved["eval_pairs"] == 2  # the held-out pairs it was scored on
+    assert saved["learning_rate_first"] == cfg.learning_rate  # no warm-up: step 1 learns
+    assert saved["eval_time_s"] > 0 and saved["wall_time_s"] > 0  # the closing evaluation is timed apart
+    assert set(saved["accuracy_halves"]) == {"first_half", "second_half", "change", "change_se"}
 
 
 @pytest.mark.slow
@@ -282,9 +298,15 @@ def test_dpo_tokenisation_and_drop_counts_match_trl(tiny, tmp_path):
     pairs = PAIRS[:2] + [long_prompt, long_reply]
     cfg = tiny_dpo_config(tiny, max_length=64)
     trainer, _ = build_trainer(cfg, tmp_path, tiny, pairs)
+    trainer.add_callback(NotebookProgressCallback)  # what a notebook kernel gets; the stage takes it out
+    without_notebook_progress(trainer)
+    assert not any(isinstance(c, NotebookProgressCallback) for c in trainer.callback_handler.callbacks)
     tok = trainer.processing_class
     report = length_report(tok, pairs, cfg.max_length)
     assert report == {"pairs": 4, "dropped_prompt_too_long": 1, "truncated": 1}
+    assert length_notice("train", report, 64) == (
+        "DPO train pairs: 1 of 4 are longer than max_length=64 tokens (prompt + reply) and TRL keeps their first 64; "
+        "1 of 4 are dropped, their prompt alone filling it (raise max_length to keep them whole).")
     assert len(trainer.train_dataset) == 3  # TRL dropped exactly the one we counted
     kept = [p for p in pairs if p is not long_prompt]
     for ex, pair in zip(trainer.train_dataset, kept):
@@ -424,4 +446,93 @@ def test_online_curves_compare_the_penalty_free_proxy(tmp_path):
     curves, per_step = online_curves(tmp_path)
     assert per_step == {"ppo": 8.0, "grpo": 8.0} and "rloo" not in curves
     assert [r["proxy reward"] for r in curves["ppo"]] == [0.1, 0.5] and curves["ppo"][1]["KL to reference (nats)"] == 0.3
-    assert curves["grpo"] == [{"step": 1, "proxy reward": 0.2, "gold reward": 0.6, "KL to reference (nats)": 0.0}]
+    assert curves["grpo"] == [{"step": 1, "proxy reward": 0.2, "gold reward": 0.6, "KL to reference (nats)": 0.0,
+                               "share of replies that ended": None}]
+
+
+# --- what the comparison shows beside the results ---------------------------------------------------------
+
+def _stage(tmp_path, stage, config, summary):
+    (tmp_path / stage).mkdir()
+    (tmp_path / stage / "config.json").write_text(json.dumps(config))
+    (tmp_path / stage / "summary.json").write_text(json.dumps(summary))
+
+
+def test_settings_table_shows_what_each_method_was_given(tmp_path):
+    from rlhf_helpers.comparison import settings_table
+
+    _stage(tmp_path, "dpo", {"learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup": 0.1, "max_length": 256,
+                             "beta": 0.1}, {"steps": 10, "pairs_seen": 40, "samples_seen": 80})
+    _stage(tmp_path, "grpo", {"learning_rate": 1e-3, "lr_scheduler": "constant", "warmup": 0.0, "beta": 0.05,
+                              "num_generations": 4, "num_iterations": 1, "max_completion_length": 64},
+           {"steps": 6, "prompts_seen": 12, "samples_seen": 48})
+    _stage(tmp_path, "rloo", {"learning_rate": 1e-3, "lr_scheduler": "constant", "beta": 0.0, "num_generations": 4,
+                              "num_iterations": 1, "max_completion_length": 64},
+           {"steps": 6, "prompts_seen": 12, "samples_seen": 48})
+    _stage(tmp_path, "ppo", {"learning_rate": 3e-4, "ppo_epochs": 2, "num_mini_batches": 1, "response_length": 64,
+                             "init_kl_coef": 0.05, "adaptive_kl": False}, {"steps": 16, "samples_seen": 128})
+    rows = {r["method"]: r for r in settings_table(tmp_path, ("dpo", "grpo", "rloo", "ppo", "missing"))}
+    assert list(rows) == ["dpo", "grpo", "rloo", "ppo"]  # a stage that did not run has no row
+    assert not (tmp_path / "missing").exists()  # and reading it made no folder
+    assert rows["ppo"]["learning rate"] == 3e-4 and rows["ppo"]["passes over each batch"] == 2
+    assert rows["ppo"]["prompts drawn"] == 128 and rows["ppo"]["replies per prompt"] == 1
+    assert rows["ppo"]["β"].startswith("0.05: per-token")
+    assert rows["grpo"]["prompts drawn"] == 12 and rows["grpo"]["replies per prompt"] == 4
+    assert rows["grpo"]["β"] == "0.05: k3 per token in the loss" and rows["grpo"]["token cap in training"] == "64 (reply)"
+    assert rows["rloo"]["β"] == "0: no KL term, no reference"
+    assert rows["dpo"]["prompts drawn"] == 40 and rows["dpo"]["training samples"] == 80
+    assert rows["dpo"]["schedule"] == "cosine, warm-up 0.1 of the steps" and rows["grpo"]["schedule"] == "constant"
+
+
+def test_within_prompt_agreement_ignores_each_prompts_level():
+    from rlhf_helpers.comparison import within_prompt_agreement
+
+    replies = [("p", "a", 3.0, 0.3), ("p", "b", 1.0, 0.1), ("p", "c", 2.0, 0.5),  # a>b agree, a>c no, c>b agree
+               ("q", "d", 0.0, 9.0), ("q", "e", 1.0, -9.0),                       # d<e disagree
+               ("q", "d", 0.0, 9.0),                                              # the same reply again: no pair
+               ("r", "f", 1.0, 0.0), ("r", "g", 1.0, 5.0)]                        # a tie: left out
+    assert within_prompt_agreement(replies) == (2 / 4, 4)
+    shifted = [(p, y, a, b + {"p": 100.0, "q": -50.0, "r": 0.0}[p]) for p, y, a, b in replies]
+    assert within_prompt_agreement(shifted) == (2 / 4, 4)  # a constant per prompt changes nothing
+    assert within_prompt_agreement([("p", "a", 1.0, 1.0)]) == (None, 0)
+
+
+def test_notes_read_their_numbers_from_the_summaries(tmp_path):
+    from rlhf_helpers.comparison import held_out_note, rise_table, rm_held_out_accuracy, truncation_note
+
+    assert rm_held_out_accuracy(tmp_path) is None  # notebook 03 has not run
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "summary.json").write_text(json.dumps(
+        {"eval_accuracy": 0.6057, "eval_accuracy_ci": [0.519, 0.692], "eval_pairs": 104}))
+    full = rm_held_out_accuracy(tmp_path)
+    assert full == {"accuracy": 0.6057, "ci_low": 0.519, "ci_high": 0.692, "pairs": 104}
+    note = held_out_note({"n_pairs": 24, "rm_pair_accuracy": 0.75, "dpo_pair_accuracy": 0.5}, full)
+    assert "reward model orders 0.75 as the annotator did and DPO 0.50" in note
+    assert "±0.20 (95%)" in note and "all 104 of its held-out pairs: **0.61 [0.52, 0.69]**" in note
+    summary = {"stage": "grpo", "steps": 6, "max_completion_length": 64, "eos_frac_first": 0.0, "eos_frac_last": 0.25,
+               "scores_halves": {"first_half": -0.9, "second_half": -1.5, "change": -0.6, "change_se": 0.65},
+               "raw_scores_halves": {"first_half": 0.1, "second_half": -0.5, "change": -0.6, "change_se": 0.6},
+               "eos_frac_halves": {"first_half": 0.2, "second_half": 0.25, "change": 0.05, "change_se": 0.2},
+               "gold_halves": {"first_half": 0.49, "second_half": 0.63, "change": 0.14, "change_se": 0.09}}
+    assert truncation_note(summary, 96) == ("grpo: replies that ended within the 64-token training cap: 0% at step 1, "
+                                            "25% at step 6; the others lost the missing-EOS penalty. The held-out "
+                                            "evaluation lets replies run to 96 tokens.")
+    assert "0% at its one step" in truncation_note({**summary, "steps": 1, "eos_frac_first": 0.0, "eos_frac_last": 0.0}, 96)
+    table = rise_table(summary)
+    assert table.loc["proxy − EOS penalty, optimised (objective/scores)", "change"] == -0.6
+    assert table.loc["replies that ended (response/eos_frac)", "second_half"] == 0.25
+    assert len(table) == 4
+
+
+def test_quiet_datasets_turns_the_bars_off_and_back_on():
+    import datasets
+
+    datasets.enable_progress_bars()
+    with quiet_datasets():
+        assert not datasets.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # off before: stays off
+    with quiet_datasets():
+        pass
+    assert not datasets.is_progress_bar_enabled()
+    datasets.enable_progress_bars()

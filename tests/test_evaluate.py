@@ -14,7 +14,8 @@ from plotly.offline import get_plotlyjs
 from rlhf_helpers import check_results
 from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, format_results, frontier_points,
                                    gold_proxy_over_training, line_gains, mc_kl, paired_win_rate, parting_point,
-                                   per_prompt_means, results_table, training_series, widest_disagreements,
+                                   per_prompt_means, ppo_reading, results_table, training_series,
+                                   widest_disagreements,
                                    win_outcomes, win_rate)
 from rlhf_helpers.report import build_report, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
@@ -337,6 +338,41 @@ def test_parting_notes_tell_a_proxy_that_never_rose_from_gold_keeping_pace(tmp_p
     _write_jsonl(tmp_path / "rloo" / "metrics.jsonl", [{"step": s, "objective/gold": g, "objective/scores": p}
                                                        for s, g, p in zip(steps, gold, proxy)])
     assert gold_proxy_over_training(tmp_path, window=1)["rloo"]["note"].startswith("gold stopped rising at step 10")
+    assert list(gold_proxy_over_training(tmp_path, stages=["ppo"])) == ["ppo"]  # notebook 04 reads its own stage
+
+
+def _ppo_rows(n, clip, score=lambda i: -1.0, kl=lambda i: 0.1 * i, ev=0.05):
+    return [{"step": i, "objective/scores": score(i), "objective/raw_scores": score(i) + 0.5, "objective/gold": 0.7,
+             "objective/kl": kl(i), "policy/clipfrac_avg": clip, "policy/approxkl_avg": 1e-4,
+             "response/eos_frac": 0.25, "val/explained_variance": ev} for i in range(1, n + 1)]
+
+
+def test_ppo_reading_says_what_the_run_did():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(batch_size=8, response_length=64, missing_eos_penalty=1.0)
+    sft, ppo = {"gold_mean": 0.75}, {"gold_mean": 0.71, "kl_mean": 0.68}
+    eval_rows = [{"kl": k} for k in (0.2, 0.6, 1.0, 0.9)]
+    wins = {"gain": -0.044, "gain_ci_low": -0.12, "gain_ci_high": 0.029, "n": 32, "wins": 6, "ties": 10,
+            "losses": 16, "win_rate": 0.34, "ci_low": 0.22, "ci_high": 0.48}
+    text = ppo_reading(_ppo_rows(16, 0.001), cfg, sft, ppo, eval_rows, wins, max_new_tokens=96, note="the proxy did not rise")
+    assert "16 steps of 8 replies of up to 64 tokens" in text and "75% of the training replies never did" in text
+    # training KL: the mean of the last 4 steps (1.3, 1.4, 1.5, 1.6), not the last step alone
+    assert "averaged over the last 4 steps: 1.45 nats (the last step alone: 1.60" in text
+    assert f"0.68 ± {np.std([0.2, 0.6, 1.0, 0.9], ddof=1) / 2:.2f} nats per reply" in text
+    assert "replies of up to 96 tokens" in text
+    assert "never reach the clip range" in text and "explained 0.05 of the variance" in text
+    assert "cannot tell PPO from SFT by gold on these prompts (the interval holds 0)" in text
+    assert "won 6, tied 10 and lost 16" in text and "it can leave out 0.5 while the gain's interval holds 0" in text
+    assert "score -1.00 → -1.00 (+0.00 ± 0.00)" in text
+    assert text.splitlines()[-1] == "- **Reward hacking?** The proxy did not rise."
+    rising = _ppo_rows(16, 0.08, score=lambda i: 0.1 * i)
+    text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain": 0.05, "gain_ci_low": 0.01}, max_new_tokens=96)
+    assert "score 0.45 → 1.25 (+0.80" in text and "within two standard errors" not in text.split(";")[0]
+    assert "Clipping was at work" in text and "PPO raised gold over SFT" in text and "Reward hacking" not in text
+    assert "leave out 0.5" not in text  # said only when the win rate's interval and the gain's disagree
+    text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain_ci_high": -0.01}, max_new_tokens=96)
+    assert "PPO lowered gold below SFT on these prompts, beyond the interval" in text
 
 
 # --- a fake run folder: report and results check ----------------------------------------------------------

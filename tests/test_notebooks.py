@@ -100,8 +100,11 @@ def check_ppo(run_dir: Path) -> None:
     assert s["steps"] >= 1 and s["reward"] == "rm"  # notebook 03 ran first, so PPO used its reward model
     rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, s["steps"] + 1))
-    for key in ("objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg", "loss/value_avg"):
+    for key in ("objective/scores", "objective/gold", "objective/kl", "policy/clipfrac_avg", "loss/value_avg",
+                "val/explained_variance"):
         assert all(key in r for r in rows), key
+    samples = read_metrics(run_dir / "ppo" / "samples.jsonl")
+    assert samples and all(0.0 <= r["gold"] <= 1.0 for r in samples)  # the gold judge beside each written reply
     assert (run_dir / "ppo" / "adapter" / "adapter_config.json").exists()
     assert s["eval_ppo"]["n"] == s["eval_sft"]["n"] >= 1 and s["eval_sft"]["kl_mean"] == 0.0
     assert 0.0 <= s["win_rate_vs_sft"]["win_rate"] <= 1.0

@@ -53,6 +53,23 @@ def test_rise_table_reads_both_halves_from_an_rl_summary():
             for i, (s, g) in enumerate([(0.0, 0.5), (1.0, 0.5), (2.0, 0.7), (4.0, 0.9)], start=1)]
     table = rise_table({"scores_halves": half_means(rows, "objective/scores"),
                         "gold_halves": half_means(rows, "objective/gold")})
-    assert list(table.index) == ["proxy (objective/scores)", "gold (objective/gold)"]
-    assert table.loc["proxy (objective/scores)", "change"] == 2.5  # (2 + 4) / 2 - (0 + 1) / 2
+    proxy = "proxy minus missing-EOS penalty (objective/scores)"
+    assert list(table.index) == [proxy, "gold (objective/gold)"]
+    assert table.loc[proxy, "change"] == 2.5  # (2 + 4) / 2 - (0 + 1) / 2
     assert table.loc["gold (objective/gold)", "change"] == 0.3  # rounded to 3 places
+
+
+def test_cost_figure_puts_methods_at_their_seconds_per_sample():
+    from rlhf_helpers.plotting import cost_figure
+
+    table = [{"policy": "sft", "gold": 0.70},
+             {"policy": "ppo", "gold": 0.71, "seconds_per_sample": 4.3, "memory_added_mb": 900.0, "wall_time_s": 550,
+              "samples_seen": 128},
+             {"policy": "dpo", "gold": 0.72, "seconds_per_sample": 1.4, "memory_added_mb": None, "wall_time_s": 110,
+              "samples_seen": 80},
+             {"policy": "grpo", "gold": 0.73, "seconds_per_sample": None, "wall_time_s": 160}]  # no cost: left out
+    fig = cost_figure(table)
+    assert [(t.name, t.x[0], t.y[0]) for t in fig.data] == [("ppo", 4.3, 0.71), ("dpo", 1.4, 0.72)]
+    assert fig.data[0].marker.size > fig.data[1].marker.size  # the marker grows with the memory added
+    assert "memory not recorded" in fig.data[1].hovertemplate
+    assert fig.layout.xaxis.title.text == "training seconds per sample"

@@ -13,7 +13,7 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.models import attach_lora, default_lora_config, reference_model
 from rlhf_helpers.ppo import (
     AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
-    compute_gae, forward_logprobs_values, generation_config, list_checkpoints, logprobs_and_entropy,
+    compute_gae, explained_variance, forward_logprobs_values, generation_config, list_checkpoints, logprobs_and_entropy,
     masked_mean, masked_whiten, per_token_rewards, ppo_losses, response_mask_from_eos, rollout,
 )
 from rlhf_helpers.tracking import read_json, read_metrics
@@ -119,6 +119,20 @@ def test_masked_mean_and_whiten_use_valid_tokens_only():
     assert torch.all(white[~mask] == 0)
     kept = masked_whiten(values, mask, shift_mean=False)  # reward whitening: scale only
     assert torch.allclose(kept[mask], expected + valid.mean(), atol=1e-5)
+
+
+def test_explained_variance_over_valid_tokens():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    values = torch.tensor([[1.5, 2.0, 2.0, -9.0], [4.0, 4.0, 9.0, 9.0]])
+    r, v = returns[mask], values[mask]
+    expected = 1 - ((r - v) - (r - v).mean()).pow(2).mean() / (r - r.mean()).pow(2).mean()
+    assert explained_variance(values, returns, mask).item() == pytest.approx(expected.item())
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)  # perfect predictions
+    assert explained_variance(torch.zeros_like(returns), returns, mask).item() == pytest.approx(0.0)
+    assert explained_variance(returns + 3, returns, mask).item() == pytest.approx(1.0)  # an offset costs nothing
+    assert explained_variance(-returns, returns, mask).item() < 0  # worse than predicting the mean
+    assert math.isnan(explained_variance(values, torch.ones_like(returns), mask).item())
 
 
 def test_logprobs_match_a_loop():
@@ -347,6 +361,7 @@ def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tm
     lora = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
     m = trainer.step()
     assert abs(m["objective/kl"]) < 1e-6  # lora_B = 0: the policy is the reference before any update
+    assert m["val/explained_variance"] == pytest.approx(0.0, abs=1e-6)  # the head starts at V = 0
     first = trainer.minibatch_stats[0]  # first mini-batch of the first epoch
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert first["policy/clipfrac_avg"] == 0.0 and first["policy/approxkl_avg"] < 1e-10
@@ -360,7 +375,7 @@ def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tm
     with reference_model(trainer.policy):  # and disabling it gives back the base model
         assert all(torch.equal(named[n], p) for n, p in base.items())
     for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "policy/approxkl_avg",
-                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "policy/entropy_avg",
+                "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/explained_variance", "policy/entropy_avg",
                 "response/length_mean", "response/eos_frac", "time/rollout_s", "time/score_s", "time/update_s",
                 "tokens/generated"):
         assert isinstance(m2[key], (int, float)), key
@@ -394,6 +409,10 @@ def test_monitors_are_logged_but_never_optimised(tmp_path):
     assert "objective/lower" not in a
     drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "objective/lower"))}
     assert drop(a) == drop(b)  # the same update with or without the monitor
+    samples = read_metrics(tmp_path / "b" / "ppo" / "samples.jsonl")  # each written reply with its monitor reward
+    assert samples and all(r["lower"] == pytest.approx(float(share_of_lowercase(None, [r["response"]])[0]))
+                           for r in samples)
+    assert "lower" not in read_metrics(tmp_path / "a" / "ppo" / "samples.jsonl")[0]
 
 
 def test_toy_reward_rises(tmp_path):

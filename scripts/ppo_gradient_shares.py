@@ -1,0 +1,101 @@
+"""How hard the value loss pulls on the policy's LoRA adapter, beside the policy loss, in notebook 04's PPO.
+
+    .venv/bin/python scripts/ppo_gradient_shares.py --run-dir runs/cpu [--profile cpu] [--reward rm|gold] \
+        [--from-checkpoint] [--rollouts 3]
+
+The value head shares the policy's backbone, so the value loss (× vf_coef) also trains the adapter. This
+samples `--rollouts` fresh rollouts of the profile's batch size and prints, for each, the norm of the
+gradient that the clipped policy loss and the weighted value loss each put on the adapter, and the cosine
+between the two. With `--from-checkpoint` the adapter and value head are those of run_dir's newest PPO
+checkpoint (as at the end of notebook 04's training); without it, the fresh adapter and the zero-initialised
+head of step 1. The last column is how much of the returns' variance the value head predicts on that rollout
+(`val/explained_variance`). Nothing is trained or written under run_dir (the trainer's folder is a temporary one).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def gradient_norms(policy, trainer, exp, cfg) -> dict[str, float]:
+    """Adapter-gradient norms of the policy loss and of vf_coef · value loss on one rollout, and their cosine."""
+    from rlhf_helpers.ppo import forward_logprobs_values, ppo_losses
+
+    ro = exp.rollout
+    adapter = [p for p in policy.parameters() if p.requires_grad]
+    logprobs, values, _ = forward_logprobs_values(policy, trainer.value_head, ro.query_response_ids,
+                                                  ro.attention_mask, ro.response_start, cfg.temperature)
+    grads = {}
+    for name, vf_only in (("policy", False), ("value", True)):
+        # vf_coef = 0 leaves the policy loss alone; for the value loss alone, subtract the policy loss
+        policy_loss, _ = ppo_losses(logprobs, exp.logprobs, exp.advantages, values, exp.values, exp.returns,
+                                    ro.response_mask, cfg.cliprange, cfg.cliprange_value, 0.0)
+        if vf_only:
+            total, _ = ppo_losses(logprobs, exp.logprobs, exp.advantages, values, exp.values, exp.returns,
+                                  ro.response_mask, cfg.cliprange, cfg.cliprange_value, cfg.vf_coef)
+            loss = total - policy_loss
+        else:
+            loss = policy_loss
+        grads[name] = torch.autograd.grad(loss, adapter, retain_graph=True, allow_unused=True)
+
+    def flat(gs):
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                          for g, p in zip(gs, adapter)])
+
+    gp, gv = flat(grads["policy"]), flat(grads["value"])
+    cos = float(gp @ gv / (gp.norm() * gv.norm())) if gv.norm() > 0 and gp.norm() > 0 else float("nan")
+    return {"policy": float(gp.norm()), "value": float(gv.norm()), "cosine": cos}
+
+
+def main(argv=None) -> int:
+    from rlhf_helpers.config import stage_config
+    from rlhf_helpers.data import train_prompts
+    from rlhf_helpers.gold import GoldJudge
+    from rlhf_helpers.online_rl import run_reward
+    from rlhf_helpers.ppo import (PPOConfig, PPOTrainer, as_tensor_reward, build_policy, explained_variance,
+                                  list_checkpoints, make_experience)
+    from rlhf_helpers.sft import sft_policy_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--reward", choices=("rm", "gold"), default="rm")
+    parser.add_argument("--from-checkpoint", action="store_true")
+    parser.add_argument("--rollouts", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    cfg = stage_config(PPOConfig, args.profile)
+    policy_path, _ = sft_policy_path(args.run_dir, cfg.model_name)
+    reward = run_reward(args.run_dir, cfg.dtype, cfg.device)[0] if args.reward == "rm" else GoldJudge()
+    policy, tok = build_policy(cfg, policy_path)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = PPOTrainer(policy, tok, as_tensor_reward(reward), cfg, scratch, train_prompts())
+        if args.from_checkpoint:
+            checkpoints = list_checkpoints(Path(args.run_dir) / "ppo")
+            if not checkpoints:
+                raise SystemExit(f"{args.run_dir}/ppo/checkpoints holds no checkpoint: run notebook 04 first")
+            step, newest = checkpoints[-1]
+            shutil.copytree(newest, trainer.out / "checkpoints" / newest.name)
+            trainer.resume()
+            print(f"from {newest} (step {step}); value head weight norm "
+                  f"{float(trainer.value_head.summary.weight.detach().norm()):.3f}")
+        print("| rollout | mean score | policy-loss gradient | vf_coef · value-loss gradient | cosine | "
+              "explained variance |")
+        print("|---|---|---|---|---|---|")
+        for i in range(1, args.rollouts + 1):
+            exp = make_experience(policy, trainer.value_head, tok, trainer.reward_fn, trainer._prompts_for(i), cfg,
+                                  trainer.kl_ctl.value, seed=10_000 + i)
+            norms = gradient_norms(policy, trainer, exp, cfg)
+            print(f"| {i} | {float(exp.scores.mean()):.3f} | {norms['policy']:.4f} | {norms['value']:.4f} | "
+                  f"{norms['cosine']:.3f} | "
+                  f"{float(explained_variance(exp.values, exp.returns, exp.rollout.response_mask)):.3f} |", flush=True)
+    print(f"max_grad_norm is {cfg.max_grad_norm}: a total norm below it is not clipped.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
