@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             # a bare generate call on the batch the next rollout samples, with its seed and the same policy (before
             # the step updates it): the same replies, so the two times differ only by what PPO's rollout adds
             step = trainer.step_count + 1
-            _, bare_tokens, bare = bare_generate_tokens_per_s(policy, tok, trainer._prompts_for(step), cfg,
+            _, bare_tokens, bare = bare_generate_tokens_per_s(policy, tok, trainer.prompts_for(step), cfg,
                                                                trainer._seed(step))
             m = trainer.step()
             inside = m["tokens/generated"] / m["time/rollout_s"]

@@ -194,7 +194,8 @@ sft_metrics
 #   to the reference. Judge the trend, not one step.
 # - `policy/clipfrac_avg`, the share of tokens whose update was clipped: a few percent up to about 0.2 is
 #   usual. Above ~0.3 the steps are too large for the clip range (lower the learning rate); near 0 they
-#   are so small that the clipping and the extra epochs change nothing.
+#   are so small that the clip never binds, and each of the `ppo_epochs` passes is a plain policy-gradient
+#   step.
 # - `policy/entropy_avg` falling fast means the policy is collapsing onto a few answers.
 # - `response/length_mean` drifting is the classic sign of the reward model liking length for its own sake.
 # - `val/explained_variance`, how much of the returns of each fresh rollout the value head predicts before

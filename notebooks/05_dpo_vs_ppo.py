@@ -182,7 +182,7 @@ grpo_summary = train_grpo(grpo_cfg, run_dir, policy_path, prompts, reward, gold,
 gc.collect()
 print({k: grpo_summary[k] for k in ("steps", "samples_seen", "kl_last", "kl_per_token_last")})
 print(comparison.truncation_note(grpo_summary, eval_cfg.max_new_tokens))
-comparison.rise_table(grpo_summary)  # mean over the first and the second half of the steps
+plotting.rise_table(grpo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 3. RLOO: leave one out
@@ -204,7 +204,7 @@ rloo_summary = train_rloo(rloo_cfg, run_dir, policy_path, prompts, reward, gold,
 gc.collect()
 print({k: rloo_summary[k] for k in ("steps", "samples_seen", "kl_last", "kl_per_token_last")})
 print(comparison.truncation_note(rloo_summary, eval_cfg.max_new_tokens))
-comparison.rise_table(rloo_summary)  # mean over the first and the second half of the steps
+plotting.rise_table(rloo_summary)  # mean over the first and the second half of the steps
 
 # %% [markdown]
 # ## 4. PPO, from notebook 04
@@ -245,8 +245,8 @@ pd.DataFrame(settings).set_index("method")
 # Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is
 # the training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is
 # the figure to compare. *Memory added* is the stage's peak memory above what the process held when the
-# stage began (on CPU the resident set of one process that runs every stage, so its peak alone would
-# mostly show what earlier stages left behind).
+# stage began (on CPU the resident set of the process: this notebook's for DPO, GRPO and RLOO, notebook
+# 04's for PPO), since a peak alone would mostly show what earlier stages left behind.
 
 # %%
 stages = [reference, "dpo", "grpo", "rloo", "ppo"]
@@ -277,9 +277,8 @@ plotting.cost_figure(table, reference)
 # %%
 curves, per_step = comparison.online_curves(run_dir)
 display(plotting.method_curves(curves, list(comparison.CURVE_KEYS), per_step))
-kl_low = {m: min(r["KL to reference (nats)"] for r in rows if r["KL to reference (nats)"] is not None)
-          for m, rows in curves.items() if any(r["KL to reference (nats)"] is not None for r in rows)}
-print("lowest training KL per method (nats per reply):", {m: round(v, 3) for m, v in kl_low.items()})
+print("lowest training KL per method (nats per reply):",
+      {m: round(v, 3) for m, v in comparison.lowest_kl(curves).items()})
 
 # %% [markdown]
 # ## 7. What these numbers say

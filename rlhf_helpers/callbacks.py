@@ -7,6 +7,7 @@ already have a namespace (`rewards/margins`, `objective/kl`) as they are.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from transformers import TrainerCallback
@@ -113,3 +114,28 @@ def train_or_restore(trainer, checkpoint: str | None):
     trainer.state.is_world_process_zero = trainer.is_world_process_zero()
     print(f"{checkpoint} already holds all {trainer.state.global_step} steps: loaded it, trained nothing more.")
     return TrainOutput(trainer.state.global_step, float("nan"), {"train_runtime": None})
+
+
+@contextmanager
+def quiet_datasets():
+    """The `datasets` progress bars off for a stage (usable as a decorator): under papermill a saved notebook
+    keeps a bar's first frame, "0%", in plain text, which reads as a hang. Restored afterwards."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def without_notebook_progress(trainer):
+    """Drop transformers' notebook progress table from `trainer`: it reads "Epoch 0/1" on a run of a fraction
+    of an epoch and prints the loss to 6 decimals ("-0.000000" for GRPO and RLOO, whose loss is no progress
+    signal). The live curves show progress instead; a terminal run keeps its tqdm bar."""
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer.remove_callback(NotebookProgressCallback)
+    return trainer

@@ -19,6 +19,7 @@ cap, β, samples) from each stage's config.json and summary.json, so that the bu
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -215,8 +216,9 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
             text.append(f"The cheapest per training sample was {fast['policy']}.")
         if any(r.get("memory_added_mb") is not None for r in costed) and \
                 any(str(r.get("peak_memory_kind") or "").startswith("rss") for r in costed):
-            text.append("Memory is the resident set of the one process that runs every stage, so each figure is "
-                        "what the stage added to what the process already held; it includes loading the models.")
+            text.append("On CPU, memory is a process's resident set, so each figure is what the stage added to what "
+                        "its process already held, loading the models included. DPO, GRPO and RLOO share notebook "
+                        "05's process; PPO's figure comes from notebook 04's.")
         if fast is not None and fast["policy"] == "dpo" and best["policy"] != "dpo" and best["ci_low"] > 0.5 \
                 and best.get("seconds_per_sample"):
             text.append(f"Per training sample DPO took {fast['seconds_per_sample'] / best['seconds_per_sample']:.0%} "
@@ -319,6 +321,14 @@ shows (runs logged before raw scores existed fall back to `objective/scores`). T
 before the token cap is what the penalty acts on."""
 
 
+def lowest_kl(curves: dict[str, list[dict]]) -> dict[str, float]:
+    """Each method's lowest training KL per reply in `online_curves` rows (methods that logged none are left
+    out): below 0 where the estimate is the sampled log-ratio of one batch, which can be negative."""
+    key = "KL to reference (nats)"
+    return {m: min(r[key] for r in rows if r[key] is not None)
+            for m, rows in curves.items() if any(r[key] is not None for r in rows)}
+
+
 def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "grpo", "rloo")
                   ) -> tuple[dict[str, list[dict]], dict[str, float]]:
     """({stage: rows with the CURVE_KEYS names}, {stage: samples per step}) for the stages that logged rows."""
@@ -342,8 +352,9 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
 
     Returns ({'dpo_margin', 'rm_margin'}: arrays, one entry per pair, chosen − rejected) and statistics: each
     one's agreement with the labels (share of positive margins), DPO's mean margin, Spearman's ρ between the
-    two margins, and `within_prompt_agreement` (see `within_prompt_agreement`). The two rewards of replies to
-    different prompts are not compared: DPO's level for a prompt, β·log Z(x), is not identified."""
+    two margins, and `within_prompt_agreement` with `within_prompt_comparisons` (`implicit_order_agreement`).
+    The two rewards of replies to different prompts are not compared: DPO's level for a prompt, β·log Z(x), is
+    not identified."""
     import numpy as np
 
     from .dpo import pair_implicit_margins
@@ -356,7 +367,7 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
     margins = {"dpo_margin": dpo_c - dpo_r, "rm_margin": rm_c - rm_r}
     replies = [(p.prompt, p.chosen, a, b) for p, a, b in zip(pairs, rm_c, dpo_c)] + \
               [(p.prompt, p.rejected, a, b) for p, a, b in zip(pairs, rm_r, dpo_r)]
-    agreement, compared = within_prompt_agreement(replies)
+    agreement, compared = implicit_order_agreement(replies)
     stats = {"dpo_pair_accuracy": float(np.mean(margins["dpo_margin"] > 0)),
              "rm_pair_accuracy": float(np.mean(margins["rm_margin"] > 0)),
              "dpo_mean_margin": float(np.mean(margins["dpo_margin"])),
@@ -365,23 +376,22 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
     return margins, stats
 
 
-def within_prompt_agreement(replies: Sequence[tuple[str, str, float, float]]) -> tuple[float | None, int]:
+def implicit_order_agreement(replies: Sequence[tuple[str, str, float, float]]) -> tuple[float | None, int]:
     """(share, count): over every two distinct replies to the same prompt, the share that two rewards order the
     same way, and how many such two-reply comparisons there were (a tie under either reward is left out).
-    `replies`: (prompt, reply, reward a, reward b). Only orders within a prompt are compared, because DPO's
+    `replies`: (prompt, reply, reward a, reward b), any number of replies per prompt, so DPO's pairs can be
+    compared with the reward model's scores; `evaluate.within_prompt_agreement` is the same idea for k replies
+    per prompt against gold, ties counting half. Only orders within a prompt are compared, because DPO's
     implicit reward is identified only up to a constant per prompt."""
     by_prompt: dict[str, dict[str, tuple[float, float]]] = {}
     for prompt, reply, a, b in replies:
         by_prompt.setdefault(prompt, {})[reply] = (float(a), float(b))
     agree = compared = 0
     for scored in by_prompt.values():
-        values = list(scored.values())
-        for i in range(len(values)):
-            for j in range(i + 1, len(values)):
-                da, db = values[i][0] - values[j][0], values[i][1] - values[j][1]
-                if da != 0 and db != 0:
-                    compared += 1
-                    agree += (da > 0) == (db > 0)
+        for (a1, b1), (a2, b2) in itertools.combinations(scored.values(), 2):
+            if a1 != a2 and b1 != b2:
+                compared += 1
+                agree += (a1 > a2) == (b1 > b2)
     return (agree / compared if compared else None), compared
 
 
@@ -395,19 +405,6 @@ def rm_held_out_accuracy(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return {"accuracy": summary["eval_accuracy"], "ci_low": low, "ci_high": high, "pairs": summary.get("eval_pairs")}
 
 
-def rise_table(summary: dict[str, Any]):
-    """Did anything rise? A GRPO or RLOO summary as a table of first-half and second-half means, the change and
-    its standard error, for: the score optimised (the reward model's, minus the missing-EOS penalty), the
-    reward model's score alone, the share of replies that ended before the token cap, and the gold reward."""
-    import pandas as pd
-
-    rows = {"proxy − EOS penalty, optimised (objective/scores)": summary.get("scores_halves"),
-            "proxy alone (objective/raw_scores)": summary.get("raw_scores_halves"),
-            "replies that ended (response/eos_frac)": summary.get("eos_frac_halves"),
-            "gold (objective/gold)": summary.get("gold_halves")}
-    return pd.DataFrame({k: v for k, v in rows.items() if v}).T.astype(float).round(3)
-
-
 def held_out_note(implicit: dict[str, Any], rm_full: dict[str, Any] | None) -> str:
     """Markdown: the pair accuracies of `implicit_vs_reward` with their uncertainty on this many pairs, beside
     notebook 03's accuracy of the reward model on all its held-out pairs (`rm_held_out_accuracy`)."""
@@ -418,8 +415,7 @@ def held_out_note(implicit: dict[str, Any], rm_full: dict[str, Any] | None) -> s
     if rm_full is not None:
         interval = (f" [{rm_full['ci_low']:.2f}, {rm_full['ci_high']:.2f}]" if rm_full.get("ci_low") is not None else "")
         text += (f" Notebook 03 measured the reward model on all {rm_full['pairs']} of its held-out pairs: "
-                 f"**{rm_full['accuracy']:.2f}{interval}**, the figure to quote for it (split with the same seed, "
-                 f"these {n} pairs are among them).")
+                 f"**{rm_full['accuracy']:.2f}{interval}**, the figure to quote for it.")
     return text
 
 

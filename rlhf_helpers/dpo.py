@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -34,7 +33,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, train_or_restore
+from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
@@ -134,31 +133,6 @@ def precision_flags(dtype: str, device: str) -> dict[str, bool]:
     on_cpu = runs_on_cpu(device)
     return {"bf16": dtype in ("bfloat16", "bf16") and not on_cpu, "fp16": dtype in ("float16", "fp16") and not on_cpu,
             "use_cpu": on_cpu}
-
-
-@contextmanager
-def quiet_datasets():
-    """The `datasets` progress bars off for a stage (usable as a decorator): under papermill a saved notebook
-    keeps a bar's first frame, "0%", in plain text, which reads as a hang. Restored afterwards."""
-    import datasets
-
-    was_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_on:
-            datasets.enable_progress_bars()
-
-
-def without_notebook_progress(trainer):
-    """Drop transformers' notebook progress table from `trainer`: it reads "Epoch 0/1" on a run of a fraction
-    of an epoch and prints the loss to 6 decimals ("-0.000000" for GRPO and RLOO, whose loss is no progress
-    signal). The live curves show progress instead; a terminal run keeps its tqdm bar."""
-    from transformers.utils.notebook import NotebookProgressCallback
-
-    trainer.remove_callback(NotebookProgressCallback)
-    return trainer
 
 
 def save_adapter(model, tok, folder: Path) -> Path:

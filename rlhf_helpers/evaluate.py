@@ -710,16 +710,18 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
         lines.append(
             f"- **Update size.** The clip fraction averaged {clip:.3f} over the run and the KL of each update "
             f"(`policy/approxkl_avg`) {approx:.1e} nats a token. "
-            + ("Updates this small never reach the clip range: the clipping and the extra epochs changed "
-               "nothing, and each update was in effect a plain policy-gradient step. A higher learning rate "
-               "moves further (and, at this budget, no nearer gold: see the notes below)."
+            + (f"Updates this small never reach the clip range, so the clip never bound: each of the "
+               f"{cfg.ppo_epochs} passes over a batch was in effect a plain policy-gradient step. A higher learning "
+               "rate moves further (and, at this budget, no nearer gold: see the notes below)."
                if small else "Clipping was at work: a clip fraction of a few percent up to about 0.2 is usual."))
     ev = _tail_mean(rows, "val/explained_variance", tail)
     if ev is not None:
         lines.append(
             f"- **Value head.** Over the last {min(tail, steps)} steps it explained {ev:.2f} of the variance of "
             "the returns of fresh rollouts (1: it predicts them; 0: no better than their mean). "
-            + ("Near 0, the advantages are the returns minus a batch mean, as in REINFORCE with a baseline."
+            + ("Below 0 it predicts worse than the mean would; either way the advantages are about the returns "
+               "minus a batch mean, as in REINFORCE with a baseline." if ev < 0 else
+               "Near 0, the advantages are the returns minus a batch mean, as in REINFORCE with a baseline."
                if ev < 0.2 else "It has learned part of what a reply will score."))
     lo, hi = wins["gain_ci_low"], wins["gain_ci_high"]
     verdict = ("PPO raised gold over SFT on these prompts" if lo > 0 else

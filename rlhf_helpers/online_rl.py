@@ -48,9 +48,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from transformers import TrainerCallback
 
-from .callbacks import ClockCallback, namespaced, train_or_restore
+from .callbacks import ClockCallback, namespaced, quiet_datasets, train_or_restore, without_notebook_progress
 from .config import DEFAULT_MODEL
-from .dpo import precision_flags, quiet_datasets, save_adapter, without_notebook_progress
+from .dpo import precision_flags, save_adapter
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func

@@ -586,7 +586,9 @@ class PPOTrainer:
     def _seed(self, step: int) -> int:
         return self.cfg.seed * 1_000_003 + step
 
-    def _prompts_for(self, step: int) -> list[Any]:
+    def prompts_for(self, step: int) -> list[Any]:
+        """The `batch_size` prompts that step `step` (from 1) samples: the next ones of a seeded shuffle,
+        reshuffled every pass over the prompts."""
         n, b = len(self.prompts), self.cfg.batch_size
         chosen = []
         for pos in range((step - 1) * b, step * b):
@@ -598,7 +600,7 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One rollout, its scores, and `ppo_epochs` × `num_mini_batches` clipped updates; logs one row."""
         cfg, step = self.cfg, self.step_count + 1
-        prompts = self._prompts_for(step)
+        prompts = self.prompts_for(step)
         t0 = time.perf_counter()
         kl_coef = self.kl_ctl.value
         exp = make_experience(self.policy, self.value_head, self.tokenizer, self.reward_fn, prompts, cfg, kl_coef,
@@ -746,6 +748,8 @@ class PPOTrainer:
             "eos_frac_last": last.get("response/eos_frac"), "length_mean_last": last.get("response/length_mean"),
             "tokens_generated": sum(r.get("tokens/generated", 0) for r in rows), "adapter_dir": str(adapter),
             "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
+            "raw_scores_halves": half_means(rows, "objective/raw_scores"),
+            "eos_frac_halves": half_means(rows, "response/eos_frac"),
         }
         self.logger.summary(summary)
         return summary

@@ -16,8 +16,9 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import PreferencePair
 from rlhf_helpers.dpo import (
     DPOStageConfig, PeakMemory, build_trainer, completion_ids, length_notice, length_report, pair_implicit_margins,
-    quiet_datasets, train_dpo, without_notebook_progress,
+    train_dpo,
 )
+from rlhf_helpers.callbacks import quiet_datasets, without_notebook_progress
 from rlhf_helpers.dpo import build_trl_config as dpo_trl_config
 from rlhf_helpers.dpo import trl_kwargs as dpo_trl_kwargs
 from rlhf_helpers.models import default_lora_config, load_model, load_tokenizer
@@ -432,7 +433,7 @@ def test_command_lines_run_each_stage(tiny, tmp_path, capsys):
 
 
 def test_online_curves_compare_the_penalty_free_proxy(tmp_path):
-    from rlhf_helpers.comparison import online_curves
+    from rlhf_helpers.comparison import lowest_kl, online_curves
     from rlhf_helpers.tracking import MetricsLogger
 
     ppo = MetricsLogger(tmp_path / "ppo")  # PPO's scores carry its missing-EOS penalty; raw_scores do not
@@ -448,6 +449,11 @@ def test_online_curves_compare_the_penalty_free_proxy(tmp_path):
     assert [r["proxy reward"] for r in curves["ppo"]] == [0.1, 0.5] and curves["ppo"][1]["KL to reference (nats)"] == 0.3
     assert curves["grpo"] == [{"step": 1, "proxy reward": 0.2, "gold reward": 0.6, "KL to reference (nats)": 0.0,
                                "share of replies that ended": None}]
+    ppo.log(3, **{"objective/scores": -0.7, "objective/raw_scores": 0.3, "objective/gold": 0.5, "objective/kl": -0.2})
+    ppo.summary({"steps": 3, "samples_seen": 24})
+    curves, _ = online_curves(tmp_path)
+    curves["rloo"] = [{"step": 1, "KL to reference (nats)": None}]  # a method with no KL logged is left out
+    assert lowest_kl(curves) == {"ppo": -0.2, "grpo": 0.0}
 
 
 # --- what the comparison shows beside the results ---------------------------------------------------------
@@ -484,21 +490,22 @@ def test_settings_table_shows_what_each_method_was_given(tmp_path):
     assert rows["dpo"]["schedule"] == "cosine, warm-up 0.1 of the steps" and rows["grpo"]["schedule"] == "constant"
 
 
-def test_within_prompt_agreement_ignores_each_prompts_level():
-    from rlhf_helpers.comparison import within_prompt_agreement
+def test_implicit_order_agreement_ignores_each_prompts_level():
+    from rlhf_helpers.comparison import implicit_order_agreement
 
     replies = [("p", "a", 3.0, 0.3), ("p", "b", 1.0, 0.1), ("p", "c", 2.0, 0.5),  # a>b agree, a>c no, c>b agree
                ("q", "d", 0.0, 9.0), ("q", "e", 1.0, -9.0),                       # d<e disagree
                ("q", "d", 0.0, 9.0),                                              # the same reply again: no pair
                ("r", "f", 1.0, 0.0), ("r", "g", 1.0, 5.0)]                        # a tie: left out
-    assert within_prompt_agreement(replies) == (2 / 4, 4)
+    assert implicit_order_agreement(replies) == (2 / 4, 4)
     shifted = [(p, y, a, b + {"p": 100.0, "q": -50.0, "r": 0.0}[p]) for p, y, a, b in replies]
-    assert within_prompt_agreement(shifted) == (2 / 4, 4)  # a constant per prompt changes nothing
-    assert within_prompt_agreement([("p", "a", 1.0, 1.0)]) == (None, 0)
+    assert implicit_order_agreement(shifted) == (2 / 4, 4)  # a constant per prompt changes nothing
+    assert implicit_order_agreement([("p", "a", 1.0, 1.0)]) == (None, 0)
 
 
 def test_notes_read_their_numbers_from_the_summaries(tmp_path):
-    from rlhf_helpers.comparison import held_out_note, rise_table, rm_held_out_accuracy, truncation_note
+    from rlhf_helpers.comparison import held_out_note, rm_held_out_accuracy, truncation_note
+    from rlhf_helpers.plotting import rise_table
 
     assert rm_held_out_accuracy(tmp_path) is None  # notebook 03 has not run
     (tmp_path / "rm").mkdir()
@@ -519,7 +526,7 @@ def test_notes_read_their_numbers_from_the_summaries(tmp_path):
                                             "evaluation lets replies run to 96 tokens.")
     assert "0% at its one step" in truncation_note({**summary, "steps": 1, "eos_frac_first": 0.0, "eos_frac_last": 0.0}, 96)
     table = rise_table(summary)
-    assert table.loc["proxy − EOS penalty, optimised (objective/scores)", "change"] == -0.6
+    assert table.loc["score optimised: proxy − EOS penalty (objective/scores)", "change"] == -0.6
     assert table.loc["replies that ended (response/eos_frac)", "second_half"] == 0.25
     assert len(table) == 4
 

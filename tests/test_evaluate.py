@@ -350,7 +350,7 @@ def _ppo_rows(n, clip, score=lambda i: -1.0, kl=lambda i: 0.1 * i, ev=0.05):
 def test_ppo_reading_says_what_the_run_did():
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(batch_size=8, response_length=64, missing_eos_penalty=1.0)
+    cfg = SimpleNamespace(batch_size=8, response_length=64, missing_eos_penalty=1.0, ppo_epochs=2)
     sft, ppo = {"gold_mean": 0.75}, {"gold_mean": 0.71, "kl_mean": 0.68}
     eval_rows = [{"kl": k} for k in (0.2, 0.6, 1.0, 0.9)]
     wins = {"gain": -0.044, "gain_ci_low": -0.12, "gain_ci_high": 0.029, "n": 32, "wins": 6, "ties": 10,
@@ -361,7 +361,8 @@ def test_ppo_reading_says_what_the_run_did():
     assert "averaged over the last 4 steps: 1.45 nats (the last step alone: 1.60" in text
     assert f"0.68 ± {np.std([0.2, 0.6, 1.0, 0.9], ddof=1) / 2:.2f} nats per reply" in text
     assert "replies of up to 96 tokens" in text
-    assert "never reach the clip range" in text and "explained 0.05 of the variance" in text
+    assert "never reach the clip range" in text and "each of the 2 passes over a batch" in text
+    assert "explained 0.05 of the variance" in text and "Near 0" in text
     assert "cannot tell PPO from SFT by gold on these prompts (the interval holds 0)" in text
     assert "won 6, tied 10 and lost 16" in text and "it can leave out 0.5 while the gain's interval holds 0" in text
     assert "score -1.00 → -1.00 (+0.00 ± 0.00)" in text
@@ -373,6 +374,8 @@ def test_ppo_reading_says_what_the_run_did():
     assert "leave out 0.5" not in text  # said only when the win rate's interval and the gain's disagree
     text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain_ci_high": -0.01}, max_new_tokens=96)
     assert "PPO lowered gold below SFT on these prompts, beyond the interval" in text
+    worse = ppo_reading(_ppo_rows(8, 0.001, ev=-0.4), cfg, sft, ppo, eval_rows, wins, max_new_tokens=96)
+    assert "explained -0.40 of the variance" in worse and "predicts worse than the mean would" in worse
 
 
 # --- a fake run folder: report and results check ----------------------------------------------------------

@@ -53,7 +53,7 @@ def test_rise_table_reads_both_halves_from_an_rl_summary():
             for i, (s, g) in enumerate([(0.0, 0.5), (1.0, 0.5), (2.0, 0.7), (4.0, 0.9)], start=1)]
     table = rise_table({"scores_halves": half_means(rows, "objective/scores"),
                         "gold_halves": half_means(rows, "objective/gold")})
-    proxy = "proxy minus missing-EOS penalty (objective/scores)"
+    proxy = "score optimised: proxy − EOS penalty (objective/scores)"
     assert list(table.index) == [proxy, "gold (objective/gold)"]
     assert table.loc[proxy, "change"] == 2.5  # (2 + 4) / 2 - (0 + 1) / 2
     assert table.loc["gold (objective/gold)", "change"] == 0.3  # rounded to 3 places
