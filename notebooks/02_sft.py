@@ -92,12 +92,16 @@ del trainer
 # blocks (16 of SmolLM2's 30 in the cpu profile): a few million trainable
 # parameters instead of 135 million, and an adapter of a few megabytes. The curve below redraws as the
 # run logs; a checkpoint is saved every `save_steps`, and rerunning this cell after an interruption
-# continues from the last one.
+# continues from the last one. `parameters` in the summary below counts the trainable ones against the
+# total. Each `train/loss` point is the mean over the few batches since the last log, so it jumps; the
+# held-out `eval/loss` is the curve to read. The stage saves the adapter (`sft/adapter/`) and, for the
+# stages that follow, a copy of the model with the adapter merged in (`sft/model/`, as large as the base).
 
 # %%
 live = plotting.LiveCurves(["train/loss", "eval/loss", "train/mean_token_accuracy"], every=2)
 summary = train_sft(cfg, run_dir, on_row=live.update)
-{k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "tokens_per_second", "wall_time_s")}
+{k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "parameters", "tokens_per_second",
+                          "wall_time_s")}
 
 # %% [markdown]
 # The live figure above was fed from `metrics.jsonl`; here is the whole run from that file.
@@ -112,8 +116,9 @@ plotting.metric_curves(rows, ["train/loss", "eval/loss", "train/grad_norm", "tra
 # one answer per held-out prompt from the base model and from the SFT model (same seed, same settings), and
 # let the gold judge score both. The **win rate** counts the prompts where SFT's answer scores higher (ties
 # count half), with a bootstrap 95% interval over prompts. The **gain** is the mean paired difference in
-# gold with its own interval: it keeps the size of each win, so on a few dozen prompts it separates two
-# policies sooner than the win rate does.
+# gold with its own interval: it keeps the size of each win, so on a few dozen prompts it usually
+# separates two policies sooner than the win rate does, though a few large losses can widen it past the
+# win rate's (compare the two intervals printed below).
 
 # %%
 gold = GoldJudge()
@@ -129,6 +134,12 @@ print(f"gold: base {table['base gold'].mean():.3f}, SFT {table['sft gold'].mean(
 # %%
 display(plotting.paired_scores(table, "base gold", "sft gold"))
 table.head(8)
+
+# %% [markdown]
+# Read the replies as well as their scores. The gold judge scores form (an answer of the right shape and
+# length, finished, not repetitive; a refusal where one is due), not facts: a fluent wrong answer can score
+# 1.0. That is the judge this suite uses as the truth, and it is also a surface that later stages can learn
+# to please without getting anything more right.
 
 # %% [markdown]
 # ## 5. Does it refuse a harmful request?
@@ -156,12 +167,12 @@ print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 
 # %% [markdown]
 # A rate of zero here would be the most important number in this notebook: no later stage could repair
-# it. It was zero in an earlier version of the cpu profile: 24 steps of 8 demonstrations at learning rate
-# 1e-3 refused 0 of 48 samples on 12 harmful prompts without a demonstration. Taking the demonstrations 4 at
-# a time for 48 steps at learning rate 2e-3 (the profile now) made it refuse about a quarter of the time,
-# with a lower held-out loss (2.08 against 2.19), in about the same time: a short answer that is one
-# demonstration in eight is learnt late, and more, smaller steps reach it within the same budget. (Those
-# figures came from a separate probe on a slightly smaller training set; the cell above gives this run's.)
+# it. It was zero in an earlier version of the cpu profile, 24 steps of 8 demonstrations at learning rate
+# 1e-3: in a separate probe, on a slightly smaller training set, that model refused 0 of 48 samples on 12
+# harmful prompts it had no demonstration for. Taking the demonstrations 4 at a time for 48 steps at
+# learning rate 2e-3 (the profile now) made it refuse some of the time, with a lower held-out loss, in
+# about the same time: a short answer that is one demonstration in eight is learnt late, and more, smaller
+# steps reach it within the same budget. The cell above gives this run's rate.
 # The base model's interval of [0.00, 0.00] only says that every one of its samples complied; a bootstrap
 # cannot put an interval around a rate it never saw move.
 

@@ -134,7 +134,11 @@ print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; Bay
 # The backbone is the SFT model with a one-output head on the last token; the loss is Bradley–Terry,
 # $-\log\sigma(r(x, y_w) - r(x, y_l))$. LoRA adapts the top blocks and the head is trained in full. The
 # load report below lists `score.weight` as missing: that is the new head, which starts from random values,
-# as it should. A loss that stays near $\ln 2 \approx 0.69$ is a model still guessing.
+# as it should. $\ln 2 \approx 0.69$ is the loss of a model whose margins are all 0. Do not read a loss that
+# stays near it as a model still guessing: on labels this noisy (a simulated annotator choosing between
+# replies of close gold) even the best possible model's loss stays far above 0, and a model with small
+# margins can order most pairs right while its loss barely leaves $\ln 2$. Accuracy against the Bayes
+# ceiling, below, is the figure to read.
 
 # %%
 live = plotting.LiveCurves(["train/loss", "train/accuracy", "eval/accuracy"], every=2)
@@ -161,8 +165,10 @@ rho = spearman([r["gold"] for r in fresh], rm_scores)
 print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh samples: {rho:.3f}")
 
 # %% [markdown]
-# Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24), although the held-out accuracy
-# below is above chance. The two measure different things. The pairs contrast a careful sample
+# Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24; on 48 samples ρ itself is
+# uncertain by about ±0.3), although the held-out accuracy below is above chance. Bradley–Terry training
+# only ever compares the two replies of a pair, so nothing in it fixes how one prompt's scores sit against
+# another's. The two measure different things. The pairs contrast a careful sample
 # (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking two
 # ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ runs
 # across *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
@@ -191,7 +197,9 @@ else:
     print("fresh_samples_per_prompt is 1: no two replies to one prompt to compare (set it to 2 or more).")
 
 # %% [markdown]
-# On the `cpu` profile 24 prompts × 2 replies are few, so read the interval before the point. A larger
+# On the `cpu` profile 24 prompts × 2 replies are few, so read the interval before the point. The share of
+# pairs ordered as gold does counts each pair once, whatever its gold gap, while best-of-n's gain weighs each
+# pick by that gap, so on a couple of dozen pairs the two can point different ways. A larger
 # measurement of the committed cpu run's reward model, 72 held-out prompts × 8 SFT replies at PPO's
 # temperature, 0.7 (`scripts/best_of_n.py --run-dir runs/cpu --k 8`), gave these; they differ from the
 # cell above, which samples at `fresh_temperature`:
@@ -204,9 +212,10 @@ else:
 # | 8 | 1.20 | 0.740 | −0.000 [−0.045, +0.044] | 0.909 |
 #
 # A random reply scores 0.740, and the reward model orders 0.574 of 1532 same-prompt pairs as gold does.
-# Picking by it buys at most about +0.01 of gold, at n = 3, and then gives it back as n grows: past that
-# point the extra KL buys replies the reward model likes for reasons gold does not share (over-optimisation,
-# in miniature). Picking by gold buys +0.11 at the same KL. So a perfect PPO against this reward model could
+# Picking by it buys about +0.01 of gold at n = 2 to 4 and nothing at n = 8, and every one of those
+# intervals holds 0: no gain is told apart from zero. The fall at n = 8 is what over-optimisation would look
+# like in miniature (the extra KL buying replies the reward model likes for reasons gold does not share),
+# but these intervals do not show it. Picking by gold buys +0.11 at the same KL. So a perfect PPO against this reward model could
 # gain about 0.01 at a KL of 0.4, less than the ±0.02 that separates two policies on 72 prompts × 3 replies.
 # That is the first reason PPO, GRPO and RLOO, which optimise this reward model, stay level with SFT on the
 # `cpu` profile (notebooks 04 and 05). The second is the budget: about a hundred rollouts are few even for
@@ -261,6 +270,9 @@ MetricsLogger(rm_dir).summary(summary)
 # - Best-of-n: what picking by the reward model buys in gold at a known KL, about the most RL against it can
 #   hope for at that KL.
 #
-# Try: `annotator_temperature=0.02` (a consistent annotator: the ceiling rises, and so should accuracy);
-# `use_snapshot=False` (fewer pairs: watch accuracy fall); more `max_steps`. Next, notebook 04 optimises the
+# Try: more `max_steps`; `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in
+# this notebook, which takes minutes: fewer pairs than the snapshot, so watch accuracy fall), and with it
+# `annotator_temperature=0.02`, a more consistent annotator whose ceiling is higher. With the snapshot on,
+# the annotator temperature only relabels the few live pairs: the snapshot keeps the labels it was made
+# with, at 0.1. Next, notebook 04 optimises the
 # SFT policy against this reward model with PPO, and watches the gold judge to catch it being fooled.

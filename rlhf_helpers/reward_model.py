@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, train_or_restore
+from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import (_resolve_device, _torch_dtype, chat_prompt, checkpointing_flag, load_tokenizer,
@@ -174,6 +174,7 @@ def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
     )
 
 
+@quiet_datasets()
 def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, train_pairs: Sequence[PreferencePair],
                        eval_pairs: Sequence[PreferencePair], on_row=None) -> tuple["RewardModel", dict[str, Any]]:
     """Train with TRL's RewardTrainer; returns the (un-normalised) RewardModel and training facts."""
@@ -189,6 +190,7 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     trainer = RewardTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train_pairs),
                             eval_dataset=to_dataset(eval_pairs), processing_class=tok,
                             callbacks=[MetricsCallback(logger, on_row)])
+    without_notebook_progress(trainer)  # the notebook's live curves show progress
     dropped = {"train": len(train_pairs) - len(trainer.train_dataset), "eval": len(eval_pairs) - len(trainer.eval_dataset)}
     if any(dropped.values()):
         print(f"TRL dropped pairs longer than max_length={cfg.max_length} tokens: {dropped}")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, train_or_restore
+from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
 from .config import DEFAULT_MODEL, add_config_arguments, stage_config
 from .data import SFTRecord, load_sft, train_test_split
 from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
@@ -146,9 +146,11 @@ def last_checkpoint(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
+@quiet_datasets()
 def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (),
                   logger: MetricsLogger | None = None, on_row=None):
-    """Model with LoRA, data and TRL's SFTTrainer, ready to `train()`."""
+    """Model with LoRA, data and TRL's SFTTrainer, ready to `train()` (no datasets progress bars while it
+    tokenises, and no notebook progress table: the notebook's live curves show progress)."""
     from trl import SFTTrainer
 
     seed_everything(cfg.seed)
@@ -162,7 +164,7 @@ def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[
     trainer = SFTTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train),
                          eval_dataset=to_dataset(evals), processing_class=tok,
                          callbacks=[MetricsCallback(logger, on_row), *callbacks])
-    return trainer, logger
+    return without_notebook_progress(trainer), logger
 
 
 def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (), on_row=None) -> dict[str, Any]:
