@@ -53,7 +53,7 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import load_preferences, train_prompts
 from rlhf_helpers.evaluate import (best_of_n, best_of_n_markdown, generate_and_score, heldout_prompts,
                                    within_prompt_agreement)
-from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, pair_ceiling
+from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, gold_ties, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
 from rlhf_helpers.preferences import label_samples, read_pairs, sample_at_temperatures, snapshot_info, write_pairs
@@ -122,12 +122,17 @@ for fmt in ("ranked", "ratings", "hh"):
 # Split the pairs by prompt (no prompt on both sides). On the held-out pairs, even a model that knew the
 # gold reward exactly would agree with the annotator only as often as the annotator agrees with the gold
 # order: that is the Bayes ceiling. Read a reward model's accuracy against both ends, chance (0.5) and the
-# ceiling: the share of the gap between them that it closes is what it has learnt (section 6).
+# ceiling: the share of the gap between them that it closes is what it has learnt (section 6). The
+# ceiling is an expectation over the annotator's coin: on these particular labels a judge that knew gold
+# would score a little above or below it. Pairs whose two replies tie in gold (say, two replies that both
+# comply with a harmful request, each scoring 0) are coin flips for every model, and pull the ceiling
+# towards 0.5.
 
 # %%
 train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, seed, cfg.n_train, cfg.n_eval)
 ceiling = pair_ceiling(eval_pairs)
 print(f"{len(train_pairs)} training pairs, {len(eval_pairs)} held-out pairs; Bayes ceiling on held-out: {ceiling:.3f}")
+print(f"{gold_ties(eval_pairs)} of the held-out pairs have equal gold on both sides: their labels are coin flips")
 
 # %% [markdown]
 # ## 4. Train the reward model
@@ -238,7 +243,9 @@ plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (re
 # %% [markdown]
 # Read the interval before the point: a hundred-odd pairs on half as many prompts pin accuracy down to
 # about ±0.1. In the calibration plot each point is a bin of predicted probabilities against how often the
-# first answer really was preferred; on the diagonal the model's confidence is what happens. Points flatter
+# first answer really was preferred; on the diagonal the model's confidence is what happens. Each pair is
+# drawn from both sides (chosen first, then rejected first), so the points mirror each other about
+# (0.5, 0.5) and the counts add up to twice the pairs; the outermost points rest on few pairs. Points flatter
 # than the diagonal mean over-confidence, steeper under-confidence. A weak reward model's predictions
 # crowd around 0.5, where the points carry most of the pairs and say least. The histogram sets the
 # normalised scores of chosen answers against rejected ones: the more they overlap, the less the reward

@@ -252,6 +252,12 @@ def pair_ceiling(pairs: Sequence[Any]) -> float:
                          temps.pop())
 
 
+def gold_ties(pairs: Sequence[Any]) -> int:
+    """How many labelled pairs have equal gold rewards on both sides: their label is a coin flip, so no
+    reward model can order them better than chance (they count 0.5 towards `pair_ceiling`)."""
+    return sum(p.metadata["gold_chosen"] == p.metadata["gold_rejected"] for p in pairs)
+
+
 def label_frequencies(annotator: SimulatedAnnotator, prompts: Sequence[str], responses_a: Sequence[str],
                       responses_b: Sequence[str], repeats: int = 200, bins: int = 9) -> dict[str, list[float]]:
     """Label every pair `repeats` times; per bin of gold difference Δ = gold(a) − gold(b), the share of

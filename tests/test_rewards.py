@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_helpers import rewards as R
-from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, bayes_ceiling, pair_ceiling, prompt_kind
+from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, bayes_ceiling, gold_ties, pair_ceiling, prompt_kind
 from rlhf_helpers.reward_tuner import RewardTuner, load_candidates, spearman
 from rlhf_helpers.rewards import Trajectory
 
@@ -178,6 +178,8 @@ def test_bayes_ceiling_by_hand_and_by_simulation():
     higher_gold_chosen = np.mean([(p.metadata["gold_chosen"] > p.metadata["gold_rejected"]) +
                                   0.5 * (p.metadata["gold_chosen"] == p.metadata["gold_rejected"]) for p in pairs])
     assert abs(higher_gold_chosen - pair_ceiling(pairs)) < 0.02
+    ties = sum(len(x) == len(y) for x, y in zip(a, b))  # WordCount: equal length, equal gold
+    assert gold_ties(pairs) == ties and 0 < ties < 4000
 
 
 # --- the tuner ----------------------------------------------------------------------------------
