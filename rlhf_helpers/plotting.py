@@ -268,8 +268,13 @@ METRIC_UNITS = {
     "objective/raw_scores": "reward", "objective/gold": "gold (0 to 1)", "policy/clipfrac_avg": "share of tokens",
     "val/clipfrac_avg": "share of tokens", "response/eos_frac": "share of replies",
     "val/explained_variance": "share of variance", "train/loss": "loss", "eval/loss": "loss",
+    "train/mean_token_accuracy": "share of tokens", "train/grad_norm": "gradient norm",
+    "train/learning_rate": "learning rate", "train/accuracy": "share of pairs", "eval/accuracy": "share of pairs",
+    "rewards/margins": "reward margin", "rewards/accuracies": "share of pairs", "logps/chosen": "log-prob (nats)",
+    "completions/mean_length": "tokens", "loss/policy_avg": "loss", "ppo/tv_to_optimum": "total variation",
+    "dpo/tv_to_optimum": "total variation",
 }
-"""The y-axis title `metric_curves` gives a metric key (keys not listed get none)."""
+"""The y-axis title `metric_curves` and `stage_curves` give a metric key (keys not listed get none)."""
 
 
 def metric_curves(rows, keys, title="Training curves", x="step", cols=3):
@@ -586,8 +591,9 @@ def stage_curves(curves, keys):
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
                                      marker=dict(size=4), line=dict(color=POLICY_COLORS.get(stage)), name=f"{stage} {key}",
                                      showlegend=False), row=i, col=j)
+            fig.update_yaxes(title_text=METRIC_UNITS.get(key), row=i, col=j)
     fig.update_layout(height=60 + 230 * len(stages), title="Training curves of every stage (from metrics.jsonl)",
-                      margin=dict(l=40, r=20, t=80, b=40))
+                      margin=dict(l=60, r=20, t=80, b=40))
     return fig
 
 

@@ -140,6 +140,21 @@ def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
     )
 
 
+def demonstration_lengths(tok, records: Sequence[SFTRecord]) -> list[int]:
+    """Tokens of each demonstration after the chat template, as TRL's SFTTrainer tokenises it before it
+    truncates to max_length."""
+    return [len(tok.apply_chat_template(r.messages, tokenize=True, return_dict=True)["input_ids"]) for r in records]
+
+
+def length_notice(lengths: Sequence[int], max_length: int) -> str:
+    """One line on the training demonstrations longer than max_length; "" when all fit."""
+    cut = sum(n > max_length for n in lengths)
+    return (f"SFT: {cut} of {len(lengths)} training demonstrations are longer than max_length={max_length} tokens "
+            f"after the chat template (the longest {max(lengths)}); TRL keeps their first {max_length}, so the end of "
+            f"the reply and its end-of-turn token are not learned. Raise max_length to keep them whole."
+            if cut else "")
+
+
 def last_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -179,6 +194,9 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     clock.resumed(ckpt)
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
+    lengths = demonstration_lengths(trainer.processing_class, load_demonstrations(cfg)[0])
+    if length_notice(lengths, cfg.max_length):
+        print(length_notice(lengths, cfg.max_length))
     eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
     result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
@@ -193,7 +211,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     summary = {
         "model_name": cfg.model_name, "base_path": resolve_model_path(cfg.model_name, verbose=False),
         "steps": trainer.state.global_step, "train_examples": len(trainer.train_dataset),
-        "eval_examples": len(trainer.eval_dataset), "train_loss_first": rows[0]["train/loss"] if rows else None,
+        "eval_examples": len(trainer.eval_dataset),
+        "train_examples_cut": sum(n > cfg.max_length for n in lengths), "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
         "train_runtime_s": runtime, **clock.facts(),

@@ -640,3 +640,59 @@ def test_evaluation_loads_policies_in_4bit_when_the_profile_trained_in_4bit(tmp_
     key = evaluate._eval_key
     assert key(quantized, 4, 1, None, None) != key(plain, 4, 1, None, None)
     assert "load_in_4bit" not in key(plain, 4, 1, None, None)  # caches written before the field stay valid
+
+
+def test_rejection_sampling_script_picks_one_reply_per_prompt_and_counts_what_it_skips(load_script):
+    script = load_script("scripts/rejection_sampling_sft.py")
+    rows = [{"prompt": p, "response": t, "gold": g, "proxy": q, "has_eos": e} for p, t, g, q, e in [
+        ("a", "a1", 0.2, 1.0, True), ("a", "a2", 0.8, 0.0, False),    # gold's best never ended
+        ("b", "b1", 0.9, 0.0, True), ("b", "b2", 0.3, 2.0, True),
+        ("c", "c1", 0.5, 0.0, False), ("c", "c2", 0.7, 1.0, False)]]  # nothing ended
+    demos, report = script.pick_replies(rows, 2, "gold")
+    assert [d["response"] for d in demos] == ["a2", "b1", "c2"]
+    assert report == {"kept": 3, "skipped": 0, "picked_minus_mean_gold": pytest.approx((0.3 + 0.3 + 0.1) / 3)}
+    demos, report = script.pick_replies(rows, 2, "gold", ended_only=True)
+    assert [d["response"] for d in demos] == ["a1", "b1"] and report["skipped"] == 1
+    assert report["picked_minus_mean_gold"] == pytest.approx((0.0 + 0.3) / 2)  # a1 is a's only candidate
+    assert [d["response"] for d in script.pick_replies(rows, 2, "rm")[0]] == ["a1", "b2", "c2"]
+    picked = [d["response"] for d in script.pick_replies(rows * 20, 2, "random", seed=1)[0]]
+    assert {"a1", "a2"} <= set(picked) and picked == [d["response"] for d in
+                                                     script.pick_replies(rows * 20, 2, "random", seed=1)[0]]
+    with pytest.raises(ValueError, match="rows 1-2 hold more than one prompt"):
+        script.pick_replies(rows[1:5], 2, "gold")
+    with pytest.raises(ValueError, match="k=4"):
+        script.pick_replies(rows, 4, "gold")
+    with pytest.raises(ValueError, match="pick must be one of"):
+        script.pick_replies(rows, 2, "best")
+
+
+def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_settings(tmp_path, capsys, load_script):
+    script = load_script("scripts/rejection_sampling_sft.py")
+    calls = []
+    rows = [{"prompt": p, "response": p + str(i), "gold": 0.1 * i, "proxy": 0.0, "has_eos": i == 1}
+            for p in ("a", "b") for i in range(2)]
+
+    def fake_sample(run_dir, prompts, k):
+        calls.append(k)
+        return rows
+
+    def fake_train(run_dir, demos_path, out, steps, learning_rate):
+        assert [json.loads(line)["response"] for line in demos_path.read_text().splitlines()] == ["a1", "b1"]
+        return out / "adapter"
+
+    script.sample, script.train = fake_sample, fake_train
+    script.evaluate = lambda run_dir, adapter: {
+        "sft": {"gold_mean": 0.7, "eos_frac": 0.5}, "tuned": {"gold_mean": 0.6, "kl_mean": 3.0, "eos_frac": 0.6},
+        "vs_sft": {"gain": -0.1, "gain_ci_low": -0.2, "gain_ci_high": 0.0}}
+    run, out = tmp_path / "run", tmp_path / "rs"
+    args = ["--run-dir", str(run), "--out", str(out), "--k", "2", "--ended-only"]
+    assert script.main(args) == 0 and script.main(args + ["--steps", "60"]) == 0
+    assert calls == [2]  # sampled once, then reused
+    text = capsys.readouterr().out
+    assert "| gold-ended | 2 | +0.000 | 0.600 | -0.100 [-0.200, +0.000] | 3.00 | 0.60 |" in text
+    assert (out / "gold-ended" / "demonstrations.jsonl").exists() and (out / "gold-ended-60steps").is_dir()
+    with pytest.raises(SystemExit, match=r"samples\.jsonl was sampled with other settings.*delete both files"):
+        script.main(["--run-dir", str(run), "--out", str(out), "--k", "4"])
+    rows[1]["has_eos"] = rows[3]["has_eos"] = False
+    with pytest.raises(SystemExit, match="no prompt has a reply to train on"):
+        script.main(["--run-dir", str(run), "--out", str(tmp_path / "none_ended"), "--k", "2", "--ended-only"])

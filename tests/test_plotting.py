@@ -73,3 +73,13 @@ def test_cost_figure_puts_methods_at_their_seconds_per_sample():
     assert fig.data[0].marker.size > fig.data[1].marker.size  # the marker grows with the memory added
     assert "memory not recorded" in fig.data[1].hovertemplate
     assert fig.layout.xaxis.title.text == "training seconds per sample"
+
+
+def test_curves_title_each_y_axis_with_its_metric_unit():
+    from rlhf_helpers import plotting
+
+    rows = [{"step": s, "train/loss": 1.0 / s, "train/accuracy": 0.5 + s / 10, "made/up": s} for s in (1, 2, 3)]
+    fig = plotting.metric_curves(rows, ["train/loss", "train/accuracy", "made/up"])
+    assert [fig.layout[f"yaxis{i}"].title.text for i in ("", 2, 3)] == ["loss", "share of pairs", None]
+    staged = plotting.stage_curves({"rm": rows}, {"rm": ["train/accuracy", "made/up"]})
+    assert [staged.layout[f"yaxis{i}"].title.text for i in ("", 2)] == ["share of pairs", None]

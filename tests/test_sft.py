@@ -8,7 +8,8 @@ from transformers import TrainerCallback
 
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.sft import (
-    SFTStageConfig, build_trainer, build_trl_config, last_checkpoint, load_demonstrations, train_sft,
+    SFTStageConfig, build_trainer, build_trl_config, demonstration_lengths, last_checkpoint, length_notice,
+    load_demonstrations, train_sft,
 )
 
 pytestmark = pytest.mark.slow
@@ -56,6 +57,17 @@ def test_prompt_tokens_carry_no_loss(trainer):
     assert torch.allclose(trainer_loss, manual, atol=1e-5)
     with_prompt = F.cross_entropy(logits[:-1], ids[1:])
     assert not torch.allclose(with_prompt, manual, atol=1e-3)
+
+
+def test_demonstration_lengths_are_what_trl_tokenises_before_it_cuts_at_max_length(trainer):
+    lengths = demonstration_lengths(trainer.processing_class, load_demonstrations(trainer.sft_cfg)[0])
+    cap = trainer.sft_cfg.max_length
+    assert any(n > cap for n in lengths) and any(n < cap for n in lengths)  # both cases are exercised
+    assert [len(row["input_ids"]) for row in trainer.train_dataset] == [min(n, cap) for n in lengths]
+    said = length_notice(lengths, cap)
+    assert f"{sum(n > cap for n in lengths)} of {len(lengths)} training demonstrations" in said
+    assert f"max_length={cap}" in said and f"the longest {max(lengths)}" in said
+    assert length_notice(lengths, max(lengths)) == ""
 
 
 def test_short_run_lowers_loss_and_changes_only_the_adapter(trainer):

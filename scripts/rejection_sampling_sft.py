@@ -1,0 +1,204 @@
+"""Rejection-sampling fine-tuning from a run's SFT model: what the plainest use of a judge's ranking buys.
+
+    .venv/bin/python scripts/rejection_sampling_sft.py --run-dir runs/cpu --pick gold [--ended-only] \
+        [--per-domain 16] [--k 4] [--steps 30] [--learning-rate 3e-4] [--out runs/cpu/rejection_sampling] [--name N]
+
+A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_budget.md, section 11):
+1. samples k replies (temperature 0.7, up to 96 tokens, seed 1) to the first `per_domain` training prompts of
+   each domain from the run's SFT model, scored by the gold judge and the run's reward model. They are saved
+   in OUT/samples.jsonl with their settings beside them (samples.json), and reused by later calls with the
+   same OUT and settings (other settings stop with a message naming the file);
+2. picks one reply per prompt: the best by gold (`gold`), by the reward model (`rm`) or one at random
+   (`random`); with --ended-only, among the replies that ended within the limit, skipping (and counting) the
+   prompts where none did;
+3. trains a LoRA adapter on the picked replies on top of the SFT model (the SFT stage's trainer, batch 4,
+   LoRA on the top 16 blocks; 5% of the picks, split by prompt, give an eval loss instead), into
+   OUT/NAME/adapter, NAME being --name or <pick>[-ended][-<steps>steps][-lr<rate>] (the last two when not
+   the defaults). A rerun with the same NAME starts that folder afresh;
+4. evaluates it as `python -m rlhf_helpers.evaluate --n-prompts 72 --samples-per-prompt 3` evaluates the
+   run's policies (72 held-out prompts x 3 replies, up to 96 tokens, seed 0) and prints its gold, KL to SFT,
+   the share of replies that ended, and its gain over SFT with a bootstrap 95% interval over prompts. SFT's
+   own 72 x 3 evaluation is taken from the run's cache (eval/policies/sft.jsonl) when that is the cached
+   one; otherwise it is sampled once (about 500 s on 2 cores) into eval/policies/sft-72x3.jsonl, leaving
+   the notebooks' cache alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PICKS = ("gold", "rm", "random")
+SAMPLE = {"temperature": 0.7, "max_new_tokens": 96, "seed": 1, "batch_size": 32}
+
+
+def training_prompts(per_domain: int, path: Path | None = None) -> list[dict]:
+    """The first `per_domain` prompts of each domain in data/prompts.jsonl's train split, domain by domain."""
+    from rlhf_helpers.data import load_prompts
+    from rlhf_helpers.paths import data_path
+
+    by_domain: dict[str, list[dict]] = {}
+    for r in load_prompts(path or data_path("prompts.jsonl")):
+        if r.metadata.get("split") == "train":
+            by_domain.setdefault(r.metadata.get("domain", ""), []).append({**r.metadata, "prompt": r.prompt})
+    return [p for d in sorted(by_domain) for p in by_domain[d][:per_domain]]
+
+
+def pick_replies(rows: list[dict], k: int, pick: str, ended_only: bool = False, seed: int = 0
+                 ) -> tuple[list[dict], dict]:
+    """One reply per prompt from prompt-major `rows` (k per prompt, each with prompt, response, gold, proxy
+    and has_eos): the best by gold (`pick="gold"`), by the reward model (`"rm"`) or at random (`"random"`).
+    With `ended_only`, only replies that ended are candidates and a prompt with none is skipped.
+
+    Returns (demonstrations as prompt/response dicts, report): the report counts prompts kept and skipped and
+    gives the mean over kept prompts of the picked reply's gold minus its candidates' mean gold."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    if k < 1 or len(rows) % k:
+        raise ValueError(f"{len(rows)} rows do not come k={k} per prompt")
+    rng = random.Random(seed)
+    demos, lifts, skipped = [], [], 0
+    for start in range(0, len(rows), k):
+        group = rows[start:start + k]
+        if len({r["prompt"] for r in group}) != 1:
+            raise ValueError(f"rows {start + 1}-{start + k} hold more than one prompt: rows must be prompt-major, "
+                             f"k={k} per prompt")
+        if ended_only:
+            group = [r for r in group if r["has_eos"]]
+            if not group:
+                skipped += 1
+                continue
+        chosen = (max(group, key=lambda r: r["gold"]) if pick == "gold" else
+                  max(group, key=lambda r: r["proxy"]) if pick == "rm" else rng.choice(group))
+        lifts.append(chosen["gold"] - float(np.mean([r["gold"] for r in group])))
+        demos.append({"prompt": chosen["prompt"], "response": chosen["response"]})
+    return demos, {"kept": len(demos), "skipped": skipped,
+                   "picked_minus_mean_gold": float(np.mean(lifts)) if lifts else None}
+
+
+def sample(run_dir: str, prompts: list[dict], k: int) -> list[dict]:
+    from rlhf_helpers.evaluate import evaluate_policy
+    from rlhf_helpers.gold import GoldJudge
+    from rlhf_helpers.policies import load_policy
+    from rlhf_helpers.reward_model import load_run_reward_model
+
+    rm = load_run_reward_model(run_dir)
+    if rm is None:
+        raise SystemExit(f"{run_dir}/rm has no reward model: run notebook 03 first (the rm pick and the proxy "
+                         f"column need it)")
+    model, tok = load_policy(run_dir, "sft")
+    rows, _ = evaluate_policy(model, tok, [{**p, "sample": j} for p in prompts for j in range(k)], GoldJudge(), rm,
+                              reference=None, **SAMPLE)
+    return rows
+
+
+def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: float) -> Path:
+    from rlhf_helpers.paths import stage_dir
+    from rlhf_helpers.sft import SFTStageConfig, build_trainer
+
+    # max_length 512: no picked reply is cut (at 96 new tokens the longest, with a summary's passage, is ~250)
+    cfg = SFTStageConfig(model_name=str(stage_dir(run_dir, "sft") / "model"), data_file=str(demos_path),
+                         max_steps=steps, batch_size=4, learning_rate=learning_rate, lora_layers=16, max_length=512,
+                         eval_fraction=0.05, eval_steps=10**6, save_steps=10**6, logging_steps=4)
+    trainer, _ = build_trainer(cfg, out)
+    print(f"training on {len(trainer.train_dataset)} picked replies ({len(trainer.eval_dataset)} held out for an "
+          f"eval loss)")
+    trainer.train()
+    trainer.model.save_pretrained(out / "adapter")
+    trainer.processing_class.save_pretrained(out / "adapter")
+    return out / "adapter"
+
+
+def sft_cache_name(run_dir: str, cfg) -> str:
+    """"sft" when the run's cached SFT evaluation has `cfg`'s prompts, replies and sampling, else "sft-72x3"."""
+    from rlhf_helpers.paths import stage_dir
+
+    meta = stage_dir(run_dir, "eval") / "policies" / "sft.json"
+    settings = json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
+    wanted = {"n_prompts": cfg.n_prompts, "samples_per_prompt": cfg.samples_per_prompt,
+              **{k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size")}}
+    return "sft" if all(settings.get(k) == v for k, v in wanted.items()) else "sft-72x3"
+
+
+def evaluate(run_dir: str, adapter: Path) -> dict:
+    from rlhf_helpers.evaluate import EvalConfig, evaluate_policy, evaluate_stage, heldout_prompts, paired_win_rate
+    from rlhf_helpers.gold import GoldJudge
+    from rlhf_helpers.policies import load_policy
+    from rlhf_helpers.reward_model import load_run_reward_model
+    from rlhf_helpers.tracking import atomic_write_text
+
+    cfg = EvalConfig(n_prompts=72, samples_per_prompt=3, max_new_tokens=96, batch_size=32)
+    sft_rows, sft_metrics = evaluate_stage(run_dir, "sft", cfg, name=sft_cache_name(run_dir, cfg))
+    model, tok = load_policy(run_dir, "sft-tuned", adapter=adapter)
+    prompts = [{**p, "sample": j} for p in heldout_prompts(cfg.n_prompts) for j in range(cfg.samples_per_prompt)]
+    rows, metrics = evaluate_policy(model, tok, prompts, GoldJudge(), load_run_reward_model(run_dir),
+                                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                    batch_size=cfg.batch_size, reference="adapter")
+    atomic_write_text(adapter.parent / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return {"sft": sft_metrics, "tuned": metrics, "vs_sft": paired_win_rate(rows, sft_rows)}
+
+
+def main(argv=None) -> int:
+    from rlhf_helpers.tracking import atomic_write_text
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run-dir", required=True, help="a run folder with sft/model and rm/ (notebooks 02 and 03)")
+    ap.add_argument("--pick", choices=PICKS, default="gold", help="how the reply to train on is picked")
+    ap.add_argument("--ended-only", action="store_true", help="pick only among replies that ended")
+    ap.add_argument("--per-domain", type=int, default=16, help="training prompts per domain (8 domains)")
+    ap.add_argument("--k", type=int, default=4, help="replies sampled per prompt")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of 4 replies")
+    ap.add_argument("--learning-rate", type=float, default=3e-4)
+    ap.add_argument("--out", type=Path, default=None, help="working folder (default: RUN_DIR/rejection_sampling)")
+    ap.add_argument("--name", default=None, help="subfolder of OUT for this pick's demonstrations and adapter")
+    args = ap.parse_args(argv)
+    from rlhf_helpers.paths import resolve_run_dir, stage_dir
+
+    out = args.out or stage_dir(args.run_dir, "rejection_sampling")
+    t0 = time.perf_counter()
+    sft_weights = max((f.stat().st_mtime for f in (stage_dir(args.run_dir, "sft") / "model").glob("*.safetensors")),
+                      default=None)
+    settings = {"run_dir": str(resolve_run_dir(args.run_dir)), "sft_weights_mtime": sft_weights, "k": args.k,
+                "per_domain": args.per_domain, **SAMPLE}
+    samples_path, settings_path = out / "samples.jsonl", out / "samples.json"
+    if samples_path.exists():
+        saved = json.loads(settings_path.read_text()) if settings_path.exists() else None
+        if saved != settings:
+            raise SystemExit(f"{samples_path} was sampled with other settings ({settings_path}: {saved}; now: "
+                             f"{settings}); delete both files to sample again, or pass another --out")
+        rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+        print(f"reusing {len(rows)} sampled replies from {samples_path}")
+    else:
+        rows = sample(args.run_dir, training_prompts(args.per_domain), args.k)
+        atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(settings_path, json.dumps(settings, indent=1))
+        print(f"sampled {len(rows)} replies in {time.perf_counter() - t0:.0f} s")
+    demos, picked = pick_replies(rows, args.k, args.pick, args.ended_only)
+    name = args.name or (args.pick + ("-ended" if args.ended_only else "")
+                         + (f"-{args.steps}steps" if args.steps != 30 else "")
+                         + (f"-lr{args.learning_rate:g}" if args.learning_rate != 3e-4 else ""))
+    print(f"{name}: {picked['kept']} prompts kept, {picked['skipped']} skipped (no reply ended)")
+    if not demos:
+        raise SystemExit("no prompt has a reply to train on: sample longer replies, or drop --ended-only")
+    print(f"the picked reply's gold is {picked['picked_minus_mean_gold']:+.3f} over its candidates' mean")
+    shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts afresh: no stale metrics or checkpoints
+    demos_path = out / name / "demonstrations.jsonl"
+    atomic_write_text(demos_path, "".join(json.dumps(d) + "\n" for d in demos))
+    adapter = train(args.run_dir, demos_path, out / name, args.steps, args.learning_rate)
+    result = evaluate(args.run_dir, adapter)
+    m, w = result["tuned"], result["vs_sft"]
+    print(f"| {name} | {picked['kept']} | {picked['picked_minus_mean_gold']:+.3f} | {m['gold_mean']:.3f} | "
+          f"{w['gain']:+.3f} [{w['gain_ci_low']:+.3f}, {w['gain_ci_high']:+.3f}] | {m['kl_mean']:.2f} | "
+          f"{m['eos_frac']:.2f} |  (SFT: gold {result['sft']['gold_mean']:.3f}, ended {result['sft']['eos_frac']:.2f})")
+    print(f"\n{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
