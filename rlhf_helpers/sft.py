@@ -195,8 +195,9 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
     lengths = demonstration_lengths(trainer.processing_class, load_demonstrations(cfg)[0])
-    if length_notice(lengths, cfg.max_length):
-        print(length_notice(lengths, cfg.max_length))
+    said = length_notice(lengths, cfg.max_length)
+    if said:
+        print(said)
     eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
     result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]

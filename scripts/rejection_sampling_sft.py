@@ -116,14 +116,15 @@ def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: 
 
 
 def sft_cache_name(run_dir: str, cfg) -> str:
-    """"sft" when the run's cached SFT evaluation has `cfg`'s prompts, replies and sampling, else "sft-72x3"."""
+    """"sft" when the run's cached SFT evaluation was made with `cfg`'s settings (as `evaluate_stage` keys its
+    cache), else "sft-72x3", so the notebooks' own cache is not replaced."""
+    from rlhf_helpers.evaluate import _eval_key, _proxy_stamp
     from rlhf_helpers.paths import stage_dir
 
     meta = stage_dir(run_dir, "eval") / "policies" / "sft.json"
-    settings = json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
-    wanted = {"n_prompts": cfg.n_prompts, "samples_per_prompt": cfg.samples_per_prompt,
-              **{k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size")}}
-    return "sft" if all(settings.get(k) == v for k, v in wanted.items()) else "sft-72x3"
+    settings = json.loads(meta.read_text()).get("settings") if meta.exists() else None
+    wanted = _eval_key(cfg, cfg.n_prompts, cfg.samples_per_prompt, None, _proxy_stamp(run_dir, "auto"))
+    return "sft" if settings == wanted else "sft-72x3"
 
 
 def evaluate(run_dir: str, adapter: Path) -> dict:

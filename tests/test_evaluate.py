@@ -696,3 +696,18 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
     rows[1]["has_eos"] = rows[3]["has_eos"] = False
     with pytest.raises(SystemExit, match="no prompt has a reply to train on"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "none_ended"), "--k", "2", "--ended-only"])
+
+
+def test_rejection_sampling_script_reads_the_runs_sft_evaluation_only_when_its_settings_match(tmp_path, load_script):
+    from rlhf_helpers import evaluate
+
+    script = load_script("scripts/rejection_sampling_sft.py")
+    cfg = evaluate.EvalConfig(n_prompts=72, samples_per_prompt=3, max_new_tokens=96, batch_size=32)
+    assert script.sft_cache_name(str(tmp_path), cfg) == "sft-72x3"  # nothing cached yet
+    meta = tmp_path / "eval" / "policies" / "sft.json"
+    meta.parent.mkdir(parents=True)
+    key = evaluate._eval_key(cfg, 72, 3, None, None)  # no reward model in this run
+    meta.write_text(json.dumps({"settings": key}))
+    assert script.sft_cache_name(str(tmp_path), cfg) == "sft"
+    meta.write_text(json.dumps({"settings": {**key, "n_prompts": 32, "samples_per_prompt": 1}}))  # the notebooks'
+    assert script.sft_cache_name(str(tmp_path), cfg) == "sft-72x3"
