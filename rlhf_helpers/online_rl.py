@@ -56,7 +56,7 @@ from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func
 from .seeding import seed_everything
 from .data import train_prompts
-from .tracking import MetricsLogger, PeakMemory, StageClock, _jsonable, half_means, keep_rows_through, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, _jsonable, keep_rows_through, resume_point, rise_halves
 
 
 @dataclass
@@ -364,9 +364,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "clipped_ratio_last": last.get("completions/clipped_ratio"), "eos_frac_first": first.get("response/eos_frac"),
         "eos_frac_last": last.get("response/eos_frac"), "max_completion_length": cfg.max_completion_length,
         "raw_scores_first": first.get("objective/raw_scores"), "raw_scores_last": last.get("objective/raw_scores"),
-        "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
-        "raw_scores_halves": half_means(rows, "objective/raw_scores"),
-        "eos_frac_halves": half_means(rows, "response/eos_frac"),
+        **rise_halves(rows),
         "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }

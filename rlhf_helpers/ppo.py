@@ -64,7 +64,7 @@ from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
-                       PeakMemory, StageClock, half_means, keep_rows_through, read_json, settings_changed)
+                       PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, settings_changed)
 
 
 @dataclass
@@ -747,9 +747,7 @@ class PPOTrainer:
             "kl_last": last.get("objective/kl"), "kl_coef_last": last.get("objective/kl_coef"),
             "eos_frac_last": last.get("response/eos_frac"), "length_mean_last": last.get("response/length_mean"),
             "tokens_generated": sum(r.get("tokens/generated", 0) for r in rows), "adapter_dir": str(adapter),
-            "scores_halves": half_means(rows, "objective/scores"), "gold_halves": half_means(rows, "objective/gold"),
-            "raw_scores_halves": half_means(rows, "objective/raw_scores"),
-            "eos_frac_halves": half_means(rows, "response/eos_frac"),
+            **rise_halves(rows),
         }
         self.logger.summary(summary)
         return summary

@@ -212,8 +212,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     summary = {
         "model_name": cfg.model_name, "base_path": resolve_model_path(cfg.model_name, verbose=False),
         "steps": trainer.state.global_step, "train_examples": len(trainer.train_dataset),
-        "eval_examples": len(trainer.eval_dataset),
-        "train_examples_cut": sum(n > cfg.max_length for n in lengths), "train_loss_first": rows[0]["train/loss"] if rows else None,
+        "eval_examples": len(trainer.eval_dataset), "train_examples_cut": sum(n > cfg.max_length for n in lengths),
+        "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
         "train_runtime_s": runtime, **clock.facts(),

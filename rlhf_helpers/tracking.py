@@ -189,6 +189,18 @@ def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
             "change": statistics.fmean(b) - statistics.fmean(a), "change_se": se}
 
 
+RISE_KEYS = {"scores_halves": "objective/scores", "raw_scores_halves": "objective/raw_scores",
+             "eos_frac_halves": "response/eos_frac", "gold_halves": "objective/gold"}
+"""What an online RL stage's summary reports the rise of: summary key -> metrics key (`plotting.rise_table`)."""
+
+
+def rise_halves(rows: Iterable[dict]) -> dict[str, dict[str, float | None]]:
+    """`half_means` of each of RISE_KEYS in an online RL stage's metrics rows (PPO, GRPO, RLOO), under its
+    summary key."""
+    rows = list(rows)
+    return {name: half_means(rows, key) for name, key in RISE_KEYS.items()}
+
+
 def keep_rows_through(path: str | os.PathLike, step: int) -> None:
     """Rewrite a step-keyed jsonl file (samples.jsonl) with only its rows of steps <= `step`, atomically: a
     resumed run redoes the later steps, so their rows must go. A missing file is left missing."""

@@ -83,3 +83,14 @@ def test_curves_title_each_y_axis_with_its_metric_unit():
     assert [fig.layout[f"yaxis{i}"].title.text for i in ("", 2, 3)] == ["loss", "share of pairs", None]
     staged = plotting.stage_curves({"rm": rows}, {"rm": ["train/accuracy", "made/up"]})
     assert [staged.layout[f"yaxis{i}"].title.text for i in ("", 2)] == ["share of pairs", None]
+
+
+def test_rise_table_shows_every_rise_an_online_stage_summary_reports():
+    from rlhf_helpers.plotting import rise_table
+    from rlhf_helpers.tracking import RISE_KEYS, half_means, rise_halves
+
+    rows = [{"step": s, **{key: float(s * (i + 1)) for i, key in enumerate(RISE_KEYS.values())}} for s in range(1, 5)]
+    halves = rise_halves(iter(rows))  # any iterable of rows, read once
+    assert halves == {name: half_means(rows, key) for name, key in RISE_KEYS.items()}
+    assert halves["eos_frac_halves"]["change"] == 2 * 3.0  # response/eos_frac is the third key: s * 3
+    assert len(rise_table(halves)) == 4
