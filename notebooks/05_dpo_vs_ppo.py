@@ -118,8 +118,8 @@ dpo_summary = train_dpo(dpo_cfg, run_dir, policy_path, train_pairs, eval_pairs=e
 print(f"{dpo_summary['steps']} steps of {dpo_cfg.pairs_per_step} pairs ({dpo_summary['pairs_seen']} pairs seen, "
       f"{dpo_summary['wall_time_s']:.0f} s); step 1's learning rate: {dpo_summary['learning_rate_first']}; "
       f"accuracy moves in steps of {1 / dpo_cfg.pairs_per_step:.2f}")
-pd.DataFrame({"rewards/margins": dpo_summary["margin_halves"],
-              "rewards/accuracies": dpo_summary["accuracy_halves"]}).T.astype(float).round(3)
+plotting.halves_table({"rewards/margins": dpo_summary["margin_halves"],
+                       "rewards/accuracies": dpo_summary["accuracy_halves"]})
 
 # %% [markdown]
 # ### The implicit reward against the reward model

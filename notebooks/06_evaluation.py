@@ -47,8 +47,9 @@ force: bool = False  # re-evaluate even where run_dir/eval/policies/ holds a cac
 # policies': a reply is one draw, and the same weights drawn again score differently. On the cpu profile's 16
 # checkpoint prompts, the same adapter sampled in a batch of 32 instead of 16 moved mean gold by 0.04–0.08
 # (measured on a cpu run). So read each row's interval before its point estimate. Evaluations are cached in
-# `run_dir/eval/policies/` (notebooks 04 and 05 use the same cache), and reused while the settings and the
-# policy's weights are unchanged.
+# `run_dir/eval/policies/` (notebooks 04 and 05 use the same cache), one file per policy and sampling
+# settings, and reused while the policy's weights and the reward model are unchanged: a 72-prompt evaluation
+# from the command line (`python -m rlhf_helpers.evaluate`) sits beside these and replaces none of them.
 
 # %%
 import time

@@ -110,7 +110,7 @@ def artifact_checks(run_dir: Path, facts: dict) -> dict[str, tuple[bool, str]]:
                                        (f"; unreadable: {bad}" if bad else ""))
     problems = []
     for row in facts["eval"]["policies"]:
-        path = run_dir / "eval" / "policies" / f"{row['policy']}.jsonl"
+        path = run_dir / (row.get("rows_file") or f"eval/policies/{row['policy']}.jsonl")
         try:
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, json.JSONDecodeError) as e:

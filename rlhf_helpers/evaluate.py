@@ -7,6 +7,7 @@ unit of the bootstrap, so extra samples narrow the interval without counting as 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -357,6 +358,17 @@ def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None
             "adapter": adapter, "proxy": proxy, **({"load_in_4bit": True} if cfg.load_in_4bit else {})}
 
 
+def eval_cache_stem(name: str, key: dict[str, Any]) -> str:
+    """The cache's file name, without its suffix, for one policy evaluated with one set of sampling settings:
+    `<name>.<8 hex digits>`, the digits a hash of every setting in `key` but the reward model. Evaluations of
+    one policy with other settings (the notebooks' 32 prompts × 1 reply, the command line's 72 × 3) are kept
+    side by side instead of replacing each other; a new reward model re-evaluates into, and replaces, the
+    same file."""
+    sampling = {k: v for k, v in key.items() if k != "proxy"}
+    digest = hashlib.sha1(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}.{digest}"
+
+
 def _proxy_stamp(run_dir, reward_model: Any) -> str | None:
     """Which reward model scored the proxy column: the run's (with its save time), another, or none."""
     from .paths import stage_dir
@@ -391,8 +403,11 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     prompt cfg.samples_per_prompt times (rows prompt-major, each with its `sample` index); `adapter`
     evaluates a checkpoint instead of the final adapter, with one reply per prompt (as does
     `samples_per_prompt=1`). The result is cached in
-    run_dir/eval/policies/<name>.jsonl (rows) and <name>.json (metrics, settings) and reused while the
-    settings, the policy's weights and the run's reward model are unchanged; `force=True` recomputes.
+    run_dir/eval/policies/<name>.<hash>.jsonl (rows) and .json (metrics, settings), the hash naming the
+    sampling settings (`eval_cache_stem`), so evaluations with other settings are kept beside it; the cache is
+    reused while the policy's weights and the run's reward model are unchanged; `force=True` recomputes.
+    A cache from before this naming (<name>.json) is still read when its settings match. The metrics name
+    their rows' file (`rows_file`, relative to run_dir), which notebook 06's summary keeps.
     """
     from .gold import GoldJudge
     from .paths import stage_dir
@@ -404,13 +419,17 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     n = n_prompts or cfg.n_prompts
     k = 1 if adapter else (samples_per_prompt or cfg.samples_per_prompt)
     folder = stage_dir(run_dir, "eval") / "policies"
-    rows_path, meta_path = folder / f"{name}.jsonl", folder / f"{name}.json"
     key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
-    if not force and meta_path.exists() and rows_path.exists():
-        meta = json.loads(meta_path.read_text())
+    stem = eval_cache_stem(name, key)
+    rows_path, meta_path = folder / f"{stem}.jsonl", folder / f"{stem}.json"
+    # a cache written before files were named by their settings (<name>.json) is still read when it matches
+    for rows_at, meta_at in ((rows_path, meta_path), (folder / f"{name}.jsonl", folder / f"{name}.json")):
+        if force or not (meta_at.exists() and rows_at.exists()):
+            continue
+        meta = json.loads(meta_at.read_text())
         if meta.get("settings") == key and meta.get("weights_mtime", -1) >= _artifact_mtime(run_dir, stage, adapter):
-            rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-            return rows, meta["metrics"]
+            rows = [json.loads(line) for line in rows_at.read_text().splitlines() if line.strip()]
+            return rows, {**meta["metrics"], "rows_file": f"{folder.parent.name}/{folder.name}/{rows_at.name}"}
     policy, tok = load_policy(run_dir, stage, base_model=cfg.model_name, dtype=cfg.dtype, device=cfg.device,
                               adapter=adapter, load_in_4bit=cfg.load_in_4bit)
     reference: Any = "adapter" if hasattr(policy, "disable_adapter") else None
@@ -426,7 +445,8 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
         for r in rows:
             r["kl"] = 0.0  # the SFT model is the reference
         metrics["kl_mean"] = 0.0
-    metrics = {"policy": name, "stage": stage, **metrics, "prompts": n, "samples_per_prompt": k}
+    metrics = {"policy": name, "stage": stage, **metrics, "prompts": n, "samples_per_prompt": k,
+               "rows_file": f"{folder.parent.name}/{folder.name}/{rows_path.name}"}
     atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(meta_path, {"settings": key, "metrics": metrics,
                                   "weights_mtime": _artifact_mtime(run_dir, stage, adapter)})
@@ -479,8 +499,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
     (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
-    tokens), n (replies) and prompts. With several replies per prompt, win rate and gain compare per-prompt
-    means.
+    tokens), n (replies), prompts and rows_file (where `evaluate_stage` cached the rows; None for rows given
+    otherwise). With several replies per prompt, win rate and gain compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
@@ -505,7 +525,7 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
             "gain_ci_high": win and win["gain_ci_high"], "wins": win and win["wins"], "ties": win and win["ties"],
             "losses": win and win["losses"], "distinct_1": metrics.get("distinct_1"),
             "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
-            "prompts": len(dict.fromkeys(ref_prompts)),
+            "prompts": len(dict.fromkeys(ref_prompts)), "rows_file": metrics.get("rows_file"),
         })
     return table
 
@@ -824,8 +844,6 @@ def line_gains(points: Sequence[dict], reference: str = "sft"):
 def same_weights(folder_a: str | os.PathLike, folder_b: str | os.PathLike) -> bool:
     """Whether two adapter folders hold byte-identical weights (a stage's final adapter and the checkpoint
     saved at its last step do)."""
-    import hashlib
-
     def digest(folder):
         files = sorted(Path(folder).glob("*.safetensors"))
         return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files] if files else None
@@ -840,7 +858,7 @@ def evaluate_line_ends(run_dir: str | os.PathLike, stages: Sequence[str], cfg: E
     checkpoints are (`evaluate_checkpoints`: the first cfg.n_checkpoint_prompts prompts, one reply each,
     in the same generate batches with the same seed): the reference, where every line starts, and each
     stage's final policy unless the checkpoint at its last step holds the same weights. name -> metrics,
-    cached as eval/policies/<name>-line.json.
+    cached as eval/policies/<name>-line.<hash>.json.
 
     Sampling depends on the batch a prompt sits in, not on the prompt alone: the first 16 rows of a
     32-prompt evaluation are other samples than a 16-prompt evaluation draws for the same prompts, though
@@ -865,7 +883,7 @@ def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig
                          judge: Any = None, force: bool = False) -> list[tuple[int, dict]]:
     """(step, metrics) for every saved checkpoint of `stage` (see `policies.policy_checkpoints`), oldest
     first, each evaluated by `evaluate_stage` on the first cfg.n_checkpoint_prompts held-out prompts and
-    cached as eval/policies/<stage>-step<N>.json."""
+    cached as eval/policies/<stage>-step<N>.<hash>.json."""
     from .policies import policy_checkpoints
 
     out = []

@@ -359,18 +359,23 @@ class LiveCurves:
             self.handle.update(self._bundle(), raw=True)
 
 
+def halves_table(halves: dict):
+    """`tracking.half_means` results as a table: one row per label (first half, second half, change, its
+    standard error), rounded; labels whose halves are missing (None) are left out."""
+    import pandas as pd
+
+    return pd.DataFrame({k: v for k, v in halves.items() if v}).T.astype(float).round(3)
+
+
 def rise_table(summary):
     """Did anything rise? An online RL stage's summary (PPO, GRPO, RLOO) as a table of the mean over the first
     and the second half of the steps, the change and its standard error (`tracking.half_means`), for: the
     score optimised (the reward model's, minus the missing-EOS penalty), the reward model's score alone, the
     share of replies that ended before the token cap, and the gold reward. Rows the summary lacks are left out."""
-    import pandas as pd
-
-    rows = {"score optimised: proxy − EOS penalty (objective/scores)": summary.get("scores_halves"),
-            "proxy alone (objective/raw_scores)": summary.get("raw_scores_halves"),
-            "replies that ended (response/eos_frac)": summary.get("eos_frac_halves"),
-            "gold (objective/gold)": summary.get("gold_halves")}
-    return pd.DataFrame({k: v for k, v in rows.items() if v}).T.astype(float).round(3)
+    return halves_table({"score optimised: proxy − EOS penalty (objective/scores)": summary.get("scores_halves"),
+                         "proxy alone (objective/raw_scores)": summary.get("raw_scores_halves"),
+                         "replies that ended (response/eos_frac)": summary.get("eos_frac_halves"),
+                         "gold (objective/gold)": summary.get("gold_halves")})
 
 
 def paired_scores(table, x_col, y_col, title=None):

@@ -18,9 +18,8 @@ A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_b
 4. evaluates it as `python -m rlhf_helpers.evaluate --n-prompts 72 --samples-per-prompt 3` evaluates the
    run's policies (72 held-out prompts x 3 replies, up to 96 tokens, seed 0) and prints its gold, KL to SFT,
    the share of replies that ended, and its gain over SFT with a bootstrap 95% interval over prompts. SFT's
-   own 72 x 3 evaluation is taken from the run's cache (eval/policies/sft.jsonl) when that is the cached
-   one; otherwise it is sampled once (about 500 s on 2 cores) into eval/policies/sft-72x3.jsonl, leaving
-   the notebooks' cache alone.
+   own 72 x 3 evaluation comes from the run's evaluation cache (eval/policies/, kept apart from the
+   notebooks' 32 x 1 by its settings), sampled once (about 500 s on 2 cores) when it is not there yet.
 """
 from __future__ import annotations
 
@@ -115,18 +114,6 @@ def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: 
     return out / "adapter"
 
 
-def sft_cache_name(run_dir: str, cfg) -> str:
-    """"sft" when the run's cached SFT evaluation was made with `cfg`'s settings (as `evaluate_stage` keys its
-    cache), else "sft-72x3", so the notebooks' own cache is not replaced."""
-    from rlhf_helpers.evaluate import _eval_key, _proxy_stamp
-    from rlhf_helpers.paths import stage_dir
-
-    meta = stage_dir(run_dir, "eval") / "policies" / "sft.json"
-    settings = json.loads(meta.read_text()).get("settings") if meta.exists() else None
-    wanted = _eval_key(cfg, cfg.n_prompts, cfg.samples_per_prompt, None, _proxy_stamp(run_dir, "auto"))
-    return "sft" if settings == wanted else "sft-72x3"
-
-
 def evaluate(run_dir: str, adapter: Path) -> dict:
     from rlhf_helpers.evaluate import EvalConfig, evaluate_policy, evaluate_stage, heldout_prompts, paired_win_rate
     from rlhf_helpers.gold import GoldJudge
@@ -135,7 +122,7 @@ def evaluate(run_dir: str, adapter: Path) -> dict:
     from rlhf_helpers.tracking import atomic_write_text
 
     cfg = EvalConfig(n_prompts=72, samples_per_prompt=3, max_new_tokens=96, batch_size=32)
-    sft_rows, sft_metrics = evaluate_stage(run_dir, "sft", cfg, name=sft_cache_name(run_dir, cfg))
+    sft_rows, sft_metrics = evaluate_stage(run_dir, "sft", cfg)
     model, tok = load_policy(run_dir, "sft-tuned", adapter=adapter)
     prompts = [{**p, "sample": j} for p in heldout_prompts(cfg.n_prompts) for j in range(cfg.samples_per_prompt)]
     rows, metrics = evaluate_policy(model, tok, prompts, GoldJudge(), load_run_reward_model(run_dir),

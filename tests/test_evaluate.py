@@ -406,8 +406,10 @@ def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_acc
     for name in policies:
         g = POLICY_GOLD[name] + (rl_shift if name in check_results.RL_POLICIES else 0.0)
         rows = _rows([g + 0.01 * (i % 3) for i in range(n)])
-        _write_jsonl(root / "eval" / "policies" / f"{name}.jsonl", rows)
-        evaluations[name] = (rows, _metrics(rows, None if name == "base" else 0.0 if name == "sft" else 2.0))
+        rows_file = f"eval/policies/{name}.0123abcd.jsonl"  # as evaluate_stage names its cache
+        _write_jsonl(root / rows_file, rows)
+        evaluations[name] = (rows, {**_metrics(rows, None if name == "base" else 0.0 if name == "sft" else 2.0),
+                                    "rows_file": rows_file})
     reference = "sft" if "sft" in policies else "base"
     over = gold_proxy_over_training(root, window=1)  # parting at the peak, step 10
     summary = {"profile": profile, "seed": 0, "reference": reference,
@@ -457,6 +459,29 @@ def test_check_results_passes_a_run_that_keeps_the_promises(tmp_path, capsys):
     for name in check_results.EXPECTATIONS:
         assert re.search(rf"PASS\s+{name}\b", out), out
     assert "Report: " in out and "win rate vs sft" in out
+
+
+def test_check_results_reads_the_rows_each_summary_row_names(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "run")
+    _write_jsonl(run / "eval" / "policies" / "sft.jsonl", _rows([0.5] * 3))  # another evaluation's rows: not these
+    checks = check_results.artifact_checks(run, check_results.load_facts(run))
+    assert checks["policy_evaluations_saved"][0], checks["policy_evaluations_saved"]
+    (run / "eval" / "policies" / "ppo.0123abcd.jsonl").unlink()
+    ok, why = check_results.artifact_checks(run, check_results.load_facts(run))["policy_evaluations_saved"]
+    assert not ok and "ppo.0123abcd.jsonl" in why
+
+
+def test_check_results_finds_the_rows_of_a_summary_written_before_rows_file(tmp_path):
+    run = make_fake_run(tmp_path / "run")
+    path = run / "eval" / "summary.json"
+    summary = json.loads(path.read_text())
+    for row in summary["policies"]:
+        del row["rows_file"]
+        (run / "eval" / "policies" / f"{row['policy']}.0123abcd.jsonl").rename(
+            run / "eval" / "policies" / f"{row['policy']}.jsonl")
+    path.write_text(json.dumps(summary))
+    ok, why = check_results.artifact_checks(run, check_results.load_facts(run))["policy_evaluations_saved"]
+    assert ok, why
 
 
 def test_check_results_fails_a_run_that_misses_them(tmp_path, capsys):
@@ -639,7 +664,44 @@ def test_evaluation_loads_policies_in_4bit_when_the_profile_trained_in_4bit(tmp_
     assert seen == [True, False]
     key = evaluate._eval_key
     assert key(quantized, 4, 1, None, None) != key(plain, 4, 1, None, None)
-    assert "load_in_4bit" not in key(plain, 4, 1, None, None)  # caches written before the field stay valid
+    stem = evaluate.eval_cache_stem
+    assert stem("ppo", key(quantized, 4, 1, None, None)) != stem("ppo", key(plain, 4, 1, None, None))
+    assert "load_in_4bit" not in key(plain, 4, 1, None, None)  # an unquantized key, and file name, are as before
+
+
+def test_evaluation_cache_files_are_named_by_the_sampling_settings_but_not_the_reward_model():
+    from rlhf_helpers import evaluate
+    from rlhf_helpers.config import stage_config
+
+    stem, key = evaluate.eval_cache_stem, evaluate._eval_key
+    cli = stage_config(evaluate.EvalConfig, "cpu", n_prompts=72, samples_per_prompt=3)
+    base = key(cli, 72, 3, None, "run rm 1.0")
+    assert stem("sft", base) == stem("sft", {**base, "proxy": "run rm 2.0"})  # a new reward model: the same file
+    for change in ({"n_prompts": 32}, {"samples_per_prompt": 1}, {"seed": 1}, {"temperature": 1.0}):
+        assert stem("sft", {**base, **change}) != stem("sft", base), change
+    assert stem("ppo", base) != stem("sft", base) and stem("sft", base).startswith("sft.")
+    # the rejection-sampling script's 72 x 3 evaluation is the command line's, and shares its cache
+    script_cfg = evaluate.EvalConfig(n_prompts=72, samples_per_prompt=3, max_new_tokens=96, batch_size=32)
+    assert stem("sft", key(script_cfg, 72, 3, None, None)) == stem("sft", key(cli, 72, 3, None, None))
+
+
+def test_evaluate_stage_reads_a_cache_written_before_files_were_named_by_settings(tmp_path, monkeypatch):
+    from rlhf_helpers import evaluate, policies
+
+    def fail(*a, **k):
+        raise AssertionError("the cached evaluation should have been reused")
+
+    monkeypatch.setattr(policies, "load_policy", fail)
+    cfg = evaluate.EvalConfig(n_prompts=2)
+    rows = _rows([0.4, 0.6])
+    old = tmp_path / "eval" / "policies"
+    _write_jsonl(old / "sft.jsonl", rows)
+    (old / "sft.json").write_text(json.dumps({"settings": evaluate._eval_key(cfg, 2, 1, None, None),
+                                              "metrics": _metrics(rows, 0.0), "weights_mtime": 0.0}))
+    got, metrics = evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None)
+    assert got == rows and metrics["rows_file"] == "eval/policies/sft.jsonl"
+    with pytest.raises(AssertionError, match="reused"):  # other settings are not served from it
+        evaluate.evaluate_stage(tmp_path, "sft", evaluate.EvalConfig(n_prompts=2, seed=1), reward_model=None)
 
 
 def test_rejection_sampling_script_picks_one_reply_per_prompt_and_counts_what_it_skips(load_script):
@@ -696,18 +758,3 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
     rows[1]["has_eos"] = rows[3]["has_eos"] = False
     with pytest.raises(SystemExit, match="no prompt has a reply to train on"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "none_ended"), "--k", "2", "--ended-only"])
-
-
-def test_rejection_sampling_script_reads_the_runs_sft_evaluation_only_when_its_settings_match(tmp_path, load_script):
-    from rlhf_helpers import evaluate
-
-    script = load_script("scripts/rejection_sampling_sft.py")
-    cfg = evaluate.EvalConfig(n_prompts=72, samples_per_prompt=3, max_new_tokens=96, batch_size=32)
-    assert script.sft_cache_name(str(tmp_path), cfg) == "sft-72x3"  # nothing cached yet
-    meta = tmp_path / "eval" / "policies" / "sft.json"
-    meta.parent.mkdir(parents=True)
-    key = evaluate._eval_key(cfg, 72, 3, None, None)  # no reward model in this run
-    meta.write_text(json.dumps({"settings": key}))
-    assert script.sft_cache_name(str(tmp_path), cfg) == "sft"
-    meta.write_text(json.dumps({"settings": {**key, "n_prompts": 32, "samples_per_prompt": 1}}))  # the notebooks'
-    assert script.sft_cache_name(str(tmp_path), cfg) == "sft-72x3"

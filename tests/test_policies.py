@@ -84,7 +84,8 @@ def test_evaluate_stage_caches_and_recomputes_when_settings_change(run_dir, monk
     cfg = small_cfg()
     rows, metrics = evaluate_stage(run_dir, "sft", cfg, reward_model=None)
     assert metrics["kl_mean"] == 0.0 and len(rows) == 3
-    cached = json.loads((run_dir / "eval" / "policies" / "sft.json").read_text())
+    assert metrics["rows_file"].startswith("eval/policies/sft.") and metrics["rows_file"].endswith(".jsonl")
+    cached = json.loads((run_dir / metrics["rows_file"]).with_suffix(".json").read_text())
     assert cached["metrics"] == metrics
 
     def fail(*a, **k):
@@ -97,14 +98,23 @@ def test_evaluate_stage_caches_and_recomputes_when_settings_change(run_dir, monk
         evaluate_stage(run_dir, "sft", small_cfg(seed=1), reward_model=None)
 
 
-def test_several_samples_per_prompt_come_prompt_major_and_are_cached_apart(run_dir):
+def test_several_samples_per_prompt_come_prompt_major_and_are_cached_apart(run_dir, monkeypatch):
     rows, metrics = evaluate_stage(run_dir, "sft", small_cfg(samples_per_prompt=2), reward_model=None)
     assert [(r["prompt"], r["sample"]) for r in rows][:4] == [(rows[0]["prompt"], 0), (rows[0]["prompt"], 1),
                                                               (rows[2]["prompt"], 0), (rows[2]["prompt"], 1)]
     assert len(rows) == 6 and metrics["n"] == 6 and metrics["prompts"] == 3 and metrics["samples_per_prompt"] == 2
     assert rows[0]["response"] != rows[1]["response"]  # two samples, not one reply twice
-    one, _ = evaluate_stage(run_dir, "sft", small_cfg(), reward_model=None)
-    assert len(one) == 3  # the one-sample evaluation is recomputed, not served from the two-sample cache
+    one, one_metrics = evaluate_stage(run_dir, "sft", small_cfg(), reward_model=None)
+    assert len(one) == 3  # the one-sample evaluation comes from its own cache entry, not the two-sample one
+    assert one_metrics["rows_file"] != metrics["rows_file"]
+
+    def fail(*a, **k):
+        raise AssertionError("a cached evaluation should have been reused")
+
+    monkeypatch.setattr(policies, "load_policy", fail)  # both are now served from the cache, neither replaced
+    assert evaluate_stage(run_dir, "sft", small_cfg(samples_per_prompt=2), reward_model=None)[0] == rows
+    assert evaluate_stage(run_dir, "sft", small_cfg(), reward_model=None)[0] == one
+    monkeypatch.undo()
     ckpt, m = evaluate_stage(run_dir, "ppo", small_cfg(samples_per_prompt=2), reward_model=None, name="ppo-step2",
                              adapter=run_dir / "ppo" / "checkpoints" / "step-2" / "adapter")
     assert len(ckpt) == 3 and m["samples_per_prompt"] == 1  # checkpoints take one sample per prompt
