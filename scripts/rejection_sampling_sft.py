@@ -1,13 +1,15 @@
 """Rejection-sampling fine-tuning from a run's SFT model: what the plainest use of a judge's ranking buys.
 
     .venv/bin/python scripts/rejection_sampling_sft.py --run-dir runs/cpu --pick gold [--ended-only] \
-        [--per-domain 16] [--k 4] [--steps 30] [--learning-rate 3e-4] [--out runs/cpu/rejection_sampling] [--name N]
+        [--per-domain 16] [--k 4] [--steps 30] [--learning-rate 3e-4] [--out runs/cpu/rejection_sampling] [--name N] \
+        [--sample-temperature 0.7] [--in-sample]
 
 A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_budget.md, section 11):
-1. samples k replies (temperature 0.7, up to 96 tokens, seed 1) to the first `per_domain` training prompts of
-   each domain from the run's SFT model, scored by the gold judge and the run's reward model. They are saved
-   in OUT/samples.jsonl with their settings beside them (samples.json), and reused by later calls with the
-   same OUT and settings (other settings stop with a message naming the file);
+1. samples k replies (temperature 0.7 or --sample-temperature, up to 96 tokens, seed 1) to the first
+   `per_domain` training prompts of each domain from the run's SFT model, scored by the gold judge and the
+   run's reward model. They are saved in OUT/samples.jsonl with their settings beside them (samples.json),
+   and reused by later calls with the same OUT and settings (other settings stop with a message naming the
+   file);
 2. picks one reply per prompt: the best by gold (`gold`), by the reward model (`rm`) or one at random
    (`random`); with --ended-only, among the replies that ended within the limit, skipping (and counting) the
    prompts where none did;
@@ -19,7 +21,9 @@ A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_b
    run's policies (72 held-out prompts x 3 replies, up to 96 tokens, seed 0) and prints its gold, KL to SFT,
    the share of replies that ended, and its gain over SFT with a bootstrap 95% interval over prompts. SFT's
    own 72 x 3 evaluation comes from the run's evaluation cache (eval/policies/, kept apart from the
-   notebooks' 32 x 1 by its settings), sampled once (about 500 s on 2 cores) when it is not there yet.
+   notebooks' 32 x 1 by its settings), sampled once (about 500 s on 2 cores) when it is not there yet;
+5. with --in-sample, also samples 2 replies from the tuned policy to each training prompt (seed 2, at the
+   candidates' temperature) and prints its gain in gold there over SFT's candidates, paired over prompts.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def pick_replies(rows: list[dict], k: int, pick: str, ended_only: bool = False, 
                    "picked_minus_mean_gold": float(np.mean(lifts)) if lifts else None}
 
 
-def sample(run_dir: str, prompts: list[dict], k: int) -> list[dict]:
+def sample(run_dir: str, prompts: list[dict], k: int, temperature: float = SAMPLE["temperature"]) -> list[dict]:
     from rlhf_helpers.evaluate import evaluate_policy
     from rlhf_helpers.gold import GoldJudge
     from rlhf_helpers.policies import load_policy
@@ -93,8 +97,24 @@ def sample(run_dir: str, prompts: list[dict], k: int) -> list[dict]:
                          f"column need it)")
     model, tok = load_policy(run_dir, "sft")
     rows, _ = evaluate_policy(model, tok, [{**p, "sample": j} for p in prompts for j in range(k)], GoldJudge(), rm,
-                              reference=None, **SAMPLE)
+                              reference=None, **{**SAMPLE, "temperature": temperature})
     return rows
+
+
+def in_sample(run_dir: str, adapter: Path, rows: list[dict], temperature: float, k: int = 2) -> dict:
+    """The tuned policy on the training prompts it was tuned on: k fresh replies to each (seed 2, at the
+    temperature the candidates were sampled at), against SFT's candidates there, paired over prompts. Tells a
+    pick that does not carry over to new prompts from one that does not even hold on its own."""
+    from rlhf_helpers.evaluate import evaluate_policy, paired_win_rate
+    from rlhf_helpers.gold import GoldJudge
+    from rlhf_helpers.policies import load_policy
+
+    model, tok = load_policy(run_dir, "sft-tuned", adapter=adapter)
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    tuned, metrics = evaluate_policy(model, tok, [{"prompt": p, "sample": j} for p in prompts for j in range(k)],
+                                     GoldJudge(), None, **{**SAMPLE, "temperature": temperature, "seed": 2},
+                                     reference="adapter")
+    return {"tuned": metrics, "vs_sft": paired_win_rate(tuned, rows)}
 
 
 def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: float) -> Path:
@@ -145,6 +165,11 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=3e-4)
     ap.add_argument("--out", type=Path, default=None, help="working folder (default: RUN_DIR/rejection_sampling)")
     ap.add_argument("--name", default=None, help="subfolder of OUT for this pick's demonstrations and adapter")
+    ap.add_argument("--sample-temperature", type=float, default=SAMPLE["temperature"],
+                    help="temperature of the candidate replies (evaluation stays at 0.7); at 1.0 they are the "
+                         "model's own distribution, so training on a random one leaves it as it was, on average")
+    ap.add_argument("--in-sample", action="store_true",
+                    help="also sample the tuned policy on its training prompts and compare with SFT's candidates")
     args = ap.parse_args(argv)
     from rlhf_helpers.paths import resolve_run_dir, stage_dir
 
@@ -153,7 +178,7 @@ def main(argv=None) -> int:
     sft_weights = max((f.stat().st_mtime for f in (stage_dir(args.run_dir, "sft") / "model").glob("*.safetensors")),
                       default=None)
     settings = {"run_dir": str(resolve_run_dir(args.run_dir)), "sft_weights_mtime": sft_weights, "k": args.k,
-                "per_domain": args.per_domain, **SAMPLE}
+                "per_domain": args.per_domain, **SAMPLE, "temperature": args.sample_temperature}
     samples_path, settings_path = out / "samples.jsonl", out / "samples.json"
     if samples_path.exists():
         saved = json.loads(settings_path.read_text()) if settings_path.exists() else None
@@ -163,7 +188,7 @@ def main(argv=None) -> int:
         rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
         print(f"reusing {len(rows)} sampled replies from {samples_path}")
     else:
-        rows = sample(args.run_dir, training_prompts(args.per_domain), args.k)
+        rows = sample(args.run_dir, training_prompts(args.per_domain), args.k, args.sample_temperature)
         atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(settings_path, json.dumps(settings, indent=1))
         print(f"sampled {len(rows)} replies in {time.perf_counter() - t0:.0f} s")
@@ -184,6 +209,12 @@ def main(argv=None) -> int:
     print(f"| {name} | {picked['kept']} | {picked['picked_minus_mean_gold']:+.3f} | {m['gold_mean']:.3f} | "
           f"{w['gain']:+.3f} [{w['gain_ci_low']:+.3f}, {w['gain_ci_high']:+.3f}] | {m['kl_mean']:.2f} | "
           f"{m['eos_frac']:.2f} |  (SFT: gold {result['sft']['gold_mean']:.3f}, ended {result['sft']['eos_frac']:.2f})")
+    if args.in_sample:
+        own = in_sample(args.run_dir, adapter, rows, args.sample_temperature)
+        w = own["vs_sft"]
+        print(f"on its {w['n']} training prompts, at temperature {args.sample_temperature:g}: gold "
+              f"{own['tuned']['gold_mean']:.3f}, {w['gain']:+.3f} [{w['gain_ci_low']:+.3f}, {w['gain_ci_high']:+.3f}] "
+              f"over SFT's candidates there")
     print(f"\n{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
 

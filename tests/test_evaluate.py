@@ -734,8 +734,8 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
     rows = [{"prompt": p, "response": p + str(i), "gold": 0.1 * i, "proxy": 0.0, "has_eos": i == 1}
             for p in ("a", "b") for i in range(2)]
 
-    def fake_sample(run_dir, prompts, k):
-        calls.append(k)
+    def fake_sample(run_dir, prompts, k, temperature):
+        calls.append((k, temperature))
         return rows
 
     def fake_train(run_dir, demos_path, out, steps, learning_rate):
@@ -749,12 +749,26 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
     run, out = tmp_path / "run", tmp_path / "rs"
     args = ["--run-dir", str(run), "--out", str(out), "--k", "2", "--ended-only"]
     assert script.main(args) == 0 and script.main(args + ["--steps", "60"]) == 0
-    assert calls == [2]  # sampled once, then reused
+    assert calls == [(2, 0.7)]  # sampled once, then reused
     text = capsys.readouterr().out
     assert "| gold-ended | 2 | +0.000 | 0.600 | -0.100 [-0.200, +0.000] | 3.00 | 0.60 |" in text
     assert (out / "gold-ended" / "demonstrations.jsonl").exists() and (out / "gold-ended-60steps").is_dir()
     with pytest.raises(SystemExit, match=r"samples\.jsonl was sampled with other settings.*delete both files"):
         script.main(["--run-dir", str(run), "--out", str(out), "--k", "4"])
+    with pytest.raises(SystemExit, match=r"samples\.jsonl was sampled with other settings"):
+        script.main(args + ["--sample-temperature", "1.0"])
+    seen = []
+
+    def fake_in_sample(run_dir, adapter, rows_, temperature):
+        seen.append((rows_ == rows, temperature))
+        return {"tuned": {"gold_mean": 0.55}, "vs_sft": {"n": 2, "gain": -0.05, "gain_ci_low": -0.1, "gain_ci_high": 0.0}}
+
+    script.in_sample = fake_in_sample
+    hot = ["--run-dir", str(run), "--out", str(tmp_path / "hot"), "--k", "2", "--ended-only", "--sample-temperature",
+           "1.0", "--in-sample"]
+    assert script.main(hot) == 0 and calls[-1] == (2, 1.0) and seen == [(True, 1.0)]
+    assert json.loads((tmp_path / "hot" / "samples.json").read_text())["temperature"] == 1.0
+    assert "on its 2 training prompts, at temperature 1: gold 0.550, -0.050 [-0.100, +0.000]" in capsys.readouterr().out
     rows[1]["has_eos"] = rows[3]["has_eos"] = False
     with pytest.raises(SystemExit, match="no prompt has a reply to train on"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "none_ended"), "--k", "2", "--ended-only"])
