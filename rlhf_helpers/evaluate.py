@@ -422,6 +422,10 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
     stem = eval_cache_stem(name, key)
     rows_path, meta_path = folder / f"{stem}.jsonl", folder / f"{stem}.json"
+
+    def rows_file(path: Path) -> str:  # as the summary names it: relative to run_dir
+        return path.relative_to(folder.parent.parent).as_posix()
+
     # a cache written before files were named by their settings (<name>.json) is still read when it matches
     for rows_at, meta_at in ((rows_path, meta_path), (folder / f"{name}.jsonl", folder / f"{name}.json")):
         if force or not (meta_at.exists() and rows_at.exists()):
@@ -429,7 +433,7 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
         meta = json.loads(meta_at.read_text())
         if meta.get("settings") == key and meta.get("weights_mtime", -1) >= _artifact_mtime(run_dir, stage, adapter):
             rows = [json.loads(line) for line in rows_at.read_text().splitlines() if line.strip()]
-            return rows, {**meta["metrics"], "rows_file": f"{folder.parent.name}/{folder.name}/{rows_at.name}"}
+            return rows, {**meta["metrics"], "rows_file": rows_file(rows_at)}
     policy, tok = load_policy(run_dir, stage, base_model=cfg.model_name, dtype=cfg.dtype, device=cfg.device,
                               adapter=adapter, load_in_4bit=cfg.load_in_4bit)
     reference: Any = "adapter" if hasattr(policy, "disable_adapter") else None
@@ -446,7 +450,7 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
             r["kl"] = 0.0  # the SFT model is the reference
         metrics["kl_mean"] = 0.0
     metrics = {"policy": name, "stage": stage, **metrics, "prompts": n, "samples_per_prompt": k,
-               "rows_file": f"{folder.parent.name}/{folder.name}/{rows_path.name}"}
+               "rows_file": rows_file(rows_path)}
     atomic_write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
     atomic_write_json(meta_path, {"settings": key, "metrics": metrics,
                                   "weights_mtime": _artifact_mtime(run_dir, stage, adapter)})
