@@ -314,5 +314,8 @@ print(f"saved {stage_dir(run_dir, 'comparison') / 'summary.json'}: the table of 
 # are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL term: TRL then
 # loads no reference and computes no KL, so the KL panel stays empty; over a few cpu steps the policy hardly
 # moves either way, but on the gpu profile this is how to watch the proxy part from the gold); the gpu
-# profile, where the intervals can shrink enough to rank the methods. Notebook 06 puts every policy on the
-# reward–KL frontier and watches gold against proxy.
+# profile, where the intervals can shrink enough to rank the methods; and DPO on the SFT model's own replies
+# rather than on fixed pairs, a judge's best against its worst
+# (`scripts/rejection_sampling_sft.py --objective dpo`; section 12 of
+# [docs/rl_on_a_cpu_budget.md](../docs/rl_on_a_cpu_budget.md) measures it on the cpu run). Notebook 06 puts
+# every policy on the reward–KL frontier and watches gold against proxy.

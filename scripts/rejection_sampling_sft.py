@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/rejection_sampling_sft.py --run-dir runs/cpu --pick gold [--ended-only] \
         [--per-domain 16] [--k 4] [--steps 30] [--learning-rate 3e-4] [--out runs/cpu/rejection_sampling] [--name N] \
-        [--sample-temperature 0.7] [--in-sample]
+        [--sample-temperature 0.7] [--in-sample] [--objective sft|dpo] [--beta 0.1] [--min-gap 0.05]
 
-A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_budget.md, section 11):
+A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_budget.md, sections 11 and 12):
 1. samples k replies (temperature 0.7 or --sample-temperature, up to 96 tokens, seed 1) to the first
    `per_domain` training prompts of each domain from the run's SFT model, scored by the gold judge and the
    run's reward model. They are saved in OUT/samples.jsonl with their settings beside them (samples.json),
@@ -15,8 +15,12 @@ A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_b
    prompts where none did;
 3. trains a LoRA adapter on the picked replies on top of the SFT model (the SFT stage's trainer, batch 4,
    LoRA on the top 16 blocks; 5% of the picks, split by prompt, give an eval loss instead), into
-   OUT/NAME/adapter, NAME being --name or <pick>[-ended][-<steps>steps][-lr<rate>] (the last two when not
-   the defaults). A rerun with the same NAME starts that folder afresh;
+   OUT/NAME/adapter, NAME being --name or [dpo-]<pick>[-ended][-<steps>steps][-lr<rate>][-beta<b>] (the last
+   three when not the defaults). A rerun with the same NAME starts that folder afresh.
+   With --objective dpo it makes a pair per prompt instead, the judge's best reply against its worst (two at
+   random with --pick random), skipping and counting prompts whose two differ by less than --min-gap in the
+   judge's score, and trains DPO on them (the DPO stage's trainer, batch 4, LoRA on the top 16 blocks, the
+   adapter disabled as the reference) into OUT/NAME/dpo/adapter;
 4. evaluates it as `python -m rlhf_helpers.evaluate --n-prompts 72 --samples-per-prompt 3` evaluates the
    run's policies (72 held-out prompts x 3 replies, up to 96 tokens, seed 0) and prints its gold, KL to SFT,
    the share of replies that ended, and its gain over SFT with a bootstrap 95% interval over prompts. SFT's
@@ -85,6 +89,47 @@ def pick_replies(rows: list[dict], k: int, pick: str, ended_only: bool = False, 
                    "picked_minus_mean_gold": float(np.mean(lifts)) if lifts else None}
 
 
+def pick_pairs(rows: list[dict], k: int, pick: str, min_gap: float = 0.05, seed: int = 0
+               ) -> tuple[list[dict], dict]:
+    """One preference pair per prompt from prompt-major `rows` (as `pick_replies` takes them), for DPO: the
+    best reply by the judge against its worst (`pick="gold"` or `"rm"`, the replies in a stable sort by the
+    judge's score, the last taken as chosen and the first as rejected), or two distinct replies at random in a
+    random order (`"random"`). A prompt whose two replies differ by less than `min_gap` in the judge's score
+    (gold's or the reward model's; random pairs are never skipped) is skipped and counted.
+
+    Returns (pairs as prompt/chosen/rejected dicts, report): prompts kept and skipped, the mean gold of chosen
+    minus rejected, and how many chosen and rejected replies ended."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    if k < 2:
+        raise ValueError(f"a pair needs k >= 2 replies per prompt, got k={k}")
+    if len(rows) % k:
+        raise ValueError(f"{len(rows)} rows do not come k={k} per prompt")
+    rng = random.Random(seed)
+    pairs, gaps, ended, skipped = [], [], [0, 0], 0
+    for start in range(0, len(rows), k):
+        group = rows[start:start + k]
+        if len({r["prompt"] for r in group}) != 1:
+            raise ValueError(f"rows {start + 1}-{start + k} hold more than one prompt: rows must be prompt-major, "
+                             f"k={k} per prompt")
+        if pick == "random":
+            chosen, rejected = rng.sample(group, 2)
+        else:
+            score = "gold" if pick == "gold" else "proxy"
+            ranked = sorted(group, key=lambda r: r[score])
+            chosen, rejected = ranked[-1], ranked[0]
+            if chosen[score] - rejected[score] < min_gap:
+                skipped += 1
+                continue
+        pairs.append({"prompt": chosen["prompt"], "chosen": chosen["response"], "rejected": rejected["response"]})
+        gaps.append(chosen["gold"] - rejected["gold"])
+        ended[0] += bool(chosen["has_eos"])
+        ended[1] += bool(rejected["has_eos"])
+    return pairs, {"kept": len(pairs), "skipped": skipped,
+                   "chosen_minus_rejected_gold": float(np.mean(gaps)) if gaps else None,
+                   "chosen_ended": ended[0], "rejected_ended": ended[1]}
+
+
 def sample(run_dir: str, prompts: list[dict], k: int, temperature: float = SAMPLE["temperature"]) -> list[dict]:
     from rlhf_helpers.evaluate import evaluate_policy
     from rlhf_helpers.gold import GoldJudge
@@ -134,6 +179,26 @@ def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: 
     return out / "adapter"
 
 
+def train_dpo_pairs(run_dir: str, pairs_path: Path, out: Path, steps: int, learning_rate: float, beta: float) -> Path:
+    """DPO (the DPO stage's trainer: batch 4, LoRA on the top 16 blocks, the adapter disabled as the
+    reference) on the pairs in `pairs_path`, from the run's SFT model, into OUT/dpo/adapter."""
+    from rlhf_helpers.data import PreferencePair
+    from rlhf_helpers.dpo import DPOStageConfig, train_dpo
+    from rlhf_helpers.paths import stage_dir
+
+    pairs = [PreferencePair(**json.loads(line)) for line in pairs_path.read_text().splitlines() if line.strip()]
+    policy = str(stage_dir(run_dir, "sft") / "model")
+    cfg = DPOStageConfig(model_name=policy, beta=beta, learning_rate=learning_rate, max_steps=steps, batch_size=4,
+                         lora_layers=16, max_length=512, save_steps=10**6, logging_steps=4, resume=False)
+    print(f"DPO on {len(pairs)} pairs, beta {beta:g}")
+    summary = train_dpo(cfg, out, policy, pairs)
+    margin, accuracy = summary["margin_halves"], summary["accuracy_halves"]
+    if margin and accuracy:  # None with fewer than two logged rows
+        print(f"DPO margin {margin['first_half']:+.2f} over the first half of the steps, {margin['second_half']:+.2f} "
+              f"over the second; accuracy {accuracy['first_half']:.2f}, {accuracy['second_half']:.2f}")
+    return Path(summary["adapter_dir"])
+
+
 def evaluate(run_dir: str, adapter: Path) -> dict:
     from rlhf_helpers.evaluate import EvalConfig, evaluate_policy, evaluate_stage, heldout_prompts, paired_win_rate
     from rlhf_helpers.gold import GoldJudge
@@ -162,15 +227,26 @@ def main(argv=None) -> int:
     ap.add_argument("--per-domain", type=int, default=16, help="training prompts per domain (8 domains)")
     ap.add_argument("--k", type=int, default=4, help="replies sampled per prompt")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of 4 replies")
-    ap.add_argument("--learning-rate", type=float, default=3e-4)
+    ap.add_argument("--learning-rate", type=float, default=3e-4,
+                    help="for both objectives (the DPO stage's own default is lower; section 12 used 5e-4)")
     ap.add_argument("--out", type=Path, default=None, help="working folder (default: RUN_DIR/rejection_sampling)")
     ap.add_argument("--name", default=None, help="subfolder of OUT for this pick's demonstrations and adapter")
     ap.add_argument("--sample-temperature", type=float, default=SAMPLE["temperature"],
                     help="temperature of the candidate replies (evaluation stays at 0.7); at 1.0 they are the "
                          "model's own distribution, so training on a random one leaves it as it was, on average")
+    ap.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                    help="sft: fine-tune on the picked reply; dpo: DPO on a pair per prompt, the judge's best reply "
+                         "against its worst (random: two replies at random)")
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO's beta (with --objective dpo)")
+    ap.add_argument("--min-gap", type=float, default=0.05,
+                    help="with --objective dpo, skip a prompt whose best and worst reply differ by less than this "
+                         "in the judge's score (gold's 0..1, or the reward model's own units with --pick rm)")
     ap.add_argument("--in-sample", action="store_true",
                     help="also sample the tuned policy on its training prompts and compare with SFT's candidates")
     args = ap.parse_args(argv)
+    dpo = args.objective == "dpo"
+    if dpo and args.ended_only:
+        raise SystemExit("--ended-only picks one reply to fine-tune on; it does not apply to --objective dpo")
     from rlhf_helpers.paths import resolve_run_dir, stage_dir
 
     out = args.out or stage_dir(args.run_dir, "rejection_sampling")
@@ -192,21 +268,34 @@ def main(argv=None) -> int:
         atomic_write_text(samples_path, "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(settings_path, json.dumps(settings, indent=1))
         print(f"sampled {len(rows)} replies in {time.perf_counter() - t0:.0f} s")
-    demos, picked = pick_replies(rows, args.k, args.pick, args.ended_only)
-    name = args.name or (args.pick + ("-ended" if args.ended_only else "")
+    name = args.name or (("dpo-" if dpo else "") + args.pick + ("-ended" if args.ended_only else "")
                          + (f"-{args.steps}steps" if args.steps != 30 else "")
-                         + (f"-lr{args.learning_rate:g}" if args.learning_rate != 3e-4 else ""))
-    print(f"{name}: {picked['kept']} prompts kept, {picked['skipped']} skipped (no reply ended)")
-    if not demos:
-        raise SystemExit("no prompt has a reply to train on: sample longer replies, or drop --ended-only")
-    print(f"the picked reply's gold is {picked['picked_minus_mean_gold']:+.3f} over its candidates' mean")
+                         + (f"-lr{args.learning_rate:g}" if args.learning_rate != 3e-4 else "")
+                         + (f"-beta{args.beta:g}" if dpo and args.beta != 0.1 else ""))
+    if dpo:
+        demos, picked = pick_pairs(rows, args.k, args.pick, args.min_gap)
+        print(f"{name}: {picked['kept']} prompts kept, {picked['skipped']} skipped (best and worst within "
+              f"{args.min_gap:g} of each other)" if args.pick != "random" else f"{name}: {picked['kept']} random pairs")
+        if not demos:
+            raise SystemExit("no prompt has a pair to train on: lower --min-gap")
+        lift = picked["chosen_minus_rejected_gold"]
+        print(f"the chosen reply's gold is {lift:+.3f} over the rejected one's; {picked['chosen_ended']} chosen and "
+              f"{picked['rejected_ended']} rejected replies ended")
+    else:
+        demos, picked = pick_replies(rows, args.k, args.pick, args.ended_only)
+        print(f"{name}: {picked['kept']} prompts kept, {picked['skipped']} skipped (no reply ended)")
+        if not demos:
+            raise SystemExit("no prompt has a reply to train on: sample longer replies, or drop --ended-only")
+        lift = picked["picked_minus_mean_gold"]
+        print(f"the picked reply's gold is {lift:+.3f} over its candidates' mean")
     shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts afresh: no stale metrics or checkpoints
-    demos_path = out / name / "demonstrations.jsonl"
+    demos_path = out / name / ("pairs.jsonl" if dpo else "demonstrations.jsonl")
     atomic_write_text(demos_path, "".join(json.dumps(d) + "\n" for d in demos))
-    adapter = train(args.run_dir, demos_path, out / name, args.steps, args.learning_rate)
+    adapter = (train_dpo_pairs(args.run_dir, demos_path, out / name, args.steps, args.learning_rate, args.beta) if dpo
+               else train(args.run_dir, demos_path, out / name, args.steps, args.learning_rate))
     result = evaluate(args.run_dir, adapter)
     m, w = result["tuned"], result["vs_sft"]
-    print(f"| {name} | {picked['kept']} | {picked['picked_minus_mean_gold']:+.3f} | {m['gold_mean']:.3f} | "
+    print(f"| {name} | {picked['kept']} | {lift:+.3f} | {m['gold_mean']:.3f} | "
           f"{w['gain']:+.3f} [{w['gain_ci_low']:+.3f}, {w['gain_ci_high']:+.3f}] | {m['kl_mean']:.2f} | "
           f"{m['eos_frac']:.2f} |  (SFT: gold {result['sft']['gold_mean']:.3f}, ended {result['sft']['eos_frac']:.2f})")
     if args.in_sample:

@@ -728,6 +728,61 @@ def test_rejection_sampling_script_picks_one_reply_per_prompt_and_counts_what_it
         script.pick_replies(rows, 2, "best")
 
 
+def test_rejection_sampling_script_pairs_the_judges_best_reply_with_its_worst_for_dpo(load_script):
+    script = load_script("scripts/rejection_sampling_sft.py")
+    rows = [{"prompt": p, "response": t, "gold": g, "proxy": q, "has_eos": e} for p, t, g, q, e in [
+        ("a", "a1", 0.2, 1.0, True), ("a", "a2", 0.9, 0.5, False), ("a", "a3", 0.5, 0.0, True),
+        ("b", "b1", 0.6, 0.0, True), ("b", "b2", 0.62, 2.0, True), ("b", "b3", 0.6, 1.0, False)]]  # b: gap 0.02
+    pairs, report = script.pick_pairs(rows, 3, "gold")
+    assert pairs == [{"prompt": "a", "chosen": "a2", "rejected": "a1"}]
+    assert report == {"kept": 1, "skipped": 1, "chosen_minus_rejected_gold": pytest.approx(0.7),
+                      "chosen_ended": 0, "rejected_ended": 1}
+    pairs, report = script.pick_pairs(rows, 3, "gold", min_gap=0.0)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a2", "a1"), ("b2", "b1")]  # ties: the first is worst
+    pairs, report = script.pick_pairs(rows, 3, "rm")  # the reward model's gaps, in its own units
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a1", "a3"), ("b2", "b1")] and report["skipped"] == 0
+    assert report["chosen_minus_rejected_gold"] == pytest.approx((-0.3 + 0.02) / 2)
+    pairs, report = script.pick_pairs(rows * 10, 3, "random", min_gap=1.0)  # random pairs are never skipped
+    assert report["kept"] == 20 and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert {p["chosen"] for p in pairs if p["prompt"] == "a"} == {"a1", "a2", "a3"}
+    assert pairs == script.pick_pairs(rows * 10, 3, "random")[0]  # seeded
+    with pytest.raises(ValueError, match="a pair needs k >= 2 replies per prompt, got k=1"):
+        script.pick_pairs(rows[:3], 1, "gold")
+    with pytest.raises(ValueError, match="rows 1-2 hold more than one prompt"):
+        script.pick_pairs(rows[2:], 2, "gold")
+
+
+def test_rejection_sampling_script_trains_dpo_on_the_pairs_with_objective_dpo(tmp_path, capsys, load_script):
+    script = load_script("scripts/rejection_sampling_sft.py")
+    rows = [{"prompt": p, "response": p + str(i), "gold": 0.3 * i, "proxy": 0.0, "has_eos": i == 1}
+            for p in ("a", "b") for i in range(2)]
+    trained = []
+    script.sample = lambda run_dir, prompts, k, temperature: rows
+    script.train = lambda *a: pytest.fail("--objective dpo must not fine-tune on single replies")
+
+    def fake_dpo(run_dir, pairs_path, out, steps, learning_rate, beta):
+        trained.append(([json.loads(line) for line in pairs_path.read_text().splitlines()], out.name, steps, beta,
+                        learning_rate))
+        return out / "dpo" / "adapter"
+
+    script.train_dpo_pairs = fake_dpo
+    script.evaluate = lambda run_dir, adapter: {
+        "sft": {"gold_mean": 0.7, "eos_frac": 0.5}, "tuned": {"gold_mean": 0.75, "kl_mean": 7.5, "eos_frac": 0.9},
+        "vs_sft": {"gain": 0.05, "gain_ci_low": -0.01, "gain_ci_high": 0.1}}
+    args = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "rs"), "--k", "2", "--objective", "dpo"]
+    assert script.main(args + ["--steps", "64", "--beta", "0.2", "--learning-rate", "5e-4"]) == 0
+    pairs, name, steps, beta, learning_rate = trained[0]
+    assert pairs == [{"prompt": p, "chosen": p + "1", "rejected": p + "0"} for p in ("a", "b")]
+    assert (name, steps, beta, learning_rate) == ("dpo-gold-64steps-lr0.0005-beta0.2", 64, 0.2, 5e-4)
+    text = capsys.readouterr().out
+    assert "the chosen reply's gold is +0.300 over the rejected one's; 2 chosen and 0 rejected replies ended" in text
+    assert "| dpo-gold-64steps-lr0.0005-beta0.2 | 2 | +0.300 | 0.750 | +0.050 [-0.010, +0.100] | 7.50 | 0.90 |" in text
+    with pytest.raises(SystemExit, match="no prompt has a pair to train on: lower --min-gap"):
+        script.main(args + ["--min-gap", "0.5"])
+    with pytest.raises(SystemExit, match="--ended-only .* does not apply to --objective dpo"):
+        script.main(args + ["--ended-only"])
+
+
 def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_settings(tmp_path, capsys, load_script):
     script = load_script("scripts/rejection_sampling_sft.py")
     calls = []
