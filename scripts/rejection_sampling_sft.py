@@ -57,6 +57,19 @@ def training_prompts(per_domain: int, path: Path | None = None) -> list[dict]:
     return [p for d in sorted(by_domain) for p in by_domain[d][:per_domain]]
 
 
+def prompt_groups(rows: list[dict], k: int) -> list[list[dict]]:
+    """The k replies to each prompt of prompt-major `rows`, prompt by prompt; a ValueError names the rows that
+    break the pattern."""
+    if k < 1 or len(rows) % k:
+        raise ValueError(f"{len(rows)} rows do not come k={k} per prompt")
+    groups = [rows[start:start + k] for start in range(0, len(rows), k)]
+    for start, group in zip(range(0, len(rows), k), groups):
+        if len({r["prompt"] for r in group}) != 1:
+            raise ValueError(f"rows {start + 1}-{start + k} hold more than one prompt: rows must be prompt-major, "
+                             f"k={k} per prompt")
+    return groups
+
+
 def pick_replies(rows: list[dict], k: int, pick: str, ended_only: bool = False, seed: int = 0
                  ) -> tuple[list[dict], dict]:
     """One reply per prompt from prompt-major `rows` (k per prompt, each with prompt, response, gold, proxy
@@ -67,15 +80,9 @@ def pick_replies(rows: list[dict], k: int, pick: str, ended_only: bool = False, 
     gives the mean over kept prompts of the picked reply's gold minus its candidates' mean gold."""
     if pick not in PICKS:
         raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
-    if k < 1 or len(rows) % k:
-        raise ValueError(f"{len(rows)} rows do not come k={k} per prompt")
     rng = random.Random(seed)
     demos, lifts, skipped = [], [], 0
-    for start in range(0, len(rows), k):
-        group = rows[start:start + k]
-        if len({r["prompt"] for r in group}) != 1:
-            raise ValueError(f"rows {start + 1}-{start + k} hold more than one prompt: rows must be prompt-major, "
-                             f"k={k} per prompt")
+    for group in prompt_groups(rows, k):
         if ended_only:
             group = [r for r in group if r["has_eos"]]
             if not group:
@@ -103,15 +110,9 @@ def pick_pairs(rows: list[dict], k: int, pick: str, min_gap: float = 0.05, seed:
         raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
     if k < 2:
         raise ValueError(f"a pair needs k >= 2 replies per prompt, got k={k}")
-    if len(rows) % k:
-        raise ValueError(f"{len(rows)} rows do not come k={k} per prompt")
     rng = random.Random(seed)
     pairs, gaps, ended, skipped = [], [], [0, 0], 0
-    for start in range(0, len(rows), k):
-        group = rows[start:start + k]
-        if len({r["prompt"] for r in group}) != 1:
-            raise ValueError(f"rows {start + 1}-{start + k} hold more than one prompt: rows must be prompt-major, "
-                             f"k={k} per prompt")
+    for group in prompt_groups(rows, k):
         if pick == "random":
             chosen, rejected = rng.sample(group, 2)
         else:
