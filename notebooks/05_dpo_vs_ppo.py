@@ -98,7 +98,8 @@ print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prom
 #
 # How to read the curves. A fresh adapter *is* the reference, so at step 1 every implicit reward and margin
 # is exactly 0 and `train/loss` is $\log 2 \approx 0.693$, the loss of a coin flip; below it, the pairs are
-# being ordered. `rewards/margins` (the batch mean of $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
+# being ordered. (With `sft_weight` above 0, RPO, the loss also holds that weight times the chosen replies'
+# negative log-likelihood, so it starts higher.) `rewards/margins` (the batch mean of $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
 # `rewards/accuracies` (the share of the batch's pairs with a positive margin) starts at 0, not one half:
 # TRL counts a tie as wrong. It moves in steps of one over the pairs per step, so one batch's value says
 # little; the table after the curves gives means over the first and the second half of the steps.

@@ -75,11 +75,11 @@ def settings_table(run_dir: str | os.PathLike, stages: Sequence[str] = ("dpo", "
             per_prompt, passes, cap = 2, 1, f"{cfg.get('max_length')} (prompt + reply)"
             prompts, beta = summary.get("pairs_seen"), f"{cfg.get('beta')}: the implicit reward's scale"
         elif stage == "ppo":
-            per_prompt, cap = 1, f"{cfg.get('response_length')} (reply)"
+            per_prompt, cap = cfg.get("samples_per_prompt") or 1, f"{cfg.get('response_length')} (reply)"
             passes = cfg.get("ppo_epochs")
             if (cfg.get("num_mini_batches") or 1) > 1:
                 passes = f"{passes} ({cfg['num_mini_batches']} minibatches each)"
-            prompts = samples
+            prompts = samples // per_prompt if samples is not None else None
             beta = (f"{cfg.get('init_kl_coef')}{' (adaptive)' if cfg.get('adaptive_kl') else ''}: "
                     "per-token log-ratio in the reward")
         else:

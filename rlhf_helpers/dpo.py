@@ -60,6 +60,11 @@ class DPOStageConfig:
     """β: the implicit reward's scale, and how strongly the policy is held to the reference (the paper's 0.1)."""
     loss_type: str = "sigmoid"
     """TRL's DPO loss: 'sigmoid' is the paper's; 'ipo', 'hinge', 'robust'… are variants."""
+    sft_weight: float = 0.0
+    """Weight of the chosen replies' negative log-likelihood added to the DPO loss (TRL's 'sft' loss term: the
+    mean over all chosen tokens of a batch, where RPO, Pang et al. 2024, averages each reply's mean, so long
+    replies weigh a little more here). It holds the chosen replies' likelihood up, where plain DPO may lower
+    both replies' and drift; 0 leaves plain DPO. train/loss then starts at log 2 + sft_weight × that NLL."""
     learning_rate: float = 5e-5
     """Peak learning rate (LoRA; full fine-tuning uses ~5e-7)."""
     max_steps: int = 100
@@ -103,6 +108,7 @@ class DPOStageConfig:
     def __post_init__(self):
         checks = [
             (self.beta > 0, f"beta must be > 0 (0.01 .. 0.5 is usual), got {self.beta}"),
+            (self.sft_weight >= 0, f"sft_weight must be >= 0 (0: plain DPO; 1 is RPO's), got {self.sft_weight}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.max_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
              f"max_steps, batch_size and grad_accum must be >= 1, got {self.max_steps}, {self.batch_size}, "
@@ -198,11 +204,18 @@ def length_notice(split: str, report: dict[str, int], max_length: int) -> str:
 
 # --- config and training ----------------------------------------------------------------------------------
 
+def loss_terms(cfg: DPOStageConfig) -> dict[str, list]:
+    """TRL's `loss_type` (a list of terms, summed) and, with an SFT term, its `loss_weights`."""
+    if not cfg.sft_weight:
+        return {"loss_type": [cfg.loss_type]}
+    return {"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]}
+
+
 def trl_kwargs(cfg: DPOStageConfig, output_dir: str | Path, with_eval: bool = False) -> dict[str, Any]:
     """Our fields as TRL DPOConfig arguments (tested field by field)."""
     return dict(
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, beta=cfg.beta,
-        loss_type=[cfg.loss_type], per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        **loss_terms(cfg), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, warmup_steps=cfg.warmup, lr_scheduler_type=cfg.lr_scheduler,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, truncation_mode="keep_start",
         eval_strategy="steps" if with_eval and cfg.eval_steps else "no", eval_steps=cfg.eval_steps or None,
@@ -277,7 +290,8 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     steps = trainer.state.global_step
     summary = {
-        "policy_path": policy_path, "beta": cfg.beta, "loss_type": cfg.loss_type, "steps": steps,
+        "policy_path": policy_path, "beta": cfg.beta, "loss_type": cfg.loss_type, "sft_weight": cfg.sft_weight,
+        "steps": steps,
         "train_pairs": len(trainer.train_dataset), "eval_pairs": len(eval_pairs or []), "lengths": lengths,
         "pairs_seen": steps * cfg.pairs_per_step, "samples_seen": 2 * steps * cfg.pairs_per_step,
         "train_loss_first": first.get("train/loss"), "train_loss_last": last.get("train/loss"),

@@ -3,11 +3,13 @@
 TRL >= 1.13 has no PPO trainer, so it lives here, following "The N implementation details of RLHF with
 PPO" (Huang et al. 2023) and TRL's former PPOv2Trainer. One `PPOTrainer.step()`:
 
-1. rollout: `batch_size` prompts, chat-formatted and left-padded; sample up to `response_length` tokens at
+1. rollout: `batch_size` prompts (batch_size / k prompts k times each, k = `samples_per_prompt`),
+   chat-formatted and left-padded; sample up to `response_length` tokens at
    `temperature` (top-k and top-p off, so the sampler's distribution is exactly softmax(logits / T));
    everything after a response's first EOS is padding. The mask comes from the first-EOS position, never
    from pad-id equality: SmolLM2 pads with `<|endoftext|>` (id 0), a token a response may legitimately hold.
-2. score: `reward_fn(prompts, responses) -> (B,)`, minus `missing_eos_penalty` where a response never ended.
+2. score: `reward_fn(prompts, responses) -> (B,)`, minus `missing_eos_penalty` where a response never ended;
+   with `group_baseline`, minus the mean score of the response's k − 1 siblings before step 4 (RLOO's baseline).
 3. forward: log π_old and values V (policy + value head), log π_ref (the same policy with its LoRA adapter
    disabled: no second copy), all at the sampling temperature.
 4. per-token rewards r_t = −β·(log π_old − log π_ref)_t on every response token, plus the score on the last
@@ -42,7 +44,8 @@ Metrics, one row per step in `run_dir/ppo/metrics.jsonl` (TRL's names where TRL 
   tokens/generated           response tokens generated this step (EOS included, padding not)
   time/rollout_s, time/score_s, time/forward_s, time/update_s, time/step_s   wall-clock seconds
 Sample generations go to `run_dir/ppo/samples.jsonl` at step 1 and every `sample_every` steps, each with
-its raw score, score, sequence KL, whether it ended, and every monitor's reward of it (`gold`).
+its raw score, score, baseline (its siblings' mean score with group_baseline, else 0), sequence KL, whether
+it ended, and every monitor's reward of it (`gold`).
 Checkpoints: `run_dir/ppo/checkpoints/step-N/` (adapter/, value_head.pt, optimizer.pt, trainer_state.json,
 elapsed.json: the seconds spent so far, so a resumed run reports what the whole run cost).
 """
@@ -94,7 +97,15 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """Clip the gradient norm of each update to this (0 disables)."""
     batch_size: int = 16
-    """Prompts (and so responses) per rollout; one step = one rollout."""
+    """Responses per rollout (batch_size / samples_per_prompt prompts); one step = one rollout."""
+    samples_per_prompt: int = 1
+    """Responses sampled to each prompt of a rollout (k); batch_size must be a multiple of it."""
+    group_baseline: bool = False
+    """Subtract from each score the mean score of the other k − 1 responses to its prompt (RLOO's
+    leave-one-out baseline; needs samples_per_prompt >= 2). The score then says how much better a response
+    is than its siblings, not how easy its prompt was: most of a judge's variance lies between prompts, which
+    a fresh value head cannot predict. The missing-EOS penalty is part of the score, so it is centred too (it
+    cancels where all k replies were cut off). The KL penalty and the logged scores are unchanged."""
     num_mini_batches: int = 1
     """Mini-batches per PPO epoch (one optimizer step each); must divide batch_size."""
     ppo_epochs: int = 4
@@ -137,7 +148,8 @@ class PPOConfig:
     sample_every: int = 5
     """Write sample generations to samples.jsonl at step 1 and every this many steps (0: never)."""
     n_samples: int = 4
-    """Responses written per sampling step."""
+    """Responses written per sampling step: the rollout's first ones (with samples_per_prompt k, the k replies
+    to one prompt, then the next prompt's)."""
     seed: int = 0
     """Seed of prompt order, sampling and mini-batch shuffling (each derived from seed and step)."""
     resume: bool = True
@@ -147,6 +159,13 @@ class PPOConfig:
         checks = [
             (self.learning_rate > 0, f"learning_rate must be > 0 (LoRA: 1e-5 .. 1e-3), got {self.learning_rate}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.samples_per_prompt >= 1 and self.batch_size % self.samples_per_prompt == 0,
+             f"samples_per_prompt ({self.samples_per_prompt}) must be >= 1 and divide batch_size "
+             f"({self.batch_size}); change one of them"),
+            (not self.group_baseline or self.samples_per_prompt >= 2,
+             f"group_baseline compares the replies to one prompt, so it needs samples_per_prompt >= 2 (e.g. 4, "
+             f"dividing batch_size), got {self.samples_per_prompt}; raise samples_per_prompt or set "
+             f"group_baseline=False"),
             (self.num_mini_batches >= 1 and self.batch_size % self.num_mini_batches == 0,
              f"num_mini_batches ({self.num_mini_batches}) must be >= 1 and divide batch_size "
              f"({self.batch_size}); change one of them"),
@@ -241,6 +260,15 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tup
 def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
     """scores − penalty where the response never reached EOS: (B,), (B,) -> (B,)."""
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+
+
+def leave_one_out_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """For scores (B,) of B/k prompts' k consecutive responses each: the mean score of each response's
+    k − 1 siblings, (B,). scores − baseline sums to 0 within each prompt (RLOO, Ahmadian et al. 2024)."""
+    if k < 2 or scores.shape[0] % k:
+        raise ValueError(f"a leave-one-out baseline needs k >= 2 dividing the batch ({scores.shape[0]}), got k={k}")
+    groups = scores.reshape(-1, k)  # (B/k, k)
+    return ((groups.sum(dim=1, keepdim=True) - groups) / (k - 1)).reshape(-1)
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
@@ -474,11 +502,12 @@ class Experience:
     rollout: Rollout
     raw_scores: torch.Tensor  # (B,) reward_fn's scores
     scores: torch.Tensor  # (B,) after the missing-EOS penalty
+    baselines: torch.Tensor  # (B,) subtracted from the scores before they enter the rewards (0 without one)
     logprobs: torch.Tensor  # log π_old at the sampling temperature
     ref_logprobs: torch.Tensor  # log π_ref, the adapter disabled
     values: torch.Tensor  # V(s_t) from the value head
     kl: torch.Tensor  # log π_old − log π_ref on response tokens, 0 elsewhere
-    rewards: torch.Tensor  # −β·kl_t, plus the score on the last real token
+    rewards: torch.Tensor  # −β·kl_t, plus the score (minus its baseline) on the last real token
     advantages: torch.Tensor  # GAE, whitened when cfg.whiten_advantages
     returns: torch.Tensor  # advantages (before whitening) + values: the value targets
     watched: dict[str, torch.Tensor]  # (B,) per monitor name: its reward of each reply (logged, never optimised)
@@ -506,15 +535,23 @@ def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts
     with reference_model(policy):
         ref_logprobs, _ = chunked_forward(policy, None, ro, cfg.temperature, chunk)
     mask = ro.response_mask  # (B, T)
-    rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
+    if cfg.group_baseline:
+        k = cfg.samples_per_prompt
+        if any(prompts[i] != prompts[i - i % k] for i in range(len(prompts))):
+            raise ValueError(f"group_baseline needs each prompt {k} times in a row (samples_per_prompt={k}), as "
+                             f"PPOTrainer.prompts_for gives them; these prompts are not in runs of {k}")
+        baselines = leave_one_out_baseline(scores, k)
+    else:
+        baselines = torch.zeros_like(scores)
+    rewards, kl = per_token_rewards(scores - baselines, logprobs, ref_logprobs, mask, kl_coef)  # (B, T)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     timings = {"time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/forward_s": time.perf_counter() - t2}
-    return Experience(ro, raw, scores, logprobs, ref_logprobs, values, kl, rewards, advantages, returns, watched,
-                      timings)
+    return Experience(ro, raw, scores, baselines, logprobs, ref_logprobs, values, kl, rewards, advantages, returns,
+                      watched, timings)
 
 
 @torch.no_grad()
@@ -545,7 +582,8 @@ class PPOTrainer:
 
     `tokenizer` needs `eos_token_id`, `pad_token_id` (a different token), `apply_chat_template`,
     `__call__` (left padding) and `batch_decode`. Prompts are user messages (or message lists); each step
-    takes the next `batch_size` of them, reshuffled every pass (seeded).
+    takes the next batch_size / samples_per_prompt of them, each samples_per_prompt times, reshuffled every
+    pass (seeded).
     """
 
     def __init__(self, policy, tokenizer, reward_fn: Callable[[Sequence[Any], Sequence[str]], Any],
@@ -587,14 +625,15 @@ class PPOTrainer:
         return self.cfg.seed * 1_000_003 + step
 
     def prompts_for(self, step: int) -> list[Any]:
-        """The `batch_size` prompts that step `step` (from 1) samples: the next ones of a seeded shuffle,
-        reshuffled every pass over the prompts."""
-        n, b = len(self.prompts), self.cfg.batch_size
+        """The `batch_size` prompts that step `step` (from 1) samples: the next batch_size / k of a seeded
+        shuffle, reshuffled every pass over the prompts, each repeated k = samples_per_prompt times in a row."""
+        n, k = len(self.prompts), self.cfg.samples_per_prompt
+        b = self.cfg.batch_size // k
         chosen = []
         for pos in range((step - 1) * b, step * b):
             epoch, i = divmod(pos, n)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
-            chosen.append(self.prompts[int(perm[i])])
+            chosen.extend([self.prompts[int(perm[i])]] * k)
         return chosen
 
     def step(self) -> dict[str, float]:
@@ -658,7 +697,8 @@ class PPOTrainer:
         with open(self.samples_path, "a", encoding="utf-8") as f:
             for i in range(min(self.cfg.n_samples, len(ro.texts))):
                 row = {"step": step, "prompt": ro.prompts[i], "response": ro.texts[i],
-                       "raw_score": exp.raw_scores[i], "score": exp.scores[i], "kl": seq_kl[i],
+                       "raw_score": exp.raw_scores[i], "score": exp.scores[i], "baseline": exp.baselines[i],
+                       "kl": seq_kl[i],
                        "has_eos": bool(ro.has_eos[i]), **{name: each[i] for name, each in exp.watched.items()}}
                 f.write(json.dumps(_jsonable(row)) + "\n")
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/rejection_sampling_sft.py --run-dir runs/cpu --pick gold [--ended-only] \
         [--per-domain 16] [--k 4] [--steps 30] [--learning-rate 3e-4] [--out runs/cpu/rejection_sampling] [--name N] \
-        [--sample-temperature 0.7] [--in-sample] [--objective sft|dpo] [--beta 0.1] [--min-gap 0.05]
+        [--sample-temperature 0.7] [--in-sample] [--objective sft|dpo] [--beta 0.1] [--min-gap 0.05] \
+        [--sft-weight 0] [--seed 0]
 
 A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_budget.md, sections 11 and 12):
 1. samples k replies (temperature 0.7 or --sample-temperature, up to 96 tokens, seed 1) to the first
@@ -15,12 +16,14 @@ A check on what RL could learn at the cpu budget, without RL (docs/rl_on_a_cpu_b
    prompts where none did;
 3. trains a LoRA adapter on the picked replies on top of the SFT model (the SFT stage's trainer, batch 4,
    LoRA on the top 16 blocks; 5% of the picks, split by prompt, give an eval loss instead), into
-   OUT/NAME/adapter, NAME being --name or [dpo-]<pick>[-ended][-<steps>steps][-lr<rate>][-beta<b>] (the last
-   three when not the defaults). A rerun with the same NAME starts that folder afresh.
+   OUT/NAME/adapter, NAME being --name or [dpo-]<pick>[-ended][-<steps>steps][-lr<rate>][-beta<b>][-sft<w>]
+   [-seed<s>] (each suffix only when not the default). --seed seeds the training (data order, the adapter's
+   initialisation), not the candidates. A rerun with the same NAME starts that folder afresh.
    With --objective dpo it makes a pair per prompt instead, the judge's best reply against its worst (two at
    random with --pick random), skipping and counting prompts whose two differ by less than --min-gap in the
    judge's score, and trains DPO on them (the DPO stage's trainer, batch 4, LoRA on the top 16 blocks, the
-   adapter disabled as the reference) into OUT/NAME/dpo/adapter;
+   adapter disabled as the reference) into OUT/NAME/dpo/adapter; --sft-weight w adds w times the chosen
+   reply's negative log-likelihood to the DPO loss (RPO);
 4. evaluates it as `python -m rlhf_helpers.evaluate --n-prompts 72 --samples-per-prompt 3` evaluates the
    run's policies (72 held-out prompts x 3 replies, up to 96 tokens, seed 0) and prints its gold, KL to SFT,
    the share of replies that ended, and its gain over SFT with a bootstrap 95% interval over prompts. SFT's
@@ -163,14 +166,14 @@ def in_sample(run_dir: str, adapter: Path, rows: list[dict], temperature: float,
     return {"tuned": metrics, "vs_sft": paired_win_rate(tuned, rows)}
 
 
-def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: float) -> Path:
+def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: float, seed: int = 0) -> Path:
     from rlhf_helpers.paths import stage_dir
     from rlhf_helpers.sft import SFTStageConfig, build_trainer
 
     # max_length 512: no picked reply is cut (at 96 new tokens the longest, with a summary's passage, is ~250)
     cfg = SFTStageConfig(model_name=str(stage_dir(run_dir, "sft") / "model"), data_file=str(demos_path),
                          max_steps=steps, batch_size=4, learning_rate=learning_rate, lora_layers=16, max_length=512,
-                         eval_fraction=0.05, eval_steps=10**6, save_steps=10**6, logging_steps=4)
+                         eval_fraction=0.05, eval_steps=10**6, save_steps=10**6, logging_steps=4, seed=seed)
     trainer, _ = build_trainer(cfg, out)
     print(f"training on {len(trainer.train_dataset)} picked replies ({len(trainer.eval_dataset)} held out for an "
           f"eval loss)")
@@ -180,18 +183,22 @@ def train(run_dir: str, demos_path: Path, out: Path, steps: int, learning_rate: 
     return out / "adapter"
 
 
-def train_dpo_pairs(run_dir: str, pairs_path: Path, out: Path, steps: int, learning_rate: float, beta: float) -> Path:
+def train_dpo_pairs(run_dir: str, pairs_path: Path, out: Path, steps: int, learning_rate: float, beta: float,
+                    sft_weight: float = 0.0, seed: int = 0) -> Path:
     """DPO (the DPO stage's trainer: batch 4, LoRA on the top 16 blocks, the adapter disabled as the
-    reference) on the pairs in `pairs_path`, from the run's SFT model, into OUT/dpo/adapter."""
+    reference) on the pairs in `pairs_path`, from the run's SFT model, into OUT/dpo/adapter; with
+    `sft_weight` > 0, plus that times the chosen reply's negative log-likelihood (RPO)."""
     from rlhf_helpers.data import PreferencePair
     from rlhf_helpers.dpo import DPOStageConfig, train_dpo
     from rlhf_helpers.paths import stage_dir
 
     pairs = [PreferencePair(**json.loads(line)) for line in pairs_path.read_text().splitlines() if line.strip()]
     policy = str(stage_dir(run_dir, "sft") / "model")
-    cfg = DPOStageConfig(model_name=policy, beta=beta, learning_rate=learning_rate, max_steps=steps, batch_size=4,
-                         lora_layers=16, max_length=512, save_steps=10**6, logging_steps=4, resume=False)
-    print(f"DPO on {len(pairs)} pairs, beta {beta:g}")
+    cfg = DPOStageConfig(model_name=policy, beta=beta, sft_weight=sft_weight, learning_rate=learning_rate,
+                         max_steps=steps, batch_size=4, lora_layers=16, max_length=512, save_steps=10**6,
+                         logging_steps=4, resume=False, seed=seed)
+    print(f"DPO on {len(pairs)} pairs, beta {beta:g}" + (f", plus {sft_weight:g} x the chosen reply's NLL (RPO)"
+                                                         if sft_weight else ""))
     summary = train_dpo(cfg, out, policy, pairs)
     margin, accuracy = summary["margin_halves"], summary["accuracy_halves"]
     if margin and accuracy:  # None with fewer than two logged rows
@@ -242,12 +249,20 @@ def main(argv=None) -> int:
     ap.add_argument("--min-gap", type=float, default=0.05,
                     help="with --objective dpo, skip a prompt whose best and worst reply differ by less than this "
                          "in the judge's score (gold's 0..1, or the reward model's own units with --pick rm)")
+    ap.add_argument("--sft-weight", type=float, default=0.0,
+                    help="with --objective dpo, add this times the chosen reply's negative log-likelihood to the "
+                         "loss (RPO; section 12 used 1)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training (data order, adapter initialisation)")
     ap.add_argument("--in-sample", action="store_true",
                     help="also sample the tuned policy on its training prompts and compare with SFT's candidates")
     args = ap.parse_args(argv)
     dpo = args.objective == "dpo"
     if dpo and args.ended_only:
         raise SystemExit("--ended-only picks one reply to fine-tune on; it does not apply to --objective dpo")
+    if args.sft_weight and not dpo:
+        raise SystemExit("--sft-weight adds to the DPO loss; it needs --objective dpo (the sft objective is all NLL)")
+    if args.sft_weight < 0:
+        raise SystemExit(f"--sft-weight must be >= 0 (0: plain DPO; 1 is RPO's), got {args.sft_weight:g}")
     from rlhf_helpers.paths import resolve_run_dir, stage_dir
 
     out = args.out or stage_dir(args.run_dir, "rejection_sampling")
@@ -272,7 +287,9 @@ def main(argv=None) -> int:
     name = args.name or (("dpo-" if dpo else "") + args.pick + ("-ended" if args.ended_only else "")
                          + (f"-{args.steps}steps" if args.steps != 30 else "")
                          + (f"-lr{args.learning_rate:g}" if args.learning_rate != 3e-4 else "")
-                         + (f"-beta{args.beta:g}" if dpo and args.beta != 0.1 else ""))
+                         + (f"-beta{args.beta:g}" if dpo and args.beta != 0.1 else "")
+                         + (f"-sft{args.sft_weight:g}" if args.sft_weight else "")
+                         + (f"-seed{args.seed}" if args.seed else ""))
     if dpo:
         demos, picked = pick_pairs(rows, args.k, args.pick, args.min_gap)
         print(f"{name}: {picked['kept']} prompts kept, {picked['skipped']} skipped (best and worst within "
@@ -292,8 +309,9 @@ def main(argv=None) -> int:
     shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts afresh: no stale metrics or checkpoints
     demos_path = out / name / ("pairs.jsonl" if dpo else "demonstrations.jsonl")
     atomic_write_text(demos_path, "".join(json.dumps(d) + "\n" for d in demos))
-    adapter = (train_dpo_pairs(args.run_dir, demos_path, out / name, args.steps, args.learning_rate, args.beta) if dpo
-               else train(args.run_dir, demos_path, out / name, args.steps, args.learning_rate))
+    adapter = (train_dpo_pairs(args.run_dir, demos_path, out / name, args.steps, args.learning_rate, args.beta,
+                               args.sft_weight, args.seed) if dpo
+               else train(args.run_dir, demos_path, out / name, args.steps, args.learning_rate, args.seed))
     result = evaluate(args.run_dir, adapter)
     m, w = result["tuned"], result["vs_sft"]
     print(f"| {name} | {picked['kept']} | {lift:+.3f} | {m['gold_mean']:.3f} | "

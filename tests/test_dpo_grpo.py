@@ -67,6 +67,11 @@ def test_dpo_config_maps_onto_trl(tmp_path):
     assert args.gradient_checkpointing is False and args.disable_dropout is True  # TRL's default checkpoints
     assert args.precompute_ref_log_probs is False and args.report_to in ("none", [], ["none"])
     assert args.eval_strategy == "no"  # eval_steps=0: evaluated once, at the end
+    assert args.loss_weights is None  # sft_weight 0: plain DPO, no second term
+    rpo = dpo_trl_config(stage_config(DPOStageConfig, "cpu", sft_weight=0.5), tmp_path)
+    assert (rpo.loss_type, rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])  # RPO: DPO + 0.5 x chosen NLL
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        DPOStageConfig(sft_weight=-1.0)
     gpu = dpo_trl_kwargs(stage_config(DPOStageConfig, "gpu"), tmp_path, with_eval=True)  # not built: no GPU here
     assert gpu["bf16"] is True and gpu["use_cpu"] is False and gpu["eval_strategy"] == "steps"
     with pytest.raises(ValueError, match="beta must be > 0"):
@@ -293,6 +298,27 @@ def test_a_dpo_step_raises_the_margin_and_matches_trls_implicit_reward(tiny, tmp
 
 
 @pytest.mark.slow
+def test_sft_weight_adds_the_chosen_replies_nll_to_the_dpo_loss(tiny, tmp_path):
+    # at step 1 the fresh adapter is the reference, so DPO's term is log 2 and the rest is w x the chosen NLL
+    model, tok = load_model(tiny)
+    nll, n = 0.0, 0
+    for p in PAIRS:
+        prompt, reply = completion_ids(tok, [{"role": "user", "content": p.prompt}], p.chosen)
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        nll, n = nll - logps[len(prompt) - 1:].sum().item(), n + len(reply)
+    losses = {}
+    for w in (0.0, 0.5):
+        train_dpo(tiny_dpo_config(tiny, sft_weight=w), tmp_path / str(w), tiny, PAIRS)
+        losses[w] = read_metrics(tmp_path / str(w) / "dpo" / "metrics.jsonl")[0]["train/loss"]
+    assert losses[0.0] == pytest.approx(np.log(2), abs=1e-4)
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * nll / n, rel=1e-3)
+    saved = json.loads((tmp_path / "0.5" / "dpo" / "summary.json").read_text())
+    assert saved["sft_weight"] == 0.5
+
+
+@pytest.mark.slow
 def test_dpo_tokenisation_and_drop_counts_match_trl(tiny, tmp_path):
     long_prompt = PreferencePair(" ".join(["word"] * 80), "Yes.", "No.", metadata={})
     long_reply = PreferencePair("Hi?", "a long reply " * 30, "No.", metadata={})
@@ -483,6 +509,9 @@ def test_settings_table_shows_what_each_method_was_given(tmp_path):
     assert rows["ppo"]["learning rate"] == 3e-4 and rows["ppo"]["passes over each batch"] == 2
     assert rows["ppo"]["prompts drawn"] == 128 and rows["ppo"]["replies per prompt"] == 1
     assert rows["ppo"]["β"].startswith("0.05: per-token")
+    (tmp_path / "ppo" / "config.json").write_text(json.dumps({"samples_per_prompt": 4, "group_baseline": True}))
+    grouped = {r["method"]: r for r in settings_table(tmp_path, ("ppo",))}["ppo"]
+    assert grouped["prompts drawn"] == 32 and grouped["replies per prompt"] == 4  # 128 replies, 4 to each prompt
     assert rows["grpo"]["prompts drawn"] == 12 and rows["grpo"]["replies per prompt"] == 4
     assert rows["grpo"]["β"] == "0.05: k3 per token in the loss" and rows["grpo"]["token cap in training"] == "64 (reply)"
     assert rows["rloo"]["β"] == "0: no KL term, no reference"

@@ -760,9 +760,9 @@ def test_rejection_sampling_script_trains_dpo_on_the_pairs_with_objective_dpo(tm
     script.sample = lambda run_dir, prompts, k, temperature: rows
     script.train = lambda *a: pytest.fail("--objective dpo must not fine-tune on single replies")
 
-    def fake_dpo(run_dir, pairs_path, out, steps, learning_rate, beta):
+    def fake_dpo(run_dir, pairs_path, out, steps, learning_rate, beta, sft_weight, seed):
         trained.append(([json.loads(line) for line in pairs_path.read_text().splitlines()], out.name, steps, beta,
-                        learning_rate))
+                        learning_rate, sft_weight, seed))
         return out / "dpo" / "adapter"
 
     script.train_dpo_pairs = fake_dpo
@@ -771,12 +771,19 @@ def test_rejection_sampling_script_trains_dpo_on_the_pairs_with_objective_dpo(tm
         "vs_sft": {"gain": 0.05, "gain_ci_low": -0.01, "gain_ci_high": 0.1}}
     args = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "rs"), "--k", "2", "--objective", "dpo"]
     assert script.main(args + ["--steps", "64", "--beta", "0.2", "--learning-rate", "5e-4"]) == 0
-    pairs, name, steps, beta, learning_rate = trained[0]
+    pairs, name, steps, beta, learning_rate, sft_weight, seed = trained[0]
     assert pairs == [{"prompt": p, "chosen": p + "1", "rejected": p + "0"} for p in ("a", "b")]
-    assert (name, steps, beta, learning_rate) == ("dpo-gold-64steps-lr0.0005-beta0.2", 64, 0.2, 5e-4)
+    assert (name, steps, beta, learning_rate, sft_weight, seed) == ("dpo-gold-64steps-lr0.0005-beta0.2", 64, 0.2,
+                                                                     5e-4, 0.0, 0)
     text = capsys.readouterr().out
     assert "the chosen reply's gold is +0.300 over the rejected one's; 2 chosen and 0 rejected replies ended" in text
     assert "| dpo-gold-64steps-lr0.0005-beta0.2 | 2 | +0.300 | 0.750 | +0.050 [-0.010, +0.100] | 7.50 | 0.90 |" in text
+    assert script.main(args + ["--sft-weight", "1", "--seed", "2"]) == 0  # RPO, another seed
+    assert trained[1][1:] == ("dpo-gold-sft1-seed2", 30, 0.1, 3e-4, 1.0, 2)
+    with pytest.raises(SystemExit, match="--sft-weight adds to the DPO loss; it needs --objective dpo"):
+        script.main(args[:-2] + ["--sft-weight", "1"])
+    with pytest.raises(SystemExit, match="--sft-weight must be >= 0"):
+        script.main(args + ["--sft-weight", "-1"])
     with pytest.raises(SystemExit, match="no prompt has a pair to train on: lower --min-gap"):
         script.main(args + ["--min-gap", "0.5"])
     with pytest.raises(SystemExit, match="--ended-only .* does not apply to --objective dpo"):
@@ -793,7 +800,7 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
         calls.append((k, temperature))
         return rows
 
-    def fake_train(run_dir, demos_path, out, steps, learning_rate):
+    def fake_train(run_dir, demos_path, out, steps, learning_rate, seed):
         assert [json.loads(line)["response"] for line in demos_path.read_text().splitlines()] == ["a1", "b1"]
         return out / "adapter"
 

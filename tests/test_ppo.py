@@ -13,8 +13,9 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.models import attach_lora, default_lora_config, reference_model
 from rlhf_helpers.ppo import (
     AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
-    compute_gae, explained_variance, forward_logprobs_values, generation_config, list_checkpoints, logprobs_and_entropy,
-    masked_mean, masked_whiten, per_token_rewards, ppo_losses, response_mask_from_eos, rollout,
+    compute_gae, explained_variance, forward_logprobs_values, generation_config, leave_one_out_baseline,
+    list_checkpoints, logprobs_and_entropy, make_experience, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
+    response_mask_from_eos, rollout,
 )
 from rlhf_helpers.tracking import read_json, read_metrics
 
@@ -176,6 +177,17 @@ def test_per_token_rewards_and_missing_eos_penalty():
     assert penalised.tolist() == pytest.approx([1.0, -3.0, -0.5])
 
 
+def test_leave_one_out_baseline_is_the_mean_of_each_replys_siblings():
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 4.0])  # two prompts, three replies each
+    baseline = leave_one_out_baseline(scores, 3)
+    assert baseline.tolist() == pytest.approx([2.5, 2.0, 1.5, 7.0, 7.0, 10.0])
+    assert (scores - baseline).reshape(2, 3).sum(dim=1).tolist() == pytest.approx([0.0, 0.0])
+    assert leave_one_out_baseline(scores, 2).tolist() == pytest.approx([2.0, 1.0, 10.0, 3.0, 4.0, 10.0])
+    for k in (1, 4):
+        with pytest.raises(ValueError, match=f"k >= 2 dividing the batch \\(6\\), got k={k}"):
+            leave_one_out_baseline(scores, k)
+
+
 def gae_reference(rewards, values, mask, gamma, lam):
     """Slow GAE: A_t = Σ_{k≥t} (γλ)^{k−t} δ_k over each row's valid tokens, V = 0 after the last one."""
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
@@ -285,6 +297,10 @@ def test_config_validation_and_profiles():
         PPOConfig(temperature=0)
     with pytest.raises(ValueError, match="cliprange"):
         PPOConfig(cliprange=1.5)
+    with pytest.raises(ValueError, match=r"samples_per_prompt \(3\) must be >= 1 and divide batch_size \(8\)"):
+        PPOConfig(batch_size=8, samples_per_prompt=3)
+    with pytest.raises(ValueError, match=r"group_baseline .* needs samples_per_prompt >= 2 .*got 1; raise samples_per_prompt"):
+        PPOConfig(group_baseline=True)
 
 
 # --- rollouts and forward passes on a tiny model ---------------------------------------------------------
@@ -415,15 +431,53 @@ def test_monitors_are_logged_but_never_optimised(tmp_path):
     assert "lower" not in read_metrics(tmp_path / "a" / "ppo" / "samples.jsonl")[0]
 
 
-def test_toy_reward_rises(tmp_path):
-    cfg = tiny_config(max_steps=10, batch_size=16, num_mini_batches=2, init_kl_coef=0.01, learning_rate=2e-2)
+def prompt_length(prompts, responses):
+    """A reward that only says which prompt was asked: the same for every reply to it."""
+    return torch.tensor([float(len(p)) for p in prompts])
+
+
+def test_group_baseline_leaves_only_what_tells_a_reply_from_its_siblings(tmp_path):
+    cfg = tiny_config(batch_size=8, samples_per_prompt=4, group_baseline=True, missing_eos_penalty=0.5,
+                      response_length=4)
+    trainer = make_trainer(tmp_path, cfg, reward=prompt_length)
+    prompts = trainer.prompts_for(1)
+    assert len(prompts) == 8 and prompts[:4] == [prompts[0]] * 4 and prompts[4:] == [prompts[4]] * 4
+    assert prompts[0] != prompts[4]
+    assert trainer.prompts_for(2)[0] not in (prompts[0], prompts[4])  # the next step asks the next two prompts
+    single = make_trainer(tmp_path / "k1", tiny_config(batch_size=2))  # k = 1 draws the same prompts, once each
+    assert [p for step in (1, 2) for p in single.prompts_for(step) for _ in range(4)] == \
+        prompts + trainer.prompts_for(2)
+    exp = make_experience(trainer.policy, trainer.value_head, trainer.tokenizer, prompt_length, prompts, cfg,
+                          kl_coef=0.05, seed=1)
+    ro = exp.rollout
+    assert len(set(ro.texts[:4])) > 1  # four different replies to one prompt
+    assert 0 < int(ro.has_eos.sum()) < 8  # some were cut off: the penalty differs within a prompt
+    centred = exp.scores - exp.baselines
+    assert centred.reshape(2, 4).sum(dim=1).tolist() == pytest.approx([0.0, 0.0], abs=1e-5)
+    # the prompt's own score cancels; what is left is the missing-EOS penalty relative to the siblings
+    penalty = -0.5 * (~ro.has_eos).float()
+    assert centred.tolist() == pytest.approx((penalty - leave_one_out_baseline(penalty, 4)).tolist(), abs=1e-5)
+    plain, _ = per_token_rewards(centred, exp.logprobs, exp.ref_logprobs, ro.response_mask, 0.05)
+    assert torch.allclose(exp.rewards, plain)
+    assert exp.scores.tolist() == pytest.approx((exp.raw_scores + penalty).tolist())  # logged scores unchanged
+    with pytest.raises(ValueError, match="group_baseline needs each prompt 4 times in a row"):
+        make_experience(trainer.policy, trainer.value_head, trainer.tokenizer, prompt_length, prompts[::-1][1:] +
+                        prompts[:1], cfg, kl_coef=0.05, seed=1)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["one-reply-per-prompt", "group-baseline"])
+def test_toy_reward_rises(tmp_path, group):
+    cfg = tiny_config(max_steps=10, batch_size=16, num_mini_batches=2, init_kl_coef=0.01, learning_rate=2e-2,
+                      samples_per_prompt=4 if group else 1, group_baseline=group)
     trainer = make_trainer(tmp_path, cfg)
     seen = []
     trainer.add_step_callback(lambda step, metrics: seen.append((step, metrics["objective/scores"])))
     summary = trainer.train()
     scores = [s for _, s in seen]
     assert [s for s, _ in seen] == list(range(1, 11)) and summary["steps"] == 10
-    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores  # seeds 0-3 all give > +0.3
+    # one reply per prompt: seeds 0-3 all give > +0.3; group baseline: +0.27, +0.35, +0.09, +0.43 (the baseline's
+    # sign flipped, about 0 on each)
+    assert sum(scores[-2:]) / 2 > sum(scores[:2]) / 2 + 0.15, scores
     assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").exists()
     summary = read_json(tmp_path / "ppo" / "summary.json")
     assert summary["scores_last"] == pytest.approx(scores[-1])
