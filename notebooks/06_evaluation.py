@@ -196,8 +196,8 @@ line_gains(points, reference)
 #
 # Two cautions. These are training prompts and training-length replies, so neither curve is on the scale of
 # the table's columns (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few
-# replies (8 in the cpu profile): over 6–16 steps, a parting point would need a proxy that climbs clearly,
-# which a short CPU run's does not. Each stage's sentence below says which case it is.
+# prompts (2 to 4 in the cpu profile): over 6–16 steps, a parting point would need a proxy that climbs
+# clearly, which a short CPU run's does not. Each stage's sentence below says which case it is.
 
 # %%
 over = gold_proxy_over_training(run_dir)

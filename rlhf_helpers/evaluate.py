@@ -716,6 +716,10 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
              f"The score PPO optimised (`objective/scores`) is the reward model's score minus "
              f"{cfg.missing_eos_penalty:g} for a reply that never ended"
              + (f", and {1 - eos:.0%} of the training replies never did" if eos is not None else "") + ". "
+             + ("With `group_baseline`, PPO put on each reply's last token its score less the mean of its "
+                f"{cfg.samples_per_prompt - 1} siblings' (the other replies to its prompt), which this batch mean "
+                "does not show: with few prompts a step, it mostly says which prompts came up. "
+                if getattr(cfg, "group_baseline", False) else "") +
              f"From the first half of the steps to the second: {_change(half_means(rows, 'objective/scores'), 'score')}; "
              f"{_change(half_means(rows, 'objective/raw_scores'), 'the reward model alone')}; "
              f"{_change(half_means(rows, 'objective/gold'), 'gold on the same replies', 3)}."]

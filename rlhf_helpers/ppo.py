@@ -165,7 +165,7 @@ class PPOConfig:
             (not self.group_baseline or self.samples_per_prompt >= 2,
              f"group_baseline compares the replies to one prompt, so it needs samples_per_prompt >= 2 (e.g. 4, "
              f"dividing batch_size), got {self.samples_per_prompt}; raise samples_per_prompt or set "
-             f"group_baseline=False"),
+             f"group_baseline=False (--group-baseline false)"),
             (self.num_mini_batches >= 1 and self.batch_size % self.num_mini_batches == 0,
              f"num_mini_batches ({self.num_mini_batches}) must be >= 1 and divide batch_size "
              f"({self.batch_size}); change one of them"),

@@ -176,8 +176,8 @@ def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
     """Did `key` rise over training? The mean over the first half of the rows that hold it, over the second
     half, their difference and its standard error: {'first_half', 'second_half', 'change', 'change_se'}.
 
-    One rollout's mean is a noisy number (a batch of 8 replies to 8 prompts), so the first and the last
-    step alone can show a rise or a fall that is not there. With an odd count the middle row is left out;
+    One rollout's mean is a noisy number (a batch of a few replies to a few prompts), so the first and the
+    last step alone can show a rise or a fall that is not there. With an odd count the middle row is left out;
     fewer than two rows give None throughout (one row per half: no standard error)."""
     values = [float(r[key]) for r in rows if r.get(key) is not None]
     half = len(values) // 2

@@ -259,10 +259,10 @@ def main(argv=None) -> int:
     dpo = args.objective == "dpo"
     if dpo and args.ended_only:
         raise SystemExit("--ended-only picks one reply to fine-tune on; it does not apply to --objective dpo")
-    if args.sft_weight and not dpo:
-        raise SystemExit("--sft-weight adds to the DPO loss; it needs --objective dpo (the sft objective is all NLL)")
     if args.sft_weight < 0:
         raise SystemExit(f"--sft-weight must be >= 0 (0: plain DPO; 1 is RPO's), got {args.sft_weight:g}")
+    if args.sft_weight and not dpo:
+        raise SystemExit("--sft-weight adds to the DPO loss; it needs --objective dpo (the sft objective is all NLL)")
     from rlhf_helpers.paths import resolve_run_dir, stage_dir
 
     out = args.out or stage_dir(args.run_dir, "rejection_sampling")
