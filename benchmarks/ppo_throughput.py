@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     memory = PeakMemory(cfg.device).start()
     policy, tok = ppo.build_policy(cfg, policy_path)
     print(f"profile {args.profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} "
-          f"({cfg.batch_size // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt}) x {cfg.response_length} tokens, {cfg.ppo_epochs} epochs x {cfg.num_mini_batches} mini-batches, "
+          f"({cfg.batch_size // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt}) x "
+          f"{cfg.response_length} tokens, {cfg.ppo_epochs} epochs x {cfg.num_mini_batches} mini-batches, "
           f"threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as scratch:
         trainer = ppo.PPOTrainer(policy, tok, ppo.as_tensor_reward(reward), cfg, scratch, prompts)

@@ -80,8 +80,9 @@ cfg
 # ## 1. One PPO step, piece by piece
 # ### Rollout
 # Sample `samples_per_prompt` answers to each prompt (here 4 answers in all, as a training step would draw
-# them) with the KV cache, prompts left-padded so every answer starts in the same column. Sampling is pure temperature sampling (no top-k, no top-p), so the probabilities we compute later
-# are exactly those the sampler used. Everything after an answer's first end-of-turn token is padding, and
+# them) with the KV cache, prompts left-padded so every answer starts in the same column. Sampling is pure
+# temperature sampling (no top-k, no top-p), so the probabilities we compute later are exactly those the
+# sampler used. Everything after an answer's first end-of-turn token is padding, and
 # the mask comes from the position of that token, never from comparing ids with the pad id.
 #
 # Each answer then gets its score: `raw score` is the reward model's, and `score` is what PPO optimises,
@@ -114,8 +115,8 @@ pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
 # ### Rewards per token
 # The reward model scores a whole answer, but PPO learns per token. Every token gets $-\beta\,(\log\pi -
 # \log\pi_{ref})$, the KL penalty that keeps the policy near the SFT model, and the last real token also
-# gets the score (less the baseline, with `group_baseline`). An answer that never ended loses `missing_eos_penalty` first (subtracted, as TRL's PPO
-# trainer did; OpenAI's original `lm-human-preferences` code replaced such a score with a fixed −1). The
+# gets the score (less the baseline, with `group_baseline`). An answer that never ended loses
+# `missing_eos_penalty` first (subtracted, as TRL's PPO trainer did; OpenAI's original `lm-human-preferences` code replaced such a score with a fixed −1). The
 # adapter starts at zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
 #
 # Both log-probabilities come from the logits divided by the sampling temperature, the distribution the
@@ -250,13 +251,12 @@ print(trend["note"])
 # %% [markdown]
 # Samples written during training (`run_dir/ppo/samples.jsonl`): the first two replies of each sampled
 # step, in full (prompts shortened); with `samples_per_prompt` above 1 they are two answers to the same
-# prompt. Each step answers different prompts, so read them for what the policy
-# does (does it end its replies, does it refuse, does it repeat itself), not as before-and-after pairs:
-# section 5 has those. Columns: `ended`, whether the reply ended before `response_length` tokens (replies
-# that did not stop mid-sentence); `raw score`, the reward model's; `score`, after the missing-EOS penalty;
-# `baseline`, the mean score of the reply's siblings (0 without `group_baseline`); `gold`, the gold judge's
-# (never optimised); `kl`, the reply's sampled $\sum_t \log\pi/\pi_{ref}$, which
-# can be negative for one reply.
+# prompt. Each step answers different prompts, so read them for what the policy does (does it end its
+# replies, does it refuse, does it repeat itself), not as before-and-after pairs: section 5 has those.
+# Columns: `ended`, whether the reply ended before `response_length` tokens (replies that did not stop
+# mid-sentence); `raw score`, the reward model's; `score`, after the missing-EOS penalty; `baseline`, the
+# mean score of the reply's siblings (0 without `group_baseline`); `gold`, the gold judge's (never
+# optimised); `kl`, the reply's sampled $\sum_t \log\pi/\pi_{ref}$, which can be negative for one reply.
 
 # %%
 samples = pd.DataFrame(read_metrics(out_dir / "samples.jsonl"))
@@ -348,9 +348,9 @@ MetricsLogger(out_dir).summary(summary)
 # +0.047] on the held-out prompts against the reward model, in 28 minutes on one seed, without ending more
 # replies (section 13 of the page). This notebook's cpu profile is that recipe cut to 8 steps, about what
 # 10 minutes buy; in the cpu run it gained +0.010 [−0.011, +0.030] on all 72 held-out prompts × 3 replies,
-# and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like every 10-minute run before it. `max_steps=32` runs the 28-minute version:
-# from a shell, `python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation
-# above.
+# and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like every 10-minute run before
+# it. `max_steps=32` runs the 28-minute version; from a shell, `python -m rlhf_helpers.ppo --run-dir R
+# --profile cpu --max-steps 32`, then the evaluation above.
 # Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
 # policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
 # loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures

@@ -367,6 +367,10 @@ def test_ppo_reading_says_what_the_run_did():
     assert "won 6, tied 10 and lost 16" in text and "it can leave out 0.5 while the gain's interval holds 0" in text
     assert "score -1.00 → -1.00 (+0.00 ± 0.00)" in text
     assert text.splitlines()[-1] == "- **Reward hacking?** The proxy did not rise."
+    assert "siblings'" not in text  # the baseline sentence belongs to group_baseline runs only
+    grouped = SimpleNamespace(**vars(cfg), group_baseline=True, samples_per_prompt=4)
+    text = ppo_reading(_ppo_rows(16, 0.001), grouped, sft, ppo, eval_rows, wins, max_new_tokens=96)
+    assert "its score less the mean of its 3 siblings'" in text and "which prompts came up" in text
     rising = _ppo_rows(16, 0.08, score=lambda i: 0.1 * i)
     text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain": 0.05, "gain_ci_low": 0.01}, max_new_tokens=96)
     assert "score 0.45 → 1.25 (+0.80" in text and "within two standard errors" not in text.split(";")[0]
