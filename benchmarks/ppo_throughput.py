@@ -1,9 +1,11 @@
 """PPO throughput: where a step's time goes, and how fast PPO generates beside a bare `model.generate`.
 
     python benchmarks/ppo_throughput.py --profile cpu [--run-dir runs/cpu] [--steps 3] [--reward gold]
+        [--dtype bfloat16 --batch-size 32 ...]
 
-Builds the PPO policy as notebook 04 does (the SFT model of --run-dir when present, else the profile's
-base model), runs --steps PPO steps into a scratch folder, and prints a table: per step, the time of the
+Any PPOConfig field can be overridden as in `python -m rlhf_helpers.ppo` (the profile's value otherwise), to
+time a setting before training with it. Builds the PPO policy as notebook 04 does (the SFT model of
+--run-dir when present, else the profile's base model), runs --steps PPO steps into a scratch folder, and prints a table: per step, the time of the
 rollout, the scoring, the forward passes (policy, values, reference) and the updates; then, on the same
 batch in the same process, the generated tokens per second inside PPO's rollout beside a bare
 `policy.generate` call with the same prompts, seed, sampling settings and policy (run just before the
@@ -24,13 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rlhf_helpers import ppo  # noqa: E402
-from rlhf_helpers.config import stage_config  # noqa: E402
+from rlhf_helpers.config import add_config_arguments, stage_config  # noqa: E402
 from rlhf_helpers.data import train_prompts  # noqa: E402
 from rlhf_helpers.gold import GoldJudge  # noqa: E402
 from rlhf_helpers.models import chat_prompt  # noqa: E402
 from rlhf_helpers.online_rl import run_reward  # noqa: E402
 from rlhf_helpers.sft import sft_policy_path  # noqa: E402
 from rlhf_helpers.tracking import PeakMemory  # noqa: E402
+
+
+# set by the benchmark itself (no checkpoints, no samples, --steps steps, a scratch folder), or by its own --seed
+BENCHMARK_FIXES = ("seed", "save_steps", "sample_every", "max_steps", "resume", "keep_checkpoints")
 
 
 def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[float, int, float]:
@@ -60,18 +66,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reward", choices=("rm", "gold"), default="rm")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    run_dir = args.run_dir or f"runs/{args.profile}"
-    cfg = stage_config(ppo.PPOConfig, args.profile, seed=args.seed, save_steps=0, sample_every=0)
+    add_config_arguments(parser, ppo.PPOConfig, skip=BENCHMARK_FIXES)
+    args = vars(parser.parse_args(argv))
+    profile, steps, which, seed = args.pop("profile"), args.pop("steps"), args.pop("reward"), args.pop("seed")
+    run_dir = args.pop("run_dir") or f"runs/{profile}"
+    cfg = stage_config(ppo.PPOConfig, profile, **args, seed=seed, save_steps=0, sample_every=0)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
-    reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if args.reward == "rm" else GoldJudge()
+    reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if which == "rm" else GoldJudge()
     prompts = train_prompts()
     memory = PeakMemory(cfg.device).start()
     policy, tok = ppo.build_policy(cfg, policy_path)
-    print(f"profile {args.profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} "
+    print(f"profile {profile}: policy {policy_path}, reward {type(reward).__name__}, batch {cfg.batch_size} "
           f"({cfg.batch_size // cfg.samples_per_prompt} prompts x {cfg.samples_per_prompt}) x "
           f"{cfg.response_length} tokens, {cfg.ppo_epochs} epochs x {cfg.num_mini_batches} mini-batches, "
-          f"threads {torch.get_num_threads()}")
+          f"{cfg.dtype}, threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as scratch:
         trainer = ppo.PPOTrainer(policy, tok, ppo.as_tensor_reward(reward), cfg, scratch, prompts)
         header = f"{'step':>4} {'rollout s':>10} {'score s':>8} {'forward s':>10} {'update s':>9} {'step s':>7} " \
@@ -80,7 +88,7 @@ def main(argv=None) -> int:
         print("-" * len(header))
         ratios = []
         bare_generate_tokens_per_s(policy, tok, prompts[:2], cfg, 0)  # warm-up: the first call pays one-off costs
-        for _ in range(args.steps):
+        for _ in range(steps):
             # a bare generate call on the batch the next rollout samples, with its seed and the same policy (before
             # the step updates it): the same replies, so the two times differ only by what PPO's rollout adds
             step = trainer.step_count + 1

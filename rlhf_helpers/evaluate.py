@@ -504,11 +504,21 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
     tokens), n (replies), prompts and rows_file (where `evaluate_stage` cached the rows; None for rows given
-    otherwise). With several replies per prompt, win rate and gain compare per-prompt means.
+    otherwise). proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the same paired gain by the reward
+    model (None where either policy's rows lack its scores): set beside the gold gain, it tells a policy
+    that did not raise the reward it was trained on from one that raised it on new prompts and still did
+    not raise gold. With several replies per prompt, win rate and gains compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
     be on the same prompts in the same order as the reference's (the win rate is paired).
     The reference's own win-rate and gain fields are None.
     """
+    def proxy_gain(name: str, rows) -> dict[str, float | None]:
+        if name == reference or any(r.get("proxy") is None for r in [*rows, *ref_rows]):
+            return dict.fromkeys(("proxy_gain", "proxy_gain_ci_low", "proxy_gain_ci_high"))
+        diffs = per_prompt_means(rows, "proxy")[1] - per_prompt_means(ref_rows, "proxy")[1]
+        low, high = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+        return {"proxy_gain": float(diffs.mean()), "proxy_gain_ci_low": low, "proxy_gain_ci_high": high}
+
     if reference not in evaluations:
         raise ValueError(f"the reference policy {reference!r} was not evaluated; evaluated: {sorted(evaluations)}")
     ref_rows = evaluations[reference][0]
@@ -530,6 +540,7 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
             "losses": win and win["losses"], "distinct_1": metrics.get("distinct_1"),
             "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
             "prompts": len(dict.fromkeys(ref_prompts)), "rows_file": metrics.get("rows_file"),
+            **proxy_gain(name, rows),
         })
     return table
 
@@ -542,19 +553,20 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
     def num(v, digits=3):
         return "–" if v is None else f"{v:.{digits}f}"
 
-    def gain(r):
+    def gain(r, key="gain"):
         if r["policy"] == reference:
             return "(reference)"
-        if r.get("gain") is None:  # a summary written before gains were kept
+        if r.get(key) is None:  # a summary written before gains were kept, or no reward model's scores
             return "–"
-        return f"{r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]"
+        return f"{r[key]:+.3f} [{r[key + '_ci_low']:+.3f}, {r[key + '_ci_high']:+.3f}]"
 
     return pd.DataFrame([{
         "policy": r["policy"], "gold": num(r["gold"]), f"gold gain vs {reference} [95% CI]": gain(r),
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
         "won / tied / lost": ("–" if r.get("wins") is None else f"{r['wins']} / {r['ties']} / {r['losses']}"),
-        "proxy (RM)": num(r["proxy"]), f"KL to {reference} (nats)": num(r["kl"], 2),
+        "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": gain(r, "proxy_gain"),
+        f"KL to {reference} (nats)": num(r["kl"], 2),
         "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
         "n": r["n"],
     } for r in table])
@@ -906,8 +918,8 @@ def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.evaluate --run-dir R [--profile cpu] ppo [dpo ...]`: evaluate SFT and the
     named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
-    the results table: gold, proxy, KL to SFT, win rate against SFT with its 95% interval. For trials run
-    from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`. `--n-prompts 72 --samples-per-prompt 3`
+    the results table: gold, proxy, KL to SFT, win rate against SFT and the gold and proxy gains over it,
+    each with its 95% interval. For trials run from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`. `--n-prompts 72 --samples-per-prompt 3`
     (all held-out prompts, three replies each) narrows the gain's interval to about ±0.02–0.03, against
     ±0.04–0.08 for the notebooks' 32 prompts with one reply each (measured on the cpu run)."""
     import argparse
@@ -926,7 +938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = results_table(evaluations)
     print(format_results(table).to_string(index=False))
     for row in table[1:]:
-        print(f"{row['policy']}: gold gain over sft {row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}]")
+        print(f"{row['policy']}: gold gain over sft {row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}]"
+              + ("" if row["proxy_gain"] is None else
+                 f"; the reward model's {row['proxy_gain']:+.3f} [{row['proxy_gain_ci_low']:+.3f}, "
+                 f"{row['proxy_gain_ci_high']:+.3f}]"))
     return 0
 
 

@@ -27,9 +27,9 @@ EVAL_SUMMARY_FIELDS = {
 }
 """Fields of `run_dir/eval/summary.json` (written by notebook 06), each with what it holds. Summaries also
 hold `parting_notes` (per online stage, `evaluate.parting_note`), and each policy row gain, gain_ci_low,
-gain_ci_high, wins, ties, losses and rows_file (where its scored replies are; `check_results` looks for
-eval/policies/<policy>.jsonl in a summary without it); the report does without them, for summaries written
-before they were."""
+gain_ci_high, proxy_gain (with proxy_gain_ci_low and proxy_gain_ci_high), wins, ties, losses and rows_file
+(where its scored replies are; `check_results` looks for eval/policies/<policy>.jsonl in a summary without
+it); the report does without them, for summaries written before they were."""
 
 POLICY_ROW_FIELDS = ("policy", "gold", "proxy", "kl", "win_rate", "ci_low", "ci_high", "distinct_1", "distinct_2",
                      "length", "n")

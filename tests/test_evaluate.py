@@ -174,7 +174,16 @@ def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_
     assert by["sft"]["win_rate"] is None and by["sft"]["kl"] == 0.0
     assert by["ppo"]["win_rate"] == pytest.approx(2.5 / 4) and by["ppo"]["kl"] == 3.0 and by["ppo"]["n"] == 4
     assert by["ppo"]["gain"] == pytest.approx(0.075) and by["ppo"]["gain_ci_low"] <= 0.075 <= by["ppo"]["gain_ci_high"]
-    assert by["sft"]["gain"] is None
+    assert by["sft"]["gain"] is None and by["sft"]["proxy_gain"] is None
+    # the reward model's paired gain, beside gold's: _rows scores proxy = gold - 0.5, so the two gains agree
+    assert by["ppo"]["proxy_gain"] == pytest.approx(0.075)
+    assert by["ppo"]["proxy_gain_ci_low"] == pytest.approx(by["ppo"]["gain_ci_low"])
+    unscored = [{**r, "proxy": None} for r in ppo]  # evaluated without a reward model: no proxy gain, no error
+    row = results_table({"sft": (sft, _metrics(sft, 0.0)), "ppo": (unscored, _metrics(ppo, 3.0))}, n_boot=200)[1]
+    assert row["proxy_gain"] is None and row["gain"] == pytest.approx(0.075)
+    shown = format_results(table).set_index("policy")
+    assert shown.loc["ppo", "proxy gain vs sft [95% CI]"].startswith("+0.075 [")
+    assert format_results([table[0], row]).set_index("policy").loc["ppo", "proxy gain vs sft [95% CI]"] == "–"
     other = _rows([0.7, 0.5, 0.2, 0.9], prompts=["x", "y", "z", "w"])
     with pytest.raises(ValueError, match="dpo and sft were evaluated on different prompts"):
         results_table({"sft": (sft, _metrics(sft, 0.0)), "dpo": (other, _metrics(other, 1.0))})

@@ -525,6 +525,9 @@ def test_throughput_benchmark_times_the_same_replies_as_the_rollout(tmp_path, ca
     """The benchmark's bare `generate` call must sample exactly the replies PPO's rollout samples (same batch,
     seed, settings and policy), or its ratio would compare different amounts of work."""
     bench = load_script("benchmarks/ppo_throughput.py")
-    assert bench.main(["--profile", "smoke", "--run-dir", str(tmp_path), "--steps", "2", "--reward", "gold"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
+    assert bench.main(["--profile", "smoke", "--run-dir", str(tmp_path), "--steps", "2", "--reward", "gold",
+                       "--response-length", "12"]) == 0  # a PPOConfig field overridden, as with python -m ppo
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "yes" for r in rows), rows
+    assert "x 12 tokens" in out and all(int(r[6]) <= 12 * 4 for r in rows), out  # smoke: 4 replies a step
