@@ -4,12 +4,12 @@
         [--dtype bfloat16 --batch-size 32 ...]
 
 Any PPOConfig field can be overridden as in `python -m rlhf_helpers.ppo` (the profile's value otherwise), to
-time a setting before training with it. Builds the PPO policy as notebook 04 does (the SFT model of
---run-dir when present, else the profile's base model), runs --steps PPO steps into a scratch folder, and prints a table: per step, the time of the
-rollout, the scoring, the forward passes (policy, values, reference) and the updates; then, on the same
-batch in the same process, the generated tokens per second inside PPO's rollout beside a bare
-`policy.generate` call with the same prompts, seed, sampling settings and policy (run just before the
-step, so it samples the same replies: column `same`); and the peak memory.
+time a setting before training with it. Builds the PPO policy as notebook 04 does (the SFT model of --run-dir
+when present, else the profile's base model), runs --steps PPO steps into a scratch folder, and prints a
+table: per step, the time of the rollout, the scoring, the forward passes (policy, values, reference) and the
+updates; then, on the same batch in the same process, the generated tokens per second inside PPO's rollout
+beside a bare `policy.generate` call with the same prompts, seed, sampling settings and policy (run just
+before the step, so it samples the same replies: column `same`); and the peak memory.
 
 Run it alone: on a 2-core machine another busy process slows generation several-fold.
 """

@@ -919,8 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.evaluate --run-dir R [--profile cpu] ppo [dpo ...]`: evaluate SFT and the
     named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
     the results table: gold, proxy, KL to SFT, win rate against SFT and the gold and proxy gains over it,
-    each with its 95% interval. For trials run from a shell, such as `python -m rlhf_helpers.ppo --run-dir R ...`. `--n-prompts 72 --samples-per-prompt 3`
-    (all held-out prompts, three replies each) narrows the gain's interval to about ±0.02–0.03, against
+    each with its 95% interval. For trials run from a shell, such as `python -m rlhf_helpers.ppo --run-dir R
+    ...`. `--n-prompts 72 --samples-per-prompt 3` (all held-out prompts, three replies each) narrows the gain's interval to about ±0.02–0.03, against
     ±0.04–0.08 for the notebooks' 32 prompts with one reply each (measured on the cpu run)."""
     import argparse
 
