@@ -238,16 +238,18 @@ print(f"held-out evaluation: {eval_cfg.max_new_tokens} new tokens per reply at m
 pd.DataFrame(settings).set_index("method")
 
 # %% [markdown]
-# Then each policy answers the same held-out prompts with the same sampling seed. The gold judge scores
-# them (what we actually want), the reward model too (what the online methods optimised), and the
-# Monte-Carlo KL to the reference says how far each has moved. Win rate: how often the gold judge prefers
-# the method's answer to the reference's, ties counting half, with a bootstrap 95% interval; *won / tied /
-# lost* gives the prompts behind it, since many ties pull a win rate towards 0.5 whatever the rest say.
-# Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is
-# the training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is
-# the figure to compare. *Memory added* is the stage's peak memory above what the process held when the
-# stage began (on CPU the resident set of the process: this notebook's for DPO, GRPO and RLOO, notebook
-# 04's for PPO), since a peak alone would mostly show what earlier stages left behind.
+# Then each policy answers the same held-out prompts with the same sampling seed. The gold judge scores them
+# (what we actually want), the reward model too (what the online methods optimised), and the Monte-Carlo KL to
+# the reference says how far each has moved. *Gold gain* and *proxy gain* are each method's mean score minus
+# the reference's, paired prompt by prompt, with a bootstrap 95% interval over prompts: a proxy gain with no
+# gold gain beside it is the reward model being optimised, not the goal. Win rate: how often the gold judge
+# prefers the method's answer to the reference's, ties counting half, with a bootstrap 95% interval; *won /
+# tied / lost* gives the prompts behind it, since many ties pull a win rate towards 0.5 whatever the rest say.
+# Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is the
+# training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is the
+# figure to compare. *Memory added* is the stage's peak memory above what the process held when the stage
+# began (on CPU the resident set of the process: this notebook's for DPO, GRPO and RLOO, notebook 04's for
+# PPO), since a peak alone would mostly show what earlier stages left behind.
 
 # %%
 stages = [reference, "dpo", "grpo", "rloo", "ppo"]

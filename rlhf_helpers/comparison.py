@@ -25,6 +25,7 @@ import math
 import os
 from typing import Any, Sequence
 
+from .evaluate import format_gain
 from .paths import resolve_run_dir, stage_dir
 
 COST_KEYS = ("steps", "samples_seen", "wall_time_s", "peak_memory_mb", "memory_at_start_mb", "peak_memory_kind")
@@ -105,7 +106,9 @@ def format_comparison(table: Sequence[dict], reference: str = "sft"):
         return "–" if v is None else f"{v:.{digits}f}"
 
     return pd.DataFrame([{
-        "method": r["policy"], "gold": num(r["gold"]), "proxy (RM)": num(r["proxy"]),
+        "method": r["policy"], "gold": num(r["gold"]),
+        f"gold gain vs {reference} [95% CI]": format_gain(r, "gain", reference),
+        "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": format_gain(r, "proxy_gain", reference),
         "KL to reference (nats)": num(r["kl"], 2),
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),

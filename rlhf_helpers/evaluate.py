@@ -545,6 +545,16 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     return table
 
 
+def format_gain(row: dict, key: str = "gain", reference: str = "sft") -> str:
+    """`row[key]` with its interval ("+0.010 [-0.011, +0.030]"), "(reference)" on the reference's row, "–"
+    where the row has no such gain (a summary written before gains were kept, or no reward model's scores)."""
+    if row["policy"] == reference:
+        return "(reference)"
+    if row.get(key) is None:
+        return "–"
+    return f"{row[key]:+.3f} [{row[key + '_ci_low']:+.3f}, {row[key + '_ci_high']:+.3f}]"
+
+
 def format_results(table: Sequence[dict], reference: str = "sft"):
     """The results table as a pandas DataFrame for people: rounded; the gold gain over the reference and the
     win rate, each with its interval; the prompts won, tied and lost."""
@@ -554,11 +564,7 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
         return "–" if v is None else f"{v:.{digits}f}"
 
     def gain(r, key="gain"):
-        if r["policy"] == reference:
-            return "(reference)"
-        if r.get(key) is None:  # a summary written before gains were kept, or no reward model's scores
-            return "–"
-        return f"{r[key]:+.3f} [{r[key + '_ci_low']:+.3f}, {r[key + '_ci_high']:+.3f}]"
+        return format_gain(r, key, reference)
 
     return pd.DataFrame([{
         "policy": r["policy"], "gold": num(r["gold"]), f"gold gain vs {reference} [95% CI]": gain(r),

@@ -12,6 +12,7 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from rlhf_helpers import check_results
+from rlhf_helpers.comparison import comparison_table, format_comparison
 from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, format_results, frontier_points,
                                    gold_proxy_over_training, line_gains, mc_kl, paired_win_rate, parting_point,
                                    per_prompt_means, ppo_reading, results_table, training_series,
@@ -184,6 +185,10 @@ def test_results_table_has_win_rates_against_the_reference_and_refuses_unpaired_
     shown = format_results(table).set_index("policy")
     assert shown.loc["ppo", "proxy gain vs sft [95% CI]"].startswith("+0.075 [")
     assert format_results([table[0], row]).set_index("policy").loc["ppo", "proxy gain vs sft [95% CI]"] == "–"
+    compared = format_comparison(comparison_table(table, {}))  # notebook 05's table shows both gains too
+    assert compared.loc["ppo", "gold gain vs sft [95% CI]"] == shown.loc["ppo", "gold gain vs sft [95% CI]"]
+    assert compared.loc["ppo", "proxy gain vs sft [95% CI]"].startswith("+0.075 [")
+    assert compared.loc["sft", "proxy gain vs sft [95% CI]"] == "(reference)"
     other = _rows([0.7, 0.5, 0.2, 0.9], prompts=["x", "y", "z", "w"])
     with pytest.raises(ValueError, match="dpo and sft were evaluated on different prompts"):
         results_table({"sft": (sft, _metrics(sft, 0.0)), "dpo": (other, _metrics(other, 1.0))})
