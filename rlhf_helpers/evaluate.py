@@ -563,15 +563,13 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
     def num(v, digits=3):
         return "–" if v is None else f"{v:.{digits}f}"
 
-    def gain(r, key="gain"):
-        return format_gain(r, key, reference)
-
     return pd.DataFrame([{
-        "policy": r["policy"], "gold": num(r["gold"]), f"gold gain vs {reference} [95% CI]": gain(r),
+        "policy": r["policy"], "gold": num(r["gold"]),
+        f"gold gain vs {reference} [95% CI]": format_gain(r, "gain", reference),
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
         "won / tied / lost": ("–" if r.get("wins") is None else f"{r['wins']} / {r['ties']} / {r['losses']}"),
-        "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": gain(r, "proxy_gain"),
+        "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": format_gain(r, "proxy_gain", reference),
         f"KL to {reference} (nats)": num(r["kl"], 2),
         "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
         "n": r["n"],
