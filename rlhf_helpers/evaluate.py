@@ -924,8 +924,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
     the results table: gold, proxy, KL to SFT, win rate against SFT and the gold and proxy gains over it,
     each with its 95% interval. For trials run from a shell, such as `python -m rlhf_helpers.ppo --run-dir R
-    ...`. `--n-prompts 72 --samples-per-prompt 3` (all held-out prompts, three replies each) narrows the gain's interval to about ±0.02–0.03, against
-    ±0.04–0.08 for the notebooks' 32 prompts with one reply each (measured on the cpu run)."""
+    ...`. `--n-prompts 72 --samples-per-prompt 3` (all held-out prompts, three replies each) narrows the
+    gain's interval to about ±0.02–0.03, against ±0.04–0.08 for the notebooks' 32 prompts with one reply each
+    (measured on the cpu run)."""
     import argparse
 
     from .config import add_config_arguments, stage_config
@@ -942,10 +943,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = results_table(evaluations)
     print(format_results(table).to_string(index=False))
     for row in table[1:]:
-        print(f"{row['policy']}: gold gain over sft {row['gain']:+.3f} [{row['gain_ci_low']:+.3f}, {row['gain_ci_high']:+.3f}]"
-              + ("" if row["proxy_gain"] is None else
-                 f"; the reward model's {row['proxy_gain']:+.3f} [{row['proxy_gain_ci_low']:+.3f}, "
-                 f"{row['proxy_gain_ci_high']:+.3f}]"))
+        print(f"{row['policy']}: gold gain over sft {format_gain(row)}"
+              + ("" if row["proxy_gain"] is None else f"; the reward model's {format_gain(row, 'proxy_gain')}"))
     return 0
 
 

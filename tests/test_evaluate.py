@@ -613,6 +613,7 @@ def test_evaluate_cli_prints_each_stage_against_sft_with_its_gain(tmp_path, monk
     out = capsys.readouterr().out
     assert "(reference)" in out and "1.50" in out
     assert "ppo: gold gain over sft +0.100 [" in out
+    assert "the reward model's" not in out  # rows without reward-model scores: no proxy gain to print
 
 
 def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interval_over_prompts(monkeypatch):
