@@ -246,8 +246,10 @@ plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (re
 # On the `cpu` profile the training seed moves accuracy as much. Trained on the same pairs with the same
 # split, seed 0 scored 0.606 and four other training seeds 0.43–0.50, near chance, and their best-of-3
 # picks were worth +0.001 to +0.010 of gold (`docs/rl_on_a_cpu_budget.md`, section 14). Train twice
-# with two values of `seed` before you trust a difference between two reward models. In the calibration plot each point is a bin of predicted probabilities against how often the
-# first answer really was preferred; on the diagonal the model's confidence is what happens. Each pair is
+# with two values of `seed` before you trust a difference between two reward models.
+#
+# In the calibration plot each point is a bin of predicted probabilities against how often the first
+# answer really was preferred; on the diagonal the model's confidence is what happens. Each pair is
 # drawn from both sides (chosen first, then rejected first), so the points mirror each other about
 # (0.5, 0.5) and the counts add up to twice the pairs; the outermost points rest on few pairs. Points flatter
 # than the diagonal mean over-confidence, steeper under-confidence. A weak reward model's predictions
