@@ -354,15 +354,15 @@ MetricsLogger(out_dir).summary(summary)
 # This notebook's cpu profile is that recipe cut to 8 steps, about what 10 minutes buy; in the cpu run it
 # gained +0.010 [−0.011, +0.030] on all 72 held-out prompts × 3 replies, and −0.011 [−0.029, +0.005] on a
 # second training seed: level with SFT, like every 10-minute run before it, and so was the reward model's
-# score (−0.067 and +0.046, both intervals holding 0). `max_steps=32` runs the 28-minute version; from a shell, `python -m
-# rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above. Adding RPO's anchor
-# to the 8-step loss (the log-likelihood of each prompt's best reply, which lifted DPO over SFT on the same
-# reward model) left it level too: +0.008 [−0.014, +0.030] (section 13).
+# score (−0.067 and +0.046, both intervals holding 0). `max_steps=32` runs the 28-minute version; from a
+# shell, `python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above.
+# Adding RPO's anchor to the 8-step loss (the log-likelihood of each prompt's best reply, which lifted DPO
+# over SFT on the same reward model) left it level too: +0.008 [−0.014, +0.030] (section 13).
 # Nor would a better reward model lift these 8 steps. Run against gold itself (`reward="gold"`), this
-# profile gained +0.009 [−0.009, +0.029] and +0.008 [−0.011, +0.028] on two seeds, and +0.011 [−0.009,
-# +0.033] at learning rate 1e-3, and 32 steps against gold +0.007 [−0.033, +0.047], refusing more and saying
-# less (section 15): ten minutes of PPO on two cores are worth about 0.01 of gold here, whatever the reward,
-# which 72 held-out prompts × 3 replies cannot resolve.
+# profile gained +0.009 [−0.009, +0.029] and +0.008 [−0.011, +0.028] on two seeds, +0.011 [−0.009,
+# +0.033] at learning rate 1e-3; 32 steps against gold gained +0.007 [−0.033, +0.047], refusing more and
+# saying less (section 15). Ten minutes of PPO on two cores are worth about 0.01 of gold here, whatever the
+# reward, which 72 held-out prompts × 3 replies cannot resolve.
 # Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
 # policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
 # loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures
