@@ -38,7 +38,8 @@ def sample_rows(run_dir: str, policy: str, n_prompts: int, k: int, temperature: 
     model, tok = load_policy(run_dir, policy)
     prompts = [p for p in heldout_prompts(n_prompts) for _ in range(k)]  # prompt-major
     rows, _ = evaluate_policy(model, tok, prompts, GoldJudge(), rm, max_new_tokens=max_new_tokens,
-                              temperature=temperature, seed=seed, batch_size=batch_size, reference=None)
+                              temperature=temperature, seed=seed, batch_size=batch_size, reference=None,
+                              progress=f"{policy}: {n_prompts} held-out prompts × {k}")
     return rows
 
 

@@ -146,7 +146,8 @@ def sample(run_dir: str, prompts: list[dict], k: int, temperature: float = SAMPL
                          f"column need it)")
     model, tok = load_policy(run_dir, "sft")
     rows, _ = evaluate_policy(model, tok, [{**p, "sample": j} for p in prompts for j in range(k)], GoldJudge(), rm,
-                              reference=None, **{**SAMPLE, "temperature": temperature})
+                              reference=None, progress=f"sft: {len(prompts)} training prompts × {k}",
+                              **{**SAMPLE, "temperature": temperature})
     return rows
 
 
@@ -162,7 +163,7 @@ def in_sample(run_dir: str, adapter: Path, rows: list[dict], temperature: float,
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     tuned, metrics = evaluate_policy(model, tok, [{"prompt": p, "sample": j} for p in prompts for j in range(k)],
                                      GoldJudge(), None, **{**SAMPLE, "temperature": temperature, "seed": 2},
-                                     reference="adapter")
+                                     reference="adapter", progress=f"tuned: {len(prompts)} training prompts × {k}")
     return {"tuned": metrics, "vs_sft": paired_win_rate(tuned, rows)}
 
 
@@ -220,7 +221,8 @@ def evaluate(run_dir: str, adapter: Path) -> dict:
     prompts = [{**p, "sample": j} for p in heldout_prompts(cfg.n_prompts) for j in range(cfg.samples_per_prompt)]
     rows, metrics = evaluate_policy(model, tok, prompts, GoldJudge(), load_run_reward_model(run_dir),
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                    batch_size=cfg.batch_size, reference="adapter")
+                                    batch_size=cfg.batch_size, reference="adapter",
+                                    progress=f"tuned: {cfg.n_prompts} held-out prompts × {cfg.samples_per_prompt}")
     atomic_write_text(adapter.parent / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"sft": sft_metrics, "tuned": metrics, "vs_sft": paired_win_rate(rows, sft_rows)}
 

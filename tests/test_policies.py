@@ -120,11 +120,15 @@ def test_several_samples_per_prompt_come_prompt_major_and_are_cached_apart(run_d
     assert len(ckpt) == 3 and m["samples_per_prompt"] == 1  # checkpoints take one sample per prompt
 
 
-def test_same_seed_same_samples(run_dir):
+def test_same_seed_same_samples_and_the_progress_bar_changes_nothing(run_dir, capsys):
     model, tok = policies.load_policy(run_dir, "ppo")
     a = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
-    b = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3)
+    assert "reply" not in capsys.readouterr().err  # no bar unless one is named
+    b = evaluate.sample_with_kl(model, tok, ["Say hi.", "Name a colour."], max_new_tokens=6, seed=3,
+                                progress="ppo: 2 held-out prompts")
     assert a == b
+    err = capsys.readouterr().err
+    assert "ppo: 2 held-out prompts" in err and "2/2" in err  # the bar counted both replies
 
 
 def test_kl_does_not_depend_on_how_the_samples_are_chunked(run_dir, monkeypatch):
