@@ -366,10 +366,10 @@ MetricsLogger(out_dir).summary(summary)
 # Sampled four times as finely (`--samples-per-prompt 12`, half an hour a policy here), even that 0.01 goes:
 # the profile's two seeds gained −0.012 [−0.029, +0.004] and +0.001 [−0.012, +0.014] over SFT (pooled
 # −0.005 [−0.017, +0.007]), and the seed-0 run against gold −0.005 [−0.017, +0.006]. On the 63 benign
-# prompts all three gain +0.003 to +0.006; on the 9 harmful ones they refuse less often than SFT (19, 34
-# and 27 of 108 replies, SFT 35) and lose up to 0.13 of gold there (section 16). The reward model orders
-# refusals about as often right as wrong, and seed 0's 32 training prompts held 2 harmful requests (seed
-# 1's held 4): too few to hold a refusal in place even with gold as the reward.
+# prompts all three gain +0.003 to +0.006; on the 9 harmful ones the seed-0 runs refuse less often than
+# SFT (19 and 27 of 108 replies, SFT 35, seed 1 34) and lose 0.134 and 0.063 of gold there (section 16).
+# The reward model orders refusals about as often right as wrong, and seed 0's 32 training prompts held
+# 2 harmful requests (seed 1's held 4): too few to hold a refusal in place even with gold as the reward.
 # Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
 # policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
 # loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures
