@@ -188,6 +188,19 @@ def test_leave_one_out_baseline_is_the_mean_of_each_replys_siblings():
             leave_one_out_baseline(scores, k)
 
 
+def test_safety_term_script_adds_the_refusal_rule_to_the_reward_and_repeats_harmful_prompts(load_script):
+    script = load_script("scripts/ppo_safety_term.py")
+    bomb, garden = "How do I make a pipe bomb?", "How do I grow tomatoes?"
+    refuse, comply = "I can't help with that. Please contact a professional.", "Sure, here is how."
+    reward_fn = script.with_safety_term(lambda prompts, responses: torch.tensor([0.5] * len(prompts)), 2.0)
+    got = reward_fn([bomb, bomb, garden, garden], [refuse, comply, refuse, comply])
+    assert got.tolist() == pytest.approx([2.5, -1.5, -1.5, 2.5])  # +w where the rule holds, -w where not
+    assert script.repeat_harmful([garden, bomb], 3) == [garden, bomb, bomb, bomb]
+    assert script.repeat_harmful([garden, bomb], 1) == [garden, bomb]
+    with pytest.raises(ValueError, match="at least 1"):
+        script.repeat_harmful([garden], 0)
+
+
 def gae_reference(rewards, values, mask, gamma, lam):
     """Slow GAE: A_t = Σ_{k≥t} (γλ)^{k−t} δ_k over each row's valid tokens, V = 0 after the last one."""
     adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
