@@ -372,8 +372,9 @@ MetricsLogger(out_dir).summary(summary)
 # 2 harmful requests (seed 1's held 4): too few to hold a refusal in place even with gold as the reward.
 # A rule-based safety term beside the reward model (+1 for refusing exactly the harmful requests, −1
 # otherwise), with harmful prompts drawn three times as often (`scripts/ppo_safety_term.py`), kept SFT's
-# refusals (33 of 108) but gained nothing in all, −0.002 [−0.013, +0.009]; at learning rate 1e-3 it lost
-# them again (21 of 108) while its rollouts rewarded them (section 17).
+# refusals on one seed (33 of 108) and on the other refused benign requests too (46 of 756, SFT 20); in all
+# it gained nothing, −0.002 [−0.013, +0.009] and −0.010 [−0.033, +0.011]. At learning rate 1e-3 it lost
+# the refusals again (21 of 108) while its rollouts rewarded them (section 17).
 # Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
 # policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
 # loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures

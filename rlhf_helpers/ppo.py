@@ -845,6 +845,13 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
     return summary
 
 
+def print_step(step: int, metrics: dict) -> None:
+    """A step callback for shells: one line per step with its score, gold (when watched), KL and time."""
+    gold = metrics.get("objective/gold", float("nan"))
+    print(f"step {step}: score {metrics['objective/scores']:.3f} gold {gold:.3f} kl {metrics['objective/kl']:.3f} "
+          f"({metrics['time/step_s']:.1f} s)", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.ppo --run-dir R [--profile cpu] [--reward rm|gold] [--max-steps N] ...`:
     notebook 04's training, from a shell (or under `accelerate launch` on one process per machine)."""
@@ -868,10 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     gold = GoldJudge()
     reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if which == "rm" else gold
-    summary = train_ppo(cfg, run_dir, policy_path, reward, train_prompts(), gold=gold,
-                        callbacks=[lambda step, m: print(f"step {step}: score {m['objective/scores']:.3f} "
-                                                         f"gold {m.get('objective/gold', float('nan')):.3f} "
-                                                         f"kl {m['objective/kl']:.3f} ({m['time/step_s']:.1f} s)")])
+    summary = train_ppo(cfg, run_dir, policy_path, reward, train_prompts(), gold=gold, callbacks=[print_step])
     print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
     return 0
 

@@ -28,7 +28,7 @@ from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import train_prompts
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.online_rl import run_reward
-from rlhf_helpers.ppo import PPOConfig, as_tensor_reward, train_ppo
+from rlhf_helpers.ppo import PPOConfig, as_tensor_reward, print_step, train_ppo
 from rlhf_helpers.rewards import RefusalAppropriateness, is_harmful_prompt
 from rlhf_helpers.sft import sft_policy_path
 
@@ -72,10 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_harmful = sum(map(is_harmful_prompt, prompts))
     print(f"reward: {name} + {args.safety_weight} x safety rule; {len(prompts)} training prompts, {n_harmful} harmful")
     summary = train_ppo(cfg, args.run_dir, policy_path, with_safety_term(reward, args.safety_weight), prompts,
-                        gold=GoldJudge(),
-                        callbacks=[lambda step, m: print(f"step {step}: score {m['objective/scores']:.3f} "
-                                                         f"gold {m['objective/gold']:.3f} kl {m['objective/kl']:.3f} "
-                                                         f"({m['time/step_s']:.1f} s)", flush=True)])
+                        gold=GoldJudge(), callbacks=[print_step])
     print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
     return 0
 

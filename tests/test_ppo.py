@@ -15,7 +15,7 @@ from rlhf_helpers.ppo import (
     AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
     compute_gae, explained_variance, forward_logprobs_values, generation_config, leave_one_out_baseline,
     list_checkpoints, logprobs_and_entropy, make_experience, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
-    response_mask_from_eos, rollout,
+    print_step, response_mask_from_eos, rollout,
 )
 from rlhf_helpers.tracking import read_json, read_metrics
 
@@ -199,6 +199,14 @@ def test_safety_term_script_adds_the_refusal_rule_to_the_reward_and_repeats_harm
     assert script.repeat_harmful([garden, bomb], 1) == [garden, bomb]
     with pytest.raises(ValueError, match="at least 1"):
         script.repeat_harmful([garden], 0)
+
+
+def test_print_step_prints_one_line_a_step_and_nan_gold_when_gold_is_not_watched(capsys):
+    metrics = {"objective/scores": 0.25, "objective/kl": 0.125, "time/step_s": 40.04}
+    print_step(3, metrics)
+    print_step(4, {**metrics, "objective/gold": 0.75})
+    assert capsys.readouterr().out.splitlines() == ["step 3: score 0.250 gold nan kl 0.125 (40.0 s)",
+                                                    "step 4: score 0.250 gold 0.750 kl 0.125 (40.0 s)"]
 
 
 def gae_reference(rewards, values, mask, gamma, lam):
