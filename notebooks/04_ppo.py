@@ -272,14 +272,16 @@ with pd.option_context("display.max_colwidth", None):
 # the mean gold and reward-model score; `kl_mean`, the KL from SFT per reply (nats, at the sampling
 # temperature); `length_mean`, tokens per reply; `eos_frac`, the share of replies that ended within
 # the evaluation's token limit; `distinct_2`, the share of distinct word pairs among all word pairs in the
-# replies (lower: more repetitive); `n`, replies.
+# replies (lower: more repetitive); `n`, replies. The reading under the table also counts refusals apart on
+# harmful and benign requests: notebook 03's reward model seldom saw a refusal set against an answer, so
+# nothing in its reward holds SFT's refusals in place, and an overall gold figure can hide where they went.
 
 # %%
 ppo_rows, ppo_metrics = evaluate_stage(run_dir, "ppo", eval_cfg)
 wins = paired_win_rate(ppo_rows, sft_rows)
 display(pd.DataFrame([sft_metrics, ppo_metrics]).set_index("policy")[
     ["gold_mean", "proxy_mean", "kl_mean", "length_mean", "eos_frac", "distinct_2", "n"]].round(3))
-display(Markdown(ppo_reading(rows, cfg, sft_metrics, ppo_metrics, ppo_rows, wins,
+display(Markdown(ppo_reading(rows, cfg, sft_metrics, ppo_metrics, ppo_rows, wins, sft_rows=sft_rows,
                              max_new_tokens=eval_cfg.max_new_tokens, note=trend["note"])))
 
 # %% [markdown]
@@ -319,9 +321,11 @@ MetricsLogger(out_dir).summary(summary)
 # deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers
 # spread about 0.3), so against gold PPO mostly learns to stop early, below the judge's word windows, and
 # loses gold. From a shell, a gold run with the penalty in gold's units and rollouts as long as the
-# evaluation's replies, then its evaluation against SFT on all 72 held-out prompts, three replies each:
+# evaluation's replies, with the settings of the profile the runs below were measured under (8 prompts × 1
+# reply a step, no group baseline, one mini-batch, λ = 0.95), then its evaluation against SFT on all 72
+# held-out prompts, three replies each:
 #
-# `python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 --learning-rate 3e-4 --max-steps 12`
+# `python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 --learning-rate 3e-4 --max-steps 12 --batch-size 8 --samples-per-prompt 1 --group-baseline false --num-mini-batches 1 --lam 0.95`
 # `python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo`
 #
 # (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured in such runs from the
@@ -370,11 +374,11 @@ MetricsLogger(out_dir).summary(summary)
 # SFT (19 and 27 of 108 replies, SFT 35, seed 1 34) and lose 0.134 and 0.063 of gold there (section 16).
 # The reward model orders refusals about as often right as wrong, and seed 0's 32 training prompts held
 # 2 harmful requests (seed 1's held 4): too few to hold a refusal in place even with gold as the reward.
-# A rule-based safety term beside the reward model (+1 for refusing exactly the harmful requests, −1
+# A rule-based safety term beside the reward model (+w for refusing exactly the harmful requests, −w
 # otherwise), with harmful prompts drawn three times as often (`scripts/ppo_safety_term.py`), kept SFT's
-# refusals on one seed (33 of 108) and on the other refused benign requests too (46 of 756, SFT 20); in all
-# it gained nothing, −0.002 [−0.013, +0.009] and −0.010 [−0.033, +0.011]. At learning rate 1e-3 it lost
-# the refusals again (21 of 108) while its rollouts rewarded them (section 17).
+# refusals at w = 1 on one seed (33 of 108) and on the other refused benign requests too (46 of 756, SFT
+# 20); in all it gained nothing, −0.002 [−0.013, +0.009] and −0.010 [−0.033, +0.011]. At w = 2 and
+# learning rate 1e-3 it lost the refusals again (21 of 108) while its rollouts rewarded them (section 17).
 # Nor is it the shared backbone: the value loss could in principle drag the adapter away from what the
 # policy loss wants, but at the end of a cpu run its gradient on the adapter is about 2% of the policy
 # loss's, and the value head explains little of the returns (`scripts/ppo_gradient_shares.py` measures

@@ -124,6 +124,12 @@ for name in present:
 # pooled: shorter replies score higher, so read them beside the length column. With one reply per prompt they
 # measure variety across prompts, not the loss of variety per prompt that RL is known for; that needs
 # `samples_per_prompt` > 1.
+#
+# "Refused: harmful / benign" counts the replies that decline in their first sentence, of those to harmful
+# requests and of those to benign ones (`rlhf_helpers.rewards.is_harmful_prompt` and `is_refusal`, the
+# rules notebook 01's safety reward uses). Gold rewards a fitting refusal and punishes a misplaced one, but a
+# few harmful prompts weigh little in the mean: a policy that stops refusing them can lose most of its gold
+# there and still not be told from SFT overall. Notebook 04's cpu run is such a case.
 
 # %%
 reference = "sft" if "sft" in evaluations else "base"
@@ -237,7 +243,7 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 #
 # Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
 # prompts with 3 replies each narrowed the gain's interval to about ±0.02–0.03 on the cpu run, against
-# ±0.04–0.08 for 32 prompts with one reply, and moved DPO's gain over SFT from +0.016 to −0.008); in
+# ±0.04–0.08 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to +0.010); in
 # notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier stretch
 # right and, once the proxy climbs, look for a parting point; read the answers of the policy with the highest proxy score and
 # lowest gold: what did it learn?

@@ -129,6 +129,40 @@ def paired_win_rate(rows_a: Sequence[dict], rows_b: Sequence[dict], **kw) -> dic
     return win_rate(gold_a, gold_b, **kw)
 
 
+def refusal_counts(rows: Sequence[dict]) -> dict[str, int]:
+    """How often a policy's replies refuse, apart on harmful and benign requests (`rewards.is_harmful_prompt`,
+    `rewards.is_refusal`): {'refused_harmful', 'harmful_replies', 'refused_benign', 'benign_replies'}."""
+    from .rewards import is_harmful_prompt, is_refusal
+
+    counts = dict.fromkeys(("refused_harmful", "harmful_replies", "refused_benign", "benign_replies"), 0)
+    for r in rows:
+        kind = "harmful" if is_harmful_prompt(r["prompt"]) else "benign"
+        counts[f"{kind}_replies"] += 1
+        counts[f"refused_{kind}"] += is_refusal(r["response"])
+    return counts
+
+
+def refusal_split(rows_a: Sequence[dict], rows_b: Sequence[dict]) -> dict[str, dict]:
+    """Two policies' replies to the same prompts, split by the kind of request (`rewards.is_harmful_prompt`):
+    {'harmful': ..., 'benign': ...}, each {'prompts', 'replies_a', 'replies_b', 'refused_a', 'refused_b',
+    'gain'}: each policy's replies and how many of them refuse (`refusal_counts`), and A's mean gold less B's
+    over the kind's prompts (per-prompt means; nan where the kind has no prompt). A reward that cannot tell a
+    fitting refusal from a misplaced one leaves these to drift, which the overall gain can hide."""
+    from .rewards import is_harmful_prompt
+
+    prompts, gold_a = per_prompt_means(rows_a)
+    prompts_b, gold_b = per_prompt_means(rows_b)
+    if prompts != prompts_b:
+        raise ValueError(f"a refusal split needs both policies on the same prompts in the same order; got "
+                         f"{len(prompts)} and {len(prompts_b)} prompts")
+    harmful = np.array([is_harmful_prompt(p) for p in prompts])
+    a, b = refusal_counts(rows_a), refusal_counts(rows_b)
+    return {kind: {"prompts": int(chosen.sum()), "replies_a": a[f"{kind}_replies"], "replies_b": b[f"{kind}_replies"],
+                   "refused_a": a[f"refused_{kind}"], "refused_b": b[f"refused_{kind}"],
+                   "gain": float(np.mean(gold_a[chosen] - gold_b[chosen])) if chosen.any() else float("nan")}
+            for kind, chosen in (("harmful", harmful), ("benign", ~harmful))}
+
+
 def _by_ranking(values: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     """(P,) expected `values` of the reply with the highest `key` in a random n-subset of each prompt's k
     replies, exactly: the reply ranked j-th by key (0 = highest, ties to the earlier reply) is the one picked
@@ -262,27 +296,27 @@ def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
     cfg = PPOConfig(response_length=max_new_tokens, temperature=temperature, batch_size=1)
     rows: list[dict] = []
-    bar = tqdm(total=len(prompts), desc=progress, unit="reply", leave=False, disable=progress is None,
-               mininterval=0)  # a batch takes seconds: show each one
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start:start + batch_size])
-        ro = rollout(policy, tokenizer, batch, cfg, seed=seed * 1_000_003 + start)
-        kl = [None] * len(batch)
-        if reference is not None:
-            # scored in chunks of FORWARD_CHUNK: a batch of 32 samples faster on CPU than two of 16 (measured),
-            # but one forward over all 32 holds 32·T·V floats of logits and was slower than two of 16
-            logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)  # (B, T)
-            if isinstance(reference, str):
-                with reference_model(policy):
-                    ref_logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)
-            else:
-                ref_logp, _ = chunked_forward(reference, None, ro, temperature, chunk=FORWARD_CHUNK)
-            kl = mc_kl(logp, ref_logp, ro.response_mask)[0].tolist()  # (B,)
-        for i, text in enumerate(ro.texts):
-            rows.append({"prompt": batch[i], "response": text, "kl": kl[i],
-                         "n_tokens": int(ro.response_mask[i].sum()), "has_eos": bool(ro.has_eos[i])})
-        bar.update(len(batch))
-    bar.close()
+    # a batch takes seconds: show each one; the with-block clears the bar on an interruption too
+    with tqdm(total=len(prompts), desc=progress, unit="reply", leave=False, disable=progress is None,
+              mininterval=0) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start:start + batch_size])
+            ro = rollout(policy, tokenizer, batch, cfg, seed=seed * 1_000_003 + start)
+            kl = [None] * len(batch)
+            if reference is not None:
+                # scored in chunks of FORWARD_CHUNK: a batch of 32 samples faster on CPU than two of 16 (measured),
+                # but one forward over all 32 holds 32·T·V floats of logits and was slower than two of 16
+                logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)  # (B, T)
+                if isinstance(reference, str):
+                    with reference_model(policy):
+                        ref_logp, _ = chunked_forward(policy, None, ro, temperature, chunk=FORWARD_CHUNK)
+                else:
+                    ref_logp, _ = chunked_forward(reference, None, ro, temperature, chunk=FORWARD_CHUNK)
+                kl = mc_kl(logp, ref_logp, ro.response_mask)[0].tolist()  # (B,)
+            for i, text in enumerate(ro.texts):
+                rows.append({"prompt": batch[i], "response": text, "kl": kl[i],
+                             "n_tokens": int(ro.response_mask[i].sum()), "has_eos": bool(ro.has_eos[i])})
+            bar.update(len(batch))
     return rows
 
 
@@ -515,8 +549,8 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
     (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
-    tokens), n (replies), prompts and rows_file (where `evaluate_stage` cached the rows; None for rows given
-    otherwise). proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the same paired gain by the reward
+    tokens), n (replies), prompts, rows_file (where `evaluate_stage` cached the rows; None for rows given
+    otherwise) and the `refusal_counts` fields. proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the same paired gain by the reward
     model (None where either policy's rows lack its scores): set beside the gold gain, it tells a policy
     that did not raise the reward it was trained on from one that raised it on new prompts and still did
     not raise gold. With several replies per prompt, win rate and gains compare per-prompt means.
@@ -552,7 +586,7 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
             "losses": win and win["losses"], "distinct_1": metrics.get("distinct_1"),
             "distinct_2": metrics.get("distinct_2"), "length": metrics.get("length_mean"), "n": len(rows),
             "prompts": len(dict.fromkeys(ref_prompts)), "rows_file": metrics.get("rows_file"),
-            **proxy_gain(name, rows),
+            **proxy_gain(name, rows), **refusal_counts(rows),
         })
     return table
 
@@ -569,7 +603,8 @@ def format_gain(row: dict, key: str = "gain", reference: str = "sft") -> str:
 
 def format_results(table: Sequence[dict], reference: str = "sft"):
     """The results table as a pandas DataFrame for people: rounded; the gold gain over the reference and the
-    win rate, each with its interval; the prompts won, tied and lost."""
+    win rate, each with its interval; the prompts won, tied and lost; replies refused of those to harmful and
+    to benign requests."""
     import pandas as pd
 
     def num(v, digits=3):
@@ -584,6 +619,9 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
         "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": format_gain(r, "proxy_gain", reference),
         f"KL to {reference} (nats)": num(r["kl"], 2),
         "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
+        "refused: harmful / benign": ("–" if r.get("harmful_replies") is None else  # a summary from before the field
+                                      f"{r['refused_harmful']}/{r['harmful_replies']} · "
+                                      f"{r['refused_benign']}/{r['benign_replies']}"),
         "n": r["n"],
     } for r in table])
 
@@ -728,15 +766,17 @@ def _change(halves: dict, name: str, digits: int = 2) -> str:
 
 
 def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: dict, ppo_rows: Sequence[dict],
-                wins: dict, *, max_new_tokens: int, note: str | None = None, tail: int = 4) -> str:
+                wins: dict, *, max_new_tokens: int, note: str | None = None, tail: int = 4,
+                sft_rows: Sequence[dict] | None = None) -> str:
     """What one PPO run did, in Markdown bullets built from its numbers (notebook 04 prints it): the trend of
     the optimised score, of the reward model's own score and of gold over training (second half of the steps
     against the first); the KL in training and on held-out prompts, each said with what it measures; whether
     the updates were large enough to be clipped; how much the value head predicts; gold on held-out prompts
-    against SFT with its interval and the prompts won, tied and lost; and `note`, the reward-hacking verdict
+    against SFT with its interval and the prompts won, tied and lost; with `sft_rows`, refusals and gold on
+    harmful and benign requests apart (`refusal_split`); and `note`, the reward-hacking verdict
     (`parting_note`). `rows`: the stage's metrics.jsonl rows; `cfg`: its PPOConfig; `ppo_rows`: the
     evaluation rows of the PPO policy (for the KL's standard error); `wins`: `paired_win_rate` of PPO against
-    SFT; `max_new_tokens`: the evaluation's reply limit."""
+    SFT; `max_new_tokens`: the evaluation's reply limit; `sft_rows`: SFT's evaluation rows."""
     from .tracking import half_means
 
     steps, eos = len(rows), _tail_mean(rows, "response/eos_frac", len(rows))
@@ -790,9 +830,28 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
         f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] counts a tie as half a win"
         + (", and counts wins, not their size: so it can leave out 0.5 while the gain's interval holds 0."
            if lo <= 0 <= hi and not wins["ci_low"] <= 0.5 <= wins["ci_high"] else "."))
+    if sft_rows is not None:
+        lines.append(_refusal_bullet(refusal_split(ppo_rows, sft_rows)))
     if note:
         lines.append(f"- **Reward hacking?** {note[0].upper() + note[1:]}.")
     return "\n".join(lines)
+
+
+def _refusal_bullet(split: dict[str, dict]) -> str:
+    """`ppo_reading`'s refusals bullet from `refusal_split(ppo_rows, sft_rows)`."""
+    h, b = split["harmful"], split["benign"]
+    benign = (f"to the {b['prompts']} benign requests, SFT refused {b['refused_b']} of {b['replies_b']} replies and "
+              f"PPO {b['refused_a']} of {b['replies_a']}" + (f" (gold {b['gain']:+.3f})" if b["prompts"] else ""))
+    if not h["prompts"]:
+        return f"- **Refusals.** No held-out prompt here is a harmful request; {benign}."
+    drift = ("PPO refused fewer of the harmful requests than SFT. Unless the reward tells a fitting refusal from "
+             "an answer, and the run's few steps meet enough harmful prompts for that to count, nothing holds a "
+             "refusal in place: what PPO does on these prompts is drift, and gold marks it. "
+             if h["refused_a"] < h["refused_b"] else "")
+    return (f"- **Refusals.** SFT refused {h['refused_b']} of {h['replies_b']} replies to the {h['prompts']} "
+            f"harmful held-out requests and PPO {h['refused_a']} of {h['replies_a']} (gold {h['gain']:+.3f} on "
+            f"those prompts); {benign}. {drift}With this few harmful prompts the counts are small: "
+            "`docs/rl_on_a_cpu_budget.md` (sections 16 and 17) measures the split at 72 prompts × 12 replies.")
 
 
 CURVE_KEYS = {

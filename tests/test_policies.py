@@ -131,6 +131,20 @@ def test_same_seed_same_samples_and_the_progress_bar_changes_nothing(run_dir, ca
     assert "ppo: 2 held-out prompts" in err and "2/2" in err  # the bar counted both replies
 
 
+def test_an_interrupted_sampling_closes_its_bar(monkeypatch):
+    from tqdm.auto import tqdm
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlhf_helpers.ppo.rollout", interrupted)
+    try:
+        evaluate.sample_with_kl(None, None, ["Say hi."], max_new_tokens=6, progress="interrupted sampling")
+    except KeyboardInterrupt:  # the traceback is still held here, as Jupyter holds it after an interruption
+        left = [bar for bar in tqdm._instances if bar.desc == "interrupted sampling"]
+    assert left == []  # the bar was closed, not left on screen until the traceback goes
+
+
 def test_kl_does_not_depend_on_how_the_samples_are_chunked(run_dir, monkeypatch):
     model, tok = policies.load_policy(run_dir, "ppo")
     prompts = ["Say hi.", "Name a colour.", "Count to three."]
