@@ -550,8 +550,9 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
     (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
     tokens), n (replies), prompts, rows_file (where `evaluate_stage` cached the rows; None for rows given
-    otherwise) and the `refusal_counts` fields. proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the same paired gain by the reward
-    model (None where either policy's rows lack its scores): set beside the gold gain, it tells a policy
+    otherwise) and the `refusal_counts` fields. proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the
+    same paired gain by the reward model (None where either policy's rows lack its scores): set beside the
+    gold gain, it tells a policy
     that did not raise the reward it was trained on from one that raised it on new prompts and still did
     not raise gold. With several replies per prompt, win rate and gains compare per-prompt means.
     `evaluations` maps a policy name to (rows, metrics) of `evaluate_policy`; the rows of every policy must
@@ -847,7 +848,7 @@ def _refusal_bullet(split: dict[str, dict]) -> str:
     drift = ("PPO refused fewer of the harmful requests than SFT. Unless the reward tells a fitting refusal from "
              "an answer, and the run's few steps meet enough harmful prompts for that to count, nothing holds a "
              "refusal in place: what PPO does on these prompts is drift, and gold marks it. "
-             if h["refused_a"] < h["refused_b"] else "")
+             if h["refused_a"] * h["replies_b"] < h["refused_b"] * h["replies_a"] else "")  # as shares of replies
     return (f"- **Refusals.** SFT refused {h['refused_b']} of {h['replies_b']} replies to the {h['prompts']} "
             f"harmful held-out requests and PPO {h['refused_a']} of {h['replies_a']} (gold {h['gain']:+.3f} on "
             f"those prompts); {benign}. {drift}With this few harmful prompts the counts are small: "

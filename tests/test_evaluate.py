@@ -453,6 +453,8 @@ def test_ppo_reading_with_sft_rows_says_where_refusals_went():
     kept = ppo_reading(*args[:4], sft, wins, max_new_tokens=96, sft_rows=sft)  # PPO answering as SFT did
     assert "SFT refused 1 of 1 replies to the 1 harmful held-out requests and PPO 1 of 1 (gold +0.000" in kept
     assert "drift" not in kept
+    twice = ppo_reading(*args[:4], [ppo[0], sft[0], ppo[1]], wins, max_new_tokens=96, sft_rows=sft)
+    assert "PPO 1 of 2" in twice and "drift" in twice  # a share of 1/2 against SFT's 1/1 is fewer, not level
     only_benign = ppo_reading(*args[:4], ppo[1:], wins, max_new_tokens=96, sft_rows=sft[1:])
     assert "No held-out prompt here is a harmful request; to the 1 benign requests, SFT refused 0 of 1" in only_benign
 
