@@ -264,7 +264,7 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     memory = PeakMemory(cfg.device).start()
     clock = StageClock(memory=memory)
     out = stage_dir(run_dir, "dpo")
-    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
+    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs, inputs={"policy": policy_path})
     clock.resumed(ckpt)
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, policy_path, train_pairs, eval_pairs, logger, on_row,

@@ -340,7 +340,8 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     memory = PeakMemory(cfg.device).start()
     clock = StageClock(memory=memory)
     out = stage_dir(run_dir, cfg.stage)
-    ckpt, logger, settings = resume_point(out, cfg, data=prompts)
+    ckpt, logger, settings = resume_point(out, cfg, data=prompts,
+                                          inputs={"policy": policy_path, "reward": reward.to_config()})
     clock.resumed(ckpt)
     start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     keep_rows_through(out / "samples.jsonl", start)

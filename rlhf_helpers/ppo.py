@@ -67,7 +67,8 @@ from .config import DEFAULT_MODEL
 from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
-                       PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, settings_changed)
+                       PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, run_settings,
+                       settings_changed)
 
 
 @dataclass
@@ -609,6 +610,7 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(cfg)
         self.out = stage_dir(run_dir, "ppo")
         self.logger = MetricsLogger(self.out, resume=True)
+        self.settings: dict[str, Any] = run_settings(cfg)  # config.json; train_ppo adds its inputs' fingerprints
         self.samples_path = self.out / "samples.jsonl"
         self.step_count = 0
         self.resumed_from: str | None = None
@@ -769,7 +771,7 @@ class PPOTrainer:
         (0, or where resume() left off) is dropped first."""
         max_steps = max_steps or self.cfg.max_steps
         self._drop_after(self.step_count)
-        self.logger.save_config(self.cfg)
+        self.logger.save_config(self.settings)
         t0 = time.perf_counter()
         while self.step_count < max_steps:
             self.step()
@@ -816,10 +818,12 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
               callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict[str, Any]:
     """The PPO stage end to end: a fresh LoRA policy on `policy_path` (the SFT model), trained against
     `reward` (a RewardFunction, e.g. the normalised reward model, or a callable (prompts, responses) -> (B,)),
-    resuming from the newest checkpoint when cfg.resume (unless it was made with other settings); `gold` (a
+    resuming from the newest checkpoint when cfg.resume (unless it was made with other settings, prompts,
+    SFT model or reward: config.json records their fingerprints); `gold` (a
     RewardFunction) is logged as `objective/gold` but never optimised. `on_row(row)` gets every metrics row
     (live curves). Returns the summary (also in run_dir/ppo/summary.json); the adapter is saved to
     run_dir/ppo/adapter."""
+    from .rewards import reward_identity
     from .seeding import seed_everything
 
     memory = PeakMemory(cfg.device).start()
@@ -833,7 +837,9 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
         trainer.add_step_callback(lambda step, metrics: on_row({"step": step, **metrics}))
     for fn in callbacks:
         trainer.add_step_callback(fn)
-    if cfg.resume and not settings_changed(trainer.out, cfg):
+    trainer.settings = run_settings(cfg, trainer.prompts, inputs={"policy": policy_path,
+                                                                  "reward": reward_identity(reward)})
+    if cfg.resume and not settings_changed(trainer.out, trainer.settings):
         trainer.resume()
     else:
         shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)

@@ -31,7 +31,7 @@ from .models import (_resolve_device, _torch_dtype, chat_prompt, checkpointing_f
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
-from .tracking import StageClock, atomic_write_dir, atomic_write_json, resume_point
+from .tracking import StageClock, atomic_write_dir, atomic_write_json, fingerprint, resume_point
 
 
 @dataclass
@@ -183,7 +183,7 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
 
     seed_everything(cfg.seed)
     out = stage_dir(run_dir, "rm")
-    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs)
+    ckpt, logger, settings = resume_point(out, cfg, data=train_pairs, inputs={"backbone": backbone})
     logger.save_config(settings)
     model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
     model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
@@ -214,6 +214,7 @@ class RewardModel(RewardFunction):
     def __init__(self, model, tokenizer, shift: float = 0.0, scale: float = 1.0, batch_size: int = 8):
         self.model, self.tokenizer, self.shift, self.scale, self.batch_size = model, tokenizer, shift, scale, batch_size
         self.source: str | None = None  # the folder it was loaded from (set by load)
+        self.weights_sha256: str | None = None  # that folder's fingerprint (set by load)
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -242,6 +243,13 @@ class RewardModel(RewardFunction):
     def compute_reward(self, trajectory: Trajectory) -> RewardOutput:
         return self.batch([trajectory])[0]
 
+    def to_config(self) -> dict[str, Any]:
+        """Where it was loaded from, its normalisation and its saved folder's `fingerprint` (None for a model
+        never saved): what a PPO or GRPO run records of its reward, to know on resume whether it changed.
+        A reward model is rebuilt with `RewardModel.load`, not `build_reward`."""
+        return {"type": self.name, "source": self.source, "shift": self.shift, "scale": self.scale,
+                "weights_sha256": self.weights_sha256}
+
     def fit_normalization(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
         """Set shift and scale so that these (SFT) samples score mean 0, standard deviation 1."""
         raw = self.raw_scores(prompts, responses)
@@ -267,6 +275,7 @@ class RewardModel(RewardFunction):
         norm = json.loads((folder / "normalization.json").read_text())
         loaded = cls(model, tok, norm["shift"], norm["scale"])
         loaded.source = str(folder)  # evaluation caches know which saved model scored them
+        loaded.weights_sha256 = fingerprint(folder)
         return loaded
 
 

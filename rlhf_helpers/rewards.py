@@ -395,6 +395,15 @@ def build_reward(config: dict[str, Any]) -> RewardFunction:
     return REGISTRY[kind](**config.get("params", {}))
 
 
+def reward_identity(reward: Any) -> Any:
+    """What a training run records of its reward, to know on resume whether it changed: a RewardFunction's
+    `to_config()` (a reward model's names its weights' fingerprint); for a plain callable only its qualified
+    name, so a callable whose code or captured values change under the same name goes unnoticed."""
+    if isinstance(reward, RewardFunction):
+        return reward.to_config()
+    return f"{getattr(reward, '__module__', '?')}.{getattr(reward, '__qualname__', type(reward).__qualname__)}"
+
+
 def save_reward_config(reward: RewardFunction, path: str | Path) -> Path:
     from .tracking import atomic_write_json
 

@@ -190,7 +190,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     memory = PeakMemory(cfg.device).start()
     clock = StageClock(memory=memory)
     out = stage_dir(run_dir, "sft")
-    ckpt, logger, settings = resume_point(out, cfg)  # rows logged after the checkpoint are redone
+    ckpt, logger, settings = resume_point(out, cfg, data=load_demonstrations(cfg))  # rows after it are redone
     clock.resumed(ckpt)
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)

@@ -5,7 +5,8 @@ Every stage writes into `run_dir/<stage>/`:
   (`objective/kl`, `loss/policy_avg`, ...); appended and flushed line by line, so a crash loses at most
   the line being written, and a resumed run appends after the last step it finds.
 - `summary.json`: the final figures that the next stage and the tests read; written atomically.
-- `config.json`: the stage config the run used, written atomically.
+- `config.json`: the stage config the run used, with its inputs' fingerprints (`run_settings`), written
+  atomically; a resume refuses checkpoints whose config.json differs.
 """
 from __future__ import annotations
 
@@ -340,15 +341,44 @@ def changed_settings(stage_dir: str | os.PathLike, config: Any, free: Iterable[s
     return sorted(k for k in set(saved) | set(now) if k not in set(free) and saved.get(k) != now.get(k))
 
 
-def run_settings(config: Any, data: Any = None) -> dict[str, Any]:
-    """What a stage's config.json records: the config's fields and, when `data` is given, `data_sha256`, a
-    fingerprint of the training data, so that a resume also refuses checkpoints trained on other data."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+"""The files a folder's `fingerprint` reads."""
+
+
+def fingerprint(source: Any) -> str:
+    """sha256 of what `source` is: a local file's bytes; a local folder's weight files (`WEIGHT_SUFFIXES`,
+    anywhere under it: their relative names and bytes); anything else (a hub id or built-in model name, a
+    reward's config, a list of prompts) its JSON text. A stage records its inputs' fingerprints, so that a
+    resume can tell when the model it starts from, its data or its reward has changed since its checkpoints
+    were made. A folder's configs are not read: peft writes `target_modules`, a set, in another order in each
+    process, so a model saved again unchanged would look new."""
     import hashlib
 
+    digest = hashlib.sha256()
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is None or not path.exists():
+        digest.update(json.dumps(_jsonable(source), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        return digest.hexdigest()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and
+                                                 p.name.endswith(WEIGHT_SUFFIXES))
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_settings(config: Any, data: Any = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a stage's config.json records: the config's fields; when `data` is given, `data_sha256`, a
+    fingerprint of the training data; and for each `inputs` entry (say "policy": the SFT model's folder,
+    "reward": the reward's config), `<name>_sha256`, its `fingerprint`. A resume refuses checkpoints whose
+    recorded settings differ, so a stage retrains when its data or what it builds on has changed."""
     settings = _jsonable(config)
     if data is not None:
-        text = json.dumps(_jsonable(list(data)), sort_keys=True, ensure_ascii=False)
-        settings["data_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        settings["data_sha256"] = fingerprint(list(data))
+    for name, source in (inputs or {}).items():
+        settings[f"{name}_sha256"] = fingerprint(source)
     return settings
 
 
@@ -362,14 +392,16 @@ def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:
     return bool(changed)
 
 
-def resume_point(out: Path, cfg: Any, data: Any = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
+def resume_point(out: Path, cfg: Any, data: Any = None,
+                 inputs: dict[str, Any] | None = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
     """(last checkpoint or None, metrics logger, settings to save as config.json): rows logged after the
     checkpoint are dropped, to be redone; with cfg.resume=False, or settings (config fields, and the
-    fingerprint of `data` when given) that differ from the saved run's, old checkpoints and metrics go."""
+    fingerprints of `data` and `inputs` when given: see `run_settings`) that differ from the saved run's,
+    old checkpoints and metrics go."""
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = out / "checkpoints"
-    settings = run_settings(cfg, data)
+    settings = run_settings(cfg, data, inputs)
     resume = cfg.resume and not settings_changed(out, settings)
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Profiles, stage configs, seeding and the metrics logger."""
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -172,6 +173,46 @@ def test_settings_changed_names_changed_fields_and_data_but_not_the_training_len
     other_data = run_settings(_Stage(), data=[{"prompt": "a", "chosen": "y", "rejected": "x"}])
     assert settings_changed(tmp_path, other_data)
     assert "data_sha256" in capsys.readouterr().out
+
+
+def test_fingerprint_reads_a_folder_by_its_files_names_and_bytes(tmp_path):
+    from rlhf_helpers.tracking import fingerprint
+
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "model.safetensors").write_bytes(b"weights")
+    (a / "sub" / "config.json").write_text("{}")
+    first = fingerprint(a)
+    shutil.copytree(a, tmp_path / "b")
+    assert fingerprint(tmp_path / "b") == first == fingerprint(str(a))  # where it lies does not count
+    (a / "model.safetensors").write_bytes(b"weightz")
+    assert fingerprint(a) != first  # one byte
+    (a / "model.safetensors").write_bytes(b"weights")
+    (a / "sub" / "config.json").write_text('{"target_modules": ["o_proj", "k_proj"]}')
+    assert fingerprint(a) == first  # configs are not read: peft writes a set in another order each time
+    (a / "model.safetensors").rename(a / "sub" / "model.safetensors")
+    assert fingerprint(a) != first  # one name
+    assert fingerprint(a / "model.safetensors") != fingerprint(tmp_path / "b")  # a file: its bytes
+    # not a local path (a hub id, a built-in model name) or not a path at all: its JSON text
+    assert fingerprint("HuggingFaceTB/SmolLM2-360M-Instruct") != fingerprint("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert fingerprint({"type": "gold_judge"}) == fingerprint({"type": "gold_judge"}) != fingerprint({"type": "x"})
+
+
+def test_resume_point_refuses_checkpoints_made_from_other_inputs(tmp_path, capsys):
+    from rlhf_helpers.tracking import resume_point
+
+    model = tmp_path / "sft_model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"v1")
+    out = tmp_path / "stage"
+    ckpt, logger, settings = resume_point(out, _Stage(), inputs={"policy": model})
+    logger.save_config(settings)
+    (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    assert settings["policy_sha256"] and resume_point(out, _Stage(), inputs={"policy": model})[0].endswith("-5")
+    (model / "model.safetensors").write_bytes(b"v2")  # retrained in place
+    capsys.readouterr()
+    assert resume_point(out, _Stage(), inputs={"policy": model})[0] is None
+    assert "other settings (policy_sha256)" in capsys.readouterr().out and not (out / "checkpoints").exists()
 
 
 def test_half_means_compare_the_halves_and_leave_out_the_middle_row():

@@ -352,6 +352,9 @@ class Recording(RewardFunction):
     def __init__(self, scale: float):
         self.scale, self.batches = scale, []
 
+    def params(self):
+        return {"scale": self.scale}
+
     def value(self, response: str) -> float:
         return self.scale * sum(c.isalpha() for c in response) / max(len(response), 1)
 
@@ -441,6 +444,63 @@ def test_running_a_finished_stage_again_trains_no_further_step(tiny, tmp_path, c
     state = json.loads((ckpts / "checkpoint-3" / "trainer_state.json").read_text())
     (ckpts / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 3}))
     assert runs["grpo"]()["steps"] == 2 and "went past max_steps=2" in capsys.readouterr().out
+
+
+def nudged_copy(folder, dest):
+    """`folder` copied to `dest`, then one weight changed: an SFT model retrained in place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, dest)
+    weights = load_file(dest / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: weights[name] + 0.01}, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_a_rerun_trains_again_when_the_policy_or_reward_has_changed(tiny, tmp_path, capsys):
+    """A finished stage run again is restored from its checkpoint, unless the SFT model it starts from or the
+    reward it optimises has changed since (config.json records their fingerprints): resuming a policy trained
+    from another model, or against another reward, would report that run as this one."""
+    import shutil
+
+    policy = tmp_path / "sft_model"
+    shutil.copytree(tiny, policy)
+
+    def grpo(reward, start=policy):
+        return train_grpo(tiny_rl_config(GRPOStageConfig, str(start), max_steps=1, resume=True), tmp_path / "run",
+                          str(start), PROMPTS, reward)
+
+    assert grpo(Recording(1.0))["resumed_from"] is None
+    assert grpo(Recording(1.0))["resumed_from"]  # nothing changed: the finished run is kept
+    capsys.readouterr()
+    assert grpo(Recording(2.0))["resumed_from"] is None  # another reward: trained again
+    assert "other settings (reward_sha256)" in capsys.readouterr().out
+    shutil.rmtree(policy)
+    nudged_copy(Path(tiny), policy)
+    assert grpo(Recording(2.0))["resumed_from"] is None  # the same path, other weights: trained again
+    assert "other settings (policy_sha256)" in capsys.readouterr().out
+
+
+def test_ppo_reruns_when_its_prompts_policy_or_reward_have_changed(tiny, tmp_path, capsys):
+    from rlhf_helpers.ppo import PPOConfig, train_ppo
+
+    cfg = PPOConfig(model_name=tiny, batch_size=2, num_mini_batches=1, ppo_epochs=1, response_length=4,
+                    max_steps=1, save_steps=1, sample_every=0, n_samples=0, device="cpu")
+    other = nudged_copy(Path(tiny), tmp_path / "sft_model")
+
+    def ppo(policy=tiny, reward=Recording(1.0), prompts=PROMPTS[:2]):
+        return train_ppo(cfg, tmp_path / "run", str(policy), reward, prompts)
+
+    assert ppo()["resumed_from"] is None
+    assert ppo()["resumed_from"]  # nothing changed: the finished run is kept
+    capsys.readouterr()
+    for changed, field in ((dict(prompts=PROMPTS[2:4]), "data_sha256"), (dict(reward=Recording(2.0)), "reward_sha256"),
+                           (dict(policy=other), "policy_sha256")):
+        assert ppo(**changed)["resumed_from"] is None, field
+        assert f"other settings ({field})" in capsys.readouterr().out
+        ppo()  # back to the first run's inputs, trained again
 
 
 @pytest.mark.slow

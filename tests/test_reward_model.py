@@ -11,6 +11,7 @@ from rlhf_helpers.gold import SimulatedAnnotator
 from rlhf_helpers.preferences import label_samples, read_pairs, snapshot_info, write_pairs
 from rlhf_helpers.reward_model import RewardModel, RMStageConfig, accuracy_against_ceiling, calibration_bins, load_backbone, lora_for_rm, train_reward_model
 from rlhf_helpers.rewards import RewardFunction, RewardOutput
+from rlhf_helpers.tracking import fingerprint
 
 
 class WordCount(RewardFunction):
@@ -157,6 +158,17 @@ def test_a_few_steps_on_an_easy_preference_beat_chance(tmp_path):
         hf_logging.get_logger("transformers.modeling_utils").removeHandler(collect)
     assert not [m for m in seen if "LOAD REPORT" in m]  # the head comes from the adapter: no false "MISSING"
     assert np.allclose(again.raw_scores([held_out[0].prompt], [held_out[0].chosen]), chosen[:1], atol=1e-4)
+    # what a PPO or GRPO run records of it: the folder's fingerprint, so a retrained model is noticed on resume
+    config = again.to_config()
+    assert config["source"] == str(saved) and config["weights_sha256"] == fingerprint(saved)
+    rm.scale *= 2
+    rm.save(saved)  # the same weights, normalised otherwise
+    renormalised = RewardModel.load(saved, cfg.model_name).to_config()
+    assert renormalised["weights_sha256"] == config["weights_sha256"] and renormalised != config
+    with torch.no_grad():
+        next(p for n, p in rm.model.named_parameters() if "lora_B" in n).add_(0.01)
+    rm.save(saved)  # retrained
+    assert RewardModel.load(saved, cfg.model_name).to_config()["weights_sha256"] != config["weights_sha256"]
 
 
 def test_snapshot_info_lists_the_values_that_differ_between_rounds(tmp_path):

@@ -138,3 +138,20 @@ def test_merging_into_a_freshly_loaded_base_matches_merging_in_place(trainer, tm
     base = load_model(trainer.sft_cfg.model_name)[0](ids).logits
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
     assert not torch.allclose(logits[0], base, atol=1e-3)  # the adapter was merged, not dropped
+
+
+def test_a_rerun_trains_again_when_the_demonstrations_have_changed(tmp_path, capsys):
+    """A finished stage run again is restored from its checkpoint, unless the data it learnt from has changed
+    since: config.json records the demonstrations' fingerprint, and an edited data file must not be ignored."""
+    from rlhf_helpers.paths import data_path
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(data_path("sft.jsonl").read_text())
+    cfg = stage_config(SFTStageConfig, "smoke", max_steps=1, data_file=str(data), **{**TINY, "save_steps": 1})
+    train_sft(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({**r, "response": r["response"] + " Hope this helps."}) + "\n" for r in rows))
+    capsys.readouterr()
+    again = train_sft(cfg, tmp_path / "run")
+    assert again["resumed_from"] is None and again["steps"] == 1
+    assert "other settings (data_sha256)" in capsys.readouterr().out
