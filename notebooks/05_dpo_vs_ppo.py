@@ -245,6 +245,9 @@ pd.DataFrame(settings).set_index("method")
 # gold gain beside it is the reward model being optimised, not the goal. Win rate: how often the gold judge
 # prefers the method's answer to the reference's, ties counting half, with a bootstrap 95% interval; *won /
 # tied / lost* gives the prompts behind it, since many ties pull a win rate towards 0.5 whatever the rest say.
+# *Refused: harmful / benign* counts the replies that refuse, of those to harmful requests and of those to
+# benign ones. On a cpu run PPO's gold loss lies in the few harmful prompts, where it drops SFT's refusals
+# (notebook 04's reading; `docs/rl_on_a_cpu_budget.md`, section 16): this column shows whether the others do.
 # Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is the
 # training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is the
 # figure to compare. *Memory added* is the stage's peak memory above what the process held when the stage

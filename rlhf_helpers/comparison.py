@@ -25,7 +25,7 @@ import math
 import os
 from typing import Any, Sequence
 
-from .evaluate import format_gain
+from .evaluate import format_gain, format_refusals
 from .paths import resolve_run_dir, stage_dir
 
 COST_KEYS = ("steps", "samples_seen", "wall_time_s", "peak_memory_mb", "memory_at_start_mb", "peak_memory_kind")
@@ -113,6 +113,7 @@ def format_comparison(table: Sequence[dict], reference: str = "sft"):
         f"win rate vs {reference} [95% CI]": ("(reference)" if r["win_rate"] is None else
                                               f"{r['win_rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"),
         "won / tied / lost": "–" if r.get("wins") is None else f"{r['wins']} / {r['ties']} / {r['losses']}",
+        "refused: harmful / benign": format_refusals(r),
         "training samples": "–" if r.get("samples_seen") is None else int(r["samples_seen"]),
         "wall time (s)": num(r.get("wall_time_s"), 0), "s per sample": num(r.get("seconds_per_sample"), 1),
         "memory added (MB)": num(r.get("memory_added_mb"), 0), "n prompts": r.get("prompts", r["n"]),

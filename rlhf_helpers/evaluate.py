@@ -602,6 +602,14 @@ def format_gain(row: dict, key: str = "gain", reference: str = "sft") -> str:
     return f"{row[key]:+.3f} [{row[key + '_ci_low']:+.3f}, {row[key + '_ci_high']:+.3f}]"
 
 
+def format_refusals(row: dict) -> str:
+    """A results row's refusals as "refused/replies · refused/replies", harmful requests then benign ones; "–"
+    for a row from a summary written before the counts existed."""
+    if row.get("harmful_replies") is None:
+        return "–"
+    return f"{row['refused_harmful']}/{row['harmful_replies']} · {row['refused_benign']}/{row['benign_replies']}"
+
+
 def format_results(table: Sequence[dict], reference: str = "sft"):
     """The results table as a pandas DataFrame for people: rounded; the gold gain over the reference and the
     win rate, each with its interval; the prompts won, tied and lost; replies refused of those to harmful and
@@ -620,10 +628,7 @@ def format_results(table: Sequence[dict], reference: str = "sft"):
         "proxy (RM)": num(r["proxy"]), f"proxy gain vs {reference} [95% CI]": format_gain(r, "proxy_gain", reference),
         f"KL to {reference} (nats)": num(r["kl"], 2),
         "distinct-1": num(r["distinct_1"]), "distinct-2": num(r["distinct_2"]), "length (tokens)": num(r["length"], 1),
-        "refused: harmful / benign": ("–" if r.get("harmful_replies") is None else  # a summary from before the field
-                                      f"{r['refused_harmful']}/{r['harmful_replies']} · "
-                                      f"{r['refused_benign']}/{r['benign_replies']}"),
-        "n": r["n"],
+        "refused: harmful / benign": format_refusals(r), "n": r["n"],
     } for r in table])
 
 

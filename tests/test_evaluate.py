@@ -209,6 +209,8 @@ def test_results_table_counts_refusals_apart_on_harmful_and_benign_requests():
     assert (by["ppo"]["refused_harmful"], by["ppo"]["refused_benign"]) == (0, 2)
     shown = format_results(list(by.values())).set_index("policy")["refused: harmful / benign"]
     assert shown.to_dict() == {"sft": "1/1 · 0/2", "ppo": "0/1 · 2/2"}
+    compared = format_comparison(comparison_table(list(by.values()), {}))["refused: harmful / benign"]
+    assert compared.to_dict() == shown.to_dict()  # notebook 05's table shows them too
     old = {k: v for k, v in by["ppo"].items() if k not in ("refused_harmful", "harmful_replies")}
     assert format_results([old]).loc[0, "refused: harmful / benign"] == "–"  # a summary written before the counts
 
