@@ -244,11 +244,11 @@ class RewardModel(RewardFunction):
         return self.batch([trajectory])[0]
 
     def to_config(self) -> dict[str, Any]:
-        """Where it was loaded from, its normalisation and its saved folder's `fingerprint` (None for a model
-        never saved): what a PPO or GRPO run records of its reward, to know on resume whether it changed.
-        A reward model is rebuilt with `RewardModel.load`, not `build_reward`."""
-        return {"type": self.name, "source": self.source, "shift": self.shift, "scale": self.scale,
-                "weights_sha256": self.weights_sha256}
+        """Its normalisation and its saved folder's `fingerprint` (None for a model never saved), not where the
+        folder lies (a run folder copied elsewhere keeps its checkpoints): what a PPO or GRPO run records of
+        its reward, to know on resume whether it changed. A reward model is rebuilt with `RewardModel.load`,
+        not `build_reward`."""
+        return {"type": self.name, "shift": self.shift, "scale": self.scale, "weights_sha256": self.weights_sha256}
 
     def fit_normalization(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
         """Set shift and scale so that these (SFT) samples score mean 0, standard deviation 1."""
