@@ -53,7 +53,7 @@ from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
-from .rewards import RewardFunction, Trajectory, as_trl_reward_func
+from .rewards import RewardFunction, Trajectory, as_trl_reward_func, reward_identity
 from .seeding import seed_everything
 from .data import train_prompts
 from .tracking import MetricsLogger, PeakMemory, StageClock, _jsonable, keep_rows_through, resume_point, rise_halves
@@ -341,7 +341,7 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     clock = StageClock(memory=memory)
     out = stage_dir(run_dir, cfg.stage)
     ckpt, logger, settings = resume_point(out, cfg, data=prompts,
-                                          inputs={"policy": policy_path, "reward": reward.to_config()})
+                                          inputs={"policy": policy_path, "reward": reward_identity(reward)})
     clock.resumed(ckpt)
     start = int(Path(ckpt).name.split("-")[-1]) if ckpt else 0
     keep_rows_through(out / "samples.jsonl", start)

@@ -190,11 +190,12 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     memory = PeakMemory(cfg.device).start()
     clock = StageClock(memory=memory)
     out = stage_dir(run_dir, "sft")
-    ckpt, logger, settings = resume_point(out, cfg, data=load_demonstrations(cfg))  # rows after it are redone
+    train, evals = load_demonstrations(cfg)
+    ckpt, logger, settings = resume_point(out, cfg, data=(train, evals))  # rows after the checkpoint are redone
     clock.resumed(ckpt)
     logger.save_config(settings)
     trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
-    lengths = demonstration_lengths(trainer.processing_class, load_demonstrations(cfg)[0])
+    lengths = demonstration_lengths(trainer.processing_class, train)
     said = length_notice(lengths, cfg.max_length)
     if said:
         print(said)
