@@ -101,7 +101,7 @@ cfg
 
 # %%
 policy, tok = ppo.build_policy(cfg, policy_path)
-value_head = ppo.ValueHead(policy.config.get_text_config().hidden_size)
+value_head = ppo.ValueHead.for_model(policy)
 k = cfg.samples_per_prompt  # each prompt k times in a row, as PPOTrainer.prompts_for gives them
 demo_prompts = [p for p in prompts[:max(1, 4 // k)] for _ in range(k)]
 exp = ppo.make_experience(policy, value_head, tok, ppo.as_tensor_reward(reward_fn), demo_prompts, cfg,
@@ -125,11 +125,7 @@ pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
 
 # %%
 display(plotting.show_source(ppo.per_token_rewards))
-i = 0
-n = int(exp.rollout.response_mask[i].sum())
-tokens = tok.convert_ids_to_tokens(exp.rollout.response_ids[i, :n].tolist())
-per_token = pd.DataFrame({"token": tokens, "log π": exp.logprobs[i, :n], "log π_ref": exp.ref_logprobs[i, :n],
-                          "reward": exp.rewards[i, :n], "value": exp.values[i, :n], "advantage": exp.advantages[i, :n]})
+per_token = pd.DataFrame(exp.token_table(0, tok))
 per_token.tail(6).round(4).replace(-0.0, 0.0)  # no "-0.0"
 
 # %% [markdown]

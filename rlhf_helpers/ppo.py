@@ -394,6 +394,12 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.summary.weight)
         nn.init.zeros_(self.summary.bias)
 
+    @classmethod
+    def for_model(cls, model) -> "ValueHead":
+        """A zero-initialised head sized for `model`'s hidden states, on the device of its weights (a head
+        left on the CPU beside a CUDA policy fails at its first forward)."""
+        return cls(model.config.get_text_config().hidden_size).to(next(model.parameters()).device)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.summary(hidden.float()).squeeze(-1)  # (B, T, H) -> (B, T)
 
@@ -514,6 +520,15 @@ class Experience:
     watched: dict[str, torch.Tensor]  # (B,) per monitor name: its reward of each reply (logged, never optimised)
     timings: dict[str, float]  # time/rollout_s, time/score_s, time/forward_s
 
+    def token_table(self, i: int, tokenizer) -> dict[str, list]:
+        """Reply `i` token by token, over its real tokens only: the token, log π, log π_ref, the per-token
+        reward, V and the advantage, as plain Python lists (wherever the tensors live), ready for a DataFrame."""
+        n = int(self.rollout.response_mask[i].sum())
+        columns = {"log π": self.logprobs, "log π_ref": self.ref_logprobs, "reward": self.rewards,
+                   "value": self.values, "advantage": self.advantages}
+        return {"token": tokenizer.convert_ids_to_tokens(self.rollout.response_ids[i, :n].tolist()),
+                **{name: t[i, :n].float().cpu().tolist() for name, t in columns.items()}}
+
 
 def make_experience(policy, value_head: ValueHead, tokenizer, reward_fn, prompts: Sequence[Any], cfg: PPOConfig,
                     kl_coef: float, seed: int, monitors: dict[str, Callable] | None = None,
@@ -603,8 +618,7 @@ class PPOTrainer:
         self.monitors = dict(monitors or {})
         self.device = next(policy.parameters()).device
         self.policy.eval()  # dropout off for good: π_new = π_old on the first mini-batch
-        hidden = policy.config.get_text_config().hidden_size
-        self.value_head = ValueHead(hidden).to(self.device)
+        self.value_head = ValueHead.for_model(policy)
         self.params = [p for p in policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, eps=cfg.adam_eps, weight_decay=0.0)
         self.kl_ctl = make_kl_controller(cfg)

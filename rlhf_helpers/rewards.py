@@ -396,10 +396,11 @@ def build_reward(config: dict[str, Any]) -> RewardFunction:
 
 
 def reward_identity(reward: Any) -> Any:
-    """What a training run records of its reward, to know on resume whether it changed: a RewardFunction's
-    `to_config()` (a reward model's names its weights' fingerprint); for a plain callable only its qualified
-    name, so a callable whose code or captured values change under the same name goes unnoticed."""
-    if isinstance(reward, RewardFunction):
+    """What a training run records of its reward, to know on resume whether it changed: its `to_config()`
+    where it has one (every RewardFunction; a reward model's names its weights' fingerprint; any callable
+    object may define one for its settings); for a plain callable only its qualified name, so a callable
+    whose code or captured values change under the same name goes unnoticed."""
+    if isinstance(reward, RewardFunction) or callable(getattr(reward, "to_config", None)):
         return reward.to_config()
     return f"{getattr(reward, '__module__', '?')}.{getattr(reward, '__qualname__', type(reward).__qualname__)}"
 

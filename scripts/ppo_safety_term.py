@@ -20,7 +20,7 @@ R/ppo's newest checkpoint when its settings match). Evaluate the result with
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -29,20 +29,28 @@ from rlhf_helpers.data import train_prompts
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.online_rl import run_reward
 from rlhf_helpers.ppo import PPOConfig, as_tensor_reward, print_step, train_ppo
-from rlhf_helpers.rewards import RefusalAppropriateness, is_harmful_prompt
+from rlhf_helpers.rewards import RefusalAppropriateness, is_harmful_prompt, reward_identity
 from rlhf_helpers.sft import sft_policy_path
 
 
-def with_safety_term(reward: Any, weight: float) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
+class SafetyTerm:
     """PPO's reward_fn: `reward`'s score plus `weight` where the reply refuses exactly when the prompt is
-    harmful, minus `weight` where it does not (a harmful request answered, or a harmless one refused)."""
-    base, rule = as_tensor_reward(reward), RefusalAppropriateness()
+    harmful, minus `weight` where it does not (a harmful request answered, or a harmless one refused).
 
-    def score(prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        right = torch.tensor(rule.score(prompts, responses), dtype=torch.float32)  # 1 or 0
-        return torch.as_tensor(base(prompts, responses), dtype=torch.float32) + weight * (2 * right - 1)
+    A class rather than a closure for its `to_config()`: the PPO stage records it (`rewards.reward_identity`),
+    so a rerun with another weight or another reward model starts over instead of resuming this one."""
 
-    return score
+    def __init__(self, reward: Any, weight: float):
+        self.reward, self.weight = reward, float(weight)
+        self.base, self.rule = as_tensor_reward(reward), RefusalAppropriateness()
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        right = torch.tensor(self.rule.score(prompts, responses), dtype=torch.float32)  # 1 or 0
+        return torch.as_tensor(self.base(prompts, responses), dtype=torch.float32) + self.weight * (2 * right - 1)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"type": "SafetyTerm", "weight": self.weight, "reward": reward_identity(self.reward),
+                "rule": self.rule.to_config()}
 
 
 def repeat_harmful(prompts: Sequence[str], times: int) -> list[str]:
@@ -71,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = repeat_harmful(train_prompts(), args.harmful_repeat)
     n_harmful = sum(map(is_harmful_prompt, prompts))
     print(f"reward: {name} + {args.safety_weight} x safety rule; {len(prompts)} training prompts, {n_harmful} harmful")
-    summary = train_ppo(cfg, args.run_dir, policy_path, with_safety_term(reward, args.safety_weight), prompts,
+    summary = train_ppo(cfg, args.run_dir, policy_path, SafetyTerm(reward, args.safety_weight), prompts,
                         gold=GoldJudge(), callbacks=[print_step])
     print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
     return 0

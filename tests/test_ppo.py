@@ -17,6 +17,8 @@ from rlhf_helpers.ppo import (
     list_checkpoints, logprobs_and_entropy, make_experience, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
     print_step, response_mask_from_eos, rollout,
 )
+from rlhf_helpers.gold import GoldJudge
+from rlhf_helpers.rewards import reward_identity
 from rlhf_helpers.tracking import read_json, read_metrics
 
 PAD, BOS, EOS = 0, 1, 2  # as in SmolLM2: the pad token <|endoftext|> is not the end-of-turn token <|im_end|>
@@ -71,6 +73,9 @@ class CharTokenizer:
 
     def batch_decode(self, rows, skip_special_tokens=False):
         return [self.decode(r, skip_special_tokens) for r in rows]
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.vocab[i] for i in ids]
 
 
 def tiny_policy(seed: int = 0):
@@ -192,9 +197,17 @@ def test_safety_term_script_adds_the_refusal_rule_to_the_reward_and_repeats_harm
     script = load_script("scripts/ppo_safety_term.py")
     bomb, garden = "How do I make a pipe bomb?", "How do I grow tomatoes?"
     refuse, comply = "I can't help with that. Please contact a professional.", "Sure, here is how."
-    reward_fn = script.with_safety_term(lambda prompts, responses: torch.tensor([0.5] * len(prompts)), 2.0)
+    def half(prompts, responses):
+        return torch.tensor([0.5] * len(prompts))
+
+    reward_fn = script.SafetyTerm(half, 2.0)
     got = reward_fn([bomb, bomb, garden, garden], [refuse, comply, refuse, comply])
     assert got.tolist() == pytest.approx([2.5, -1.5, -1.5, 2.5])  # +w where the rule holds, -w where not
+    # what the PPO stage records of it, so that a rerun with another weight or reward starts over
+    identity = reward_identity(reward_fn)
+    assert identity["weight"] == 2.0 and identity["reward"] == reward_identity(half) and json.dumps(identity)
+    assert reward_identity(script.SafetyTerm(half, 1.0)) != identity
+    assert reward_identity(script.SafetyTerm(GoldJudge(), 2.0))["reward"] == GoldJudge().to_config()
     assert script.repeat_harmful([garden, bomb], 3) == [garden, bomb, bomb, bomb]
     assert script.repeat_harmful([garden, bomb], 1) == [garden, bomb]
     with pytest.raises(ValueError, match="at least 1"):
@@ -485,6 +498,26 @@ def test_group_baseline_leaves_only_what_tells_a_reply_from_its_siblings(tmp_pat
     with pytest.raises(ValueError, match="group_baseline needs each prompt 4 times in a row"):
         make_experience(trainer.policy, trainer.value_head, trainer.tokenizer, prompt_length, prompts[::-1][1:] +
                         prompts[:1], cfg, kl_coef=0.05, seed=1)
+
+
+def test_token_table_lists_each_reply_over_its_real_tokens_only(tmp_path):
+    cfg = tiny_config(batch_size=8, missing_eos_penalty=0.5, response_length=4)
+    trainer = make_trainer(tmp_path, cfg, reward=prompt_length)
+    head = trainer.value_head
+    assert isinstance(head, ValueHead) and head.summary.in_features == trainer.policy.config.hidden_size
+    assert head.summary.weight.device == next(trainer.policy.parameters()).device  # ValueHead.for_model
+    exp = make_experience(trainer.policy, head, trainer.tokenizer, prompt_length, trainer.prompts_for(1), cfg,
+                          kl_coef=0.05, seed=1)
+    lengths = exp.rollout.response_mask.sum(1).tolist()
+    assert min(lengths) < cfg.response_length  # at least one reply ended early: its padding must not show
+    for i, n in enumerate(lengths):
+        table = exp.token_table(i, trainer.tokenizer)
+        assert list(table) == ["token", "log π", "log π_ref", "reward", "value", "advantage"]
+        assert {len(column) for column in table.values()} == {n}
+        assert table["token"] == trainer.tokenizer.convert_ids_to_tokens(exp.rollout.response_ids[i, :n].tolist())
+        assert table["reward"] == pytest.approx(exp.rewards[i, :n].tolist())
+        assert table["advantage"] == pytest.approx(exp.advantages[i, :n].tolist())
+        assert all(type(v) is float for v in table["log π"])
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["one-reply-per-prompt", "group-baseline"])
