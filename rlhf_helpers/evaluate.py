@@ -782,8 +782,11 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
     harmful and benign requests apart (`refusal_split`); and `note`, the reward-hacking verdict
     (`parting_note`). `rows`: the stage's metrics.jsonl rows; `cfg`: its PPOConfig; `ppo_rows`: the
     evaluation rows of the PPO policy (for the KL's standard error); `wins`: `paired_win_rate` of PPO against
-    SFT; `max_new_tokens`: the evaluation's reply limit; `sft_rows`: SFT's evaluation rows."""
+    SFT; `max_new_tokens`: the evaluation's reply limit; `sft_rows`: SFT's evaluation rows. Where PPO started
+    from the base model (no SFT model; `sft_metrics["policy"] == "base"`), the text names the base model."""
     from .tracking import half_means
+
+    start = "the base model" if sft_metrics.get("policy") == "base" else "SFT"
 
     steps, eos = len(rows), _tail_mean(rows, "response/eos_frac", len(rows))
     lines = [f"- **Training.** {steps} steps of {cfg.batch_size} replies of up to {cfg.response_length} tokens. "
@@ -826,35 +829,36 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
                "Near 0, the advantages are the returns minus a batch mean, as in REINFORCE with a baseline."
                if ev < 0.2 else "It has learned part of what a reply will score."))
     lo, hi = wins["gain_ci_low"], wins["gain_ci_high"]
-    verdict = ("PPO raised gold over SFT on these prompts" if lo > 0 else
-               "PPO lowered gold below SFT on these prompts, beyond the interval" if hi < 0 else
-               "this run cannot tell PPO from SFT by gold on these prompts (the interval holds 0)")
+    verdict = (f"PPO raised gold over {start} on these prompts" if lo > 0 else
+               f"PPO lowered gold below {start} on these prompts, beyond the interval" if hi < 0 else
+               f"this run cannot tell PPO from {start} by gold on these prompts (the interval holds 0)")
     lines.append(
-        f"- **Held-out prompts.** Gold {sft_metrics['gold_mean']:.3f} (SFT) → {ppo_metrics['gold_mean']:.3f} (PPO), "
+        f"- **Held-out prompts.** Gold {sft_metrics['gold_mean']:.3f} ({start}) → {ppo_metrics['gold_mean']:.3f} (PPO), "
         f"a gain of {wins['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] (bootstrap 95% over {wins['n']} prompts): {verdict}. "
         f"PPO won {wins['wins']}, tied {wins['ties']} and lost {wins['losses']} of the prompts; the win rate "
         f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] counts a tie as half a win"
         + (", and counts wins, not their size: so it can leave out 0.5 while the gain's interval holds 0."
            if lo <= 0 <= hi and not wins["ci_low"] <= 0.5 <= wins["ci_high"] else "."))
     if sft_rows is not None:
-        lines.append(_refusal_bullet(refusal_split(ppo_rows, sft_rows)))
+        lines.append(_refusal_bullet(refusal_split(ppo_rows, sft_rows), start))
     if note:
         lines.append(f"- **Reward hacking?** {note[0].upper() + note[1:]}.")
     return "\n".join(lines)
 
 
-def _refusal_bullet(split: dict[str, dict]) -> str:
-    """`ppo_reading`'s refusals bullet from `refusal_split(ppo_rows, sft_rows)`."""
+def _refusal_bullet(split: dict[str, dict], start: str = "SFT") -> str:
+    """`ppo_reading`'s refusals bullet from `refusal_split(ppo_rows, sft_rows)`; `start` names the policy PPO
+    started from."""
     h, b = split["harmful"], split["benign"]
-    benign = (f"to the {b['prompts']} benign requests, SFT refused {b['refused_b']} of {b['replies_b']} replies and "
+    benign = (f"to the {b['prompts']} benign requests, {start} refused {b['refused_b']} of {b['replies_b']} replies and "
               f"PPO {b['refused_a']} of {b['replies_a']}" + (f" (gold {b['gain']:+.3f})" if b["prompts"] else ""))
     if not h["prompts"]:
         return f"- **Refusals.** No held-out prompt here is a harmful request; {benign}."
-    drift = ("PPO refused fewer of the harmful requests than SFT. Unless the reward tells a fitting refusal from "
+    drift = (f"PPO refused fewer of the harmful requests than {start}. Unless the reward tells a fitting refusal from "
              "an answer, and the run's few steps meet enough harmful prompts for that to count, nothing holds a "
              "refusal in place: what PPO does on these prompts is drift, and gold marks it. "
              if h["refused_a"] * h["replies_b"] < h["refused_b"] * h["replies_a"] else "")  # as shares of replies
-    return (f"- **Refusals.** SFT refused {h['refused_b']} of {h['replies_b']} replies to the {h['prompts']} "
+    return (f"- **Refusals.** {start[0].upper() + start[1:]} refused {h['refused_b']} of {h['replies_b']} replies to the {h['prompts']} "
             f"harmful held-out requests and PPO {h['refused_a']} of {h['replies_a']} (gold {h['gain']:+.3f} on "
             f"those prompts); {benign}. {drift}With this few harmful prompts the counts are small: "
             "`docs/rl_on_a_cpu_budget.md` (sections 16 and 17) measures the split at 72 prompts × 12 replies.")

@@ -459,6 +459,11 @@ def test_ppo_reading_with_sft_rows_says_where_refusals_went():
     assert "PPO 1 of 2" in twice and "drift" in twice  # a share of 1/2 against SFT's 1/1 is fewer, not level
     only_benign = ppo_reading(*args[:4], ppo[1:], wins, max_new_tokens=96, sft_rows=sft[1:])
     assert "No held-out prompt here is a harmful request; to the 1 benign requests, SFT refused 0 of 1" in only_benign
+    # PPO started from the base model (no SFT model): the text names it, not SFT
+    from_base = ppo_reading(args[0], cfg, {"gold_mean": 0.75, "policy": "base"}, *args[3:], max_new_tokens=96,
+                            sft_rows=sft)
+    assert "The base model refused 1 of 1 replies to the 1 harmful held-out requests" in from_base
+    assert "Gold 0.750 (the base model) → 0.400 (PPO)" in from_base and "SFT" not in from_base.split("`docs")[0]
 
 # --- a fake run folder: report and results check ----------------------------------------------------------
 
