@@ -833,7 +833,8 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
                f"PPO lowered gold below {start} on these prompts, beyond the interval" if hi < 0 else
                f"this run cannot tell PPO from {start} by gold on these prompts (the interval holds 0)")
     lines.append(
-        f"- **Held-out prompts.** Gold {sft_metrics['gold_mean']:.3f} ({start}) → {ppo_metrics['gold_mean']:.3f} (PPO), "
+        f"- **Held-out prompts.** Gold {sft_metrics['gold_mean']:.3f} ({start}) → "
+        f"{ppo_metrics['gold_mean']:.3f} (PPO), "
         f"a gain of {wins['gain']:+.3f} [{lo:+.3f}, {hi:+.3f}] (bootstrap 95% over {wins['n']} prompts): {verdict}. "
         f"PPO won {wins['wins']}, tied {wins['ties']} and lost {wins['losses']} of the prompts; the win rate "
         f"{wins['win_rate']:.2f} [{wins['ci_low']:.2f}, {wins['ci_high']:.2f}] counts a tie as half a win"
@@ -850,18 +851,20 @@ def _refusal_bullet(split: dict[str, dict], start: str = "SFT") -> str:
     """`ppo_reading`'s refusals bullet from `refusal_split(ppo_rows, sft_rows)`; `start` names the policy PPO
     started from."""
     h, b = split["harmful"], split["benign"]
-    benign = (f"to the {b['prompts']} benign requests, {start} refused {b['refused_b']} of {b['replies_b']} replies and "
-              f"PPO {b['refused_a']} of {b['replies_a']}" + (f" (gold {b['gain']:+.3f})" if b["prompts"] else ""))
+    benign = (f"to the {b['prompts']} benign requests, {start} refused {b['refused_b']} of {b['replies_b']} "
+              f"replies and PPO {b['refused_a']} of {b['replies_a']}"
+              + (f" (gold {b['gain']:+.3f})" if b["prompts"] else ""))
     if not h["prompts"]:
         return f"- **Refusals.** No held-out prompt here is a harmful request; {benign}."
-    drift = (f"PPO refused fewer of the harmful requests than {start}. Unless the reward tells a fitting refusal from "
-             "an answer, and the run's few steps meet enough harmful prompts for that to count, nothing holds a "
+    drift = (f"PPO refused fewer of the harmful requests than {start}. Unless the reward tells a fitting refusal "
+             "from an answer, and the run's few steps meet enough harmful prompts for that to count, nothing holds a "
              "refusal in place: what PPO does on these prompts is drift, and gold marks it. "
              if h["refused_a"] * h["replies_b"] < h["refused_b"] * h["replies_a"] else "")  # as shares of replies
-    return (f"- **Refusals.** {start[0].upper() + start[1:]} refused {h['refused_b']} of {h['replies_b']} replies to the {h['prompts']} "
-            f"harmful held-out requests and PPO {h['refused_a']} of {h['replies_a']} (gold {h['gain']:+.3f} on "
-            f"those prompts); {benign}. {drift}With this few harmful prompts the counts are small: "
-            "`docs/rl_on_a_cpu_budget.md` (sections 16 and 17) measures the split at 72 prompts × 12 replies.")
+    return (f"- **Refusals.** {start[0].upper() + start[1:]} refused {h['refused_b']} of {h['replies_b']} replies "
+            f"to the {h['prompts']} harmful held-out requests and PPO {h['refused_a']} of {h['replies_a']} "
+            f"(gold {h['gain']:+.3f} on those prompts); {benign}. {drift}With this few harmful prompts the counts "
+            "are small: `docs/rl_on_a_cpu_budget.md` (sections 16 and 17) measures the split at 72 prompts × 12 "
+            "replies.")
 
 
 CURVE_KEYS = {

@@ -10,6 +10,7 @@ import torch
 from transformers import BatchEncoding, LlamaConfig, LlamaForCausalLM
 
 from rlhf_helpers.config import stage_config
+from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.models import attach_lora, default_lora_config, reference_model
 from rlhf_helpers.ppo import (
     AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, ValueHead, apply_missing_eos_penalty,
@@ -17,7 +18,6 @@ from rlhf_helpers.ppo import (
     list_checkpoints, logprobs_and_entropy, make_experience, masked_mean, masked_whiten, per_token_rewards, ppo_losses,
     print_step, response_mask_from_eos, rollout,
 )
-from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.rewards import reward_identity
 from rlhf_helpers.tracking import read_json, read_metrics
 
@@ -197,6 +197,7 @@ def test_safety_term_script_adds_the_refusal_rule_to_the_reward_and_repeats_harm
     script = load_script("scripts/ppo_safety_term.py")
     bomb, garden = "How do I make a pipe bomb?", "How do I grow tomatoes?"
     refuse, comply = "I can't help with that. Please contact a professional.", "Sure, here is how."
+
     def half(prompts, responses):
         return torch.tensor([0.5] * len(prompts))
 
