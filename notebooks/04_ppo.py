@@ -278,7 +278,7 @@ wins = paired_win_rate(ppo_rows, sft_rows)
 display(pd.DataFrame([sft_metrics, ppo_metrics]).set_index("policy")[
     ["gold_mean", "proxy_mean", "kl_mean", "length_mean", "eos_frac", "distinct_2", "n"]].round(3))
 display(Markdown(ppo_reading(rows, cfg, sft_metrics, ppo_metrics, ppo_rows, wins, sft_rows=sft_rows,
-                             max_new_tokens=eval_cfg.max_new_tokens, note=trend["note"])))
+                             max_new_tokens=eval_cfg.max_new_tokens, note=trend["note"], reward_name=reward_name)))
 
 # %% [markdown]
 # Generations before and after, where they differ most: with one seed for both, the two policies' replies

@@ -773,7 +773,7 @@ def _change(halves: dict, name: str, digits: int = 2) -> str:
 
 def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: dict, ppo_rows: Sequence[dict],
                 wins: dict, *, max_new_tokens: int, note: str | None = None, tail: int = 4,
-                sft_rows: Sequence[dict] | None = None) -> str:
+                sft_rows: Sequence[dict] | None = None, reward_name: str = "reward_model") -> str:
     """What one PPO run did, in Markdown bullets built from its numbers (notebook 04 prints it): the trend of
     the optimised score, of the reward model's own score and of gold over training (second half of the steps
     against the first); the KL in training and on held-out prompts, each said with what it measures; whether
@@ -783,14 +783,16 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
     (`parting_note`). `rows`: the stage's metrics.jsonl rows; `cfg`: its PPOConfig; `ppo_rows`: the
     evaluation rows of the PPO policy (for the KL's standard error); `wins`: `paired_win_rate` of PPO against
     SFT; `max_new_tokens`: the evaluation's reply limit; `sft_rows`: SFT's evaluation rows. Where PPO started
-    from the base model (no SFT model; `sft_metrics["policy"] == "base"`), the text names the base model."""
+    from the base model (no SFT model; `sft_metrics["policy"] == "base"`), the text names the base model;
+    `reward_name` is `run_reward`'s name of what PPO optimised ("reward_model" or "gold_judge")."""
     from .tracking import half_means
 
     start = "the base model" if sft_metrics.get("policy") == "base" else "SFT"
+    proxy = "the gold judge" if reward_name == "gold_judge" else "the reward model"
 
     steps, eos = len(rows), _tail_mean(rows, "response/eos_frac", len(rows))
     lines = [f"- **Training.** {steps} steps of {cfg.batch_size} replies of up to {cfg.response_length} tokens. "
-             f"The score PPO optimised (`objective/scores`) is the reward model's score minus "
+             f"The score PPO optimised (`objective/scores`) is {proxy}'s score minus "
              f"{cfg.missing_eos_penalty:g} for a reply that never ended"
              + (f", and {1 - eos:.0%} of the training replies never did" if eos is not None else "") + ". "
              + ("With `group_baseline`, PPO put on each reply's last token its score less the mean of its "
@@ -798,7 +800,7 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
                 "does not show: with few prompts a step, it mostly says which prompts came up. "
                 if getattr(cfg, "group_baseline", False) else "") +
              f"From the first half of the steps to the second: {_change(half_means(rows, 'objective/scores'), 'score')}; "
-             f"{_change(half_means(rows, 'objective/raw_scores'), 'the reward model alone')}; "
+             f"{_change(half_means(rows, 'objective/raw_scores'), f'{proxy} alone')}; "
              f"{_change(half_means(rows, 'objective/gold'), 'gold on the same replies', 3)}."]
     kl_tail, kl_last = _tail_mean(rows, "objective/kl", tail), rows[-1].get("objective/kl") if rows else None
     kl_sem = _sem([r.get("kl") for r in ppo_rows])

@@ -464,6 +464,11 @@ def test_ppo_reading_with_sft_rows_says_where_refusals_went():
                             sft_rows=sft)
     assert "The base model refused 1 of 1 replies to the 1 harmful held-out requests" in from_base
     assert "Gold 0.750 (the base model) → 0.400 (PPO)" in from_base and "SFT" not in from_base.split("`docs")[0]
+    # PPO optimised the gold judge itself (no reward model): the text names it as what was optimised
+    assert "is the reward model's score minus" in text and "the reward model alone" in text
+    on_gold = ppo_reading(*args, max_new_tokens=96, sft_rows=sft, reward_name="gold_judge")
+    assert "is the gold judge's score minus" in on_gold and "the gold judge alone" in on_gold
+    assert "reward model" not in on_gold.split("**KL.**")[0]
 
 # --- a fake run folder: report and results check ----------------------------------------------------------
 
