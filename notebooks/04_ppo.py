@@ -82,7 +82,10 @@ cfg
 # Sample `samples_per_prompt` answers to each prompt (here 4 answers in all, as a training step would draw
 # them) with the KV cache, prompts left-padded so every answer starts in the same column. Sampling is pure
 # temperature sampling (no top-k, no top-p), so the probabilities we compute later are exactly those the
-# sampler used. Everything after an answer's first end-of-turn token is padding, and
+# sampler used. A checkpoint can ship its own sampling settings in `generation_config.json` (Qwen2.5-Instruct's
+# has a repetition penalty of 1.1, top-k 20 and top-p 0.8), and `generate` applies whatever a call leaves unset
+# from there: the rollout clears them first (`models.clear_sampling_defaults`), or the answers would come from
+# a distribution PPO never scores. Everything after an answer's first end-of-turn token is padding, and
 # the mask comes from the position of that token, never from comparing ids with the pad id.
 #
 # Each answer then gets its score: `raw score` is the reward model's, and `score` is what PPO optimises,
@@ -352,8 +355,8 @@ MetricsLogger(out_dir).summary(summary)
 # it never saw; gold did not follow. The evaluation prints both gains (`proxy_gain` beside `gain`): when
 # the first rises and the second does not, the reward model is the limit, not the optimiser.
 # This notebook's cpu profile is that recipe cut to 8 steps, about what 10 minutes buy; in the cpu run it
-# gained +0.010 [−0.011, +0.030] on all 72 held-out prompts × 3 replies, and −0.011 [−0.029, +0.005] on a
-# second training seed: level with SFT, like every 10-minute run before it, and so was the reward model's
+# gained +0.010 [−0.011, +0.030] on all 72 held-out prompts × 3 replies (the `evaluate` command above, not
+# section 5's smaller table), and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like every 10-minute run before it, and so was the reward model's
 # score (−0.067 and +0.046, both intervals holding 0). `max_steps=32` runs the 28-minute version; from a
 # shell, `python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above.
 # Adding RPO's anchor to the 8-step loss (the log-likelihood of each prompt's best reply, which lifted DPO

@@ -131,7 +131,7 @@ plotting.halves_table({"rewards/margins": dpo_summary["margin_halves"],
 # prompt is not identified.)
 
 # %%
-policy, tok = load_policy(run_dir, "dpo", dtype=dpo_cfg.dtype, device=dpo_cfg.device)
+policy, tok = load_policy(run_dir, "dpo", dtype=dpo_cfg.dtype, device=dpo_cfg.device, load_in_4bit=dpo_cfg.load_in_4bit)
 margins, implicit = comparison.implicit_vs_reward(policy, tok, eval_pairs, dpo_cfg.beta, reward)
 del policy
 gc.collect()

@@ -245,6 +245,8 @@ def load_model(
         a saved adapter folder (loaded trainable).
     load_in_4bit: NF4 base weights with bitsandbytes (QLoRA). Needs CUDA: on a machine without it this
         fails at once, before anything is loaded.
+    The checkpoint's sampling settings are dropped (`clear_sampling_defaults`), and replies end at the
+    tokenizer's end-of-turn token alone; both print a note when they change anything.
     """
     if load_in_4bit and not torch.cuda.is_available():
         raise RuntimeError(
@@ -276,14 +278,51 @@ def load_model(
         ) from e
     tok = load_tokenizer(name, padding_side=padding_side)
     model.config.pad_token_id = tok.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tok.pad_token_id
+    clear_sampling_defaults(model)
+    gen = model.generation_config
+    if gen is not None:  # one end of a reply for every stage: TRL's trainers stop at this id and the tokenizer's
+        eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+        others = sorted(i for i in eos if i is not None and i != tok.eos_token_id)
+        if others:
+            print(f"note: {name}: replies end at {tok.eos_token} (id {tok.eos_token_id}) alone; its "
+                  f"generation_config also ended them at id(s) {others}.")
+        gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
     if not load_in_4bit:
         model.to(device)
     if lora is not None and lora is not False:
         model = attach_lora(model, lora, quantized=load_in_4bit)
     model.eval()  # dropout off until a trainer switches it on
     return model, tok
+
+
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+_NOT_SAMPLING = {"transformers_version", "_from_model_config", "use_cache", "output_attentions",
+                 "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate"}
+
+
+def clear_sampling_defaults(model) -> dict[str, Any]:
+    """Keep only the special-token ids of `model`'s generation_config; return the settings dropped.
+
+    A checkpoint's generation_config.json may carry sampling settings (Qwen2.5-Instruct's: repetition
+    penalty 1.1, top-k 20, top-p 0.8), and `generate` fills every setting a call leaves unset from there.
+    PPO scores its samples under softmax(logits / T), and every stage sets its own sampling, so none of
+    them may inherit a checkpoint's penalty or truncation unseen. Under a peft adapter the base model's
+    config is the one `generate` reads, so that is the one replaced. What is dropped is printed.
+    """
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    old = target.generation_config
+    if old is None:
+        return {}
+    dropped = {k: v for k, v in old.to_diff_dict().items() if k not in _TOKEN_IDS and k not in _NOT_SAMPLING}
+    target.generation_config = GenerationConfig(
+        **{k: getattr(old, k) for k in _TOKEN_IDS if getattr(old, k, None) is not None})
+    if dropped:
+        name = getattr(target.config, "_name_or_path", "") or type(target).__name__
+        print(f"note: {name}: ignoring the sampling settings in its generation_config "
+              f"({', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))}); each stage sets its own.")
+    return dropped
 
 
 def attach_lora(model, lora: Any = True, quantized: bool = False):
@@ -355,7 +394,9 @@ def generate(
 ) -> list[str]:
     """Chat-formatted, left-padded, batched generation; returns the decoded replies (no special tokens).
 
-    temperature=0 is greedy. Sampling is seeded so the same call gives the same text twice.
+    temperature=0 is greedy. Sampling is seeded so the same call gives the same text twice, and keeps
+    transformers' default top-k of 50 (every evaluation here was measured so); PPO's rollouts sample
+    without it (`ppo.generation_config`).
     With num_return_sequences=k the result holds k replies per prompt, prompt-major.
     """
     was_training = model.training

@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_MODEL
-from .models import chat_prompt, default_lora_config, load_model, num_layers, reference_model
+from .models import (chat_prompt, clear_sampling_defaults, default_lora_config, load_model, num_layers,
+                     reference_model)
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
                        PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, run_settings,
@@ -80,7 +81,8 @@ class PPOConfig:
     model_name: str = DEFAULT_MODEL
     """Policy base when run_dir has no SFT model (the notebook uses run_dir/sft/model when present)."""
     dtype: str = "float32"
-    """Weights dtype (the profile sets bfloat16 on GPU); log-probs and values are computed in float32."""
+    """Weights dtype (the profile sets bfloat16 on GPU); the log-softmax and the value head run in float32, on
+    the hidden states and logits the model computed in this dtype."""
     load_in_4bit: bool = False
     """QLoRA 4-bit base weights (CUDA only)."""
     device: str = "cpu"
@@ -441,7 +443,8 @@ class Rollout:
 
 def generation_config(cfg: PPOConfig, tokenizer):
     """Pure sampling at cfg.temperature (top-k and top-p off, no other processors), so the sampled
-    distribution is exactly the softmax(logits / T) that `logprobs_and_entropy` scores."""
+    distribution is exactly the softmax(logits / T) that `logprobs_and_entropy` scores. That holds only
+    where the model's own generation_config sets nothing more: `rollout` clears it first."""
     from transformers import GenerationConfig
 
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
@@ -459,7 +462,11 @@ def _seeded(seed: int, device: torch.device):
 
 @torch.no_grad()
 def rollout(policy, tokenizer, prompts: Sequence[Any], cfg: PPOConfig, seed: int) -> Rollout:
-    """Sample one response per prompt: chat-formatted, left-padded, batched `generate` with the KV cache."""
+    """Sample one response per prompt: chat-formatted, left-padded, batched `generate` with the KV cache.
+
+    The policy's generation_config is cleared of sampling settings first (`models.clear_sampling_defaults`),
+    since `generate` would otherwise apply a checkpoint's repetition penalty or top-k on top of ours."""
+    clear_sampling_defaults(policy)
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()

@@ -126,3 +126,29 @@ def test_loading_draws_no_frozen_progress_bar(base, capfd):
     assert "Loading weights" not in capfd.readouterr().err
     from huggingface_hub.utils import are_progress_bars_disabled
     assert not are_progress_bars_disabled()  # download bars (a hub model on a GPU) still show
+
+
+def test_a_checkpoints_sampling_settings_and_second_end_token_are_dropped_when_loaded(base, tmp_path, capsys):
+    """Qwen2.5-Instruct ships repetition_penalty 1.1, top_k 20 and top_p 0.8 in its generation_config;
+    `generate` would apply them beneath every stage's own sampling (PPO scores softmax(logits / T)). It also
+    ends replies at <|endoftext|>, where TRL's trainers would stop and our PPO and evaluation would not."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = base
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    tiny.generation_config.update(do_sample=True, repetition_penalty=1.1, temperature=0.7, top_k=20, top_p=0.8,
+                                  eos_token_id=[tok.eos_token_id, 0])  # Qwen's: <|im_end|> and <|endoftext|>
+    tiny.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    capsys.readouterr()
+    model, tok2 = load_model(str(tmp_path))
+    assert f"note: {tmp_path}: ignoring the sampling settings in its generation_config (do_sample=True, " \
+           "repetition_penalty=1.1, temperature=0.7, top_k=20, top_p=0.8); each stage sets its own.\n" \
+           f"note: {tmp_path}: replies end at <|im_end|> (id {tok.eos_token_id}) alone; its generation_config " \
+           "also ended them at id(s) [0].\n" in capsys.readouterr().out
+    gen = model.generation_config
+    assert (gen.do_sample, gen.repetition_penalty, gen.temperature, gen.top_k, gen.top_p) == (None,) * 5
+    assert (gen.eos_token_id, gen.pad_token_id) == (tok.eos_token_id, tok2.pad_token_id)  # the ids stay
+    assert models.clear_sampling_defaults(base[0]) == {}  # the built-in model ships none: cpu runs unchanged

@@ -359,10 +359,16 @@ def test_rollout_masks_after_first_eos_and_decodes_valid_tokens():
     assert torch.equal(ro.query_mask, ro.query_ids.ne(PAD).long())  # queries are left-padded
 
 
-def test_forward_pass_matches_unpadded_rows_and_sampling_distribution():
+def test_forward_pass_matches_unpadded_rows_and_sampling_distribution(capsys):
     policy, tok = tiny_policy(), CharTokenizer()
+    # sampling settings as a hub checkpoint ships them (Qwen2.5-Instruct: repetition_penalty 1.1, top_k 20):
+    # generate would apply them on top of PPO's own unless the rollout clears them
+    policy.get_base_model().generation_config.update(repetition_penalty=1.5, top_k=3, min_p=0.2,
+                                                     no_repeat_ngram_size=2, do_sample=True, temperature=0.3)
     cfg = tiny_config(response_length=6, temperature=0.7)
     ro = rollout(policy, tok, PROMPTS[:4], cfg, seed=1)
+    assert "ignoring the sampling settings in its generation_config (do_sample=True, min_p=0.2, " \
+           "no_repeat_ngram_size=2, repetition_penalty=1.5, temperature=0.3, top_k=3)" in capsys.readouterr().out
     head = ValueHead(32)
     torch.nn.init.normal_(head.summary.weight)
     with torch.no_grad():
