@@ -356,8 +356,9 @@ MetricsLogger(out_dir).summary(summary)
 # the first rises and the second does not, the reward model is the limit, not the optimiser.
 # This notebook's cpu profile is that recipe cut to 8 steps, about what 10 minutes buy; in the cpu run it
 # gained +0.010 [−0.011, +0.030] on all 72 held-out prompts × 3 replies (the `evaluate` command above, not
-# section 5's smaller table), and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like every 10-minute run before it, and so was the reward model's
-# score (−0.067 and +0.046, both intervals holding 0). `max_steps=32` runs the 28-minute version; from a
+# section 5's smaller table), and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like
+# every 10-minute run before it, and so was the reward model's score (−0.067 and +0.046, both intervals
+# holding 0). `max_steps=32` runs the 28-minute version; from a
 # shell, `python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above.
 # Adding RPO's anchor to the 8-step loss (the log-likelihood of each prompt's best reply, which lifted DPO
 # over SFT on the same reward model) left it level too: +0.008 [−0.014, +0.030] (section 13).

@@ -316,12 +316,13 @@ def clear_sampling_defaults(model) -> dict[str, Any]:
     if old is None:
         return {}
     dropped = {k: v for k, v in old.to_diff_dict().items() if k not in _TOKEN_IDS and k not in _NOT_SAMPLING}
+    if not dropped:
+        return {}
     target.generation_config = GenerationConfig(
         **{k: getattr(old, k) for k in _TOKEN_IDS if getattr(old, k, None) is not None})
-    if dropped:
-        name = getattr(target.config, "_name_or_path", "") or type(target).__name__
-        print(f"note: {name}: ignoring the sampling settings in its generation_config "
-              f"({', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))}); each stage sets its own.")
+    name = getattr(target.config, "_name_or_path", "") or type(target).__name__
+    print(f"note: {name}: ignoring the sampling settings in its generation_config "
+          f"({', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))}); each stage sets its own.")
     return dropped
 
 
