@@ -161,15 +161,19 @@ display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accur
 # the reward). TRL's own default is $\beta = 0$, which loads no reference and computes no KL at all; we set
 # it above zero (the settings table in section 5 shows the value).
 #
-# The score optimised is the one PPO optimises: the reward model's, minus the missing-EOS penalty for a
+# The score optimised is of the kind PPO optimises: the reward model's, minus the missing-EOS penalty for a
 # reply cut off at the training token cap, `max_completion_length` (without it, the reward model would
-# score half-written replies and nothing would teach the policy to finish). In a short run that penalty is
+# score half-written replies and nothing would teach the policy to finish). The cap and the penalty are each
+# stage's own: the cpu profile gives PPO 96 tokens and a penalty of 0.5, GRPO and RLOO 64 tokens and 1.0
+# (the settings table in section 5 reads them from each stage's config). In a short run that penalty is
 # much of the signal: when most replies hit the cap, whether a reply ended moves its score more than what
 # it says. So the curves include `response/eos_frac`, the share of the step's replies that ended, and the
 # rise table keeps the penalised score (`objective/scores`, the one optimised) apart from the reward
 # model's score alone (`objective/raw_scores`, the "proxy reward" of section 6).
 #
-# Given enough steps the proxy rises, the gold follows and the KL grows slowly. In a short run each step
+# Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (on an H100,
+# PPO's proxy rose while its gold fell once the KL passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section
+# 18, and notebook 06's parting point). In a short run each step
 # scores a couple of new prompts, so the curves mostly show how prompts differ: read the rise table's
 # `change` against its `change_se` before reading a trend into them. The training loss is no progress
 # signal: with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss
@@ -228,9 +232,10 @@ print(f"PPO from {ppo_source}: {ppo_summary.get('steps')} steps, {ppo_summary.ge
 # %% [markdown]
 # ## 5. All four on held-out prompts
 # First, what each method was given, read from its `config.json` and `summary.json`. The budgets are of
-# the same order, not equal: learning rates, passes over each batch, prompts and replies differ, and so does
-# what β does. *Training samples* counts the replies a method trained on: sampled and scored for PPO, GRPO
-# and RLOO; read from the pairs for DPO (two per pair, none sampled).
+# the same order, not equal: learning rates, passes over each batch, prompts and replies differ, so do the
+# token cap and the penalty on a reply cut off at it, and so does what β does. *Training samples* counts
+# the replies a method trained on: sampled and scored for PPO, GRPO and RLOO; read from the pairs for DPO
+# (two per pair, none sampled).
 
 # %%
 settings = comparison.settings_table(run_dir)
@@ -318,8 +323,9 @@ print(f"saved {stage_dir(run_dir, 'comparison') / 'summary.json'}: the table of 
 #
 # Try: `dpo_beta=0.5` (a tighter leash: less KL once the loss levels off, though the logged margins, which
 # are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL term: TRL then
-# loads no reference and computes no KL, so the KL panel stays empty; over a few cpu steps the policy hardly
-# moves either way, but on the gpu profile this is how to watch the proxy part from the gold); the gpu
+# loads no reference and computes no KL, so their lines leave the KL panel and only PPO's, from notebook 04,
+# stays; over a few cpu steps the policy hardly moves either way, but on the gpu profile this is how to
+# watch the proxy part from the gold); the gpu
 # profile, where the intervals can shrink enough to rank the methods; and DPO on the SFT model's own replies
 # rather than on fixed pairs, a judge's best against its worst
 # (`scripts/rejection_sampling_sft.py --objective dpo`; section 12 of

@@ -15,7 +15,8 @@ Derived in `comparison_table`, because the methods are given different budgets a
   memory_added_mb     peak_memory_mb − memory_at_start_mb: what the stage added to what the process held
 
 `settings_table` lists what each method was given (learning rate, passes, prompts, replies per prompt, token
-cap, β, samples) from each stage's config.json and summary.json, so that the budgets are seen, not assumed.
+cap, missing-EOS penalty, β, samples) from each stage's config.json and summary.json, so that the budgets are
+seen, not assumed.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def comparison_table(results: Sequence[dict], costs: dict[str, dict]) -> list[di
 def settings_table(run_dir: str | os.PathLike, stages: Sequence[str] = ("dpo", "grpo", "rloo", "ppo")) -> list[dict]:
     """What each method was given, read from run_dir/<stage>/config.json and summary.json: one row per stage
     that has both. Columns: learning rate and schedule, passes over each batch, optimizer steps, prompts drawn
-    (with repeats), replies per prompt, the token cap in training, β and where it acts, training samples."""
+    (with repeats), replies per prompt, the token cap in training, the penalty on a reply cut off at that cap
+    (None for DPO, which samples nothing), β and where it acts, training samples."""
     rows = []
     for stage in stages:
         cfg, summary = _read(run_dir, stage, "config.json"), _read(run_dir, stage, "summary.json")
@@ -93,7 +95,8 @@ def settings_table(run_dir: str | os.PathLike, stages: Sequence[str] = ("dpo", "
         schedule = cfg.get("lr_scheduler", "constant") + (f", warm-up {warmup:g} of the steps" if warmup else "")
         rows.append({"method": stage, "learning rate": cfg.get("learning_rate"), "schedule": schedule,
                      "passes over each batch": passes, "steps": steps, "prompts drawn": prompts,
-                     "replies per prompt": per_prompt, "token cap in training": cap, "β": beta,
+                     "replies per prompt": per_prompt, "token cap in training": cap,
+                     "missing-EOS penalty": None if stage == "dpo" else cfg.get("missing_eos_penalty"), "β": beta,
                      "training samples": samples})
     return rows
 

@@ -397,10 +397,19 @@ class EvalConfig:
 
 
 def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None, proxy: str | None) -> dict[str, Any]:
-    """What a cached evaluation depends on besides the policy's weights (checked by mtime separately)."""
+    """What a cached evaluation depends on besides the policy's weights (checked by mtime separately). The
+    dtype and the device change the sampled replies too; each enters the key only where it is not the default
+    (float32, cpu), so the keys, and file names, of float32 CPU evaluations are as they were before."""
+    import torch
+
+    from .models import _torch_dtype
+
     keep = ("model_name", "max_new_tokens", "temperature", "seed", "batch_size")
+    dtype = str(_torch_dtype(cfg.dtype)).removeprefix("torch.")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device.split(":")[0]
     return {**{k: getattr(cfg, k) for k in keep}, "n_prompts": n_prompts, "samples_per_prompt": samples,
-            "adapter": adapter, "proxy": proxy, **({"load_in_4bit": True} if cfg.load_in_4bit else {})}
+            "adapter": adapter, "proxy": proxy, **({"load_in_4bit": True} if cfg.load_in_4bit else {}),
+            **({"dtype": dtype} if dtype != "float32" else {}), **({"device": device} if device != "cpu" else {})}
 
 
 def eval_cache_stem(name: str, key: dict[str, Any]) -> str:

@@ -17,8 +17,8 @@ logs no KL; ours is above zero). The policy is the SFT model with a fresh LoRA a
 our peft config, and the reference is that model with the adapter disabled.
 
 Rewards: the proxy (the normalised reward model, through `rewards.as_trl_reward_func`, minus
-`missing_eos_penalty` for a reply that never ended, as in our PPO) with weight 1, and the gold judge with
-weight 0: TRL computes and logs it (`rewards/gold/mean`) but never optimises it.
+`missing_eos_penalty` for a reply that never ended, as in our PPO; each stage sets its own) with weight 1,
+and the gold judge with weight 0: TRL computes and logs it (`rewards/gold/mean`) but never optimises it.
 
 Metrics, one row per logged step in `run_dir/<stage>/metrics.jsonl`: TRL's keys (`rewards/proxy/mean`,
 `rewards/gold/mean`, `train/kl`, `train/reward`, `completions/mean_length`, `completions/clipped_ratio`,
@@ -239,8 +239,8 @@ class OnlineRLMetricsCallback(TrainerCallback):
 class SampleRecorder:
     """Wraps TRL's proxy reward function. Subtracts `missing_eos_penalty` from the score of every reply that
     never reached `eos_token_id` (TRL cut it at max_completion_length), as our PPO does, so that all three RL
-    methods optimise the same score; logs `objective/raw_scores` (before the penalty) and `response/eos_frac`
-    through TRL's `log_metric`. At step 1 and every `every` steps it appends the first `n` replies with their
+    methods optimise the same kind of score (the cap and the penalty are each stage's setting); logs
+    `objective/raw_scores` (before the penalty) and `response/eos_frac` through TRL's `log_metric`. At step 1 and every `every` steps it appends the first `n` replies with their
     raw proxy and gold rewards to `path`."""
 
     def __init__(self, reward_func: Callable[..., list[float]], gold: RewardFunction, path: Path, every: int, n: int,

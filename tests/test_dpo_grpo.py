@@ -556,13 +556,14 @@ def test_settings_table_shows_what_each_method_was_given(tmp_path):
     _stage(tmp_path, "dpo", {"learning_rate": 1e-3, "lr_scheduler": "cosine", "warmup": 0.1, "max_length": 256,
                              "beta": 0.1}, {"steps": 10, "pairs_seen": 40, "samples_seen": 80})
     _stage(tmp_path, "grpo", {"learning_rate": 1e-3, "lr_scheduler": "constant", "warmup": 0.0, "beta": 0.05,
-                              "num_generations": 4, "num_iterations": 1, "max_completion_length": 64},
-           {"steps": 6, "prompts_seen": 12, "samples_seen": 48})
+                              "num_generations": 4, "num_iterations": 1, "max_completion_length": 64,
+                              "missing_eos_penalty": 1.0}, {"steps": 6, "prompts_seen": 12, "samples_seen": 48})
     _stage(tmp_path, "rloo", {"learning_rate": 1e-3, "lr_scheduler": "constant", "beta": 0.0, "num_generations": 4,
                               "num_iterations": 1, "max_completion_length": 64},
            {"steps": 6, "prompts_seen": 12, "samples_seen": 48})
     _stage(tmp_path, "ppo", {"learning_rate": 3e-4, "ppo_epochs": 2, "num_mini_batches": 1, "response_length": 64,
-                             "init_kl_coef": 0.05, "adaptive_kl": False}, {"steps": 16, "samples_seen": 128})
+                             "init_kl_coef": 0.05, "adaptive_kl": False, "missing_eos_penalty": 0.5},
+           {"steps": 16, "samples_seen": 128})
     rows = {r["method"]: r for r in settings_table(tmp_path, ("dpo", "grpo", "rloo", "ppo", "missing"))}
     assert list(rows) == ["dpo", "grpo", "rloo", "ppo"]  # a stage that did not run has no row
     assert not (tmp_path / "missing").exists()  # and reading it made no folder
@@ -575,6 +576,8 @@ def test_settings_table_shows_what_each_method_was_given(tmp_path):
     assert rows["grpo"]["prompts drawn"] == 12 and rows["grpo"]["replies per prompt"] == 4
     assert rows["grpo"]["β"] == "0.05: k3 per token in the loss" and rows["grpo"]["token cap in training"] == "64 (reply)"
     assert rows["rloo"]["β"] == "0: no KL term, no reference"
+    assert rows["ppo"]["missing-EOS penalty"] == 0.5 and rows["grpo"]["missing-EOS penalty"] == 1.0
+    assert rows["dpo"]["missing-EOS penalty"] is None  # DPO samples nothing, so nothing is cut off
     assert rows["dpo"]["prompts drawn"] == 40 and rows["dpo"]["training samples"] == 80
     assert rows["dpo"]["schedule"] == "cosine, warm-up 0.1 of the steps" and rows["grpo"]["schedule"] == "constant"
 

@@ -763,6 +763,20 @@ def test_evaluation_loads_policies_in_4bit_when_the_profile_trained_in_4bit(tmp_
     assert "load_in_4bit" not in key(plain, 4, 1, None, None)  # an unquantized key, and file name, are as before
 
 
+def test_evaluation_cache_keys_tell_dtypes_and_devices_apart_and_keep_float32_cpu_keys_as_they_were():
+    from rlhf_helpers import evaluate
+
+    key, stem = evaluate._eval_key, evaluate.eval_cache_stem
+    cpu = evaluate.EvalConfig(n_prompts=4)
+    assert set(key(cpu, 4, 1, None, None)) == {"model_name", "max_new_tokens", "temperature", "seed", "batch_size",
+                                               "n_prompts", "samples_per_prompt", "adapter", "proxy"}
+    assert key(evaluate.EvalConfig(n_prompts=4, dtype="fp32"), 4, 1, None, None) == key(cpu, 4, 1, None, None)
+    stems = {stem("ppo", key(evaluate.EvalConfig(n_prompts=4, **change), 4, 1, None, None))
+             for change in ({}, {"dtype": "bfloat16"}, {"device": "cuda"}, {"device": "cuda:1"},
+                            {"dtype": "bf16", "device": "cuda"})}
+    assert len(stems) == 4  # cuda and cuda:1 sample alike; bf16 and bfloat16 are one dtype
+
+
 def test_evaluation_cache_files_are_named_by_the_sampling_settings_but_not_the_reward_model():
     from rlhf_helpers import evaluate
     from rlhf_helpers.config import stage_config
