@@ -18,9 +18,11 @@
 #
 # In RLHF the reward is where "what good means" is written down, and a policy will find every gap in
 # what you wrote. This notebook builds rewards from parts, tunes their weights with sliders, and shows a
-# reward being gamed. It ends with a tuned reward config (`python -m rlhf_helpers.rewards score` applies
-# it to any file of replies) and introduces the two pieces every later stage relies on: the **gold judge**
-# that plays the human, and a **simulated annotator** that labels preference pairs.
+# reward being gamed. It ends with a tuned reward config (`python -m rlhf_helpers.rewards score FILE
+# --config run_dir/rewards/reward_config.json` applies it to a JSON-lines file of prompts and replies;
+# without `--config` that command scores with the gold judge) and introduces the two pieces every later
+# stage relies on: the **gold judge** that plays the human, and a **simulated annotator** that labels
+# preference pairs.
 #
 # **What you will learn**
 # 1. The `RewardFunction` API: `compute_reward(trajectory) -> RewardOutput(reward, metadata)`.
@@ -131,9 +133,10 @@ print(f"reward = {out.reward:.3f}")
 # Move a slider and the ranked table and the histogram follow. The number to watch is the rank agreement
 # (Spearman) between your tuned reward and the gold judge, and how many gaming responses sit in the top
 # quarter. Raise `politeness` and `explanation` and watch the stuffed answers climb to the top; then try
-# to push them back down. **Save config**
-# writes `run_dir/rewards/reward_config.json`, which later notebooks can use. (Run headless by papermill,
-# the tuner is built with the weights from the parameters cell and saved as they are.)
+# to push them back down. **Save config** writes `run_dir/rewards/reward_config.json`, which
+# `python -m rlhf_helpers.rewards score FILE --config` reads; no later notebook reads it (the online methods
+# of notebooks 04 and 05 optimise notebook 03's reward model, or the gold judge). (Run headless by
+# papermill, the tuner is built with the weights from the parameters cell and saved as they are.)
 
 # %%
 tuner = RewardTuner(candidates, mix, save_path=out_dir / "reward_config.json")
@@ -145,9 +148,9 @@ print(f"saved {config_path}; Spearman with gold: {tuner.agreement:.3f}; gaming s
 
 # %% [markdown]
 # Sliders try one setting at a time. `tuner.search()` tries them all: every weight in {0, 0.25, 0.5, 1}
-# for each of the eight components, 65,536 settings scored the way the tuner scores its sliders, best by
-# Spearman first. Set the sliders to a row (with the prompt picker on all prompts) and the tuner shows the
-# same two numbers.
+# for each of the eight components, the 65,535 settings with a non-zero weight (4^8 less the all-zero one),
+# scored the way the tuner scores its sliders, best by Spearman first. Set the sliders to a row (with the
+# prompt picker on all prompts) and the tuner shows the same two numbers.
 
 # %%
 best_weights = tuner.search()

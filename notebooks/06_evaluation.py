@@ -43,13 +43,14 @@ force: bool = False  # re-evaluate even where run_dir/eval/policies/ holds a cac
 # %% [markdown]
 # ## Setup
 # One evaluation config for every policy: the same prompts, reply length, temperature and seed, so that
-# nothing but the policy differs between rows. That does not make every difference between rows the
-# policies': a reply is one draw, and the same weights drawn again score differently. On the cpu profile's 16
-# checkpoint prompts, the same adapter sampled in a batch of 32 instead of 16 moved mean gold by 0.04–0.08
-# (measured on a cpu run). So read each row's interval before its point estimate. Evaluations are cached in
-# `run_dir/eval/policies/` (notebooks 04 and 05 use the same cache), one file per policy and sampling
-# settings, and reused while the policy's weights and the reward model are unchanged: a 72-prompt evaluation
-# from the command line (`python -m rlhf_helpers.evaluate`) sits beside these and replaces none of them.
+# nothing but the policy differs between rows. That does not make every difference between rows the policies':
+# a reply is one draw, and the same weights drawn again score differently. On the cpu profile's 16 checkpoint
+# prompts, the same weights sampled in a batch of 32 prompts instead of 16 moved mean gold by 0.037–0.078 for
+# SFT, PPO, GRPO and RLOO, and by 0.0005 for DPO (measured on a cpu run). So read each row's interval before
+# its point estimate. Evaluations are cached in `run_dir/eval/policies/` (notebooks 04 and 05 use the same
+# cache), one file per policy and sampling settings, and reused while the policy's weights and the reward
+# model are unchanged: a 72-prompt evaluation from the command line (`python -m rlhf_helpers.evaluate`) sits
+# beside these and replaces none of them.
 
 # %%
 import time
@@ -201,9 +202,9 @@ line_gains(points, reference)
 # `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`, in a run whose proxy rose.
 #
 # Two cautions. These are training prompts and training-length replies, so neither curve is on the scale of
-# the table's columns (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few
-# prompts (2 to 4 in the cpu profile): over 6–16 steps, a parting point would need a proxy that climbs
-# clearly, which a short CPU run's does not. Each stage's sentence below says which case it is.
+# the table's columns (held-out prompts, `cfg.max_new_tokens`). And each step's mean is over a few prompts (2
+# to 4 in the cpu profile): over 6–8 steps (PPO 8, GRPO and RLOO 6), a parting point would need a proxy that
+# climbs clearly, which a short CPU run's does not. Each stage's sentence below says which case it is.
 
 # %%
 over = gold_proxy_over_training(run_dir)
@@ -242,8 +243,8 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 #   online RL stages, and whether (and where) they part.
 #
 # Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
-# prompts with 3 replies each narrowed the gain's interval to about ±0.02–0.03 on the cpu run, against
-# ±0.04–0.08 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to +0.010); in
-# notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier stretch
-# right and, once the proxy climbs, look for a parting point; read the answers of the policy with the highest proxy score and
-# lowest gold: what did it learn?
+# prompts with 3 replies each narrowed the gain's interval to ±0.015–0.0205 for the trained policies on the
+# cpu run, against ±0.05–0.07 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to
+# +0.010); in notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier
+# stretch right and, once the proxy climbs, look for a parting point; read the answers of the policy with the
+# highest proxy score and lowest gold: what did it learn?

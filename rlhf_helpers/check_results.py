@@ -169,9 +169,12 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .config import PROFILES
+
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.check_results", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="the run folder (e.g. runs/cpu)")
-    parser.add_argument("--profile", default=None, help="hold the run to this profile's promises "
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help="hold the run to this profile's promises "
                         "(default: the profile recorded in eval/summary.json)")
     args = parser.parse_args(argv)
     from .evaluate import format_results

@@ -179,10 +179,29 @@ def add_config_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
                             help=docs.get(f.name, "").replace("%", "%%"))
 
 
+def add_stage_arguments(parser, cls: type) -> None:
+    """A stage's command line: `--run-dir`, `--profile` (one of PROFILES) and `add_config_arguments`."""
+    parser.add_argument("--run-dir", required=True, help="the run folder, e.g. runs/cpu")
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="budget profile (default: cpu)")
+    add_config_arguments(parser, cls)
+
+
+def stage_config_from_args(parser, cls: type[C], args: dict[str, Any]) -> tuple[str, C]:
+    """(run_dir, `stage_config` of `cls`) from the options `add_stage_arguments` parsed, popped from `args`.
+    A setting the config refuses is a usage error (exit status 2, the config's message), not a traceback."""
+    run_dir, profile = args.pop("run_dir"), args.pop("profile")
+    try:
+        return run_dir, stage_config(cls, profile, **args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def _parse_bool(text: str) -> bool:
+    import argparse
+
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")

@@ -5,7 +5,7 @@ One JSON object per line. Formats (`--format`), all normalised into dataclasses 
 
 | format        | a line holds                                                     | becomes           |
 |---------------|------------------------------------------------------------------|-------------------|
-| `prompts`     | `{"prompt": str}`                                                | `PromptRecord`    |
+| `prompts`     | `{"prompt": str}`; an optional `split` must be "train" or "test" | `PromptRecord`    |
 | `sft`         | `{"prompt": str, "response": str}` or `{"messages": [...]}`      | `SFTRecord`       |
 |               | (chat: roles system/user/assistant, >= 1 user turn, ends with    |                   |
 |               | an assistant turn)                                               |                   |
@@ -26,20 +26,29 @@ Bad-input policy. Every error is a `DataError` reading `path:line: field 'x': wh
   that is not a permutation of 0..n-1 (length, duplicates, range, non-integers, booleans); HH
   transcripts whose dialogue before the final reply differs, or with no Assistant turn; bytes that are
   not UTF-8 (the line and byte offset are named); a line longer than `max_line_bytes` (default 1 MiB;
-  checked before decoding, so a huge line is never decoded whole); a byte-order mark after line 1.
+  checked before decoding, so a huge line is never decoded whole); a byte-order mark after line 1; a
+  key given twice in one object; NaN or Infinity anywhere; a lone UTF-16 surrogate escape (`"\\ud800"`,
+  which cannot be written back as UTF-8); a prompt `split` other than "train" or "test". A UTF-16 file
+  and a file holding one JSON array (`[{...}, ...]`) get one error for the whole file, saying how to
+  convert it.
 - Accepted but reported as counted warnings, never silently: a UTF-8 BOM at the start of the file
-  (stripped) and CRLF line endings (read as LF); a file with no records; a pair file giving no pairs.
-- Skipped and counted (`LoadReport.skipped`, reason -> count): blank lines (`blank_lines`), ratings
-  ties (`tie`), and ranked pairs whose two texts are identical (`identical_responses`; the other pairs
-  of that row are kept).
-`load_*` raise the first error by default (`errors="raise"`); `errors="collect"` keeps going and
-returns `(records, report)` with every error in `report.errors`. The CLI collects:
+  (stripped) and CRLF line endings (read as LF); records that repeat an earlier line exactly (kept); a
+  file with no records; a pair file giving no pairs.
+- Skipped and counted: blank lines (`LoadReport.blank_lines`), and in `LoadReport.skipped` (reason ->
+  count) ratings ties (`tie`) and ranked pairs whose two texts are identical (`identical_responses`;
+  the other pairs of that row are kept).
+`load_*` raise the first error by default (`errors="raise"`) and log the warnings and skips (blank
+lines included); `errors="collect"` keeps going and returns `(records, report)` with every error in
+`report.errors`. The CLI collects:
 
     python -m rlhf_helpers.data validate FILE --format F [--max-line-bytes N]
     python -m rlhf_helpers.data convert FILE --format F --out OUT.jsonl [--conversational]
 
-exit 0 when valid, 1 with the errors listed (first 20), 2 on usage errors. This module imports only
-the standard library, so validating a file does not load torch or `datasets`.
+exit 0 when valid, 1 with the errors listed (first 20), 2 on usage errors. A file with no records is
+an error to the CLI, and so is one giving no pairs to `convert` (it would write an empty file).
+`convert` writes prompt/chosen/rejected only: it counts, as warnings, the extra fields it leaves out
+and, without `--conversational`, the pairs whose system message or earlier turns it drops. This module
+imports only the standard library, so validating a file does not load torch or `datasets`.
 """
 from __future__ import annotations
 
@@ -48,8 +57,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import shlex
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -67,7 +80,7 @@ from rlhf_helpers.tracking import atomic_write_text
 
 __all__ = [
     "DataError", "PromptRecord", "SFTRecord", "PreferencePair", "LoadReport", "FORMATS", "PAIR_FORMATS",
-    "read_jsonl", "load", "load_prompts", "load_sft", "load_preferences", "write_jsonl",
+    "read_jsonl", "load", "load_prompts", "split_prompts", "load_sft", "load_preferences", "write_jsonl",
     "to_trl_preference_dataset", "train_test_split", "main",
 ]
 
@@ -79,6 +92,12 @@ MAX_STORED_ERRORS = 1000
 """`errors="collect"` keeps this many `DataError`s; `LoadReport.n_errors` counts them all."""
 MAX_SHOWN_ERRORS = 20
 BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+SPLITS = ("train", "test")
+"""Values of a prompt's optional `split` field; a prompt without one is in neither split."""
+NO_RECORDS = "no records found"
+NO_PAIRS = "no preference pairs produced (every row was skipped)"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -160,9 +179,53 @@ def _decode_line(content: bytes, offset: int) -> str:
         ) from None
 
 
+class _DuplicateKey(dict):
+    """A decoded object that gave a key twice (`json` keeps the last value); `_check_values` reports it."""
+
+    def __init__(self, pairs: list[tuple[str, Any]], key: str):
+        super().__init__(pairs)
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) == len(keys):
+        return dict(pairs)
+    return _DuplicateKey(pairs, next(k for i, k in enumerate(keys) if k in keys[:i]))
+
+
+_SURROGATE_HINT = ("A \\ud800-\\udbff escape must be followed by a \\udc00-\\udfff one (a pair is one character); "
+                   "fix or remove the escape: such text cannot be written as UTF-8")
+
+
+def _check_values(obj: dict) -> None:
+    """Reject what `json.loads` accepts but a data file must not hold: a key given twice in one object,
+    NaN/Infinity (not standard JSON) and lone UTF-16 surrogates (which cannot be written as UTF-8)."""
+    stack: list[tuple[str | None, Any]] = [(None, obj)]  # a loop, not recursion: json allows deep nesting
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            if isinstance(value, _DuplicateKey):
+                raise DataError("given more than once in one object (only the last value would be kept)",
+                                "Keep one of them", field=value.key if where is None else f"{where}.{value.key}")
+            for k in value:
+                if _SURROGATE.search(k):
+                    raise DataError(f"key {ascii(k)} holds a lone UTF-16 surrogate", _SURROGATE_HINT, field=where)
+            stack += [(k if where is None else f"{where}.{k}", v) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value)))]
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{value} is not a JSON number (NaN and Infinity are non-standard; a number "
+                            f"too large for a float, e.g. 1e400, reads as Infinity)",
+                            "Write a finite number, or null for a missing value", field=where)
+        elif isinstance(value, str) and (m := _SURROGATE.search(value)):
+            raise DataError(f"lone UTF-16 surrogate \\u{ord(m.group()):04x} at character {m.start()}",
+                            _SURROGATE_HINT, field=where)
+
+
 def _parse_json(text: str) -> dict:
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON: {e.msg} at column {e.colno}",
                         "Each line must hold one complete JSON object") from None
@@ -170,15 +233,20 @@ def _parse_json(text: str) -> dict:
         raise DataError("JSON nested too deeply", "Flatten the record") from None
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {json_type(obj)}", 'Write one {"field": value, ...} object per line')
+    _check_values(obj)
     return obj
 
 
 def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> Iterator[tuple[int, dict | DataError]]:
     """Yield (line_no, object) per non-blank line, or (line_no, DataError) for a bad one, so a caller
-    can stop or keep going. Updates `report.lines`, `blank_lines` and the BOM/CRLF warnings."""
+    can stop or keep going. Updates `report.lines`, `blank_lines` and the BOM/CRLF/duplicate warnings.
+    A file that is not JSON Lines at all (UTF-16, one JSON array) gives one error, not one per line."""
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
     crlf, first_crlf = 0, 0
+    seen: dict[bytes, int] = {}  # digest of each distinct record -> its first line
+    duplicates: list[tuple[int, int]] = []
+    started = not_jsonl = False
     with open(path, "rb") as f:
         line_no = 0
         while True:
@@ -187,9 +255,16 @@ def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> I
             if raw == b"":
                 break
             line_no += 1
+            if not_jsonl:
+                continue  # the one error already said what the file is; only count its lines
             try:
                 if raw is None:
                     raise _too_long(size, max_line_bytes)
+                if line_no == 1 and raw.startswith(UTF16_BOMS):
+                    not_jsonl = True
+                    raise DataError(f"the file is UTF-16 (it starts with the byte-order mark {raw[:2].hex(' ')})",
+                                    f"Re-encode it as UTF-8: `iconv -f utf-16 -t utf-8 {shlex.quote(str(path))} "
+                                    f"> out.jsonl`")
                 content = raw[:-1] if raw.endswith(b"\n") else raw
                 if content.endswith(b"\r") and raw.endswith(b"\n"):
                     crlf, first_crlf = crlf + 1, first_crlf or line_no
@@ -206,14 +281,29 @@ def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> I
                 if not text.strip():
                     report.blank_lines += 1
                     continue
-                yield line_no, _parse_json(text)
+                if not started and text.lstrip().startswith("["):
+                    not_jsonl = True
+                    raise DataError("the file is one JSON array, not JSON Lines (one object per line)",
+                                    f"Convert it: `jq -c '.[]' {shlex.quote(str(path))} > out.jsonl`")
+                started = True
+                obj = _parse_json(text)
             except DataError as e:
-                e.path, e.line = str(path), line_no
+                e.path, e.line, started = str(path), line_no, True
                 yield line_no, e
+                continue
+            digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
+            if digest in seen:
+                duplicates.append((line_no, seen[digest]))
+            else:
+                seen[digest] = line_no
+            yield line_no, obj
     report.lines = line_no
     if crlf:
         report.warnings.append(f"{crlf} line(s) end with CRLF (Windows line endings), first at line "
                                f"{first_crlf}; read as LF")
+    if duplicates:
+        report.warnings.append(f"{len(duplicates)} record(s) repeat an earlier line exactly, first line "
+                               f"{duplicates[0][0]} (same as line {duplicates[0][1]}); kept")
 
 
 def _too_long(size: int, limit: int) -> DataError:
@@ -242,8 +332,9 @@ def _log_report(report: LoadReport) -> None:
     """Callers of the list-returning helpers never see the report; the warnings still get out."""
     for w in report.warnings:
         log.warning("%s: %s", report.path, w)
-    if report.skipped:
-        log.warning("%s: skipped %s", report.path, ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items())))
+    skipped = {**({"blank_lines": report.blank_lines} if report.blank_lines else {}), **report.skipped}
+    if skipped:
+        log.warning("%s: skipped %s", report.path, ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -259,7 +350,7 @@ def load(path: str | os.PathLike, format: str, *, errors: str = "raise",
         raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if errors not in ("raise", "collect"):
         raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
-    parser = PARSERS[format]
+    parser = _parse_prompts if format == "prompts" else PARSERS[format]
     report = LoadReport(str(path), format)
     records: list[Any] = []
     for line_no, item in _scan(path, max_line_bytes, report):
@@ -280,15 +371,26 @@ def load(path: str | os.PathLike, format: str, *, errors: str = "raise",
     return records, report
 
 
+def _parse_prompts(obj: dict) -> tuple[list[PromptRecord], dict[str, int]]:
+    """`prompts` records, and their optional `split` checked: `split_prompts` selects on it, so a
+    misspelt split ("Train", "validation") must not quietly put a prompt in neither split."""
+    records, skips = PARSERS["prompts"](obj)
+    if "split" in obj and obj["split"] not in SPLITS:
+        raise DataError(f"unknown split {json.dumps(obj['split'], ensure_ascii=False)[:40]}",
+                        f"Use one of {', '.join(map(repr, SPLITS))} (lower case), or leave 'split' out for a "
+                        f"prompt in neither split", field="split")
+    return records, skips
+
+
 def _finish(report: LoadReport, records: list[Any]) -> None:
     if report.format in PAIR_FORMATS:
         report.pairs = len(records)
     if not report.ok:
         return  # the errors already say what is wrong; "no records" would only repeat them
     if report.records == 0:
-        report.warnings.append("no records found")
+        report.warnings.append(NO_RECORDS)
     elif report.format in PAIR_FORMATS and not records:
-        report.warnings.append("no preference pairs produced (every row was skipped)")
+        report.warnings.append(NO_PAIRS)
 
 
 def _load_list(path, format: str, errors: str, max_line_bytes: int):
@@ -305,11 +407,32 @@ def load_prompts(path: str | os.PathLike, *, errors: str = "raise",
     return _load_list(path, "prompts", errors, max_line_bytes)
 
 
-def train_prompts(n: int | None = None) -> list[str]:
-    """User messages of the shipped data/prompts.jsonl's train split (what notebooks 03-05 train on)."""
+def split_prompts(split: str, path: str | os.PathLike | None = None) -> list[PromptRecord]:
+    """The records of one split ("train" or "test") of a prompts file, the shipped data/prompts.jsonl by
+    default, in file order. A `split` other than those two is a `DataError`; prompts with no `split`
+    belong to neither side and are counted in a logged warning, never left out silently."""
     from .paths import data_path
 
-    prompts = [r.prompt for r in load_prompts(data_path("prompts.jsonl")) if r.metadata.get("split") == "train"]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {split!r}")
+    path = path or data_path("prompts.jsonl")
+    records = load_prompts(path)
+    counts = Counter(r.metadata.get("split") for r in records)
+    if counts[None]:
+        log.warning("%s: %d prompt(s) have no 'split', so are in neither the train nor the test split; "
+                    "add \"split\": \"train\" or \"test\" to use them", path, counts[None])
+    other = next(s for s in SPLITS if s != split)
+    log.info("%s: %d %s prompt(s); left out %d %s and %d with no split", path, counts[split], split,
+             counts[other], other, counts[None])
+    return [r for r in records if r.metadata.get("split") == split]
+
+
+def train_prompts(n: int | None = None) -> list[str]:
+    """User messages of the shipped data/prompts.jsonl's train split (what notebooks 03-05 train on);
+    the first `n` of them, or all with a logged warning when the split has fewer than `n`."""
+    prompts = [r.prompt for r in split_prompts("train")]
+    if n is not None and n > len(prompts):
+        log.warning("train_prompts(n=%d): the train split has only %d prompts; using all of them", n, len(prompts))
     return prompts[:n]
 
 
@@ -365,6 +488,27 @@ def to_trl_preference_dataset(pairs: Iterable[PreferencePair], conversational: b
     return rows
 
 
+_DERIVED_METADATA = {"ranked": ("chosen_rank", "rejected_rank"), "ratings": ("preference",)}
+"""Metadata a parser adds from the fields it reads, so not an extra field of the input."""
+
+
+def _conversion_losses(pairs: Sequence[PreferencePair], format: str, conversational: bool = False) -> list[str]:
+    """What `to_trl_preference_dataset(pairs, conversational)` leaves out, as counted warnings: prompt
+    context that the string form cannot hold, and the extra fields (metadata) of the input."""
+    losses = []
+    if not conversational and format != "hh":  # an HH pair's string prompt is its whole transcript
+        cut = sum(1 for p in pairs if p.prompt_messages and len(p.prompt_messages) > 1)
+        if cut:
+            losses.append(f"{cut} pair(s) have a system message or earlier turns in 'prompt'; the string output "
+                          f"keeps only the last user message (pass --conversational to keep them all)")
+    derived = _DERIVED_METADATA.get(format, ())
+    dropped = Counter(k for p in pairs for k in p.metadata if k not in derived)
+    if dropped:
+        losses.append("extra fields not written (pairs that had them): "
+                      + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())))
+    return losses
+
+
 def _bucket(key: Any, seed: int) -> float:
     """A stable number in [0, 1) from the key text and the seed (sha256, unlike `hash`, is the same in
     every process and on every machine)."""
@@ -415,6 +559,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"{args.file}: cannot read the file: {e.strerror or e}", file=sys.stderr)
         return 1
+    if report.ok and (report.records == 0 or (args.command == "convert" and not records)):
+        # `load` warns; to the CLI a file with nothing to use is a mistake (a wrong path, a failed export)
+        empty = report.records == 0
+        report.warnings.remove(NO_RECORDS if empty else NO_PAIRS)
+        report.add_error(DataError(NO_RECORDS if empty else NO_PAIRS,
+                                   "The file is empty or holds only blank lines; check the path" if empty
+                                   else "There is nothing to write; see 'skipped' in the summary", path=args.file))
+    if report.ok and args.command == "convert":
+        report.warnings += _conversion_losses(records, args.format, args.conversational)
     print(report.summary())
     if not report.ok:
         for err in report.errors[:MAX_SHOWN_ERRORS]:

@@ -380,17 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     notebook 03 splits them, from the run's SFT model (else the base model)."""
     import argparse
 
-    from .config import add_config_arguments, stage_config
+    from .config import add_stage_arguments, stage_config_from_args
     from .reward_model import split_pairs
     from .sft import sft_policy_path
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.dpo", description="DPO stage (TRL's DPOTrainer)")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--profile", default="cpu")
-    add_config_arguments(parser, DPOStageConfig)
-    args = vars(parser.parse_args(argv))
-    run_dir, profile = args.pop("run_dir"), args.pop("profile")
-    cfg = stage_config(DPOStageConfig, profile, **args)
+    add_stage_arguments(parser, DPOStageConfig)
+    run_dir, cfg = stage_config_from_args(parser, DPOStageConfig, vars(parser.parse_args(argv)))
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     pairs, _ = load_training_pairs(run_dir)
     train, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.n_train, cfg.n_eval)

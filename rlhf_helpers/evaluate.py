@@ -53,11 +53,13 @@ def win_rate(gold_a: Sequence[float], gold_b: Sequence[float], n_boot: int = 200
 
 
 def heldout_prompts(n: int | None = None, path=None) -> list[dict]:
-    """Up to `n` prompts of the fixed test split, taken round-robin over domains (deterministic)."""
-    from .data import load_prompts
-    from .paths import data_path
+    """Up to `n` prompts of the fixed test split, taken round-robin over domains (deterministic). Asking for
+    more than the split holds gives them all, with a printed note."""
+    from .data import split_prompts
 
-    records = [r for r in load_prompts(path or data_path("prompts.jsonl")) if r.metadata.get("split") == "test"]
+    records = split_prompts("test", path)
+    if n is not None and n > len(records):
+        print(f"note: {n} held-out prompts asked for; the test split has {len(records)}, so all of them are used")
     by_domain: dict[str, list] = {}
     for r in records:
         by_domain.setdefault(r.metadata.get("domain", "?"), []).append(r)
@@ -470,7 +472,8 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     from .tracking import atomic_write_json, atomic_write_text
 
     name = name or stage
-    n = n_prompts or cfg.n_prompts
+    held = heldout_prompts(n_prompts or cfg.n_prompts)
+    n = len(held)  # what the test split holds, when more were asked for
     k = 1 if adapter else (samples_per_prompt or cfg.samples_per_prompt)
     folder = stage_dir(run_dir, "eval") / "policies"
     key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
@@ -495,7 +498,7 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
         reference, _ = load_policy(run_dir, "sft", dtype=cfg.dtype, device=cfg.device, load_in_4bit=cfg.load_in_4bit)
     if reward_model == "auto":
         reward_model = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
-    prompts = [{**p, "sample": j} for p in heldout_prompts(n) for j in range(k)]  # prompt-major
+    prompts = [{**p, "sample": j} for p in held for j in range(k)]  # prompt-major
     rows, metrics = evaluate_policy(policy, tok, prompts, judge or GoldJudge(), reward_model,
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                     batch_size=cfg.batch_size, reference=reference,
@@ -1020,21 +1023,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     the results table: gold, proxy, KL to SFT, win rate against SFT and the gold and proxy gains over it,
     each with its 95% interval. For trials run from a shell, such as `python -m rlhf_helpers.ppo --run-dir R
     ...`. `--n-prompts 72 --samples-per-prompt 3` (all held-out prompts, three replies each) narrows the
-    gain's interval to about ±0.02–0.03, against ±0.04–0.08 for the notebooks' 32 prompts with one reply each
-    (measured on the cpu run); `--samples-per-prompt 12` to about ±0.013–0.017, in about half an hour a
-    policy on a 2-core CPU."""
+    gain's interval to ±0.015–0.0205 for the trained policies, against ±0.05–0.07 for the notebooks' 32
+    prompts with one reply each (measured on the cpu run: the README's 72 × 3 table and notebook 06's);
+    `--samples-per-prompt 12` to about ±0.013–0.017, in about half an hour a policy on a 2-core CPU."""
     import argparse
 
-    from .config import add_config_arguments, stage_config
+    from .config import add_stage_arguments, stage_config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.evaluate", description=main.__doc__.split("\n")[0])
     parser.add_argument("stages", nargs="+", help="stages to evaluate beside sft: base, ppo, dpo, grpo, rloo")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--profile", default="cpu")
-    add_config_arguments(parser, EvalConfig)
+    add_stage_arguments(parser, EvalConfig)
     args = vars(parser.parse_args(argv))
-    run_dir, profile, stages = args.pop("run_dir"), args.pop("profile"), args.pop("stages")
-    cfg = stage_config(EvalConfig, profile, **args)
+    stages = args.pop("stages")
+    run_dir, cfg = stage_config_from_args(parser, EvalConfig, args)
     evaluations = {name: evaluate_stage(run_dir, name, cfg) for name in dict.fromkeys(["sft", *stages])}
     table = results_table(evaluations)
     print(format_results(table).to_string(index=False))

@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (else the base model), on the training prompts."""
     import argparse
 
-    from .config import add_config_arguments, stage_config
+    from .config import add_stage_arguments, stage_config_from_args
     from .sft import sft_policy_path
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.online_rl", description="GRPO and RLOO stages (TRL)")
@@ -405,12 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = {"grpo": GRPOStageConfig, "rloo": RLOOStageConfig}
     for name, cls in classes.items():
         p = sub.add_parser(name, help=cls.__doc__)
-        p.add_argument("--run-dir", required=True)
-        p.add_argument("--profile", default="cpu")
-        add_config_arguments(p, cls)
+        add_stage_arguments(p, cls)
     args = vars(parser.parse_args(argv))
-    stage, run_dir, profile = args.pop("stage"), args.pop("run_dir"), args.pop("profile")
-    cfg = stage_config(classes[stage], profile, **args)
+    stage = args.pop("stage")
+    run_dir, cfg = stage_config_from_args(sub.choices[stage], classes[stage], args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     reward, _ = run_reward(run_dir, cfg.dtype, cfg.device)
     summary = train_online(cfg, run_dir, policy_path, train_prompts(), reward)

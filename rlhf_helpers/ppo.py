@@ -884,21 +884,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     notebook 04's training, from a shell (or under `accelerate launch` on one process per machine)."""
     import argparse
 
-    from .config import add_config_arguments, stage_config
+    from .config import add_stage_arguments, stage_config_from_args
     from .data import train_prompts
     from .gold import GoldJudge
     from .online_rl import run_reward
     from .sft import sft_policy_path
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.ppo", description="PPO stage (notebook 04)")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--profile", default="cpu")
     parser.add_argument("--reward", choices=("rm", "gold"), default="rm",
                         help="the reward model of run_dir/rm (the gold judge when missing), or the gold judge")
-    add_config_arguments(parser, PPOConfig)
+    add_stage_arguments(parser, PPOConfig)
     args = vars(parser.parse_args(argv))
-    run_dir, profile, which = args.pop("run_dir"), args.pop("profile"), args.pop("reward")
-    cfg = stage_config(PPOConfig, profile, **args)
+    which = args.pop("reward")
+    run_dir, cfg = stage_config_from_args(parser, PPOConfig, args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     gold = GoldJudge()
     reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if which == "rm" else gold

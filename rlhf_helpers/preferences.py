@@ -11,11 +11,13 @@ ceiling can be computed and the file can be traced back to how it was made.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import PreferencePair, load_preferences, write_jsonl
+from .data import DataError, LoadReport, PreferencePair, load_preferences, read_jsonl, write_jsonl
+from .data_formats import json_type
 from .gold import SimulatedAnnotator
 from .models import generate
 
@@ -75,13 +77,49 @@ def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
     return write_jsonl(path, pair_rows(pairs))
 
 
+GOLD_FIELDS = ("gold_chosen", "gold_rejected", "annotator_temperature")
+"""What the Bayes ceiling (`gold.pair_ceiling`, `gold.gold_ties`) reads of every pair."""
+
+NO_GOLD_HINT = ("Pairs made by write_pairs (notebook 03, scripts/make_preference_snapshot.py) carry them; remake "
+                "simulated pairs that way. Human-labelled pairs have no gold rewards, so no Bayes ceiling: keep them "
+                "out of run_dir/preferences/pairs.jsonl (notebook 05 and `python -m rlhf_helpers.dpo` read it with "
+                "read_pairs; notebook 03 overwrites it), load them with rlhf_helpers.data.load_preferences and pass "
+                "them to reward_model.train_reward_model or dpo.train_dpo, which need no gold")
+
+
+def _gold_error(row: dict[str, Any]) -> DataError | None:
+    """The first of `GOLD_FIELDS` the Bayes ceiling cannot use: missing, not a finite number, a temperature <= 0."""
+    for key in GOLD_FIELDS:
+        if key not in row:
+            return DataError("missing (the Bayes ceiling needs both gold rewards and the annotator's temperature)",
+                             NO_GOLD_HINT, field=key)
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            shown = value if json_type(value) == "number" else json_type(value)
+            return DataError(f"expected a finite number, got {shown}",
+                             "Write it as a JSON number, as write_pairs does (e.g. 0.42)", field=key)
+        if key == "annotator_temperature" and value <= 0:
+            return DataError(f"must be > 0, got {value}",
+                             "Write the temperature of the SimulatedAnnotator that labelled the pair (e.g. 0.1)",
+                             field=key)
+    return None
+
+
 def read_pairs(path: str | Path) -> list[PreferencePair]:
-    """Pairs written by `write_pairs` (validated like any preferences file; provenance in metadata)."""
+    """Pairs written by `write_pairs` (validated like any preferences file; provenance in metadata). Every line
+    must also carry `GOLD_FIELDS` as finite numbers; else a `DataError` names the first bad line and field."""
     pairs = load_preferences(path)
-    missing = [i for i, p in enumerate(pairs, 1) if "gold_chosen" not in p.metadata]
-    if missing:
-        raise ValueError(f"{path}: line(s) {missing[:5]} lack gold rewards ('gold_chosen'); they were not made by "
-                         "write_pairs, so the Bayes ceiling cannot be computed. Relabel them with the annotator.")
+    bad = []
+    quiet = LoadReport(str(path), "preferences")  # load_preferences has logged the file's warnings already
+    for line_no, row in read_jsonl(path, report=quiet):
+        err = _gold_error(row)
+        if err is not None:
+            err.path, err.line = str(path), line_no
+            bad.append(err)
+    if bad:
+        if len(bad) > 1:
+            bad[0].message += f"; {len(bad)} of {len(pairs)} lines have a missing or bad gold field"
+        raise bad[0]
     return pairs
 
 
@@ -90,10 +128,8 @@ def snapshot_info(path: str | Path) -> dict[str, Any]:
     line shares it, else the sorted list of its distinct values (a snapshot of two rounds has two seeds)."""
     per_pair = ("prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "p_chosen")
     values: dict[str, list] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                for k, v in json.loads(line).items():
-                    if k not in per_pair and v not in values.setdefault(k, []):
-                        values[k].append(v)
+    for _, row in read_jsonl(path):  # a malformed line raises a DataError naming the file and line
+        for k, v in row.items():
+            if k not in per_pair and v not in values.setdefault(k, []):
+                values[k].append(v)
     return {k: v[0] if len(v) == 1 else sorted(v, key=json.dumps) for k, v in values.items()}

@@ -24,10 +24,20 @@ ALL_PROMPTS = ""  # the prompt picker's value for "all prompts" (prompt ids are 
 GAMING_KINDS = {"stuffed", "prompt_copy", "repetitive", "padded", "unsafe", "over_refusal"}
 
 
+def rankable(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """`scores` rounded to 12 decimals, the form every ranking here takes. The tuner sums a mix with numpy
+    (`component_scores @ w`), `WeightedSum` term by term, and the two sums can differ in the last bit (by up to
+    4e-16 on the shipped candidates at notebook 01's weights). That splits or merges ties, which moves average
+    ranks and the top quarter: the same mix once ranked with gold at 0.3035 in the tuner and 0.3027 in
+    `top_share_table`. Rounding far below any real difference between rewards makes both sums rank alike."""
+    return np.round(np.asarray(scores, dtype=float), 12)
+
+
 def top_quarter_share(scores: np.ndarray, gaming: np.ndarray) -> np.ndarray | float:
     """The share of gaming responses among the top quarter by `scores` ((N,), or (N, W) for W scorings at
-    once); ties keep the candidates' order. The tuner, its search and `top_share_table` all count this way."""
-    top = np.argsort(-np.asarray(scores), axis=0, kind="stable")[: max(1, len(scores) // 4)]
+    once), ranked as `rankable` rounds them; ties keep the candidates' order. The tuner, its search and
+    `top_share_table` all count this way."""
+    top = np.argsort(-rankable(scores), axis=0, kind="stable")[: max(1, len(scores) // 4)]
     return np.asarray(gaming)[top].mean(axis=0)
 
 
@@ -97,7 +107,7 @@ class RewardTuner:
         idx = self.selected()
         rewards = self.rewards()  # (N,) once per refresh: a slider move re-weights, nothing more
         r = rewards[idx]
-        order = idx[np.argsort(-r, kind="stable")]
+        order = idx[np.argsort(-rankable(r), kind="stable")]
         self.ranking = order.tolist()
         self.table_rows = [
             {"rank": k + 1, "prompt_id": self.candidates[i]["prompt_id"], "kind": self.candidates[i].get("kind", ""),
@@ -105,7 +115,7 @@ class RewardTuner:
              "response": self.candidates[i]["response"]}
             for k, i in enumerate(order)
         ]
-        self.agreement = spearman(r, self.gold_scores[idx])
+        self.agreement = spearman(rankable(r), self.gold_scores[idx])
         gaming = np.array([self.candidates[i].get("kind") in GAMING_KINDS for i in idx])
         self.gaming_top_share = float(top_quarter_share(r, gaming)) if len(idx) else 0.0
         self.figure = self._histogram(idx, rewards)
@@ -117,7 +127,7 @@ class RewardTuner:
         tuner scores its sliders: Spearman with gold and the gaming share of the top quarter. Returns the
         `top` best by Spearman as a DataFrame, one column per weight. Combinations that tie on both numbers
         (multiples of one another always do) are shown once, the first found. 4 values for 8 components is
-        65,536 combinations, about two seconds."""
+        4**8 = 65,536 combinations; the all-zero one is skipped, so 65,535 are scored, in about two seconds."""
         import itertools
 
         import pandas as pd
@@ -127,7 +137,7 @@ class RewardTuner:
         if not len(weights):
             raise ValueError(f"the grid {tuple(grid)} has no non-zero weight to try")
         scores = self.component_scores @ weights.T  # (N, W)
-        ranks = rankdata(scores, axis=0)  # average ranks for ties, as `spearman` does
+        ranks = rankdata(rankable(scores), axis=0)  # average ranks for ties, as `spearman` does
         ranks -= ranks.mean(axis=0)
         gold = rankdata(self.gold_scores)
         gold -= gold.mean()
@@ -277,5 +287,6 @@ def top_share_table(table, scorers: Sequence[str], gaming_kinds=GAMING_KINDS):
     rows = {}
     for name in scorers:
         rows[name] = {"gaming share of top quarter": float(top_quarter_share(table[name].to_numpy(), gaming)),
-                      "Spearman with gold": spearman(table[name], table["gold"]) if "gold" in table else float("nan")}
+                      "Spearman with gold": spearman(rankable(table[name]), table["gold"]) if "gold" in table
+                      else float("nan")}
     return pd.DataFrame(rows).T

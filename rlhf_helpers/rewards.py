@@ -15,7 +15,9 @@ JSON line per input line (`prompt`/`response` fields) with the reward and its co
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -379,20 +381,76 @@ def default_mix(weights: dict[str, float] | None = None) -> WeightedSum:
 # --- configs --------------------------------------------------------------------------------------
 
 def build_reward(config: dict[str, Any]) -> RewardFunction:
-    """The reward described by `config` (as written by `to_config`)."""
+    """The reward described by `config` (as written by `to_config`); a bad field raises a ValueError naming
+    its path in the config (`terms[1].params.min_wrds`) and how to fix it."""
     from . import gold  # noqa: F401  (registers the gold judge)
 
+    return _build(config, "")
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _number(config: dict[str, Any], key: str, where: str, example: str) -> float:
+    """config[key] as a float; missing, non-numeric (booleans and strings included) and NaN/inf raise."""
+    if key not in config:
+        raise ValueError(f"field '{_at(where, key)}': missing; give a finite number, e.g. \"{key}\": {example}")
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"field '{_at(where, key)}': expected a finite number, got {value!r:.40}; "
+                         f"write a JSON number, e.g. \"{key}\": {example}")
+    return float(value)
+
+
+def _construct(cls: type, args: list[Any], kwargs: dict[str, Any], where: str) -> RewardFunction:
+    """cls(*args, **kwargs), naming the config field whose values the constructor rejects."""
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{f'field {where!r}: ' if where else ''}{e}") from e
+
+
+def _check_names(cls: type, kwargs: dict[str, Any], where: str, skip: int = 0) -> None:
+    """Every key of `kwargs` is a parameter of `cls` (after its first `skip`, given positionally)."""
+    params = list(inspect.signature(cls).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params]
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise ValueError(f"field '{_at(where, unknown[0])}': {cls.name!r} has no parameter {unknown[0]!r}; "
+                         f"valid parameters: {', '.join(names) or 'none'}")
+
+
+def _build(config: Any, where: str) -> RewardFunction:
     if not isinstance(config, dict) or "type" not in config:
-        raise ValueError(f"a reward config is an object with a 'type' field; got {config!r:.200}")
+        raise ValueError(f"{f'field {where!r}: ' if where else ''}a reward config is an object with a 'type' field; "
+                         f"got {config!r:.200}")
     kind = config["type"]
     if kind == WeightedSum.name:
-        return WeightedSum([(float(t["weight"]), build_reward(t)) for t in config["terms"]])
+        terms, at = config.get("terms"), _at(where, "terms")
+        if not isinstance(terms, list) or not terms:
+            raise ValueError(f"field '{at}': expected a non-empty list of terms, got {terms!r:.80}; "
+                             'write [{"weight": 1.0, "type": ...}, ...]')
+        built = []
+        for i, term in enumerate(terms):  # a term's weight sits beside its own fields: not one of them
+            inner = {k: v for k, v in term.items() if k != "weight"} if isinstance(term, dict) else term
+            fn = _build(inner, f"{at}[{i}]")
+            built.append((_number(term, "weight", f"{at}[{i}]", "1.0"), fn))
+        return WeightedSum(built)
     if kind in (Clipped.name, Normalized.name):
-        extra = {k: v for k, v in config.items() if k not in ("type", "inner")}
-        return REGISTRY[kind](build_reward(config["inner"]), **extra)
-    if kind not in REGISTRY:
-        raise ValueError(f"unknown reward type {kind!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[kind](**config.get("params", {}))
+        cls, extra = REGISTRY[kind], {k: v for k, v in config.items() if k not in ("type", "inner")}
+        _check_names(cls, extra, where, skip=1)
+        inner = _build(config.get("inner"), _at(where, "inner"))
+        return _construct(cls, [inner], {k: _number(config, k, where, "0.0") for k in extra}, where)
+    if not isinstance(kind, str) or kind not in REGISTRY:
+        raise ValueError(f"field '{_at(where, 'type')}': unknown reward type {kind!r}; known: {sorted(REGISTRY)}")
+    params, at = config.get("params", {}), _at(where, "params")
+    if not isinstance(params, dict):
+        raise ValueError(f"field '{at}': expected an object of parameters, got {params!r:.80}")
+    _check_names(REGISTRY[kind], params, at)
+    return _construct(REGISTRY[kind], [], params, at)
 
 
 def reward_identity(reward: Any) -> Any:

@@ -70,6 +70,31 @@ def notebook_parameters(path: Path) -> dict[str, dict]:
     return {p.name: p._asdict() for p in _infer_parameters(nb, name="python3", language="python")}
 
 
+PARAMETER_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+EXAMPLES = {"bool": "true or false", "int": "a whole number, e.g. 5", "float": "a number, e.g. 0.5",
+            "str": "text, e.g. rm"}
+
+
+def check_parameters(notebooks: Sequence[Path], extra: dict[str, Any]) -> None:
+    """Refuse, before anything runs, a `--param` that none of `notebooks` declares (a typo would otherwise
+    change nothing, silently) or whose value is not of the type its notebook declares (the text "False"
+    would otherwise turn a switch on)."""
+    declared: dict[str, tuple[str, dict]] = {}
+    for nb in notebooks:
+        for name, spec in notebook_parameters(nb).items():
+            declared.setdefault(name, (nb.stem, spec))
+    for key, value in extra.items():
+        if key not in declared:
+            raise ValueError(f"--param {key}: none of the notebooks to run ({', '.join(nb.stem for nb in notebooks)}) "
+                             f"declares it; they declare: {', '.join(sorted(declared))}")
+        where, spec = declared[key]
+        kind = spec.get("inferred_type_name")
+        types = PARAMETER_TYPES.get(kind)
+        if types and value is not None and (isinstance(value, bool) and kind != "bool" or not isinstance(value, types)):
+            raise ValueError(f"--param {key}={value!r}: {where} declares {key} a {kind} (default {spec['default']}), "
+                             f"not a {type(value).__name__}; give {EXAMPLES[kind]} (values are read as JSON)")
+
+
 def execute_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], cwd: Path | None = None,
                      timeout_s: int | None = None) -> Path:
     """Execute `path` into `out_dir/<name>`, passing the `parameters` it declares; raise NotebookFailed."""
@@ -184,10 +209,11 @@ def run_suite(profile: str, run_dir: str | os.PathLike, seed: int = 0, only: Seq
     """Execute the notebooks in order; return (and write to `run_dir/run.json`) what happened."""
     stream = stream or sys.stdout
     prof = get_profile(profile)
-    run_path = resolve_run_dir(run_dir)
     notebooks = discover_notebooks(notebooks_dir, only)
     if not notebooks:
         raise FileNotFoundError(f"no notebooks named NN_*.ipynb in {notebooks_dir or project_root() / 'notebooks'}")
+    check_parameters(notebooks, extra or {})
+    run_path = resolve_run_dir(run_dir)  # created only once the run's settings are known to be good
     params = {"run_dir": str(run_path), "profile": prof.name, "seed": seed, "model_name": model_name, **(extra or {})}
     record: dict[str, Any] = {
         "profile": dataclasses.asdict(prof), "seed": seed, "model_name": model_name or prof.model_name,
@@ -228,6 +254,9 @@ def _parse_param(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--param wants KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    python = {"True": True, "False": False, "None": None}  # Python's spellings, as the notebooks write them
+    if value in python:
+        return key, python[value]
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
@@ -242,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 02,03")
     parser.add_argument("--model-name", default=None, help="model for every notebook that takes one")
     parser.add_argument("--param", action="append", type=_parse_param, default=[],
-                        help="KEY=VALUE passed to notebooks that declare KEY (value read as JSON if it parses)")
+                        help="KEY=VALUE passed to the notebooks that declare KEY (value read as JSON if it "
+                             "parses; True, False and None too); a KEY no notebook to run declares is refused")
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
     args = parser.parse_args(argv)
     run_dir = args.run_dir or f"runs/{args.profile}"
@@ -250,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         record = run_suite(args.profile, run_dir, seed=args.seed, only=only, model_name=args.model_name,
                            extra=dict(args.param), html_export=not args.no_html)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad settings, or a run folder that cannot be made
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Run record: {Path(record['index']).parent / 'run.json'}")

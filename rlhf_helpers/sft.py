@@ -22,11 +22,11 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
-from .config import DEFAULT_MODEL, add_config_arguments, stage_config
+from .config import DEFAULT_MODEL, add_stage_arguments, stage_config_from_args
 from .data import SFTRecord, load_sft, train_test_split
 from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
                      resolve_model_path)
-from .paths import data_path, stage_dir
+from .paths import data_path, project_root, stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
 
@@ -40,7 +40,8 @@ class SFTStageConfig:
     model_name: str = DEFAULT_MODEL
     """Base model: a built-in name, a hub id or a local folder."""
     data_file: str = "sft.jsonl"
-    """Demonstrations, a file under data/ or any path (format `sft`)."""
+    """Demonstrations (format `sft`): a bare file name is looked for in data/ first, then in the working folder
+    and the project root; a path with a folder in it, in the working folder, then the project root."""
     use_lora: bool = True
     """LoRA adapter (True) or full fine-tuning (False)."""
     lora_r: int = 16
@@ -105,12 +106,37 @@ class SFTStageConfig:
             raise ValueError("4-bit weights cannot be fine-tuned directly: keep use_lora=True for QLoRA")
 
 
+def demonstrations_file(data_file: str | Path) -> Path:
+    """Where `data_file` is (see `SFTStageConfig.data_file`); a clear error naming every place looked in."""
+    given = Path(data_file).expanduser()
+    if given.is_absolute():
+        places = [given]
+    else:
+        places = [Path.cwd() / given, project_root() / given]
+        if given.parent == Path("."):
+            places.insert(0, data_path(str(given)))
+    for place in places:
+        if place.is_file():
+            return place
+    raise FileNotFoundError(f"SFT data_file {str(data_file)!r} is not a file; looked for "
+                            f"{', '.join(str(p) for p in dict.fromkeys(places))}. Give an absolute path, or one "
+                            f"relative to the project root")
+
+
 def load_demonstrations(cfg: SFTStageConfig) -> tuple[list[SFTRecord], list[SFTRecord]]:
-    """Train and eval demonstrations, split by prompt (deterministic, seed-independent)."""
-    path = Path(cfg.data_file) if Path(cfg.data_file).exists() else data_path(cfg.data_file)
+    """Train and eval demonstrations, split by prompt (deterministic, seed-independent). Too few for both
+    sides of the split is an error, before any model is loaded."""
+    path = demonstrations_file(cfg.data_file)
     records = load_sft(path)
     train, evals = train_test_split(records, test_fraction=cfg.eval_fraction, seed=0)
-    return train[: cfg.n_train], evals[: cfg.n_eval]
+    used = train[: cfg.n_train], evals[: cfg.n_eval]
+    print(f"SFT: {len(records)} demonstrations from {path}: {len(train)} to train on, {len(evals)} held out "
+          f"(using {len(used[0])} and {len(used[1])})")
+    if not train or not evals:
+        raise ValueError(f"{path}: {len(records)} demonstration(s) split by prompt into {len(train)} to train on "
+                         f"and {len(evals)} held out (eval_fraction={cfg.eval_fraction}); both need at least one. "
+                         f"Add demonstrations with other prompts, or change eval_fraction")
+    return used
 
 
 def to_dataset(records: Sequence[SFTRecord]):
@@ -153,12 +179,6 @@ def length_notice(lengths: Sequence[int], max_length: int) -> str:
             f"after the chat template (the longest {max(lengths)}); TRL keeps their first {max_length}, so the end of "
             f"the reply and its end-of-turn token are not learned. Raise max_length to keep them whole."
             if cut else "")
-
-
-def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
 @quiet_datasets()
@@ -273,12 +293,8 @@ def sft_policy_path(run_dir: str | Path, fallback: str = DEFAULT_MODEL) -> tuple
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.sft", description="Supervised fine-tuning stage")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--profile", default="cpu")
-    add_config_arguments(parser, SFTStageConfig)
-    args = vars(parser.parse_args(argv))
-    run_dir, profile = args.pop("run_dir"), args.pop("profile")
-    cfg = stage_config(SFTStageConfig, profile, **args)
+    add_stage_arguments(parser, SFTStageConfig)
+    run_dir, cfg = stage_config_from_args(parser, SFTStageConfig, vars(parser.parse_args(argv)))
     summary = train_sft(cfg, run_dir)
     print({k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "wall_time_s")})
     return 0

@@ -43,10 +43,17 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` via a temporary file in the same folder and `os.replace`.
 
-    A reader never sees a half-written file: it sees the old one or the new one.
+    A reader never sees a half-written file: it sees the old one or the new one. The file gets the
+    permissions `open` would give it (the umask's), not the temporary file's owner-only ones.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +63,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,13 +80,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     """Fill a temporary folder beside `target` with `write(tmp)`, then move it into place, replacing an
     older folder; a reader (or a resumed run) never sees half a folder, and a failed write leaves the old
-    one as it was."""
+    one as it was. The folder gets the permissions `mkdir` would give it, not the temporary one's."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     old = target.with_name(f".{target.name}.old")
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
             os.rename(target, old)
@@ -155,11 +164,19 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Read a `metrics.jsonl`. A torn last line (from a crash mid-write) is skipped and reported."""
+    return _read_rows(path)[0]
+
+
+def _read_rows(path: str | os.PathLike) -> tuple[list[dict], bool]:
+    """`read_metrics`'s rows, and whether the file ends cleanly (no torn last line, a final newline), so that
+    rows appended to it start on a line of their own."""
     path = Path(path)
     rows: list[dict] = []
     if not path.exists():
-        return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
+        return rows, True
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    clean = not text or text.endswith("\n")
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -168,9 +185,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as e:
             if i == len(lines):
                 print(f"{path}:{i}: skipped a torn last line (an interrupted write): {e}")
+                clean = False
                 continue
             raise ValueError(f"{path}:{i}: not valid JSON ({e}); the metrics file is corrupt") from e
-    return rows
+    return rows, clean
 
 
 def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
@@ -227,8 +245,13 @@ class MetricsLogger:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.stage_dir / "metrics.jsonl"
         self.echo_every = echo_every
-        self.rows: list[dict] = read_metrics(self.path) if resume else []
-        if not resume and self.path.exists():
+        self.rows: list[dict] = []
+        if resume:
+            self.rows, clean = _read_rows(self.path)
+            if not clean:  # rows appended after a torn or unterminated last line would join it
+                self._rewrite()
+                print(f"{self.path}: rewritten without its torn last line; {len(self.rows)} row(s) kept")
+        elif self.path.exists():
             self.path.unlink()
         self._callbacks: list = []
 
@@ -259,10 +282,13 @@ class MetricsLogger:
         kept = [r for r in self.rows if int(r.get("step", -1)) <= step]
         dropped = len(self.rows) - len(kept)
         if dropped:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.rows = kept
+            self._rewrite()
             print(f"{self.path}: dropped {dropped} row(s) logged after step {step}, to be redone on resume")
         return dropped
+
+    def _rewrite(self) -> None:
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log_many(self, rows: Iterable[dict]) -> None:
         for row in rows:
@@ -392,20 +418,33 @@ def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:
     return bool(changed)
 
 
+def last_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (a transformers/TRL trainer's), or None. A trainer
+    writes a checkpoint's files straight into its folder and `trainer_state.json` last, so a folder without
+    it is a save that was interrupted: it is removed, with a note, and the one before it is used."""
+    folder = Path(folder)
+    found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[-1].isdigit()) if folder.is_dir() else []
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").exists():
+            return str(path)
+        print(f"{path}: an interrupted save (no trainer_state.json); removed, resuming from the checkpoint before it")
+        shutil.rmtree(path)
+    return None
+
+
 def resume_point(out: Path, cfg: Any, data: Any = None,
                  inputs: dict[str, Any] | None = None) -> tuple[str | None, MetricsLogger, dict[str, Any]]:
     """(last checkpoint or None, metrics logger, settings to save as config.json): rows logged after the
     checkpoint are dropped, to be redone; with cfg.resume=False, or settings (config fields, and the
     fingerprints of `data` and `inputs` when given: see `run_settings`) that differ from the saved run's,
     old checkpoints and metrics go."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt_dir = out / "checkpoints"
     settings = run_settings(cfg, data, inputs)
     resume = cfg.resume and not settings_changed(out, settings)
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    ckpt = last_checkpoint(ckpt_dir) if resume else None
     logger = MetricsLogger(out, resume=ckpt is not None)
     if ckpt:
         logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))

@@ -1,5 +1,6 @@
 """Profiles, stage configs, seeding and the metrics logger."""
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -119,6 +120,44 @@ def test_torn_last_line_is_reported_not_fatal(tmp_path, capsys):
         read_metrics(path)
 
 
+@pytest.mark.parametrize("ending", ['{"step": 1, "lo', '{"step": 1, "loss": 0.5}'])
+def test_a_resumed_logger_appends_on_a_line_of_its_own_after_a_torn_or_unterminated_last_line(tmp_path, ending):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "loss": 1.0}\n' + ending)
+    logger = MetricsLogger(tmp_path, resume=True)
+    logger.log(2, loss=0.3)
+    kept = [{"step": 1, "loss": 0.5}] if ending.endswith("}") else []
+    assert read_metrics(path) == [{"step": 0, "loss": 1.0}, *kept, {"step": 2, "loss": 0.3}]
+    assert path.read_text().endswith("\n") and "torn" not in path.read_text()
+
+
+def test_last_checkpoint_skips_and_removes_an_interrupted_save(tmp_path, capsys):
+    from rlhf_helpers.tracking import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "missing") is None
+    for step, done in ((2, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        if done:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by number: 10 is newer than 2
+    assert not (tmp_path / "checkpoint-12").exists() and "interrupted save" in capsys.readouterr().out
+
+
+def test_atomic_writes_give_the_permissions_of_a_plain_write(tmp_path):
+    from rlhf_helpers.tracking import atomic_write_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "summary.json", {"a": 1})
+        atomic_write_dir(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644  # mkstemp's own would be 0o600
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # mkdtemp's own would be 0o700
+
+
 def test_atomic_write_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "summary.json"
     atomic_write_json(target, {"a": 1})
@@ -208,6 +247,7 @@ def test_resume_point_refuses_checkpoints_made_from_other_inputs(tmp_path, capsy
     ckpt, logger, settings = resume_point(out, _Stage(), inputs={"policy": model})
     logger.save_config(settings)
     (out / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")  # a complete save
     assert settings["policy_sha256"] and resume_point(out, _Stage(), inputs={"policy": model})[0].endswith("-5")
     (model / "model.safetensors").write_bytes(b"v2")  # retrained in place
     capsys.readouterr()
@@ -222,3 +262,29 @@ def test_half_means_compare_the_halves_and_leave_out_the_middle_row():
     assert h["change_se"] == pytest.approx((2.0 / 2 + 2.0 / 2) ** 0.5)  # sample variances 2 and 2, two each
     assert half_means(rows[:1], "s") == {"first_half": None, "second_half": None, "change": None, "change_se": None}
     assert half_means(rows[:2], "s")["change_se"] is None and half_means(rows[:2], "s")["change"] == 2.0
+
+
+def test_stage_command_lines_report_bad_settings_as_usage_errors(capsys):
+    import argparse
+
+    from rlhf_helpers.check_results import main as check_results
+    from rlhf_helpers.config import add_stage_arguments, stage_config_from_args
+    from rlhf_helpers.ppo import PPOConfig
+
+    def parse(*argv):
+        parser = argparse.ArgumentParser(prog="stage")
+        add_stage_arguments(parser, PPOConfig)
+        return stage_config_from_args(parser, PPOConfig, vars(parser.parse_args(["--run-dir", "r", *argv])))
+
+    run_dir, cfg = parse("--profile", "smoke", "--adaptive-kl", "yes")
+    assert run_dir == "r" and cfg.adaptive_kl is True and cfg.max_steps == PROFILES["smoke"].stages["ppo"]["max_steps"]
+    for argv, message in ((["--profile", "cpuu"], "invalid choice: 'cpuu'"),
+                          (["--adaptive-kl", "maybe"], "--adaptive-kl: expected true or false, got 'maybe'"),
+                          (["--samples-per-prompt", "3"], "samples_per_prompt (3) must be >= 1 and divide batch_size")):
+        with pytest.raises(SystemExit) as stop:
+            parse(*argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as stop:
+        check_results(["runs/cpu", "--profile", "cpuu"])
+    assert stop.value.code == 2 and "invalid choice: 'cpuu'" in capsys.readouterr().err

@@ -17,7 +17,9 @@ from rlhf_helpers.data import (
     load_prompts,
     load_sft,
     read_jsonl,
+    split_prompts,
     to_trl_preference_dataset,
+    train_prompts,
     train_test_split,
     write_jsonl,
 )
@@ -412,3 +414,150 @@ def test_cli_convert_and_usage_errors(tmp_path):
     assert run_cli("validate", str(out), "--format", "bogus").returncode == 2
     assert run_cli("convert", str(out), "--format", "sft", "--out", str(out)).returncode == 2
     assert run_cli("validate", str(tmp_path / "missing.jsonl"), "--format", "sft").returncode == 1
+
+
+# ------------------------------------------------------------------------- input that json.loads lets by
+
+@pytest.mark.parametrize("bom", [b"\xff\xfe", b"\xfe\xff"])
+def test_utf16_file_is_one_error_with_an_iconv_hint(tmp_path, bom):
+    path = tmp_path / "u16.jsonl"
+    codec = "utf-16-le" if bom == b"\xff\xfe" else "utf-16-be"
+    path.write_bytes(bom + '{"prompt": "a"}\n{"prompt": "b"}\n'.encode(codec))
+    _, report = load(path, "prompts", errors="collect")
+    (err,) = report.errors
+    text = assert_error(err, path, 1, None)
+    assert "UTF-16" in text and f"iconv -f utf-16 -t utf-8 {path}" in text and "latin1" not in text
+
+
+def test_json_array_file_is_one_error_with_a_jq_hint(tmp_path):
+    path = write(tmp_path, ["", "[", '  {"prompt": "a"},', '  {"prompt": "b"}', "]"], "array.json")
+    records, report = load(path, "prompts", errors="collect")
+    (err,) = report.errors
+    assert records == [] and report.lines == 5
+    assert "one JSON array" in assert_error(err, path, 2, None) and f"jq -c '.[]' {path}" in str(err)
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"prompt": "x\\ud800y", "chosen": "c", "rejected": "r"}', "prompt"),
+    ('{"prompt": [{"role": "user", "content": "Q"}, {"role": "user", "content": "\\udc00"}], '
+     '"chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}',
+     "prompt[1].content"),
+    ('{"prompt": "P", "chosen": "c", "rejected": "r", "note": {"by": "a\\ud83d"}}', "note.by"),
+])
+def test_lone_surrogate_is_an_error_naming_the_field(tmp_path, line, field):
+    path = write(tmp_path, [GOOD_PREF, line])
+    assert "lone UTF-16 surrogate" in assert_error(first_error(path, "preferences"), path, 2, field)
+
+
+def test_surrogate_pair_escape_is_one_character_and_fine(tmp_path):
+    (p,) = load_preferences(write(tmp_path, ['{"prompt": "P", "chosen": "\\ud83d\\ude00", "rejected": "r"}']))
+    assert p.chosen == "\U0001f600"
+
+
+def test_cli_convert_of_a_lone_surrogate_fails_cleanly(tmp_path):
+    path = write(tmp_path, ['{"prompt": "P", "chosen": "x\\ud800y", "rejected": "r"}'])
+    out = tmp_path / "out.jsonl"
+    res = run_cli("convert", str(path), "--format", "preferences", "--out", str(out))
+    assert res.returncode == 1 and f"{path}:1: field 'chosen': lone UTF-16 surrogate" in res.stderr
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"prompt": "a", "prompt": "b"}', "prompt"),
+    ('{"prompt": "P", "meta": {"rater": 1, "rater": 2}}', "meta.rater"),
+])
+def test_duplicate_key_is_an_error_naming_the_key(tmp_path, line, field):
+    path = write(tmp_path, [{"prompt": "ok"}, line])
+    assert "more than once" in assert_error(first_error(path, "prompts"), path, 2, field)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_nan_and_infinity_are_errors_naming_the_field(tmp_path, number):
+    path = write(tmp_path, [GOOD_PREF, f'{{"prompt": "P", "chosen": "c", "rejected": "r", "scores": [0.5, {number}]}}'])
+    assert "not a JSON number" in assert_error(first_error(path, "preferences"), path, 2, "scores[1]")
+
+
+def test_exact_duplicate_records_are_kept_and_counted(tmp_path):
+    path = write(tmp_path, [{"prompt": "a", "id": 1}, {"prompt": "b"}, '{"id": 1, "prompt": "a"}', {"prompt": "b"},
+                            {"prompt": "a", "id": 2}])
+    recs, report = load(path, "prompts")
+    assert len(recs) == 5 and report.ok
+    assert report.warnings == ["2 record(s) repeat an earlier line exactly, first line 3 (same as line 1); kept"]
+
+
+def test_list_loaders_log_blank_lines_like_the_cli(tmp_path, caplog):
+    path = write(tmp_path, ["", '{"prompt": "a"}', "  "])
+    with caplog.at_level("WARNING", logger="rlhf_helpers.data"):
+        assert len(load_prompts(path)) == 1
+    assert f"{path}: skipped blank_lines=2" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- prompt splits
+
+@pytest.mark.parametrize("split", ["Train", "validation", "", None, 1])
+def test_prompt_split_must_be_train_or_test(tmp_path, split):
+    path = write(tmp_path, [{"prompt": "a", "split": "train"}, {"prompt": "b", "split": split}])
+    text = assert_error(first_error(path, "prompts"), path, 2, "split")
+    assert "unknown split" in text and "'train', 'test'" in text
+
+
+def test_split_prompts_selects_one_split_and_counts_prompts_without_one(tmp_path, caplog):
+    path = write(tmp_path, [{"prompt": "a", "split": "train"}, {"prompt": "b", "split": "test"}, {"prompt": "c"},
+                            {"prompt": "d", "split": "train"}, {"prompt": "e"}])
+    with caplog.at_level("WARNING", logger="rlhf_helpers.data"):
+        assert [r.prompt for r in split_prompts("train", path)] == ["a", "d"]
+    assert "2 prompt(s) have no 'split'" in caplog.text
+    with pytest.raises(ValueError, match="split must be one of"):
+        split_prompts("validation", path)
+
+
+def test_train_prompts_says_when_n_is_more_than_the_split(caplog):
+    every = train_prompts()
+    assert len(every) == 248 and train_prompts(3) == every[:3]
+    assert "train split has only" not in caplog.text
+    with caplog.at_level("WARNING", logger="rlhf_helpers.data"):
+        assert train_prompts(999) == every
+    assert "train_prompts(n=999): the train split has only 248 prompts" in caplog.text
+
+
+# ------------------------------------------------------------------------- what the CLI will not pass
+
+def test_cli_convert_reports_lost_context_and_extra_fields(tmp_path):
+    out = tmp_path / "out.jsonl"
+    res = run_cli("convert", str(EXAMPLES / "preferences_conversational.jsonl"), "--format", "preferences",
+                  "--out", str(out))
+    assert res.returncode == 0 and "2 pair(s) have a system message or earlier turns" in res.stdout
+    res = run_cli("convert", str(EXAMPLES / "preferences_conversational.jsonl"), "--format", "preferences",
+                  "--out", str(out), "--conversational")
+    assert res.returncode == 0 and "warnings: 0" in res.stdout
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[1])["prompt"][0]["role"] == "system"
+    rows = [{"prompt": "P", "responses": ["a", "b", "c"], "ranking": [2, 0, 1], "id": 1, "rater": "r1"},
+            {"prompt": "Q", "responses": ["a", "b"], "ranking": [0, 1], "id": 2}]
+    res = run_cli("convert", str(write(tmp_path, rows)), "--format", "ranked", "--out", str(out))
+    assert res.returncode == 0 and "extra fields not written (pairs that had them): id=4, rater=3" in res.stdout
+    assert "chosen_rank" not in res.stdout and "earlier turns" not in res.stdout
+
+
+def test_cli_hh_convert_keeps_the_context_in_the_prompt_string(tmp_path):
+    res = run_cli("convert", str(EXAMPLES / "hh.jsonl"), "--format", "hh", "--out", str(tmp_path / "out.jsonl"))
+    assert res.returncode == 0 and "warnings: 0" in res.stdout
+
+
+@pytest.mark.parametrize("command", ["validate", "convert"])
+@pytest.mark.parametrize("content", [b"", b"\n  \n"])
+def test_cli_file_with_no_records_exits_1(tmp_path, command, content):
+    path, out = tmp_path / "empty.jsonl", tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    extra = ["--out", str(out)] if command == "convert" else []
+    res = run_cli(command, str(path), "--format", "preferences", *extra)
+    assert res.returncode == 1 and f"{path}: no records found. The file is empty" in res.stderr
+    assert "result: INVALID, 1 error(s)" in res.stdout and "warnings: 0" in res.stdout and not out.exists()
+
+
+def test_cli_convert_with_no_pairs_exits_1_but_validate_passes(tmp_path):
+    path, out = write(tmp_path, [{"prompt": "P", "response_a": "x", "response_b": "y", "preference": "tie"}]), \
+        tmp_path / "out.jsonl"
+    res = run_cli("convert", str(path), "--format", "ratings", "--out", str(out))
+    assert res.returncode == 1 and "no preference pairs produced" in res.stderr and not out.exists()
+    res = run_cli("validate", str(path), "--format", "ratings")
+    assert res.returncode == 0 and "no preference pairs produced" in res.stdout

@@ -942,3 +942,12 @@ def test_rejection_sampling_script_reuses_its_samples_only_with_the_same_setting
     rows[1]["has_eos"] = rows[3]["has_eos"] = False
     with pytest.raises(SystemExit, match="no prompt has a reply to train on"):
         script.main(["--run-dir", str(run), "--out", str(tmp_path / "none_ended"), "--k", "2", "--ended-only"])
+
+
+def test_heldout_prompts_say_when_more_are_asked_for_than_the_test_split_holds(capsys):
+    from rlhf_helpers import evaluate
+
+    every = evaluate.heldout_prompts()
+    assert evaluate.heldout_prompts(len(every) + 28) == every and len({p["id"] for p in every}) == len(every)
+    assert f"{len(every) + 28} held-out prompts asked for; the test split has {len(every)}" in capsys.readouterr().out
+    assert len(evaluate.heldout_prompts(5)) == 5 and "note" not in capsys.readouterr().out

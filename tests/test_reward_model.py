@@ -1,4 +1,5 @@
 """Preference pairs and the reward model: labels, gradient flow, normalisation, a short training run."""
+import json
 import logging
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.data import PreferencePair
+from rlhf_helpers.data import DataError, PreferencePair
 from rlhf_helpers.gold import SimulatedAnnotator
 from rlhf_helpers.preferences import label_samples, read_pairs, snapshot_info, write_pairs
 from rlhf_helpers.reward_model import RewardModel, RMStageConfig, accuracy_against_ceiling, calibration_bins, load_backbone, lora_for_rm, train_reward_model
@@ -34,6 +35,34 @@ def test_pairs_are_disjoint_labelled_and_carry_provenance(tmp_path):
     (tmp_path / "bare.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(ValueError, match="gold_chosen"):
         read_pairs(tmp_path / "bare.jsonl")
+
+
+GOLD_ROW = {"prompt": "p", "chosen": "a", "rejected": "b", "gold_chosen": 0.5, "gold_rejected": 0.1,
+            "annotator_temperature": 0.1}
+
+
+def test_read_pairs_names_the_file_line_of_pairs_without_gold_and_what_to_do_with_human_labels(tmp_path):
+    bare = {"prompt": "q", "chosen": "c", "rejected": "d"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOLD_ROW) + "\n\n\n" + json.dumps(bare) + "\n" + json.dumps(bare) + "\n")
+    with pytest.raises(DataError, match=r"pairs\.jsonl:4: field 'gold_chosen': missing .*; 2 of 3 lines") as err:
+        read_pairs(path)
+    assert "Human-labelled pairs have no gold" in str(err.value) and "load_preferences" in str(err.value)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"gold_rejected": None}, "field 'gold_rejected': missing"),
+    ({"annotator_temperature": None}, "field 'annotator_temperature': missing"),
+    ({"gold_chosen": "high"}, "field 'gold_chosen': expected a finite number, got string"),
+    ({"gold_rejected": True}, "field 'gold_rejected': expected a finite number, got boolean"),
+    ({"annotator_temperature": 0}, "field 'annotator_temperature': must be > 0"),
+])
+def test_read_pairs_checks_every_gold_field_the_ceiling_reads(tmp_path, change, expected):
+    row = {k: v for k, v in {**GOLD_ROW, **change}.items() if v is not None}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(GOLD_ROW) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"pairs\.jsonl:2: {expected}"):
+        read_pairs(path)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +215,10 @@ def test_snapshot_info_lists_the_values_that_differ_between_rounds(tmp_path):
     info = snapshot_info(tmp_path / "snap.jsonl")
     assert info["policy"] == "sft" and info["sample_seed"] == [0, 1] and info["annotator_temperature"] == 0.1
     assert "chosen" not in info and "gold_chosen" not in info
+
+
+def test_snapshot_info_names_the_file_and_line_of_a_malformed_line(tmp_path):
+    path = tmp_path / "snap.jsonl"
+    path.write_text(json.dumps(GOLD_ROW) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"snap\.jsonl:2: not valid JSON"):
+        snapshot_info(path)

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from rlhf_helpers import rewards as R
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, bayes_ceiling, gold_ties, pair_ceiling, prompt_kind
-from rlhf_helpers.reward_tuner import RewardTuner, load_candidates, spearman
+from rlhf_helpers.reward_tuner import RewardTuner, load_candidates, score_table, spearman, top_share_table
 from rlhf_helpers.rewards import Trajectory
 
 GOOD = ("Start with one beginner-friendly language such as Python, because its syntax is simple.\n"
@@ -86,6 +87,45 @@ def test_config_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"type": "weighted_sum", "terms": [{"weight": 1, "type": "nonsense"}]}')
     with pytest.raises(ValueError, match="bad.json.*unknown reward type 'nonsense'"):
         R.load_reward_config(tmp_path / "bad.json")
+
+
+def test_a_weighted_sum_with_a_clipped_term_round_trips():
+    reward = 0.5 * R.Clipped(R.Politeness(), 0.0, 1.0) + 0.5 * R.Structure()
+    assert R.build_reward(reward.to_config()).to_config() == reward.to_config()
+
+
+LENGTH = {"type": "length"}
+SUM = "weighted_sum"
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"type": SUM, "terms": [LENGTH]}, r"'terms\[0\]\.weight': missing; give a finite number"),
+    ({"type": SUM, "terms": [{"weight": "heavy", **LENGTH}]},
+     r"'terms\[0\]\.weight': expected a finite number, got 'heavy'; write a JSON number"),
+    ({"type": SUM, "terms": [{"weight": 1, **LENGTH}, {"weight": 1, **LENGTH, "params": {"min_wrds": 3}}]},
+     r"'terms\[1\]\.params\.min_wrds': 'length' has no parameter 'min_wrds'; "
+     r"valid parameters: min_words, max_words, slack"),
+    ({"type": "clipped", "lo": 0, "inner": LENGTH}, r"'lo': 'clipped' has no parameter 'lo'; valid parameters: low"),
+    ({"type": "normalized", "scale": float("inf"), "inner": LENGTH}, r"'scale': expected a finite number, got inf"),
+    ({"type": SUM, "terms": [{"weight": 1, **LENGTH, "params": {"min_words": 9, "max_words": 3}}]},
+     r"'terms\[0\]\.params': need 0 <= min_words <= max_words"),
+])
+def test_reward_config_errors_name_the_file_the_field_and_the_fix(tmp_path, config, expected):
+    path = tmp_path / "reward_config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"reward_config\.json: not a valid reward config: field " + expected):
+        R.load_reward_config(path)
+
+
+def test_a_nan_weight_is_rejected_not_turned_into_nan_rewards(tmp_path):
+    path = tmp_path / "reward_config.json"
+    path.write_text('{"type": "weighted_sum", "terms": [{"weight": NaN, "type": "length"}]}')  # json reads NaN
+    nan_weight = r"reward_config\.json: .*'terms\[0\]\.weight': expected a finite number, got nan"
+    with pytest.raises(ValueError, match=nan_weight):
+        R.load_reward_config(path)
+    path.write_text('{"type": "weighted_sum",\n "terms": [}')
+    with pytest.raises(ValueError, match=r"reward_config\.json:2: not valid JSON"):  # syntax errors keep their line
+        R.load_reward_config(path)
 
 
 def test_adapters_return_what_the_reward_returns():
@@ -224,6 +264,50 @@ def test_weight_search_finds_the_component_gold_is_made_of_and_agrees_with_the_s
         assert tuner.gaming_top_share == pytest.approx(row["gaming share of top quarter"])
     with pytest.raises(ValueError, match="no non-zero weight"):
         tuner.search(grid=(0.0,))
+
+
+class _Fixed(R.RewardFunction):
+    """A component that looks its score up by response, to place float noise exactly (not registered)."""
+
+    def __init__(self, name, scores):
+        self.name, self.scores = name, scores
+
+    def compute_reward(self, trajectory):
+        return R.RewardOutput(self.scores[trajectory.response], {})
+
+
+def test_float_noise_does_not_split_ties_between_tuner_search_and_table(tmp_path):
+    # x's components sum to 0.1 + 0.2 = 0.30000000000000004, y's to 0.3: equal rewards, which a sum taken in
+    # another order can give as equal floats. Every path must rank them as the tie they are.
+    comps = {"a": {"y": 0.3, "x": 0.1, "z": 0.0, "w": 0.0}, "b": {"y": 0.0, "x": 0.2, "z": 0.1, "w": 0.0}}
+    gold = _Fixed("gold", {"y": 1.0, "x": 0.9, "z": 0.0, "w": 0.5})
+    cands = [{"prompt_id": "p", "prompt": "q", "response": r, "kind": k}
+             for r, k in [("y", "good"), ("x", "stuffed"), ("z", "poor"), ("w", "okay")]]
+    mix = R.WeightedSum([(1.0, _Fixed(n, sc)) for n, sc in comps.items()])
+    tuner = RewardTuner(cands, mix, tmp_path / "cfg.json", gold=gold, show_widgets=False)
+    assert tuner.rewards()[1] != tuner.rewards()[0]  # the noise is there
+    table = pd.DataFrame({"kind": [c["kind"] for c in cands], "tuned mix": [0.3, 0.3, 0.1, 0.0],
+                          "gold": gold.score(["q"] * 4, ["y", "x", "z", "w"])})
+    row = top_share_table(table, ["tuned mix"]).loc["tuned mix"]
+    assert row["Spearman with gold"] == pytest.approx(spearman([3.5, 3.5, 2, 1], [4, 3, 1, 2]))  # a tie, averaged
+    assert tuner.agreement == row["Spearman with gold"]
+    assert tuner.gaming_top_share == row["gaming share of top quarter"] == 0.0  # the tie keeps y, listed first
+    assert tuner.ranking[:2] == [0, 1]
+    found = tuner.search(grid=(0.0, 1.0), top=3)
+    both = found[(found["a"] == 1.0) & (found["b"] == 1.0)].iloc[0]
+    assert both["Spearman with gold"] == pytest.approx(tuner.agreement)
+    assert both["gaming share of top quarter"] == tuner.gaming_top_share
+
+
+def test_tuner_and_top_share_table_agree_exactly_on_the_shipped_candidates(tmp_path):
+    # notebook 01's weights: numpy's sums and WeightedSum's differ in the last bit for 53 of the 91 candidates
+    weights = {"length": 0.2, "structure": 0.1, "explanation": 0.05, "politeness": 0.0, "repetition": 0.25,
+               "relevance": 0.2, "safety": 0.2, "format": 0.1}
+    cands = load_candidates()
+    tuner = RewardTuner(cands, R.default_mix(weights), tmp_path / "cfg.json", show_widgets=False)
+    row = top_share_table(score_table(cands, {"tuned mix": tuner.reward, "gold": GoldJudge()}), ["tuned mix"])
+    assert tuner.agreement == row.loc["tuned mix", "Spearman with gold"]
+    assert tuner.gaming_top_share == row.loc["tuned mix", "gaming share of top quarter"]
 
 
 def test_rewards_cli_scores_lines(tmp_path):

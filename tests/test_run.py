@@ -6,7 +6,7 @@ import sys
 import nbformat
 import pytest
 
-from rlhf_helpers.run import discover_notebooks, run_suite
+from rlhf_helpers.run import _parse_param, discover_notebooks, run_suite
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +65,29 @@ def test_cli_rejects_unknown_profile_and_only():
     bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.run", "--only", "99", "--run-dir", "/tmp/_unused_run"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "match no notebook" in bad.stderr
+
+
+def test_a_param_no_notebook_declares_or_of_the_wrong_type_is_refused_before_anything_runs(suite, tmp_path):
+    nb = nbformat.read(str(suite / "02_third.ipynb"), as_version=4)
+    nb.cells[0].source += "\nuse_lora: bool = True  # LoRA or full fine-tuning\nmax_steps: int = 0  # 0: the profile's"
+    nbformat.write(nb, str(suite / "02_third.ipynb"))
+    run_dir = tmp_path / "run"
+    for extra, message in (({"max_stpes": 5}, "--param max_stpes: none of the notebooks to run"),
+                           ({"use_lora": "no"}, "02_third declares use_lora a bool"),
+                           ({"max_steps": 2.5}, "declares max_steps a int"),
+                           ({"seed": True}, "declares seed a int")):
+        with pytest.raises(ValueError, match=message):
+            run_suite("smoke", run_dir, notebooks_dir=suite, extra=extra)
+        with pytest.raises(ValueError, match="none of the notebooks to run"):  # declared only by one not run
+            run_suite("smoke", run_dir, notebooks_dir=suite, only=["00"], extra={"use_lora": False})
+    assert not run_dir.exists()  # refused before the run folder was made
+    assert _parse_param("use_lora=False") == ("use_lora", False)  # Python's spelling, as in the notebooks
+    assert _parse_param("use_lora=false") == ("use_lora", False) and _parse_param("reward=gold") == ("reward", "gold")
+
+
+def test_cli_reports_a_run_dir_that_is_a_file_as_an_error(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.run", "--only", "00", "--run-dir", str(taken)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

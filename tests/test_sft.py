@@ -8,9 +8,10 @@ from transformers import TrainerCallback
 
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.sft import (
-    SFTStageConfig, build_trainer, build_trl_config, demonstration_lengths, last_checkpoint, length_notice,
+    SFTStageConfig, build_trainer, build_trl_config, demonstration_lengths, length_notice,
     load_demonstrations, train_sft,
 )
+from rlhf_helpers.tracking import last_checkpoint
 
 pytestmark = pytest.mark.slow
 TINY = dict(n_train=4, n_eval=2, batch_size=2, max_length=160, logging_steps=1, eval_steps=100, save_steps=100)
@@ -94,6 +95,9 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
         train_sft(cfg, tmp_path, callbacks=[Interrupt()])
     assert last_checkpoint(tmp_path / "sft" / "checkpoints").endswith("checkpoint-2")
     recorded = json.loads((tmp_path / "sft" / "checkpoints" / "checkpoint-2" / "elapsed.json").read_text())["seconds"]
+    partial = tmp_path / "sft" / "checkpoints" / "checkpoint-3"  # a save interrupted before its trainer state
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{}")
     summary = train_sft(cfg, tmp_path)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["steps"] == 3
     # the cost is the whole run's: the interrupted session's seconds up to its checkpoint, plus this one's
@@ -155,3 +159,21 @@ def test_a_rerun_trains_again_when_the_demonstrations_have_changed(tmp_path, cap
     again = train_sft(cfg, tmp_path / "run")
     assert again["resumed_from"] is None and again["steps"] == 1
     assert "other settings (data_sha256)" in capsys.readouterr().out
+
+
+def test_demonstrations_are_found_where_documented_and_too_few_are_refused_before_a_model_loads(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    from rlhf_helpers.paths import data_path
+
+    monkeypatch.chdir(tmp_path)
+    row = {"prompt": "What is the capital of France?", "response": "Paris."}
+    (tmp_path / "sft.jsonl").write_text(json.dumps(row) + "\n")  # a stray file of the same name here
+    cfg = stage_config(SFTStageConfig, "smoke")
+    train, evals = load_demonstrations(cfg)  # the bare default name is data/'s, not the working folder's
+    assert len(train) == cfg.n_train and f"from {data_path('sft.jsonl')}" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="mine/sft.jsonl' is not a file; looked for .*mine/sft.jsonl"):
+        load_demonstrations(stage_config(SFTStageConfig, "smoke", data_file="mine/sft.jsonl"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sft.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"mine/sft.jsonl: 1 demonstration\(s\) split by prompt into"):
+        load_demonstrations(stage_config(SFTStageConfig, "smoke", data_file="mine/sft.jsonl"))
