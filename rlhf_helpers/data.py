@@ -70,6 +70,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from rlhf_helpers.data_formats import (
     PAIR_FORMATS,
     PARSERS,
+    SPLITS,
     DataError,
     PreferencePair,
     PromptRecord,
@@ -93,8 +94,6 @@ MAX_STORED_ERRORS = 1000
 MAX_SHOWN_ERRORS = 20
 BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-SPLITS = ("train", "test")
-"""Values of a prompt's optional `split` field; a prompt without one is in neither split."""
 NO_RECORDS = "no records found"
 NO_PAIRS = "no preference pairs produced (every row was skipped)"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -350,7 +349,7 @@ def load(path: str | os.PathLike, format: str, *, errors: str = "raise",
         raise ValueError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     if errors not in ("raise", "collect"):
         raise ValueError(f"errors must be 'raise' or 'collect', got {errors!r}")
-    parser = _parse_prompts if format == "prompts" else PARSERS[format]
+    parser = PARSERS[format]
     report = LoadReport(str(path), format)
     records: list[Any] = []
     for line_no, item in _scan(path, max_line_bytes, report):
@@ -369,17 +368,6 @@ def load(path: str | os.PathLike, format: str, *, errors: str = "raise",
         report.add_error(item)
     _finish(report, records)
     return records, report
-
-
-def _parse_prompts(obj: dict) -> tuple[list[PromptRecord], dict[str, int]]:
-    """`prompts` records, and their optional `split` checked: `split_prompts` selects on it, so a
-    misspelt split ("Train", "validation") must not quietly put a prompt in neither split."""
-    records, skips = PARSERS["prompts"](obj)
-    if "split" in obj and obj["split"] not in SPLITS:
-        raise DataError(f"unknown split {json.dumps(obj['split'], ensure_ascii=False)[:40]}",
-                        f"Use one of {', '.join(map(repr, SPLITS))} (lower case), or leave 'split' out for a "
-                        f"prompt in neither split", field="split")
-    return records, skips
 
 
 def _finish(report: LoadReport, records: list[Any]) -> None:

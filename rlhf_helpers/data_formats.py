@@ -8,6 +8,7 @@ bad-input policy are documented in the `rlhf_helpers.data` module docstring.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -171,8 +172,18 @@ def _last(messages: list[dict], role: str) -> str:
 
 # --------------------------------------------------------------------------------------------- parsers
 
+SPLITS = ("train", "test")
+"""Values of a prompt's optional `split` field; a prompt without one is in neither split."""
+
+
 def parse_prompts(obj: dict) -> tuple[list[PromptRecord], Skips]:
+    """{"prompt"}, with an optional `split` that must be one of SPLITS: `split_prompts` selects on it, so a
+    misspelt split ("Train", "validation") must not quietly put a prompt in neither split."""
     prompt = check_text(require(obj, "prompt", "prompts", "'prompt'"), "prompt", "Every prompt needs text")
+    if "split" in obj and obj["split"] not in SPLITS:
+        raise DataError(f"unknown split {json.dumps(obj['split'], ensure_ascii=False)[:40]}",
+                        f"Use one of {', '.join(map(repr, SPLITS))} (lower case), or leave 'split' out for a "
+                        f"prompt in neither split", field="split")
     return [PromptRecord(prompt, extras(obj, ("prompt",)))], {}
 
 
