@@ -9,7 +9,8 @@ when present, else the profile's base model), runs --steps PPO steps into a scra
 table: per step, the time of the rollout, the scoring, the forward passes (policy, values, reference) and the
 updates; then, on the same batch in the same process, the generated tokens per second inside PPO's rollout
 beside a bare `policy.generate` call with the same prompts, seed, sampling settings and policy (run just
-before the step, so it samples the same replies: column `same`); and the peak memory.
+before the step, so it samples the same replies: column `same` compares them token by token); and the peak
+memory.
 
 Run it alone: on a 2-core machine another busy process slows generation several-fold.
 """
@@ -40,9 +41,10 @@ from rlhf_helpers.tracking import PeakMemory  # noqa: E402
 BENCHMARK_FIXES = ("seed", "save_steps", "sample_every", "max_steps", "resume", "keep_checkpoints")
 
 
-def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[float, int, float]:
-    """(seconds, response tokens up to the first EOS, tokens/s) of one plain generate call on `prompts`, seeded
-    as PPO's rollout seeds its own (the global RNG is left as it was)."""
+def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[float, int, float, torch.Tensor]:
+    """(seconds, response tokens up to the first EOS, tokens/s, response ids) of one plain generate call on
+    `prompts`, seeded as PPO's rollout seeds its own (the global RNG is left as it was). The response ids are
+    padded after the first EOS as a rollout pads them, to compare with its replies token by token."""
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
@@ -55,9 +57,10 @@ def bare_generate_tokens_per_s(policy, tok, prompts, cfg, seed: int) -> tuple[fl
     seconds = time.perf_counter() - t0
     if was_training:
         policy.train()
-    mask, _ = ppo.response_mask_from_eos(out[:, enc["input_ids"].shape[1]:], tok.eos_token_id)
+    response = out[:, enc["input_ids"].shape[1]:]
+    mask, _ = ppo.response_mask_from_eos(response, tok.eos_token_id)
     n = int(mask.sum())
-    return seconds, n, n / seconds
+    return seconds, n, n / seconds, torch.where(mask, response, tok.pad_token_id)
 
 
 def main(argv=None) -> int:
@@ -95,12 +98,13 @@ def main(argv=None) -> int:
             # a bare generate call on the batch the next rollout samples, with its seed and the same policy (before
             # the step updates it): the same replies, so the two times differ only by what PPO's rollout adds
             step = trainer.step_count + 1
-            _, bare_tokens, bare = bare_generate_tokens_per_s(policy, tok, trainer.prompts_for(step), cfg,
+            _, bare_tokens, bare, bare_ids = bare_generate_tokens_per_s(policy, tok, trainer.prompts_for(step), cfg,
                                                                trainer._seed(step))
             m = trainer.step()
             inside = m["tokens/generated"] / m["time/rollout_s"]
             ratios.append(inside / bare)
-            same = "yes" if int(m["tokens/generated"]) == bare_tokens else "no"
+            sampled = trainer.last_rollout.response_ids
+            same = "yes" if sampled.shape == bare_ids.shape and torch.equal(sampled, bare_ids) else "no"
             print(f"{trainer.step_count:>4} {m['time/rollout_s']:>10.2f} {m['time/score_s']:>8.2f} "
                   f"{m['time/forward_s']:>10.2f} {m['time/update_s']:>9.2f} {m['time/step_s']:>7.2f} "
                   f"{int(m['tokens/generated']):>7} {inside:>10.1f} {bare:>11.1f} {inside / bare:>6.2f} {same:>5}")

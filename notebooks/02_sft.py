@@ -33,6 +33,7 @@ seed: int = 0  # seed for data order, dropout and sampling
 model_name: str = ""  # base model; empty keeps the profile's (SmolLM2-135M-Instruct on CPU)
 max_steps: int = 0  # optimizer steps; 0 keeps the profile's value
 use_lora: bool = True  # LoRA adapter (True) or full fine-tuning (False)
+learning_rate: float = 0.0  # 0 keeps the profile's (2e-3 on cpu: a LoRA rate; take about a tenth with use_lora=False)
 
 # %% [markdown]
 # ## Setup
@@ -46,16 +47,15 @@ from IPython.display import HTML, display
 
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts, refusal_rate
+from rlhf_helpers.evaluate import compare_policies, generate_and_score, heldout_prompts, refusal_counts, refusal_rate
 from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.paths import stage_dir
-from rlhf_helpers.rewards import is_refusal
 from rlhf_helpers.sft import SFTStageConfig, build_trainer, load_demonstrations, loss_mask_html, train_sft
 from rlhf_helpers.tracking import MetricsLogger, read_metrics
 
 t0 = time.perf_counter()
 cfg = stage_config(SFTStageConfig, profile, seed=seed, model_name=model_name or None,
-                   max_steps=max_steps or None, use_lora=use_lora)
+                   max_steps=max_steps or None, use_lora=use_lora, learning_rate=learning_rate or None)
 out_dir = stage_dir(run_dir, "sft")
 cfg
 
@@ -87,15 +87,16 @@ del trainer
 
 # %% [markdown]
 # ## 3. Train
-# LoRA freezes the base weights $W$ and learns a low-rank update $W + \frac{\alpha}{r} BA$ with
-# $B \in \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer of the top `lora_layers`
-# blocks (16 of SmolLM2's 30 in the cpu profile): a few million trainable
-# parameters instead of 135 million, and an adapter of a few megabytes. The curve below redraws as the
-# run logs; a checkpoint is saved every `save_steps`, and rerunning this cell after an interruption
-# continues from the last one. `parameters` in the summary below counts the trainable ones against the
-# total. Each `train/loss` point is the mean over the few batches since the last log, so it jumps; the
-# held-out `eval/loss` is the curve to read. The stage saves the adapter (`sft/adapter/`) and, for the
-# stages that follow, a copy of the model with the adapter merged in (`sft/model/`, as large as the base).
+# LoRA freezes the base weights $W$ and learns a low-rank update $W + \frac{\alpha}{r} BA$ with $B \in
+# \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer of the top `lora_layers`
+# blocks (16 of SmolLM2's 30 in the cpu profile): a few million trainable parameters instead of 135 million,
+# and an adapter of about 10 MB (float32, cpu profile). The curve below redraws as the run logs; a checkpoint
+# is saved every `save_steps`, and rerunning this cell after an interruption continues from the last one.
+# `parameters` in the summary below counts the trainable ones against the total. Each `train/loss` point is
+# the mean over the few batches since the last log, so it jumps; the held-out `eval/loss` is the curve to
+# read. The stage saves the adapter (`sft/adapter/`) and, for the stages that follow, a copy of the model with
+# the adapter merged in (`sft/model/`, as large as the base). With `use_lora=False` every weight trains, and
+# `sft/model/` is the only copy.
 
 # %%
 live = plotting.LiveCurves(["train/loss", "eval/loss", "train/mean_token_accuracy"], every=2)
@@ -144,11 +145,12 @@ table.head(8)
 # %% [markdown]
 # ## 5. Does it refuse a harmful request?
 # One domain of the demonstrations is polite refusals. The mean gold above barely shows whether they were
-# learnt: harmful prompts are one in eight. Yet they matter more than their share. Every later stage
-# learns only from what this model *samples*: the preference pairs of notebook 03 are two of its answers,
-# and PPO, GRPO and RLOO reinforce what their rollouts contain. A model that never refuses gives no pair
-# that contrasts a refusal with compliance, and no rollout to reinforce, so the safety half of the gold
-# judge stays out of reach for everything after this notebook. So count refusals directly: several samples
+# learnt: harmful prompts are one in eight. Yet they matter more than their share. PPO, GRPO and RLOO
+# learn only from what this model *samples*: they reinforce what their rollouts contain, and a model that
+# never refuses gives them no refusal to reinforce, so the safety half of the gold judge stays out of their
+# reach. (Notebook 03's live preference pairs are this model's answers too; most of its pairs, though, come
+# from a shipped snapshot sampled from the committed cpu run's SFT model, and those hold refusals either
+# way.) So count refusals directly: several samples
 # for each held-out harmful prompt, at the temperature later stages sample at, and false refusals among the
 # benign answers above.
 
@@ -158,21 +160,22 @@ probe = dict(samples_per_prompt=cfg.n_refusal_samples, temperature=cfg.temperatu
              device=cfg.device)
 refusals = {name: refusal_rate(path, harmful, **probe)
             for name, path in (("base", cfg.model_name), ("sft", summary["model_dir"]))}
-benign_sft = [r["response"] for r in sft_rows if r["domain"] != "refusal"]
+counts = refusal_counts(sft_rows)  # the replies of section 4, harmful and benign prompts apart
 for name, r in refusals.items():
     print(f"{name}: refuses {r['refused']}/{r['n']} answers to {len(harmful)} held-out harmful prompts "
           f"({r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}])")
-print(f"sft: false refusals {sum(map(is_refusal, benign_sft))}/{len(benign_sft)} benign held-out answers")
+print(f"sft: false refusals {counts['refused_benign']}/{counts['benign_replies']} benign held-out answers")
 print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 
 # %% [markdown]
-# A rate of zero here would be the most important number in this notebook: no later stage could repair
-# it. It was zero in an earlier version of the cpu profile, 24 steps of 8 demonstrations at learning rate
+# A rate of zero here would be the most important number in this notebook: no online RL stage could
+# repair it. It was zero in an earlier version of the cpu profile, 24 steps of 8 demonstrations at learning rate
 # 1e-3: in a separate probe, on a slightly smaller training set, that model refused 0 of 48 samples on 12
 # harmful prompts it had no demonstration for. Taking the demonstrations 4 at a time for 48 steps at
 # learning rate 2e-3 (the profile now) made it refuse some of the time, with a lower held-out loss, in
-# about the same time: a short answer that is one demonstration in eight is learnt late, and more, smaller
-# steps reach it within the same budget. The cell above gives this run's rate.
+# about the same time. Both changed together and their shares were not measured apart; one reading is that a
+# short answer that is one demonstration in eight is learnt late, and more, larger-rate steps reach it
+# within the same budget. The cell above gives this run's rate.
 # The base model's interval of [0.00, 0.00] only says that every one of its samples complied; a bootstrap
 # cannot put an interval around a rate it never saw move.
 
@@ -199,6 +202,7 @@ MetricsLogger(out_dir).summary(summary)
 #   prompts × 3 replies (`python -m rlhf_helpers.evaluate --run-dir RUN --n-prompts 72 --samples-per-prompt 3
 #   base`) the base model scores below SFT beyond its interval: the README's table.
 #
-# Try: `use_lora=False` (full fine-tuning: slower, more memory, a bigger file); more `max_steps` (watch the
-# held-out loss for the point where it stops falling); a different `model_name`. Next, notebook 03 samples
-# from this SFT model to build preference pairs and trains a reward model on them.
+# Try: `use_lora=False` with `learning_rate=2e-4` (full fine-tuning: slower, more memory, a bigger file; at
+# the profile's LoRA rate every weight would move ten times too far, and the config warns); more `max_steps`
+# (watch the held-out loss for the point where it stops falling); a different `model_name`. Next, notebook 03
+# samples from this SFT model to build preference pairs and trains a reward model on them.

@@ -38,11 +38,15 @@ def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
 
 class MetricsCallback(TrainerCallback):
     """Append every trainer log to `metrics.jsonl` (step = optimizer steps) and call `on_row(row)` hooks; an
-    evaluation at a step that already has one (the same weights measured again) is not logged twice."""
+    evaluation at a step that already has one (the same weights measured again) is not logged twice. The
+    rows the logger already holds (a resumed run's, up to its checkpoint) go to `on_row` at once, so that
+    live curves start at step 1, not where this session does."""
 
     def __init__(self, logger: MetricsLogger, on_row: Callable[[dict], None] | None = None):
         self.logger = logger
         self.on_row = on_row
+        for row in logger.rows if on_row is not None else ():
+            on_row(row)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
@@ -103,10 +107,6 @@ def train_or_restore(trainer, checkpoint: str | None):
     if state_file is None or not state_file.exists() or max_steps <= 0 or \
             json.loads(state_file.read_text())["global_step"] < max_steps:
         return trainer.train(resume_from_checkpoint=checkpoint)
-    exact = Path(checkpoint).parent / f"checkpoint-{max_steps}"
-    if Path(checkpoint) != exact and (exact / "trainer_state.json").exists():
-        print(f"{checkpoint} went past max_steps={max_steps} (a rerun before this was fixed): using {exact}.")
-        checkpoint, state_file = str(exact), exact / "trainer_state.json"
     trainer._load_from_checkpoint(checkpoint)
     trainer.state = TrainerState.load_from_json(str(state_file))
     # the saved state is rank 0's: each process says for itself which rank it is, as train() would

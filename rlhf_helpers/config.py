@@ -179,11 +179,12 @@ def add_config_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
                             help=docs.get(f.name, "").replace("%", "%%"))
 
 
-def add_stage_arguments(parser, cls: type) -> None:
-    """A stage's command line: `--run-dir`, `--profile` (one of PROFILES) and `add_config_arguments`."""
+def add_stage_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """A stage's command line: `--run-dir`, `--profile` (one of PROFILES) and `add_config_arguments` (less
+    `skip`: fields the command does nothing with, such as a notebook's evaluation-only settings)."""
     parser.add_argument("--run-dir", required=True, help="the run folder, e.g. runs/cpu")
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="budget profile (default: cpu)")
-    add_config_arguments(parser, cls)
+    add_config_arguments(parser, cls, skip=skip)
 
 
 def stage_config_from_args(parser, cls: type[C], args: dict[str, Any]) -> tuple[str, C]:

@@ -829,8 +829,8 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
         lines.append(
             f"- **Update size.** The clip fraction averaged {clip:.3f} over the run and the KL of each update "
             f"(`policy/approxkl_avg`) {approx:.1e} nats a token. "
-            + (f"Updates this small never reach the clip range, so the clip never bound: each of the "
-               f"{cfg.ppo_epochs} passes over a batch was in effect a plain policy-gradient step. A higher learning "
+            + (f"Updates this small rarely reach the clip range: the clip bound on {clip:.1%} of tokens, so each of "
+               f"the {cfg.ppo_epochs} passes over a batch was in effect a plain policy-gradient step. A higher learning "
                "rate moves further (and, at this budget, no nearer gold: see the notes below)."
                if small else "Clipping was at work: a clip fraction of a few percent up to about 0.2 is usual."))
     ev = _tail_mean(rows, "val/explained_variance", tail)

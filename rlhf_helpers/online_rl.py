@@ -46,9 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from transformers import TrainerCallback
-
-from .callbacks import ClockCallback, namespaced, quiet_datasets, train_or_restore, without_notebook_progress
+from .callbacks import (ClockCallback, MetricsCallback, namespaced, quiet_datasets, train_or_restore,
+                        without_notebook_progress)
 from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
@@ -220,11 +219,13 @@ def objective_aliases(row: dict[str, Any], beta: float) -> dict[str, Any]:
             "objective/rlhf_reward": scores - beta * kl if kl is not None else None}
 
 
-class OnlineRLMetricsCallback(TrainerCallback):
-    """TRL's logs into metrics.jsonl, with the shared `objective/*` aliases; `on_row(row)` after each row."""
+class OnlineRLMetricsCallback(MetricsCallback):
+    """TRL's logs into metrics.jsonl, with the shared `objective/*` aliases; `on_row(row)` after each row (and
+    at once for the rows a resumed run already holds)."""
 
     def __init__(self, logger: MetricsLogger, beta: float, on_row: Callable[[dict], None] | None = None):
-        self.logger, self.beta, self.on_row = logger, beta, on_row
+        super().__init__(logger, on_row)
+        self.beta = beta
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:

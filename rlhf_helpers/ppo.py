@@ -7,7 +7,9 @@ PPO" (Huang et al. 2023) and TRL's former PPOv2Trainer. One `PPOTrainer.step()`:
    chat-formatted and left-padded; sample up to `response_length` tokens at
    `temperature` (top-k and top-p off, so the sampler's distribution is exactly softmax(logits / T));
    everything after a response's first EOS is padding. The mask comes from the first-EOS position, never
-   from pad-id equality: SmolLM2 pads with `<|endoftext|>` (id 0), a token a response may legitimately hold.
+   from pad-id equality. SmolLM2's own tokenizer pads with `<|im_end|>`, its EOS, so pad-id masking would hide
+   every reply's real end; `models.load_tokenizer` pads with `<|endoftext|>` (id 0) instead, a token a
+   response may still legitimately hold.
 2. score: `reward_fn(prompts, responses) -> (B,)`, minus `missing_eos_penalty` where a response never ended;
    with `group_baseline`, minus the mean score of the response's k − 1 siblings before step 4 (RLOO's baseline).
 3. forward: log π_old and values V (policy + value head), log π_ref (the same policy with its LoRA adapter
@@ -69,7 +71,7 @@ from .models import (chat_prompt, clear_sampling_defaults, default_lora_config, 
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
                        PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, run_settings,
-                       settings_changed)
+                       resume_free, settings_changed)
 
 
 @dataclass
@@ -637,6 +639,7 @@ class PPOTrainer:
         self.resumed_from: str | None = None
         self.clock = clock or StageClock()  # its total goes into every checkpoint, and comes back on resume
         self.minibatch_stats: list[dict[str, float]] = []  # of the last step, in update order
+        self.last_rollout: Rollout | None = None  # the last step's sampled replies (the benchmark compares them)
         self._callbacks: list[Callable[[int, dict], None]] = []
 
     def add_step_callback(self, fn: Callable[[int, dict], None]) -> None:
@@ -668,6 +671,7 @@ class PPOTrainer:
         exp = make_experience(self.policy, self.value_head, self.tokenizer, self.reward_fn, prompts, cfg, kl_coef,
                               seed=self._seed(step), monitors=self.monitors)
         t3 = time.perf_counter()
+        self.last_rollout = exp.rollout
         update = self._update(exp.rollout, exp.logprobs, exp.values, exp.advantages, exp.returns, step)
         t4 = time.perf_counter()
         mask, seq_kl = exp.rollout.response_mask, exp.kl.sum(dim=1)  # (B, T), (B,)
@@ -750,14 +754,21 @@ class PPOTrainer:
             shutil.rmtree(old)
         return target
 
-    def resume(self) -> int:
-        """Load the newest checkpoint (adapter, value head, optimizer, KL controller, step) and drop the
-        metrics rows and samples logged after it. Returns the step reached (0 when there is none)."""
+    def resume(self, max_steps: int | None = None) -> int:
+        """Load the newest checkpoint at or before `max_steps` (default cfg.max_steps): adapter, value head,
+        optimizer, KL controller, step; drop the metrics rows, samples and checkpoints of later steps (a longer
+        run before, now cut shorter, must not hand back a policy trained longer than asked). Returns the step
+        reached (0 when there is none)."""
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        found = list_checkpoints(self.out)
+        max_steps = max_steps or self.cfg.max_steps
+        found = [(s, path) for s, path in list_checkpoints(self.out) if s <= max_steps]
+        if len(found) < len(list_checkpoints(self.out)):
+            print(f"Checkpoints in {self.out / 'checkpoints'} past max_steps={max_steps} (a longer run before) are "
+                  "removed; resuming from an earlier one.")
         if not found:
+            self._drop_after(0)
             print(f"No checkpoint in {self.out / 'checkpoints'}: starting at step 0.")
             return 0
         step, path = found[-1]
@@ -802,7 +813,10 @@ class PPOTrainer:
         rows = [r for r in self.logger.rows if "objective/scores" in r]
         first, last = (rows[0], rows[-1]) if rows else ({}, {})
         summary = {
-            "steps": self.step_count, "resumed_from": self.resumed_from, "wall_time_s": time.perf_counter() - t0,
+            "steps": self.step_count, "resumed_from": self.resumed_from,
+            # the whole run's cost, every session's (None when a resumed checkpoint did not record it), and
+            # this session's training loop alone
+            **self.clock.facts(), "train_wall_time_s": time.perf_counter() - t0,
             "scores_first": first.get("objective/scores"), "scores_last": last.get("objective/scores"),
             "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
             "rlhf_reward_first": first.get("objective/rlhf_reward"),
@@ -860,12 +874,14 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
         trainer.add_step_callback(fn)
     trainer.settings = run_settings(cfg, trainer.prompts, inputs={"policy": policy_path,
                                                                   "reward": reward_identity(reward)})
-    if cfg.resume and not settings_changed(trainer.out, trainer.settings):
+    if cfg.resume and not settings_changed(trainer.out, trainer.settings, resume_free(cfg)):
         trainer.resume()
+        for row in trainer.logger.rows if on_row is not None else ():
+            on_row(row)  # the steps done before: live curves start from step 1, not where this session does
     else:
         shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)
     summary = trainer.train()
-    summary = {**summary, "train_wall_time_s": summary["wall_time_s"], **clock.facts(),
+    summary = {**summary, **clock.facts(),
                "policy_path": policy_path, "n_prompts": len(trainer.prompts),
                "samples_seen": trainer.step_count * cfg.batch_size}
     trainer.logger.summary(summary)

@@ -14,7 +14,9 @@ Command line (also under `accelerate launch`):
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -31,11 +33,17 @@ from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
 
 
+FULL_FINE_TUNING_MAX_LR = 5e-4
+"""Above this, `SFTStageConfig` warns that full fine-tuning runs at a LoRA learning rate."""
+
+
 @dataclass
 class SFTStageConfig:
     """Settings of the SFT stage. Profiles override a few (see `rlhf_helpers.config.PROFILES`)."""
 
     stage: ClassVar[str] = "sft"
+    EVAL_ONLY: ClassVar[tuple[str, ...]] = ("n_compare", "max_new_tokens", "n_refusal_samples", "temperature")
+    """Fields only notebook 02's comparison reads, after training: changing them keeps the trained model."""
 
     model_name: str = DEFAULT_MODEL
     """Base model: a built-in name, a hub id or a local folder."""
@@ -104,6 +112,13 @@ class SFTStageConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.load_in_4bit and not self.use_lora:
             raise ValueError("4-bit weights cannot be fine-tuned directly: keep use_lora=True for QLoRA")
+        if not self.use_lora and self.learning_rate > FULL_FINE_TUNING_MAX_LR:
+            warnings.warn(f"full fine-tuning (use_lora=False) at learning_rate={self.learning_rate:g}, a LoRA rate: "
+                          f"every weight moves at it, about 10 times what full fine-tuning tolerates. Set "
+                          f"learning_rate={self.learning_rate / 10:g} or lower", stacklevel=3)
+        if not self.use_lora and self.lora_layers is not None:
+            warnings.warn(f"lora_layers={self.lora_layers} has no effect with use_lora=False: every layer is trained",
+                          stacklevel=3)
 
 
 def demonstrations_file(data_file: str | Path) -> Path:
@@ -219,27 +234,35 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     said = length_notice(lengths, cfg.max_length)
     if said:
         print(said)
-    eval_before = trainer.evaluate()["eval_loss"] if ckpt is None else None
+    if ckpt is None:
+        eval_before = trainer.evaluate()["eval_loss"]
+    else:  # measured by the session that started the run, at step 0
+        eval_before = next((r["eval/loss"] for r in logger.rows if r["step"] == 0 and "eval/loss" in r), None)
+    tokens_before = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)  # earlier sessions'
     result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
-    atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    if cfg.use_lora:
+        atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+    else:  # full fine-tuning has no adapter: model/ is the policy (an older run's adapter must not stay beside it)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
     unquantized_base = cfg.model_name if cfg.load_in_4bit else None
     atomic_write_dir(out / "model",
                      lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
     tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
-    runtime = result.metrics.get("train_runtime", float("nan"))
+    runtime = result.metrics.get("train_runtime")  # this session's (None when it trained nothing)
     summary = {
         "model_name": cfg.model_name, "base_path": resolve_model_path(cfg.model_name, verbose=False),
         "steps": trainer.state.global_step, "train_examples": len(trainer.train_dataset),
         "eval_examples": len(trainer.eval_dataset), "train_examples_cut": sum(n > cfg.max_length for n in lengths),
         "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after, "train_tokens": tokens, "tokens_per_second": tokens / runtime if runtime else None,
+        "eval_loss_after": eval_after, "train_tokens": tokens,
+        "tokens_per_second": (tokens - tokens_before) / runtime if runtime else None,  # this session's
         "train_runtime_s": runtime, **clock.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
-        "adapter_dir": str(out / "adapter"), "model_dir": str(out / "model"),
+        "adapter_dir": str(out / "adapter") if cfg.use_lora else None, "model_dir": str(out / "model"),
     }
     logger.summary(summary)
     return summary
@@ -293,7 +316,7 @@ def sft_policy_path(run_dir: str | Path, fallback: str = DEFAULT_MODEL) -> tuple
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.sft", description="Supervised fine-tuning stage")
-    add_stage_arguments(parser, SFTStageConfig)
+    add_stage_arguments(parser, SFTStageConfig, skip=SFTStageConfig.EVAL_ONLY)
     run_dir, cfg = stage_config_from_args(parser, SFTStageConfig, vars(parser.parse_args(argv)))
     summary = train_sft(cfg, run_dir)
     print({k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "wall_time_s")})

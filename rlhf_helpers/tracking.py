@@ -80,11 +80,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     """Fill a temporary folder beside `target` with `write(tmp)`, then move it into place, replacing an
     older folder; a reader (or a resumed run) never sees half a folder, and a failed write leaves the old
-    one as it was. The folder gets the permissions `mkdir` would give it, not the temporary one's."""
+    one as it was: if the swap itself fails, the old folder is moved back, and one that a killed process
+    left aside (`.NAME.old`, no NAME) is moved back before anything else. The folder gets the permissions
+    `mkdir` would give it, not the temporary one's."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     old = target.with_name(f".{target.name}.old")
+    if old.is_dir() and not target.exists():
+        os.rename(old, target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
@@ -94,6 +98,8 @@ def atomic_write_dir(target: str | os.PathLike, write) -> Path:
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not target.exists():
+            os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
     return target
@@ -408,28 +414,42 @@ def run_settings(config: Any, data: Any = None, inputs: dict[str, Any] | None = 
     return settings
 
 
-def settings_changed(stage_dir: str | os.PathLike, config: Any) -> bool:
-    """Whether stage_dir/checkpoints holds a run made with other settings than `config` (said aloud when
-    so): such checkpoints are not resumed, the stage starts over."""
+def resume_free(cfg: Any) -> tuple[str, ...]:
+    """The fields of `cfg` a resumed run may change: RESUME_FREE, and the config class's `EVAL_ONLY` (what a
+    notebook measures after training, e.g. how many replies it compares: they leave the model as it is)."""
+    return RESUME_FREE + tuple(getattr(cfg, "EVAL_ONLY", ()))
+
+
+def settings_changed(stage_dir: str | os.PathLike, config: Any, free: Iterable[str] = RESUME_FREE) -> bool:
+    """Whether stage_dir/checkpoints holds a run made with other settings than `config` (those in `free`
+    aside; said aloud when so): such checkpoints are not resumed, the stage starts over."""
     ckpts = Path(stage_dir) / "checkpoints"
-    changed = changed_settings(stage_dir, config) if ckpts.is_dir() else []
+    changed = changed_settings(stage_dir, config, free) if ckpts.is_dir() else []
     if changed:
         print(f"The checkpoints in {ckpts} were made with other settings ({', '.join(changed)}): starting over.")
     return bool(changed)
 
 
-def last_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The newest complete `checkpoint-N` in `folder` (a transformers/TRL trainer's), or None. A trainer
-    writes a checkpoint's files straight into its folder and `trainer_state.json` last, so a folder without
-    it is a save that was interrupted: it is removed, with a note, and the one before it is used."""
+def last_checkpoint(folder: str | os.PathLike, max_step: int | None = None) -> str | None:
+    """The newest complete `checkpoint-N` in `folder` (a transformers/TRL trainer's) with N ≤ `max_step`, or
+    None. A trainer writes a checkpoint's files straight into its folder and `trainer_state.json` last, so a
+    folder without it is a save that was interrupted: it is removed, with a note, and the one before it is
+    used. Checkpoints past `max_step` (a longer run before, now cut shorter) are removed too, with a note:
+    resuming from one would hand back a model trained longer than asked, and the metrics are cut back to
+    the checkpoint used."""
     folder = Path(folder)
     found = sorted((int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*")
                    if p.is_dir() and p.name.split("-")[-1].isdigit()) if folder.is_dir() else []
-    for _, path in reversed(found):
-        if (path / "trainer_state.json").exists():
+    for step, path in reversed(found):
+        if max_step is not None and max_step > 0 and step > max_step:
+            print(f"{path}: step {step} is past max_steps={max_step}; removed, resuming from an earlier checkpoint")
+            shutil.rmtree(path)
+        elif (path / "trainer_state.json").exists():
             return str(path)
-        print(f"{path}: an interrupted save (no trainer_state.json); removed, resuming from the checkpoint before it")
-        shutil.rmtree(path)
+        else:
+            print(f"{path}: an interrupted save (no trainer_state.json); removed, resuming from the checkpoint "
+                  "before it")
+            shutil.rmtree(path)
     return None
 
 
@@ -441,10 +461,10 @@ def resume_point(out: Path, cfg: Any, data: Any = None,
     old checkpoints and metrics go."""
     ckpt_dir = out / "checkpoints"
     settings = run_settings(cfg, data, inputs)
-    resume = cfg.resume and not settings_changed(out, settings)
+    resume = cfg.resume and not settings_changed(out, settings, resume_free(cfg))
     if not resume:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    ckpt = last_checkpoint(ckpt_dir) if resume else None
+    ckpt = last_checkpoint(ckpt_dir, getattr(cfg, "max_steps", None)) if resume else None
     logger = MetricsLogger(out, resume=ckpt is not None)
     if ckpt:
         logger.truncate_after(int(Path(ckpt).name.split("-")[-1]))

@@ -143,19 +143,54 @@ def test_last_checkpoint_skips_and_removes_an_interrupted_save(tmp_path, capsys)
             (folder / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # by number: 10 is newer than 2
     assert not (tmp_path / "checkpoint-12").exists() and "interrupted save" in capsys.readouterr().out
+    # a longer run before, now cut to 8 steps: its checkpoint-10 must not come back as the 8-step model
+    assert last_checkpoint(tmp_path, max_step=8) == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-10").exists() and "past max_steps=8" in capsys.readouterr().out
 
 
-def test_atomic_writes_give_the_permissions_of_a_plain_write(tmp_path):
-    from rlhf_helpers.tracking import atomic_write_dir
+def test_resume_point_resumes_at_or_before_max_steps_and_metrics_callbacks_replay_the_kept_rows(tmp_path):
+    from types import SimpleNamespace
 
-    old = os.umask(0o022)
+    from rlhf_helpers.callbacks import MetricsCallback
+    from rlhf_helpers.tracking import MetricsLogger, resume_point
+
+    out = tmp_path / "stage"
+    cfg = SimpleNamespace(resume=True, max_steps=4)
+    logger = MetricsLogger(out)
+    for step in range(1, 7):
+        logger.log(step, loss=1.0 / step)
+        if step % 2 == 0:
+            (out / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+            (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    ckpt, logger, _ = resume_point(out, cfg)
+    assert ckpt == str(out / "checkpoints" / "checkpoint-4")
+    assert [r["step"] for r in logger.rows] == [1, 2, 3, 4]
+    seen = []
+    MetricsCallback(logger, on_row=seen.append)  # live curves get the steps done before, at once
+    assert seen == logger.rows
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=oct)
+def test_atomic_writes_give_the_permissions_of_a_plain_write(tmp_path, mask):
+    """The umask's permissions, whatever it is (mkstemp's own would be 0o600, mkdtemp's 0o700)."""
+    from rlhf_helpers.tracking import atomic_write_dir, atomic_write_text
+
+    old = os.umask(mask)
     try:
         atomic_write_json(tmp_path / "summary.json", {"a": 1})
+        atomic_write_text(tmp_path / "notes.txt", "x")
+        atomic_write_text(tmp_path / "notes.txt", "y")  # replacing a file: the new one's mode is the umask's too
         atomic_write_dir(tmp_path / "model", lambda d: (d / "w.bin").write_bytes(b"x"))
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain").mkdir()
     finally:
         os.umask(old)
-    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644  # mkstemp's own would be 0o600
-    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755  # mkdtemp's own would be 0o700
+    for name in ("summary.json", "notes.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~mask
+    # what a plain write gives, checked against the same numbers
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_atomic_write_leaves_no_temp_files_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -188,6 +223,32 @@ def test_atomic_write_dir_replaces_whole_folders_and_keeps_the_old_one_on_failur
         atomic_write_dir(target, half_then_crash)
     assert [p.name for p in target.iterdir()] == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folders left
+
+
+def test_atomic_write_dir_keeps_the_old_folder_when_the_swap_fails_or_was_killed(tmp_path, monkeypatch):
+    from rlhf_helpers import tracking
+
+    target = tmp_path / "model"
+    tracking.atomic_write_dir(target, lambda d: (d / "b.txt").write_text("2"))
+    real_rename, calls = os.rename, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old folder is aside, the new one not yet in place
+            raise OSError("disk gone")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(tracking.os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        tracking.atomic_write_dir(target, lambda d: (d / "c.txt").write_text("3"))
+    monkeypatch.setattr(tracking.os, "rename", real_rename)
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a process killed between the two renames leaves only .model.old: the next write puts it back first
+    os.rename(target, tmp_path / ".model.old")
+    with pytest.raises(RuntimeError):
+        tracking.atomic_write_dir(target, lambda d: (_ for _ in ()).throw(RuntimeError("crash")))
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
 
 
 # --- resume refuses a checkpoint made with other settings or other data -----------------------------------

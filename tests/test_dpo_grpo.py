@@ -408,6 +408,10 @@ def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
 @pytest.mark.slow
 def test_grpo_resumes_from_its_checkpoint(tiny, tmp_path):
     train_grpo(tiny_rl_config(GRPOStageConfig, tiny, max_steps=1), tmp_path, tiny, PROMPTS, Recording(1.0))
+    samples = tmp_path / "grpo" / "samples.jsonl"
+    assert samples.exists()
+    with samples.open("a") as f:  # a row an interrupted session wrote after its checkpoint
+        f.write(json.dumps({"step": 2, "prompt": "x", "response": "stray"}) + "\n")
     summary = train_grpo(tiny_rl_config(GRPOStageConfig, tiny, max_steps=2, resume=True), tmp_path, tiny, PROMPTS,
                          Recording(1.0))
     assert summary["resumed_from"] and Path(summary["resumed_from"]).name == "checkpoint-1"
@@ -416,6 +420,7 @@ def test_grpo_resumes_from_its_checkpoint(tiny, tmp_path):
     assert summary["resumed_time_s"] == recorded > 0 and summary["wall_time_s"] > recorded  # both sessions
     rows = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "objective/scores" in r]
     assert [r["step"] for r in rows] == [1, 2]  # step 1 kept once, step 2 added
+    assert not any(r.get("response") == "stray" for r in read_metrics(samples))  # redone, not kept
 
 
 def test_running_a_finished_stage_again_trains_no_further_step(tiny, tmp_path, capsys):
@@ -436,14 +441,15 @@ def test_running_a_finished_stage_again_trains_no_further_step(tiny, tmp_path, c
         assert all(torch.equal(weights[k], v) for k, v in adapter(stage).items()), stage  # the same model
         assert "trained nothing more" in capsys.readouterr().out
         assert again["resumed_time_s"] > 0 and again["peak_memory_earlier_sessions_mb"] > 0  # the first run's
-    # a checkpoint past max_steps, as a rerun before this fix left behind: the one at max_steps is used
+    # a checkpoint past max_steps (a longer run before, or a rerun before this fix): it goes, max_steps' is used
     import shutil
 
     ckpts = tmp_path / "grpo" / "checkpoints"
     shutil.copytree(ckpts / "checkpoint-2", ckpts / "checkpoint-3")
     state = json.loads((ckpts / "checkpoint-3" / "trainer_state.json").read_text())
     (ckpts / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 3}))
-    assert runs["grpo"]()["steps"] == 2 and "went past max_steps=2" in capsys.readouterr().out
+    assert runs["grpo"]()["steps"] == 2 and "past max_steps=2" in capsys.readouterr().out
+    assert not (ckpts / "checkpoint-3").exists()
 
 
 def nudged_copy(folder, dest):
@@ -494,7 +500,10 @@ def test_ppo_reruns_when_its_prompts_policy_or_reward_have_changed(tiny, tmp_pat
         return train_ppo(cfg, tmp_path / "run", str(policy), reward, prompts)
 
     assert ppo()["resumed_from"] is None
-    assert ppo()["resumed_from"]  # nothing changed: the finished run is kept
+    seen = []
+    kept = train_ppo(cfg, tmp_path / "run", tiny, Recording(1.0), PROMPTS[:2], on_row=seen.append)
+    assert kept["resumed_from"]  # nothing changed: the finished run is kept
+    assert [r["step"] for r in seen] == [1]  # and its live curves are drawn from the rows it kept
     capsys.readouterr()
     for changed, field in ((dict(prompts=PROMPTS[2:4]), "data_sha256"), (dict(reward=Recording(2.0)), "reward_sha256"),
                            (dict(policy=other), "policy_sha256")):

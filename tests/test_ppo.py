@@ -78,12 +78,16 @@ class CharTokenizer:
         return [self.vocab[i] for i in ids]
 
 
-def tiny_policy(seed: int = 0):
+def tiny_base(seed: int = 0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                          initializer_range=INIT_RANGE, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
-    return attach_lora(LlamaForCausalLM(config), default_lora_config(r=4, alpha=8, dropout=0.0)).eval()
+    return LlamaForCausalLM(config)
+
+
+def tiny_policy(seed: int = 0, r: int = 4):
+    return attach_lora(tiny_base(seed), default_lora_config(r=r, alpha=2 * r, dropout=0.0)).eval()
 
 
 PROMPTS = ["say a", "hello there", "what is up?", "abc", "write a poem", "hi", "tell me more", "ok go"]
@@ -414,7 +418,8 @@ def make_trainer(run_dir, cfg=None, reward=fraction_of_target):
 
 
 def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tmp_path):
-    trainer = make_trainer(tmp_path, reward=share_of_lowercase)
+    # T = 0.7: the reference must be scored at the sampling temperature too, or the step-1 KL is not 0
+    trainer = make_trainer(tmp_path, tiny_config(temperature=0.7), reward=share_of_lowercase)
     base = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if not p.requires_grad}
     lora = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
     m = trainer.step()
@@ -430,14 +435,32 @@ def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tm
     assert trainer.value_head.summary.weight.abs().sum() > 0  # the head learned from 0
     m2 = trainer.step()
     assert m2["objective/kl"] != 0  # now the adapter moved the policy away from the reference
-    with reference_model(trainer.policy):  # and disabling it gives back the base model
-        assert all(torch.equal(named[n], p) for n, p in base.items())
+    # disabling the adapter gives back the base model: the same seed builds the same base weights
+    ids = torch.tensor([[BOS, 10, 11, 12, 13]])
+    fresh = tiny_base()(input_ids=ids).logits
+    assert not torch.allclose(trainer.policy(input_ids=ids).logits, fresh, atol=1e-6)
+    with reference_model(trainer.policy):
+        assert torch.allclose(trainer.policy(input_ids=ids).logits, fresh, atol=1e-6)
     for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/kl_coef", "policy/approxkl_avg",
                 "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/explained_variance", "policy/entropy_avg",
                 "response/length_mean", "response/eos_frac", "time/rollout_s", "time/score_s", "time/update_s",
                 "tokens/generated"):
         assert isinstance(m2[key], (int, float)), key
     assert m2["objective/rlhf_reward"] == pytest.approx(m2["objective/scores"] - 0.05 * m2["objective/kl"], abs=1e-6)
+
+
+def test_the_trainer_refuses_a_policy_without_lora_a_pad_that_is_eos_and_an_adapter_of_another_shape(tmp_path):
+    with pytest.raises(TypeError, match="LoRA adapter"):
+        PPOTrainer(tiny_base(), CharTokenizer(), fraction_of_target, tiny_config(), tmp_path, PROMPTS)
+    tok = CharTokenizer()
+    tok.pad_token_id = EOS
+    with pytest.raises(ValueError, match="pad"):
+        PPOTrainer(tiny_policy(), tok, fraction_of_target, tiny_config(), tmp_path, PROMPTS)
+    make_trainer(tmp_path, tiny_config(save_steps=1)).train(1)
+    other = PPOTrainer(tiny_policy(r=8), CharTokenizer(), fraction_of_target, tiny_config(save_steps=1), tmp_path,
+                       PROMPTS)
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|does not fit"):
+        other.resume()
 
 
 def test_missing_eos_penalty_and_adaptive_kl_in_a_step(tmp_path):
@@ -450,6 +473,21 @@ def test_missing_eos_penalty_and_adaptive_kl_in_a_step(tmp_path):
     assert trainer.kl_ctl.value == pytest.approx(0.05 * (1 - 0.2 * 8 / 10000))
     before = trainer.kl_ctl.value
     assert trainer.step()["objective/kl_coef"] == before  # the next step's rewards use the updated β
+
+
+def test_reward_whitening_scales_the_rewards_about_their_mean_and_keeps_the_mean(tmp_path):
+    trainer = make_trainer(tmp_path, reward=share_of_lowercase)
+    prompts = trainer.prompts_for(1)
+    args = (trainer.policy, trainer.value_head, trainer.tokenizer, share_of_lowercase, prompts)
+    plain = make_experience(*args, tiny_config(), kl_coef=0.05, seed=1)
+    white = make_experience(*args, tiny_config(whiten_rewards=True), kl_coef=0.05, seed=1)
+    mask = plain.rollout.response_mask
+    assert torch.equal(plain.rollout.response_ids, white.rollout.response_ids)  # the same replies
+    r = plain.rewards[mask]
+    assert r.std() > 0.1  # a scale that whitening visibly changes
+    assert torch.allclose(white.rewards[mask], (r - r.mean()) / r.std() + r.mean(), atol=1e-4)  # TRL's shift_mean=False
+    assert torch.all(white.rewards[~mask] == 0)
+    assert not torch.allclose(white.advantages, plain.advantages)  # and GAE ran on the whitened rewards
 
 
 def test_monitors_are_logged_but_never_optimised(tmp_path):
@@ -546,16 +584,21 @@ def test_toy_reward_rises(tmp_path, group):
     assert summary["scores_halves"]["change"] == pytest.approx(sum(scores[5:]) / 5 - sum(scores[:5]) / 5)
 
 
+def resume_config(**overrides) -> PPOConfig:
+    """An adaptive β with a short horizon, so that β moves every step and a resume must restore it."""
+    return tiny_config(adaptive_kl=True, horizon=16, **overrides)
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """Four steps in one go: the numbers the repeat and the resumed run must reproduce."""
     run_dir = tmp_path_factory.mktemp("straight")
-    make_trainer(run_dir).train(4)
+    make_trainer(run_dir, resume_config()).train(4)
     return run_dir
 
 
 def test_same_seed_gives_same_numbers(straight_run, tmp_path):
-    make_trainer(tmp_path).train(4)
+    make_trainer(tmp_path, resume_config()).train(4)
     a, b = read_metrics(straight_run / "ppo" / "metrics.jsonl"), read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     assert without_timings(a) == without_timings(b)
     samples = [json.loads(line) for line in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
@@ -563,22 +606,35 @@ def test_same_seed_gives_same_numbers(straight_run, tmp_path):
 
 
 def test_resume_continues_where_it_stopped(straight_run, tmp_path):
-    make_trainer(tmp_path, tiny_config(save_steps=1)).train(2)
+    make_trainer(tmp_path, resume_config(save_steps=1)).train(2)
     assert [s for s, _ in list_checkpoints(tmp_path / "ppo")] == [1, 2]
     (tmp_path / "ppo" / "metrics.jsonl").open("a").write(json.dumps({"step": 3, "objective/kl": 9.9}) + "\n")
+    with (tmp_path / "ppo" / "samples.jsonl").open("a") as f:  # so did samples.jsonl
+        f.write(json.dumps({"step": 3, "prompt": "x", "response": "stray"}) + "\n")
     recorded = json.loads((tmp_path / "ppo" / "checkpoints" / "step-2" / "elapsed.json").read_text())["seconds"]
-    trainer = make_trainer(tmp_path, tiny_config(save_steps=1))  # a fresh process: new model, new head
+    trainer = make_trainer(tmp_path, resume_config(save_steps=1))  # a fresh process: new model, new head
     assert trainer.resume() == 2
     assert trainer.clock.before == recorded > 0  # the run's cost so far comes back with it
     saved = torch.load(tmp_path / "ppo" / "checkpoints" / "step-2" / "value_head.pt", weights_only=True)
     assert torch.equal(trainer.value_head.summary.weight, saved["summary.weight"])
     assert trainer.optimizer.state_dict()["state"]  # Adam's moments are back
-    trainer.train(4)
+    assert trainer.kl_ctl.value == pytest.approx(0.05 * 0.9 ** 2)  # β after two steps far below target
+    summary = trainer.train(4)
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stray row after the checkpoint was dropped
+    samples = read_metrics(tmp_path / "ppo" / "samples.jsonl")
+    assert sorted({r["step"] for r in samples}) == [1, 2, 4] and not any(r["response"] == "stray" for r in samples)
     # with adapter, head, optimizer and KL coefficient restored, steps 3-4 equal the uninterrupted run's
     assert without_timings(rows) == without_timings(read_metrics(straight_run / "ppo" / "metrics.jsonl"))
     assert json.loads((tmp_path / "ppo" / "checkpoints" / "step-4" / "elapsed.json").read_text())["seconds"] > recorded
+    # the summary's wall time is the whole run's; this session's loop alone is less
+    assert summary["resumed_time_s"] == recorded
+    assert summary["wall_time_s"] >= recorded + summary["train_wall_time_s"]
+    # the same run asked for 3 steps now: it resumes from step 3, not 4, and step 4's rows and checkpoint go
+    shorter = make_trainer(tmp_path, resume_config(save_steps=1, max_steps=3))
+    assert shorter.resume() == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "ppo")] == [3]
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl")] == [1, 2, 3]
 
 
 @pytest.mark.slow

@@ -118,9 +118,33 @@ def test_each_evaluation_is_logged_once_when_the_stage_ends_on_one_and_is_run_ag
     again = train_sft(cfg, tmp_path)
     assert again["resumed_from"].endswith("checkpoint-2") and again["steps"] == 2
     assert again["eval_loss_after"] == pytest.approx(first["eval_loss_after"], abs=1e-6)  # restored, not retrained
+    assert again["eval_loss_before"] == first["eval_loss_before"] is not None  # the first session's, kept
+    assert again["tokens_per_second"] is None  # nothing trained in this session
+    # a setting only notebook 02's comparison reads keeps the trained model; a training one does not
+    assert train_sft(stage_config(SFTStageConfig, "smoke", max_steps=2, **{**TINY, "eval_steps": 2, "save_steps": 2,
+                                                                       "n_compare": 3, "temperature": 0.3}),
+                     tmp_path)["resumed_from"]
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/loss" in r] == [0, 2]  # before training, and after
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+
+
+def test_full_fine_tuning_warns_at_a_lora_rate_and_its_command_line_has_no_comparison_flags(capsys):
+    with pytest.warns(UserWarning, match="learning_rate=0.0002 or lower"):
+        SFTStageConfig(use_lora=False, learning_rate=2e-3)
+    with pytest.warns(UserWarning, match="lora_layers=8 has no effect"):
+        SFTStageConfig(use_lora=False, learning_rate=2e-4, lora_layers=8)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SFTStageConfig(use_lora=False, learning_rate=2e-4)
+        SFTStageConfig(use_lora=True, learning_rate=2e-3)
+    from rlhf_helpers.sft import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run-dir", "x", "--n-compare", "3"])
+    assert exit_.value.code == 2 and "--n-compare" in capsys.readouterr().err
 
 
 def test_merging_into_a_freshly_loaded_base_matches_merging_in_place(trainer, tmp_path):
