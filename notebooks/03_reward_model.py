@@ -31,10 +31,12 @@
 # %% tags=["parameters"]
 run_dir: str = "runs/dev"  # where this run's artifacts go; this notebook writes run_dir/preferences/ and run_dir/rm/
 profile: str = "cpu"  # smoke | cpu | gpu: sampling and training budget
-seed: int = 0  # seed for sampling, labels and training
+seed: int = 0  # seed of the live samples, their labels, the train/held-out split, the fresh samples, and training
+train_seed: int = -1  # seed of training alone (the new head, LoRA, batch order), same pairs and split; negative: seed
 model_name: str = ""  # backbone when run_dir has no SFT model; empty keeps the profile's
-annotator_temperature: float = 0.1  # Bradley-Terry temperature of the simulated annotator (gold units)
-use_snapshot: bool = True  # add the shipped snapshot of labelled SFT samples to the live pairs
+annotator_temperature: float = 0.1  # Bradley-Terry temperature of the simulated annotator (gold units); snapshot: 0.1
+use_snapshot: bool = None  # add the shipped snapshot of labelled SFT samples; None keeps the profile's (off on gpu)
+n_live_prompts: int = 0  # train prompts sampled and labelled live; 0 keeps the profile's (4 on cpu, all 248 on gpu)
 max_steps: int = 0  # reward-model optimizer steps; 0 keeps the profile's value
 
 # %% [markdown]
@@ -50,13 +52,14 @@ from IPython.display import Markdown, display
 
 from rlhf_helpers import plotting
 from rlhf_helpers.config import stage_config
-from rlhf_helpers.data import load_preferences, train_prompts
+from rlhf_helpers.data import load_preferences
 from rlhf_helpers.evaluate import (best_of_n, best_of_n_markdown, generate_and_score, heldout_prompts,
                                    within_prompt_agreement)
 from rlhf_helpers.gold import GoldJudge, SimulatedAnnotator, gold_ties, pair_ceiling
 from rlhf_helpers.models import load_model
 from rlhf_helpers.paths import data_path, stage_dir
-from rlhf_helpers.preferences import label_samples, read_pairs, sample_at_temperatures, snapshot_info, write_pairs
+from rlhf_helpers.preferences import (label_samples, live_train_prompts, load_snapshot, sample_at_temperatures,
+                                      write_pairs)
 from rlhf_helpers.reward_model import (
     RMStageConfig, accuracy_against_ceiling, calibration_bins, pair_margins, split_pairs, train_reward_model,
 )
@@ -65,42 +68,50 @@ from rlhf_helpers.sft import sft_policy_path
 from rlhf_helpers.tracking import MetricsLogger
 
 t0 = time.perf_counter()
-cfg = stage_config(RMStageConfig, profile, seed=seed, model_name=model_name or None,
-                   annotator_temperature=annotator_temperature, use_snapshot=use_snapshot, max_steps=max_steps or None)
+cfg = stage_config(RMStageConfig, profile, seed=seed, train_seed=train_seed if train_seed >= 0 else None,
+                   model_name=model_name or None, annotator_temperature=annotator_temperature,
+                   use_snapshot=use_snapshot, n_live_prompts=n_live_prompts or None, max_steps=max_steps or None)
 policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
 pref_dir, rm_dir = stage_dir(run_dir, "preferences"), stage_dir(run_dir, "rm")
 cfg
 
 # %% [markdown]
-# ## 1. Sampling and labelling pairs, live
+# ## 1. Sampling and labelling pairs: a few live, the rest from a snapshot
 # Sample two answers per prompt from the policy, one at temperature 0.7 and one at 1.3, pair them, and let
 # the annotator choose. (Two samples at one temperature are often near-ties by gold, so most labels would be
-# coin flips; mixing temperatures is a common way to get comparisons worth making.) Each pair keeps its provenance: which policy, temperature and seed made it, both gold
-# rewards, and the probability with which the annotator chose as it did.
+# coin flips; mixing temperatures is a common way to get comparisons worth making.)
+#
+# Sampling every training prompt takes minutes on a CPU, so the shipped snapshot holds such pairs for every
+# training prompt, made by `scripts/make_preference_snapshot.py` (anyone can rerun it) from notebook 02's
+# SFT model at the cpu profile and seed 0. This notebook samples the last `n_live_prompts` training prompts
+# live, and their pairs replace the snapshot's on those prompts. The snapshot is read first and checked
+# against this run, before any sampling. Its labels were drawn at annotator temperature 0.1, so another
+# `annotator_temperature` is refused while it is on. And when this run's SFT model is not the one it was
+# sampled from (another seed, profile or `model_name`), a warning says how they differ: its pairs are then
+# off-policy, replies of another model for the reward model to judge.
 
 # %%
-live_prompts = train_prompts()[-cfg.n_live_prompts:]
+snapshot = data_path("preference_snapshot.jsonl")
+snap_pairs, snapshot_off_policy = load_snapshot(snapshot, cfg, run_dir, fell_back)
+
+# %% [markdown]
+# Now the live pairs. Each pair keeps its provenance: which policy made it, the temperature each of its two
+# replies was sampled at, the seed, both gold rewards, and the probability with which the annotator chose
+# as it did.
+
+# %%
+prompts_live = live_train_prompts(cfg.n_live_prompts)
 policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
-samples = sample_at_temperatures(policy, tok, live_prompts, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
+samples = sample_at_temperatures(policy, tok, prompts_live, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
                                  seed=seed, batch_size=cfg.generation_batch_size)
 annotator = SimulatedAnnotator(judge=GoldJudge(), temperature=cfg.annotator_temperature, seed=seed)
 provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperatures": list(cfg.sample_temperatures),
               "sample_seed": seed, "max_new_tokens": cfg.max_new_tokens, "source": "live"}
-live_pairs, skipped = label_samples(live_prompts, samples, annotator, provenance)
+live_pairs, skipped = label_samples(prompts_live, samples, annotator, provenance, temperatures=cfg.sample_temperatures)
 plotting.pairs_table(live_pairs[:4])
 
-# %% [markdown]
-# The shipped snapshot holds the same kind of pairs for the other training prompts, made by
-# `scripts/make_preference_snapshot.py` (anyone can rerun it), so this notebook need not sample them all.
-
 # %%
-snapshot = data_path("preference_snapshot.jsonl")
-snap_pairs = read_pairs(snapshot) if cfg.use_snapshot and snapshot.exists() else []
-if snap_pairs:
-    print(f"snapshot: {len(snap_pairs)} pairs, made with {snapshot_info(snapshot)}")
-    if snap_pairs[0].metadata["annotator_temperature"] != cfg.annotator_temperature:
-        print("note: the snapshot was labelled at another annotator temperature; the Bayes ceiling is per temperature")
-kept = [p for p in snap_pairs if p.prompt not in set(live_prompts)]  # live pairs replace the snapshot's
+kept = [p for p in snap_pairs if p.prompt not in set(prompts_live)]  # live pairs replace the snapshot's
 pairs = live_pairs + kept
 write_pairs(pref_dir / "pairs.jsonl", pairs)
 print(f"{len(pairs)} pairs written to {pref_dir / 'pairs.jsonl'}: {len(live_pairs)} live and {len(kept)} from the "
@@ -143,10 +154,13 @@ print(f"{gold_ties(eval_pairs)} of the held-out pairs have equal gold on both si
 # stays near it as a model still guessing: on labels this noisy (a simulated annotator choosing between
 # replies of close gold) even the best possible model's loss stays far above 0, and a model with small
 # margins can order most pairs right while its loss barely leaves $\ln 2$. Accuracy against the Bayes
-# ceiling, below, is the figure to read.
+# ceiling, below, is the figure to read. TRL measures held-out accuracy every `eval_steps` steps; the smoke
+# and cpu profiles set it past `max_steps`, so it is measured once, after training, and the live plot shows
+# the training curves alone (section 6 measures held-out accuracy in full).
 
 # %%
-live = plotting.LiveCurves(["train/loss", "train/accuracy", "eval/accuracy"], every=2)
+curves = ["train/loss", "train/accuracy"] + (["eval/accuracy"] if cfg.eval_steps < cfg.max_steps else [])
+live = plotting.LiveCurves(curves, every=2)
 rm, facts = train_reward_model(cfg, run_dir, policy_path, train_pairs, eval_pairs, on_row=live.update)
 facts
 
@@ -154,9 +168,9 @@ facts
 # ## 5. Normalise on fresh SFT samples, and check against the gold judge
 # RL adds the reward to a KL penalty, so its scale matters: we shift and scale it so that fresh SFT samples
 # (on held-out prompts, never trained on; `fresh_samples_per_prompt` replies to each) score mean 0 and
-# standard deviation 1. They are sampled at `fresh_temperature` (1.0 in the cpu profile, for variety);
-# PPO samples at 0.7, where the same shift and scale leave its scores near, not exactly at, 0 and 1. The same samples test whether the reward model *ranks* answers as the gold judge
-# does (Spearman's ρ).
+# standard deviation 1. They are sampled at `fresh_temperature` (1.0 in the cpu profile, for variety); PPO
+# samples at 0.7, where the same shift and scale leave its scores near, not exactly at, 0 and 1. The same
+# samples test whether the reward model *ranks* answers as the gold judge does (Spearman's ρ).
 
 # %%
 k_fresh = cfg.fresh_samples_per_prompt
@@ -180,15 +194,17 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 # SFT model answers scores 0 whatever it says).
 #
 # ### What the reward model is worth to RL, before any RL
-# PPO, GRPO and RLOO never compare replies to different prompts: each update asks which of the replies to
-# *this* prompt deserve more probability. So the question that decides whether RL against this reward model
-# can raise the gold is narrower than ρ: of two replies to the same prompt, does it prefer the one the gold
-# judge prefers? And the payoff has a price tag. Picking the best of n sampled replies by the reward model
-# (*best-of-n*) is a policy too, at a KL to the sampling policy of at most log n − (n−1)/n nats: 0.19 for
-# n = 2, 0.43 for n = 3, 0.64 for n = 4. Best-of-n trades KL for the reward model's score about as well as
-# any policy can, so if picking by the reward model buys no gold here, RL against it is unlikely to buy
-# much at a comparable KL, however good the RL. Picking by the gold judge itself shows what a perfect
-# reward model would buy.
+# With a per-prompt baseline (GRPO, RLOO, and PPO with `group_baseline`, as in the cpu profile), RL never
+# compares replies to different prompts: each update asks which of the replies to *this* prompt deserve more
+# probability. (PPO without it, its default and the gpu profile's, has only its value head for a baseline,
+# so a score offset between prompts reaches its update unless the value head learns it.) So the question
+# that decides whether RL against this reward model can raise the gold is narrower than ρ: of two replies to
+# the same prompt, does it prefer the one the gold judge prefers? And the payoff has a price tag. Picking
+# the best of n sampled replies by the reward model (*best-of-n*) is a policy too, at a KL to the sampling
+# policy of at most log n − (n−1)/n nats: 0.19 for n = 2, 0.43 for n = 3, 0.64 for n = 4. Best-of-n trades
+# KL for the reward model's score about as well as any policy can, so if picking by the reward model buys no
+# gold here, RL against it is unlikely to buy much at a comparable KL, however good the RL. Picking by the
+# gold judge itself shows what a perfect reward model would buy.
 
 # %%
 if k_fresh >= 2:
@@ -246,7 +262,8 @@ plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (re
 # On the `cpu` profile the training seed moves accuracy as much. Trained on the same pairs with the same
 # split, seed 0 scored 0.606 and four other training seeds 0.43–0.50, near chance, and their best-of-3
 # picks were worth +0.001 to +0.010 of gold (`docs/rl_on_a_cpu_budget.md`, section 14). Train twice
-# with two values of `seed` before you trust a difference between two reward models.
+# with two values of `train_seed` before you trust a difference between two reward models: it changes the
+# training alone, as in those runs, while `seed` would also change the live pairs, their labels and the split.
 #
 # In the calibration plot each point is a bin of predicted probabilities against how often the first
 # answer really was preferred; on the diagonal the model's confidence is what happens. Each pair is
@@ -265,15 +282,17 @@ rm.save(rm_dir / "model")
 summary = {
     "profile": profile, "seed": seed, "policy": policy_path, "fell_back_to_base": fell_back, **facts,
     "n_pairs": len(pairs), "n_live_pairs": len(live_pairs), "n_snapshot_pairs": len(pairs) - len(live_pairs),
-    "skipped_live": dict(skipped), "annotator_temperature": cfg.annotator_temperature,
-    "eval_accuracy": accuracy, "bayes_ceiling": ceiling, "accuracy_over_ceiling": accuracy / ceiling,
-    "eval_accuracy_ci": [report["ci_low"], report["ci_high"]], "gap_closed": report["gap_closed"],
+    "snapshot_off_policy": snapshot_off_policy, "skipped_live": dict(skipped),
+    "annotator_temperature": cfg.annotator_temperature, "eval_accuracy": accuracy,
+    "eval_accuracy_ci": [report["ci_low"], report["ci_high"]], "eval_prompts": report["n_prompts"],
+    "bayes_ceiling": ceiling, "gap_closed": report["gap_closed"],
+    "gap_closed_ci": [report["gap_closed_low"], report["gap_closed_high"]],
     "spearman_with_gold": rho, "normalization": norm, "fresh_samples_per_prompt": k_fresh,
-    "within_prompt_agreement": agreement, "best_of_n": bon, "wall_time_s": time.perf_counter() - t0,
+    "within_prompt_agreement": agreement, "best_of_n": bon, "notebook_wall_time_s": time.perf_counter() - t0,
 }
 MetricsLogger(rm_dir).summary(summary)
 {k: summary[k] for k in ("eval_accuracy", "eval_accuracy_ci", "bayes_ceiling", "gap_closed", "spearman_with_gold",
-                         "wall_time_s")}
+                         "notebook_wall_time_s")}
 
 # %% [markdown]
 # ## What you saw, and what to try
@@ -283,9 +302,10 @@ MetricsLogger(rm_dir).summary(summary)
 # - Best-of-n: what picking by the reward model buys in gold at a known KL, about the most RL against it can
 #   hope for at that KL.
 #
-# Try: more `max_steps`; `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in
-# this notebook, which takes minutes: fewer pairs than the snapshot, so watch accuracy fall), and with it
+# Try: more `max_steps`; another `train_seed`, to see how far training noise alone moves accuracy on the
+# same pairs; `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in this
+# notebook, which takes minutes: fewer pairs than the snapshot, so watch accuracy fall), and with it
 # `annotator_temperature=0.02`, a more consistent annotator whose ceiling is higher. With the snapshot on,
-# the annotator temperature only relabels the few live pairs: the snapshot keeps the labels it was made
-# with, at 0.1. Next, notebook 04 optimises the
-# SFT policy against this reward model with PPO, and watches the gold judge to catch it being fooled.
+# another annotator temperature is refused: the snapshot's labels were drawn at 0.1, and the Bayes ceiling
+# is per temperature. Next, notebook 04 optimises the SFT policy against this reward model with PPO, and
+# watches the gold judge to catch it being fooled.

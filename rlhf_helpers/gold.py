@@ -246,8 +246,12 @@ def bayes_ceiling(gold_a: Sequence[float], gold_b: Sequence[float], temperature:
 def pair_ceiling(pairs: Sequence[Any]) -> float:
     """The Bayes ceiling of labelled pairs that carry gold rewards and the annotator temperature."""
     temps = {p.metadata["annotator_temperature"] for p in pairs}
-    if len(temps) != 1:
-        raise ValueError(f"pairs were labelled at several temperatures {sorted(temps)}; compute per temperature")
+    if not temps:
+        raise ValueError("no pairs: the Bayes ceiling is a mean over pairs")
+    if len(temps) > 1:
+        raise ValueError(f"pairs were labelled at several annotator temperatures {sorted(temps)}, and the Bayes "
+                         f"ceiling is per temperature: compute it on the pairs of each temperature, or label every "
+                         f"pair at one (notebook 03: use_snapshot=False, or the snapshot's annotator_temperature)")
     return bayes_ceiling([p.metadata["gold_chosen"] for p in pairs], [p.metadata["gold_rejected"] for p in pairs],
                          temps.pop())
 

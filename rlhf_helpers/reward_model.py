@@ -1,10 +1,12 @@
 """The reward model (notebook 03): TRL's RewardTrainer on a scalar-head backbone, plus diagnostics.
 
 Backbone: the SFT model (or any causal LM) loaded as `AutoModelForSequenceClassification(num_labels=1)`,
-whose `score` head reads the hidden state of the last non-padding token. Padding uses `<|endoftext|>`, not
-the end-of-turn token, so that last token is the real `<|im_end|>`. LoRA adapts the top `lora_layers`
-blocks only: the backward pass stops below them, which makes training about three times cheaper on a CPU;
-the head is trained in full (`modules_to_save=["score"]`).
+whose `score` head reads the hidden state of the last non-padding token. The text of a reply is the
+tokenizer's chat template over the prompt and the reply (`scoring_text`), as TRL's RewardTrainer renders its
+training pairs. ChatML (SmolLM2's template) ends the reply's turn with `<|im_end|>\\n`, so the token the head
+reads is that `\\n`. Padding uses `<|endoftext|>`, a token the template never writes, so padding is never
+taken for text. LoRA adapts the top `lora_layers` blocks only: the backward pass stops below them, which
+makes training about three times cheaper on a CPU; the head is trained in full (`modules_to_save=["score"]`).
 
 Loss (Bradley–Terry): −log σ(r(x, y_w) − r(x, y_l)), TRL's, with its small centring term.
 
@@ -26,7 +28,7 @@ import torch
 from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
-from .models import (_resolve_device, _torch_dtype, chat_prompt, checkpointing_flag, load_tokenizer,
+from .models import (_resolve_device, _torch_dtype, checkpointing_flag, load_tokenizer,
                      quiet_loading_bars, resolve_model_path)
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
@@ -39,6 +41,10 @@ class RMStageConfig:
     """Settings of the preference and reward-model stage."""
 
     stage: ClassVar[str] = "rm"
+    EVAL_ONLY: ClassVar[tuple[str, ...]] = ("n_fresh", "fresh_temperature", "fresh_samples_per_prompt")
+    """Fields only notebook 03's fresh samples read, after training (normalisation, rank correlation with gold,
+    best-of-n): changing them keeps the trained reward model. `generation_batch_size` is not one: it also
+    batches the live samples, and a batch's size changes what a seeded `generate` samples."""
 
     model_name: str = DEFAULT_MODEL
     """Backbone when run_dir has no SFT model (the notebook uses run_dir/sft/model when present)."""
@@ -95,12 +101,36 @@ class RMStageConfig:
     device: str = "cpu"
     """cpu, cuda or auto."""
     seed: int = 0
-    """Seed for sampling, labels and training."""
+    """Seed of the live samples, their labels, the train/held-out split, the fresh samples, and of training
+    unless `train_seed` is set."""
+    train_seed: int | None = None
+    """Seed of training alone (the new head's and LoRA's initial values, the batch order); None: `seed`.
+    Change it to see how much training noise alone moves a reward model, on the same pairs and split."""
     resume: bool = True
     """Continue from the last checkpoint in run_dir/rm/checkpoints when one exists and was made with these
     settings and training pairs."""
 
     def __post_init__(self):
+        for name in ("max_steps", "batch_size", "max_length", "eval_steps", "logging_steps", "save_steps",
+                     "n_live_prompts", "n_fresh", "max_new_tokens", "generation_batch_size", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        for name in ("n_train", "n_eval", "lora_layers"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None (all) or a whole number >= 1, got {value!r}")
+        if self.train_seed is not None and (isinstance(self.train_seed, bool) or not isinstance(self.train_seed, int)
+                                            or self.train_seed < 0):
+            raise ValueError(f"train_seed must be None (train with seed) or a whole number >= 0, "
+                             f"got {self.train_seed!r}")
+        if not self.use_snapshot and self.n_live_prompts < 2:
+            raise ValueError(f"with use_snapshot=False every pair is sampled live, and holding prompts out needs pairs "
+                             f"on 2 or more: set n_live_prompts >= 2 (got {self.n_live_prompts}), or use_snapshot=True")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.fresh_temperature < 0:
+            raise ValueError(f"fresh_temperature must be >= 0 (0 is greedy), got {self.fresh_temperature}")
         if self.annotator_temperature <= 0:
             raise ValueError("annotator_temperature must be > 0")
         self.sample_temperatures = tuple(float(t) for t in self.sample_temperatures)
@@ -111,6 +141,11 @@ class RMStageConfig:
         if self.fresh_samples_per_prompt < 1:
             raise ValueError(f"fresh_samples_per_prompt must be >= 1 (2 or more to compare replies to one prompt), "
                              f"got {self.fresh_samples_per_prompt}")
+
+    @property
+    def training_seed(self) -> int:
+        """The seed training uses: `train_seed`, or `seed` when it is None."""
+        return self.seed if self.train_seed is None else self.train_seed
 
 
 def lora_for_rm(cfg: RMStageConfig, n_layers: int):
@@ -170,7 +205,8 @@ def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
         eval_strategy="steps", eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
         bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, **checkpointing_flag(False),
-        lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
+        lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.training_seed, data_seed=cfg.training_seed,
+        disable_dropout=True,
     )
 
 
@@ -181,7 +217,7 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     from peft import get_peft_model
     from trl import RewardTrainer
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.training_seed)  # before the backbone loads: the new head's initial values follow it
     out = stage_dir(run_dir, "rm")
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs, inputs={"backbone": backbone})
     logger.save_config(settings)
@@ -201,9 +237,19 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     facts = {"steps": trainer.state.global_step, "train_pairs": len(trainer.train_dataset),
              "eval_pairs": len(trainer.eval_dataset), "dropped_too_long": dropped,
              "train_runtime_s": clock.seconds, "resumed_time_s": clock.before, "resumed_from": ckpt,
-             "backbone": backbone}
+             "backbone": backbone, "training_seed": cfg.training_seed}
     model.eval()
     return RewardModel(model, tok), facts
+
+
+def scoring_text(tokenizer, prompt: str | Sequence[dict], response: str) -> str:
+    """The text a reward model reads for `response` to `prompt` (a user message or a message list): the
+    tokenizer's chat template over the conversation, as TRL's RewardTrainer renders its training pairs, so
+    that any backbone is scored on the text it was trained on. With ChatML this is `chat_prompt(...) +
+    response + "<|im_end|>\\n"` exactly (a test checks it on SmolLM2's template)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    conversation = messages + [{"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
 
 
 class RewardModel(RewardFunction):
@@ -223,7 +269,7 @@ class RewardModel(RewardFunction):
         self.model.eval()
         self.tokenizer.padding_side = "right"
         device = next(self.model.parameters()).device
-        texts = [chat_prompt(self.tokenizer, p) + r + "<|im_end|>\n" for p, r in zip(prompts, responses)]
+        texts = [scoring_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         scores = np.zeros(len(texts), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):

@@ -24,7 +24,9 @@ from rlhf_helpers.seeding import seed_everything
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", required=True, help="SFT model folder (or any model name)")
-    ap.add_argument("--policy-label", default=None, help="how the provenance names the policy (default: --policy)")
+    ap.add_argument("--policy-label", default=None,
+                    help="how the provenance names the policy (default: --policy); notebook 03 reads \"notebook 02, "
+                         "<profile> profile, seed <n>\" in it to check the run's SFT model against the snapshot's")
     ap.add_argument("--out", default=str(data_path("preference_snapshot.jsonl")))
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.3],
                     help="one sample per prompt at each temperature; consecutive samples are paired")
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
         annotator = SimulatedAnnotator(temperature=args.annotator_temperature, seed=seed)
         provenance = {"policy": args.policy_label or args.policy, "sample_temperatures": args.temperatures,
                       "sample_seed": seed, "max_new_tokens": args.max_new_tokens, "source": "snapshot"}
-        round_pairs, round_skipped = label_samples(prompts, samples, annotator, provenance)
+        round_pairs, round_skipped = label_samples(prompts, samples, annotator, provenance,
+                                                   temperatures=args.temperatures)
         pairs += round_pairs
         for reason, count in dict(round_skipped).items():
             skipped[reason] = skipped.get(reason, 0) + count

@@ -9,10 +9,13 @@ import torch
 from rlhf_helpers.config import stage_config
 from rlhf_helpers.data import DataError, PreferencePair
 from rlhf_helpers.gold import SimulatedAnnotator
-from rlhf_helpers.preferences import label_samples, read_pairs, snapshot_info, write_pairs
-from rlhf_helpers.reward_model import RewardModel, RMStageConfig, accuracy_against_ceiling, calibration_bins, load_backbone, lora_for_rm, train_reward_model
+from rlhf_helpers.gold import pair_ceiling
+from rlhf_helpers.preferences import (SNAPSHOT_POLICY, label_samples, live_train_prompts, load_snapshot, read_pairs,
+                                      snapshot_info, snapshot_policy_differences, write_pairs)
+from rlhf_helpers.reward_model import (RewardModel, RMStageConfig, accuracy_against_ceiling, build_trl_config,
+                                       calibration_bins, load_backbone, lora_for_rm, scoring_text, train_reward_model)
 from rlhf_helpers.rewards import RewardFunction, RewardOutput
-from rlhf_helpers.tracking import fingerprint
+from rlhf_helpers.tracking import atomic_write_json, changed_settings, fingerprint, resume_free, run_settings
 
 
 class WordCount(RewardFunction):
@@ -222,3 +225,148 @@ def test_snapshot_info_names_the_file_and_line_of_a_malformed_line(tmp_path):
     path.write_text(json.dumps(GOLD_ROW) + "\n{oops\n")
     with pytest.raises(DataError, match=r"snap\.jsonl:2: not valid JSON"):
         snapshot_info(path)
+
+
+def test_label_samples_records_the_temperature_of_each_side(tmp_path):
+    ann = SimulatedAnnotator(judge=WordCount(), temperature=1e-3, seed=0)  # a near-perfect annotator: longer wins
+    samples = [["one", "one two three"], ["x y z w", "x"], ["same", "same"]]  # replies at 0.7, then at 1.3
+    pairs, skipped = label_samples(["p1", "p2", "p3"], samples, ann, {"policy": "sft"}, temperatures=(0.7, 1.3))
+    assert skipped["identical_responses"] == 1
+    assert [(p.chosen, p.metadata["temperature_chosen"], p.metadata["temperature_rejected"]) for p in pairs] == [
+        ("one two three", 1.3, 0.7), ("x y z w", 0.7, 1.3)]  # the 1.3 reply won on p1, the 0.7 reply on p2
+    write_pairs(tmp_path / "pairs.jsonl", pairs)
+    assert read_pairs(tmp_path / "pairs.jsonl")[1].metadata["temperature_chosen"] == 0.7
+    with pytest.raises(ValueError, match="one per reply, but prompt 'p1' has 2 replies"):
+        label_samples(["p1"], samples[:1], ann, {}, temperatures=(0.7, 1.0, 1.3))
+    with pytest.raises(ValueError, match="2 prompts and 1 lists"):
+        label_samples(["p1", "p2"], samples[:1], ann, {})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_live_prompts": 0}, "n_live_prompts must be a whole number >= 1, got 0"),
+    ({"max_steps": -1}, "max_steps must be a whole number >= 1, got -1"),
+    ({"n_fresh": 0}, "n_fresh must be a whole number >= 1"),
+    ({"n_train": 0}, "n_train must be None"),
+    ({"train_seed": -1}, "train_seed must be None"),
+    ({"use_snapshot": False, "n_live_prompts": 1}, "set n_live_prompts >= 2"),
+    ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+])
+def test_reward_model_config_refuses_what_would_train_on_something_else(change, message):
+    with pytest.raises(ValueError, match=message):
+        RMStageConfig(**change)
+
+
+def test_live_prompts_are_the_last_train_prompts_and_zero_is_not_all_of_them():
+    from rlhf_helpers.data import train_prompts
+
+    every = train_prompts()
+    assert live_train_prompts(3) == every[-3:] and live_train_prompts(len(every)) == every
+    for n in (0, -1, len(every) + 1):
+        with pytest.raises(ValueError, match=f"from 1 to {len(every)}"):
+            live_train_prompts(n)
+
+
+def test_train_seed_changes_the_training_alone_and_evaluation_settings_keep_the_trained_model(tmp_path):
+    cfg = RMStageConfig(seed=3)
+    assert cfg.training_seed == 3 and build_trl_config(cfg, tmp_path).seed == 3
+    other = RMStageConfig(seed=3, train_seed=7)
+    trl_cfg = build_trl_config(other, tmp_path)
+    assert other.training_seed == 7 and (trl_cfg.seed, trl_cfg.data_seed) == (7, 7)
+    # a resume ignores the fields only the notebook's fresh samples read, and no other
+    names = set(RMStageConfig.__dataclass_fields__)
+    assert set(RMStageConfig.EVAL_ONLY) <= names and set(RMStageConfig.EVAL_ONLY) <= set(resume_free(cfg))
+    atomic_write_json(tmp_path / "config.json", run_settings(cfg))
+    fresh = RMStageConfig(seed=3, n_fresh=72, fresh_temperature=0.7, fresh_samples_per_prompt=4)
+    assert changed_settings(tmp_path, run_settings(fresh), resume_free(fresh)) == []
+    for changed in ({"train_seed": 7}, {"n_live_prompts": 16}, {"generation_batch_size": 8}):
+        new = RMStageConfig(seed=3, **changed)
+        assert changed_settings(tmp_path, run_settings(new), resume_free(new)) == list(changed)
+
+
+def test_pair_ceiling_says_what_to_do_with_pairs_labelled_at_two_temperatures():
+    pairs = [PreferencePair("p", "a", "b", metadata={"gold_chosen": 0.5, "gold_rejected": 0.1,
+                                                     "annotator_temperature": t}) for t in (0.1, 0.02)]
+    with pytest.raises(ValueError, match=r"several annotator temperatures \[0.02, 0.1\].*use_snapshot=False"):
+        pair_ceiling(pairs)
+    with pytest.raises(ValueError, match="no pairs"):
+        pair_ceiling([])
+
+
+def _sft_run(tmp_path, **changes):
+    """A run folder whose sft/config.json is what notebook 02 writes for the cpu profile (with `changes`)."""
+    from rlhf_helpers.sft import SFTStageConfig
+
+    cfg = stage_config(SFTStageConfig, "cpu", **{"seed": 0, **changes})
+    atomic_write_json(tmp_path / "sft" / "config.json", run_settings(cfg, data=["a demonstration"]))
+    return tmp_path
+
+
+LABEL = "sft: notebook 02, cpu profile, seed 0 (48 steps of 4, lr 2e-3, LoRA on the top 16 blocks)"
+
+
+def test_the_snapshot_policy_is_checked_against_the_runs_sft_settings(tmp_path):
+    assert snapshot_policy_differences(LABEL, _sft_run(tmp_path / "same"), fell_back=False) == []
+    # what only notebook 02's comparison or the checkpoints read leaves the SFT model as it is
+    assert snapshot_policy_differences(LABEL, _sft_run(tmp_path / "eval", n_compare=3, save_steps=6, n_eval=4),
+                                       False) == []
+    notes = snapshot_policy_differences(LABEL, _sft_run(tmp_path / "other", seed=1, learning_rate=1e-3), False)
+    assert notes == ["learning_rate 0.001 here, 0.002 in the snapshot's", "seed 1 here, 0 in the snapshot's"]
+    assert "base model" in snapshot_policy_differences(LABEL, tmp_path / "same", fell_back=True)[0]
+    assert "cannot be checked" in snapshot_policy_differences("sft", tmp_path / "same", False)[0]
+    assert "cannot be checked" in snapshot_policy_differences(["a", "b"], tmp_path / "same", False)[0]
+    assert "is missing" in snapshot_policy_differences(LABEL, tmp_path / "no_sft", False)[0]
+    # the shipped snapshot names its SFT run so that the check can read it
+    from rlhf_helpers.paths import data_path
+
+    found = SNAPSHOT_POLICY.search(snapshot_info(data_path("preference_snapshot.jsonl"))["policy"])
+    assert found is not None and (found["profile"], found["seed"]) == ("cpu", "0")
+
+
+def _snapshot(path, temperature=0.1, policy=LABEL):
+    annotator = SimulatedAnnotator(temperature=temperature, seed=0)
+    pairs, _ = label_samples(["Explain rain.", "Name a colour."], [["Rain falls from clouds.", "It rains."],
+                                                                   ["Blue.", "Blue is a colour of the sky."]],
+                             annotator, {"policy": policy, "sample_seed": 0, "source": "snapshot"})
+    write_pairs(path, pairs)
+    return path
+
+
+def test_load_snapshot_refuses_another_annotator_temperature_and_warns_when_off_policy(tmp_path, capsys):
+    run_dir = _sft_run(tmp_path / "run")
+    snap = _snapshot(tmp_path / "snap.jsonl")
+    pairs, off = load_snapshot(snap, RMStageConfig(), run_dir, fell_back=False)
+    assert len(pairs) == 2 and off == [] and "warning" not in capsys.readouterr().out
+    assert load_snapshot(snap, RMStageConfig(use_snapshot=False), run_dir, False) == ([], [])
+    with pytest.raises(ValueError, match=r"snap\.jsonl was labelled at annotator_temperature 0.1, and this run labels "
+                                         r"at 0.02.*Set use_snapshot=False"):
+        load_snapshot(snap, RMStageConfig(annotator_temperature=0.02), run_dir, False)
+    pairs, off = load_snapshot(snap, RMStageConfig(), _sft_run(tmp_path / "seed1", seed=1), False)
+    assert len(pairs) == 2 and off == ["seed 1 here, 0 in the snapshot's"]
+    assert f"warning: the snapshot was sampled from {LABEL!r}, not from this run's policy (seed 1 here" in (
+        capsys.readouterr().out)
+    assert load_snapshot(tmp_path / "gone.jsonl", RMStageConfig(n_live_prompts=4), run_dir, False) == ([], [])
+    assert "no snapshot at" in capsys.readouterr().out
+
+
+MESSAGES = [
+    ("How can I sleep better at night?", "- Keep a routine.\n- Avoid screens."),
+    ("Name a colour.", "Blue."),
+    ("  Spaces around the prompt  ", "  and around the reply \n\n"),
+    ("Quote <|im_end|> back to me", "<|im_end|>"),
+    ("Empty reply?", ""),
+]
+
+
+def test_scoring_text_is_what_was_scored_before_with_chatml_and_what_trl_trains_on():
+    from rlhf_helpers.config import DEFAULT_MODEL
+    from rlhf_helpers.models import chat_prompt, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_MODEL, padding_side="right")
+    for prompt, reply in MESSAGES:
+        text = scoring_text(tok, prompt, reply)
+        assert text == chat_prompt(tok, prompt) + reply + "<|im_end|>\n"  # byte for byte: cached scores stand
+        # TRL's RewardTrainer tokenizes the conversation with the chat template; raw_scores tokenizes the text
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        trained_on = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert tok(text, add_special_tokens=False)["input_ids"] == trained_on
+        assert tok.convert_ids_to_tokens(trained_on[-2:]) == ["<|im_end|>", "Ċ"]  # the head reads the newline
