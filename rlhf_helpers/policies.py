@@ -97,8 +97,13 @@ def policy_checkpoints(run_dir: str | os.PathLike, stage: str, say: bool = True)
     config = stage_dir(run_dir, stage) / "config.json"
     try:
         max_steps = int(json.loads(config.read_text()).get("max_steps") or 0) if config.exists() else 0
-    except (ValueError, TypeError, AttributeError, json.JSONDecodeError):
+        if max_steps < 0:
+            raise ValueError(f"max_steps={max_steps} is negative")
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
         max_steps = 0
+        if found and say:  # nothing to judge the checkpoints by: all are listed, any past the end included
+            print(f"{config}: cannot read the stage's max_steps ({type(e).__name__}: {e}); listing every checkpoint "
+                  f"in {root}, including any past the stage's end (rewrite the file by running the stage again)")
     past = [step for step, _ in found if max_steps and step > max_steps]
     if past and say:
         print(f"{root}: left out checkpoint(s) at step {', '.join(map(str, sorted(past)))}, past the stage's "

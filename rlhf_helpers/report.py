@@ -35,8 +35,13 @@ POLICY_ROW_FIELDS = ("policy", "gold", "proxy", "kl", "win_rate", "ci_low", "ci_
                      "length", "n")
 """Fields of each row of `policies` (see `evaluate.results_table`)."""
 
-NETWORK_REFERENCE = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//",
-                               re.IGNORECASE)
+_REMOTE = r"[\"']?\s*(?:https?:)?//[^\s\"'<>)]*"  # an http(s) or protocol-relative address, through its host and path
+NETWORK_REFERENCE = re.compile(
+    r"<(?:script|link|img|iframe|embed|source|video|audio|input)\b[^>]*?\b(?:src|href|srcset|poster)\s*=\s*" + _REMOTE
+    + r"|<object\b[^>]*?\bdata\s*=\s*" + _REMOTE
+    # CSS in a <style> block (escaped page text holds no "<style"): @import "…", @import url(…), url(…)
+    + r"|<style\b[^>]*>[^<]*?(?:@import\s+(?:url\(\s*)?|url\(\s*)" + _REMOTE,
+    re.IGNORECASE)
 
 
 def read_eval_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -66,9 +71,15 @@ def read_eval_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def network_references(page: str) -> list[str]:
-    """Tags in `page` that would fetch something from a server (script/link/img/iframe with an http(s) or
-    protocol-relative src/href); an offline page has none."""
-    return [m.group(0) for m in NETWORK_REFERENCE.finditer(page)]
+    """What in `page` would fetch something from a server: a tag (script, link, img, iframe, embed, source,
+    video, audio, input, object) whose src/href/srcset/poster/data is an http(s) or protocol-relative address,
+    or a CSS @import or url() of one in a <style> block; an offline page has none. Each is given from its tag
+    through the address (a <style> block's from its last 80 characters)."""
+    found = []
+    for m in NETWORK_REFERENCE.finditer(page):
+        text = m.group(0)
+        found.append(text if len(text) <= 200 or not text.lower().startswith("<style") else "<style>…" + text[-80:])
+    return found
 
 
 def report_figures(run_dir: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:

@@ -192,6 +192,26 @@ GOOD_PREF = {"prompt": "P", "chosen": "c", "rejected": "r"}
     ("ratings", {"prompt": "P", "response_a": "x", "response_b": "y", "preference": "c"}, "preference", "'a', 'b' or 'tie'"),
     ("ratings", {"prompt": "P", "response_a": "x", "response_b": "x", "preference": "a"}, "response_b", "identical"),
     ("hh", {"chosen": HH_CHOSEN}, "rejected", "missing"),
+    ("sft", {"messages": ["hi", {"role": "assistant", "content": "A"}]}, "messages[0]", "expected a message object"),
+    ("sft", {"messages": [{"content": "Q"}, {"role": "assistant", "content": "A"}]}, "messages[0].role", "missing"),
+    ("sft", {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant"}]}, "messages[1].content", "missing"),
+    ("sft", {"messages": []}, "messages", "empty array"),
+    ("sft", {"prompt": "P", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+     "prompt", "given together with 'messages'"),
+    ("sft", {"response": "R", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+     "response", "given together with 'messages'"),
+    ("preferences", {"prompt": [{"role": "system", "content": "S"}], "chosen": [{"role": "assistant", "content": "c"}],
+                     "rejected": [{"role": "assistant", "content": "r"}]}, "prompt", "no user message"),
+    ("preferences", {"prompt": [{"role": "user", "content": "P"}], "chosen": "c",
+                     "rejected": [{"role": "assistant", "content": "r"}]},
+     "chosen", "is a string but 'prompt' is a list of messages"),
+    ("preferences", {"prompt": [{"role": "user", "content": "P"}], "chosen": [{"role": "assistant", "content": "c"}],
+                     "rejected": 3}, "rejected", "is a number but 'prompt' is a list of messages"),
+    ("hh", {"chosen": HH_CHOSEN + "\n\nHuman: And another?", "rejected": HH_REJECTED}, "chosen",
+     "ends with a Human turn"),
+    ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant:\n\nHuman: Hello?\n\nAssistant: Yo",
+            "rejected": "\n\nHuman: Hi\n\nAssistant:\n\nHuman: Hello?\n\nAssistant: No"},
+     "chosen", "turn 2 (Assistant) is empty"),
 ])
 def test_bad_field_names_file_line_and_field(tmp_path, format, row, field, words):
     good = {"preferences": GOOD_PREF, "prompts": {"prompt": "P"}, "sft": {"prompt": "P", "response": "R"},
@@ -340,7 +360,9 @@ def test_split_duplicated_prompt_lands_on_one_side():
     recs = _pairs([f"prompt {i}" for i in range(50)] + ["repeated"] * 40)
     for seed in range(5):
         train, test = train_test_split(recs, 0.5, seed=seed)
-        sides = {("train" if r in train else "test") for r in recs if r.prompt == "repeated"}
+        in_train = {id(r) for r in train}  # by identity: the repeated pairs are equal dataclasses
+        assert len(in_train) + len({id(r) for r in test}) == len(recs)
+        sides = {("train" if id(r) in in_train else "test") for r in recs if r.prompt == "repeated"}
         assert len(sides) == 1
         assert not {r.prompt for r in train} & {r.prompt for r in test}
 
@@ -413,7 +435,12 @@ def test_cli_convert_and_usage_errors(tmp_path):
     assert rows[0]["prompt"].endswith("\n\nAssistant:")
     assert run_cli("validate", str(out), "--format", "bogus").returncode == 2
     assert run_cli("convert", str(out), "--format", "sft", "--out", str(out)).returncode == 2
-    assert run_cli("validate", str(tmp_path / "missing.jsonl"), "--format", "sft").returncode == 1
+    missing = tmp_path / "missing.jsonl"
+    res = run_cli("validate", str(missing), "--format", "sft")
+    assert res.returncode == 1 and f"{missing}: cannot read the file: No such file" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli("validate", str(EXAMPLES / "sft.jsonl"), "--format", "sft", "--max-line-bytes", "0")
+    assert res.returncode == 2 and "--max-line-bytes must be positive" in res.stderr
 
 
 # ------------------------------------------------------------------------- input that json.loads lets by

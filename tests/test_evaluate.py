@@ -18,7 +18,7 @@ from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, fo
                                    per_prompt_means, ppo_reading, refusal_split, results_table, training_series,
                                    widest_disagreements,
                                    win_outcomes, win_rate)
-from rlhf_helpers.report import build_report, read_eval_summary
+from rlhf_helpers.report import build_report, network_references, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -398,7 +398,8 @@ def test_ppo_reading_says_what_the_run_did():
     assert "averaged over the last 4 steps: 1.45 nats (the last step alone: 1.60" in text
     assert f"0.68 ± {np.std([0.2, 0.6, 1.0, 0.9], ddof=1) / 2:.2f} nats per reply" in text
     assert "replies of up to 96 tokens" in text
-    assert "never reach the clip range" in text and "each of the 2 passes over a batch" in text
+    assert "rarely reach the clip range: the clip bound on 0.1% of tokens" in text
+    assert "each of the 2 passes over a batch" in text
     assert "explained 0.05 of the variance" in text and "Near 0" in text
     assert "cannot tell PPO from SFT by gold on these prompts (the interval holds 0)" in text
     assert "won 6, tied 10 and lost 16" in text and "it can leave out 0.5 while the gain's interval holds 0" in text
@@ -481,8 +482,10 @@ def _write_jsonl(path, rows):
 
 
 def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_accuracy=0.68, rl_shift=0.0,
-                  n=8) -> Path:
-    """A run folder with every file notebook 06 and check_results read, with chosen numbers."""
+                  n=8, gold=None) -> Path:
+    """A run folder with every file notebook 06 and check_results read, with chosen numbers (`gold` replaces
+    some of POLICY_GOLD's)."""
+    golds = {**POLICY_GOLD, **(gold or {})}
     _write_jsonl(root / "sft" / "metrics.jsonl", [{"step": s, "train/loss": 2.5 - 0.1 * s, "eval/loss": 2.4 - 0.05 * s}
                                                    for s in range(1, 6)])
     (root / "sft" / "summary.json").write_text(json.dumps({"eval_loss_before": 2.5, "eval_loss_after": 2.2}))
@@ -496,7 +499,7 @@ def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_acc
     (root / "ppo" / "summary.json").write_text(json.dumps({"steps": 20}))
     evaluations = {}
     for name in policies:
-        g = POLICY_GOLD[name] + (rl_shift if name in check_results.RL_POLICIES else 0.0)
+        g = golds[name] + (rl_shift if name in check_results.RL_POLICIES else 0.0)
         rows = _rows([g + 0.01 * (i % 3) for i in range(n)])
         rows_file = f"eval/policies/{name}.0123abcd.jsonl"  # as evaluate_stage names its cache
         _write_jsonl(root / rows_file, rows)
@@ -951,3 +954,136 @@ def test_heldout_prompts_say_when_more_are_asked_for_than_the_test_split_holds(c
     assert evaluate.heldout_prompts(len(every) + 28) == every and len({p["id"] for p in every}) == len(every)
     assert f"{len(every) + 28} held-out prompts asked for; the test split has {len(every)}" in capsys.readouterr().out
     assert len(evaluate.heldout_prompts(5)) == 5 and "note" not in capsys.readouterr().out
+
+
+# --- what the report and the results check refuse ----------------------------------------------------------
+
+@pytest.mark.parametrize("tag", [
+    '<script src="https://cdn.plot.ly/plotly-2.35.2.min.js"></script>',
+    "<link href=//fonts.example/css rel=stylesheet>",
+    "<img src='http://example.org/y.png'>",
+    '<SCRIPT type="text/javascript" SRC = "https://example.org/y.js">',
+    '<iframe width="5" src="https://example.org/">',
+    '<img srcset="https://example.org/y.png 2x">',
+    '<object data="https://example.org/y.svg"></object>',
+    '<style>@import url("https://fonts.googleapis.com/css?family=Inter");</style>',
+    "<style>@import 'https://example.org/a.css';</style>",
+    "<style>body{color:#222}figure{background:url(//example.org/bg.png)}</style>",
+])
+def test_network_references_finds_tags_and_css_that_fetch(tag):
+    page = f"<!doctype html><html><head><meta charset='utf-8'></head><body><p>x</p>{tag}</body></html>"
+    assert len(network_references(page)) == 1, tag
+
+
+@pytest.mark.parametrize("tag", [
+    '<img src="data:image/png;base64,iVBORw0KGgo=">',
+    '<a href="https://plotly.com">made with plotly</a>',
+    '<script>var u = "https://cdn.plot.ly/x.js"; el.src = "//example.org/y.js";</script>',
+    "<p>&lt;script src=&quot;https://example.org/y.js&quot;&gt; url(https://example.org) @import</p>",
+    "<style>body{font-family:sans-serif}</style><pre>url(https://example.org/a.png)</pre>",
+    '<link rel="icon" href="#"><img src="figure.png">',
+])
+def test_network_references_leave_offline_pages_alone(tag):
+    assert network_references(f"<html><body>{tag}</body></html>") == []
+
+
+OFFLINE_PAGE = "<!doctype html><html><head><script>/* Plotly, inlined */</script></head><body></body></html>"
+
+
+def _offline_report(run: Path) -> Path:
+    """A report.html that passes report_offline, for checks that are not about the report (build_report is slower)."""
+    path = run / "eval" / "report.html"
+    path.write_text(OFFLINE_PAGE)
+    return path
+
+
+def test_report_that_would_fetch_from_the_network_is_refused_and_not_written(tmp_path):
+    class CdnFigure:  # a figure whose HTML reaches for plotly.js on a CDN
+        def to_html(self, **kw):
+            return '<script src="https://cdn.plot.ly/plotly-2.35.2.min.js"></script><div id="f"></div>'
+
+    run = make_fake_run(tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"would fetch from the network: \['<script src=\"https://cdn\.plot\.ly"):
+        build_report(run, figures={"a figure": CdnFigure()})
+    assert not (run / "eval" / "report.html").exists()
+    assert not list((run / "eval").glob(".report.html*"))
+
+
+def test_check_results_fails_a_report_with_a_network_reference(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "run")
+    report = _offline_report(run)
+    assert check_results.main([str(run)]) == 0
+    capsys.readouterr()
+    cdn = '<script src="https://cdn.plot.ly/plotly-2.35.2.min.js"></script>'
+    report.write_text(OFFLINE_PAGE.replace("</head>", cdn + "</head>", 1))
+    assert check_results.main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"FAIL\s+report_offline\s+\S*report\.html: network references \[.*cdn\.plot\.ly", out), out
+    assert "; failed: report_offline\n" in out
+
+
+@pytest.mark.parametrize("base_gold, shown", [(0.6, "SFT wins 0.00 [0.00, 0.00]"),
+                                              (0.5, "SFT wins 0.50 [0.50, 0.50]")])  # a tie is not a win
+def test_check_results_fails_an_sft_that_does_not_beat_base(tmp_path, capsys, base_gold, shown):
+    run = make_fake_run(tmp_path / "run", gold={"base": base_gold})
+    _offline_report(run)
+    assert check_results.main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"FAIL\s+sft_beats_base\s+{re.escape(shown)} against base on 8 prompts \(needs > 0\.5", out), out
+    assert "; failed: sft_beats_base\n" in out  # the one check that failed
+
+
+@pytest.mark.parametrize("text, why", [("[1, 2]", "expected a JSON object, got list"), ("{oops", "Expecting")])
+def test_check_results_fails_an_unreadable_stage_summary_naming_it(tmp_path, capsys, text, why):
+    run = make_fake_run(tmp_path / "run")
+    _offline_report(run)
+    (run / "ppo" / "summary.json").write_text(text)
+    assert check_results.main([str(run), "--profile", "smoke"]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "stage_summaries_readable" in x)
+    assert re.match(r"\s*FAIL\s+stage_summaries_readable\s+\d+ stage summaries read; unreadable: \{'ppo': ", line), line
+    assert str(run / "ppo" / "summary.json") in line and why in line
+    assert "PASS  metrics_readable" in out
+
+
+def test_check_results_fails_a_corrupt_metrics_file_naming_its_line(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "run")
+    _offline_report(run)
+    path = run / "sft" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], '{"step": 2, "train/lo', *lines[2:]]) + "\n")
+    assert check_results.main([str(run), "--profile", "smoke"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"FAIL\s+metrics_readable\s+{re.escape(str(path))}:2: not valid JSON", out), out
+    assert re.search(r"PASS\s+stage_summaries_readable\b", out)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda d: "{oops", r"not valid JSON \(Expecting"),
+    (lambda d: [d], r"expected a JSON object, got list"),
+    (lambda d: {**d, "policies": []}, r"field 'policies' must be a non-empty list"),
+    (lambda d: {**d, "policies": {"sft": {}}}, r"field 'policies' must be a non-empty list"),
+    (lambda d: {**d, "policies": [d["policies"][0], {k: v for k, v in d["policies"][1].items() if k != "kl"}]},
+     r"policies\[1\] lacks \['kl'\]"),
+    (lambda d: {**d, "policies": [d["policies"][0], "sft"]}, r"policies\[1\] lacks \['policy', 'gold'"),
+    (lambda d: {**d, "policies": [d["policies"][0], {**d["policies"][1], "gold": "x"}]},
+     r"policies\[1\] \(sft\) has gold='x', not a number"),
+    (lambda d: {**d, "policies": [d["policies"][0], {**d["policies"][1], "gold": None}]},
+     r"policies\[1\] \(sft\) has gold=None, not a number"),
+], ids=["not-json", "not-an-object", "no-policies", "policies-not-a-list", "row-lacks-kl", "row-not-an-object",
+        "gold-a-string", "gold-null"])
+def test_read_eval_summary_names_the_file_and_what_is_wrong(tmp_path, corrupt, message):
+    run = make_fake_run(tmp_path / "run", policies=("base", "sft"))
+    path = run / "eval" / "summary.json"
+    data = corrupt(json.loads(path.read_text()))
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
+        read_eval_summary(run)
+
+
+def test_check_results_exit_2_for_an_unreadable_summary_naming_it(tmp_path, capsys):
+    run = make_fake_run(tmp_path / "run")
+    (run / "eval" / "summary.json").write_text("{oops")
+    assert check_results.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'eval' / 'summary.json'}: not valid JSON") and "Traceback" not in err

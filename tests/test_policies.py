@@ -153,3 +153,77 @@ def test_kl_does_not_depend_on_how_the_samples_are_chunked(run_dir, monkeypatch)
     one_by_one = evaluate.sample_with_kl(model, tok, prompts, max_new_tokens=6, seed=3)
     assert [r["response"] for r in one_by_one] == [r["response"] for r in whole]
     assert [r["kl"] for r in one_by_one] == pytest.approx([r["kl"] for r in whole], abs=1e-4)
+
+
+@pytest.mark.parametrize("config, why", [("{oops", "JSONDecodeError"), ("[10]", "AttributeError"),
+                                         ('{"max_steps": "ten"}', "ValueError"),
+                                         ('{"max_steps": -1}', "max_steps=-1 is negative")])
+def test_checkpoints_of_a_stage_whose_config_cannot_be_read_are_all_listed_and_said(tmp_path, capsys, config, why):
+    for step in (5, 10, 11):
+        (tmp_path / "dpo" / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "dpo" / "checkpoints" / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    path = tmp_path / "dpo" / "config.json"
+    path.write_text(config)
+    assert [s for s, _ in policies.policy_checkpoints(tmp_path, "dpo")] == [5, 10, 11]
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: cannot read the stage's max_steps (") and why in out
+    assert "including any past the stage's end" in out
+    assert [s for s, _ in policies.policy_checkpoints(tmp_path, "dpo", say=False)] == [5, 10, 11]
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / "config.json").write_text(config)  # no checkpoints to list: nothing to say
+    assert policies.policy_checkpoints(tmp_path, "grpo") == [] and capsys.readouterr().out == ""
+    path.write_text('{"max_steps": 10}')  # readable again: the checkpoint past the end is left out, as before
+    assert [s for s, _ in policies.policy_checkpoints(tmp_path, "dpo", say=False)] == [5, 10]
+
+
+def test_evaluate_stage_recomputes_after_retraining_or_a_new_reward_model(run_dir, tmp_path, monkeypatch):
+    """The cache is reused while the weights and the run's reward model are those it was made from, and only then."""
+    import os
+    import shutil
+
+    from rlhf_helpers import reward_model
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))  # this test touches files: a copy
+    norm = run / "rm" / "model" / "normalization.json"  # a run with a reward model (loading it is faked: None)
+    norm.parent.mkdir(parents=True, exist_ok=True)
+    norm.write_text("{}")
+    monkeypatch.setattr(reward_model, "load_run_reward_model", lambda *a, **k: None)
+    cfg = small_cfg(n_prompts=2, max_new_tokens=4)
+    step2 = run / "ppo" / "checkpoints" / "step-2" / "adapter"
+    rows, _ = evaluate_stage(run, "ppo", cfg)  # reward_model="auto": the run's
+    ckpt, _ = evaluate_stage(run, "ppo", cfg, name="ppo-step2", adapter=step2)
+
+    class Recomputed(Exception):
+        pass
+
+    def recompute(*a, **k):
+        raise Recomputed
+
+    def later(path):  # as a retraining leaves it: written after the cached evaluation
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))
+        return st
+
+    def restore(path, st):
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    monkeypatch.setattr(policies, "load_policy", recompute)
+    assert evaluate_stage(run, "ppo", cfg)[0] == rows  # nothing changed: served from the cache
+    assert evaluate_stage(run, "ppo", cfg, name="ppo-step2", adapter=step2)[0] == ckpt
+    before = later(norm)  # a new reward model
+    with pytest.raises(Recomputed):
+        evaluate_stage(run, "ppo", cfg)
+    with pytest.raises(Recomputed):
+        evaluate_stage(run, "ppo", cfg, name="ppo-step2", adapter=step2)
+    with pytest.raises(Recomputed):  # scored by no reward model: not what the cache holds either
+        evaluate_stage(run, "ppo", cfg, reward_model=None)
+    restore(norm, before)
+    assert evaluate_stage(run, "ppo", cfg)[0] == rows  # the reward model the cache was made with: reused again
+    later(run / "ppo" / "adapter" / "adapter_model.safetensors")  # PPO retrained
+    with pytest.raises(Recomputed):
+        evaluate_stage(run, "ppo", cfg)
+    assert evaluate_stage(run, "ppo", cfg, name="ppo-step2", adapter=step2)[0] == ckpt  # its checkpoint did not change
+    later(step2 / "adapter_model.safetensors")
+    with pytest.raises(Recomputed):
+        evaluate_stage(run, "ppo", cfg, name="ppo-step2", adapter=step2)

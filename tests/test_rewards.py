@@ -1,6 +1,7 @@
 """Reward components, combination, configs, adapters, the gold judge, the annotator and the tuner."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -319,7 +320,41 @@ def test_rewards_cli_scores_lines(tmp_path):
     assert "substance" in lines[0]["components"]
     f.write_text(json.dumps({"prompt": PROMPT}) + "\n")
     bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.rewards", "score", str(f)], capture_output=True, text=True)
-    assert bad.returncode == 1 and "in.jsonl:1" in bad.stderr and "'response'" in bad.stderr
+    assert bad.returncode == 1 and f"error: {f}:1: field 'response': needs a string 'response'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_rewards_cli_scores_with_a_saved_reward_config_and_names_a_bad_one(tmp_path, capsys):
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"prompt": PROMPT, "response": r}) + "\n" for r in (GOOD, STUFFED)))
+    cfg = R.save_reward_config(R.Politeness(), tmp_path / "reward_config.json")
+    assert R.main(["score", str(f), "--config", str(cfg)]) == 0
+    got = [json.loads(x)["reward"] for x in capsys.readouterr().out.splitlines()]
+    polite = [R.Politeness()(t(r)).reward for r in (GOOD, STUFFED)]
+    assert got == pytest.approx(polite, abs=1e-6)
+    assert got[1] > got[0]  # not the gold judge's scores, which put GOOD first
+    cfg.write_text(json.dumps({"type": "nonsense"}))
+    assert R.main(["score", str(f), "--config", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {cfg}: not a valid reward config: field 'type': unknown reward "
+                                        f"type 'nonsense'")
+    cfg.write_text('{"type": "politeness",')
+    assert R.main(["score", str(f), "--config", str(cfg)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {cfg}:1: not valid JSON")
+
+
+def test_load_candidates_names_the_file_line_and_field_of_a_bad_candidate(tmp_path):
+    from rlhf_helpers.data import DataError
+
+    good = {"prompt_id": "c01", "domain": "explain", "prompt": "P", "response": "R", "kind": "good"}
+    path = tmp_path / "candidates.jsonl"
+    for bad, field in (({**good, "kind": ""}, "kind"), ({k: v for k, v in good.items() if k != "prompt_id"}, "prompt_id"),
+                       ({**good, "response": 3}, "response"), ({**good, "prompt": "  "}, "prompt")):
+        path.write_text("".join(json.dumps(row) + "\n" for row in (good, bad, good)))
+        with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: field '{field}': missing or empty"):
+            load_candidates(path)
+    path.write_text(json.dumps(good) + "\n")
+    assert load_candidates(path) == [good]
 
 
 def test_gold_fixes_found_on_the_candidates():

@@ -91,3 +91,35 @@ def test_cli_reports_a_run_dir_that_is_a_file_as_an_error(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.run", "--only", "00", "--run-dir", str(taken)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_a_passing_suite_is_ok_through_main_and_a_failing_one_exits_1(suite, tmp_path, monkeypatch, capsys):
+    """`make run` exits with main's status: 0 when every notebook ran, 1 when one failed; run.json says which."""
+    from datetime import datetime
+
+    from rlhf_helpers import run
+
+    root = tmp_path / "project"  # main takes its notebooks from project_root()/notebooks
+    (root / "notebooks").mkdir(parents=True)
+    _notebook(root / "notebooks" / "00_first.ipynb",
+              "import json, pathlib\nd = pathlib.Path(run_dir) / 'first'\nd.mkdir(parents=True, exist_ok=True)\n"
+              "(d / 'summary.json').write_text(json.dumps({'seed': seed}))")
+    _notebook(root / "notebooks" / "01_second.ipynb", "y = 2 + 2")
+    monkeypatch.setattr(run, "project_root", lambda: root)
+    good = tmp_path / "good"
+    assert run.main(["--profile", "smoke", "--seed", "3", "--run-dir", str(good), "--no-html"]) == 0
+    out = capsys.readouterr().out
+    assert "[2/2] 01_second ... ok in" in out and f"Run record: {good / 'run.json'}" in out
+    saved = json.loads((good / "run.json").read_text())
+    assert saved["status"] == "ok" and [n["status"] for n in saved["notebooks"]] == ["ok", "ok"]
+    assert [n["name"] for n in saved["notebooks"]] == ["00_first", "01_second"]
+    assert datetime.fromisoformat(saved["finished"]) >= datetime.fromisoformat(saved["started"])
+    assert json.loads((good / "first" / "summary.json").read_text()) == {"seed": 3}
+    assert "status <b>ok</b>" in (good / "index.html").read_text()
+    assert not list((good / "notebooks").glob("*.html"))  # --no-html
+    monkeypatch.setattr(run, "project_root", lambda: suite.parent)  # the failing fixture, its failing notebook only
+    bad = tmp_path / "bad"
+    assert run.main(["--profile", "smoke", "--only", "01", "--run-dir", str(bad), "--no-html"]) == 1
+    saved = json.loads((bad / "run.json").read_text())
+    assert saved["status"] == "failed" and [n["status"] for n in saved["notebooks"]] == ["failed"]
+    assert "finished" in saved and "FAILED 01_second.ipynb" in capsys.readouterr().out
