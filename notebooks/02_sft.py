@@ -33,7 +33,7 @@ seed: int = 0  # seed for data order, dropout and sampling
 model_name: str = ""  # base model; empty keeps the profile's (SmolLM2-135M-Instruct on CPU)
 max_steps: int = 0  # optimizer steps; 0 keeps the profile's value
 use_lora: bool = True  # LoRA adapter (True) or full fine-tuning (False)
-learning_rate: float = 0.0  # 0 keeps the profile's (2e-3 on cpu: a LoRA rate; take about a tenth with use_lora=False)
+learning_rate: float = 0.0  # 0 keeps the profile's (2e-3 on cpu, a LoRA rate); take about a tenth without LoRA
 
 # %% [markdown]
 # ## Setup

@@ -123,3 +123,20 @@ def test_a_passing_suite_is_ok_through_main_and_a_failing_one_exits_1(suite, tmp
     saved = json.loads((bad / "run.json").read_text())
     assert saved["status"] == "failed" and [n["status"] for n in saved["notebooks"]] == ["failed"]
     assert "finished" in saved and "FAILED 01_second.ipynb" in capsys.readouterr().out
+
+
+def test_every_parameter_of_every_shipped_notebook_is_one_papermill_can_read():
+    """papermill skips, with a log line only, a parameter line it cannot parse (an "=" or ":" in its comment
+    does it): `--param` would then refuse that parameter as undeclared, and its help would be lost."""
+    import re
+
+    import papermill as pm
+
+    from rlhf_helpers.paths import project_root
+
+    notebooks = discover_notebooks(project_root() / "notebooks")
+    assert len(notebooks) == 7
+    for nb in notebooks:
+        cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        declared = [m.group(1) for m in re.finditer(r"^(\w+)\s*:[^=]*=", cell.source, re.M)]
+        assert declared and [p["name"] for p in pm.inspect_notebook(str(nb)).values()] == declared, nb.name
