@@ -763,8 +763,9 @@ class PPOTrainer:
         from peft.utils import load_peft_weights
 
         max_steps = max_steps or self.cfg.max_steps
-        found = [(s, path) for s, path in list_checkpoints(self.out) if s <= max_steps]
-        if len(found) < len(list_checkpoints(self.out)):
+        every = list_checkpoints(self.out)
+        found = [(s, path) for s, path in every if s <= max_steps]
+        if len(found) < len(every):
             print(f"Checkpoints in {self.out / 'checkpoints'} past max_steps={max_steps} (a longer run before) are "
                   "removed; resuming from an earlier one.")
         if not found:
