@@ -426,15 +426,18 @@ def eval_cache_stem(name: str, key: dict[str, Any]) -> str:
 
 
 def _proxy_stamp(run_dir, reward_model: Any) -> str | None:
-    """Which reward model scored the proxy column: the run's (with its save time), another, or none."""
+    """Which reward model scored the proxy column: the run's (with its save time), another (by its type and a
+    fingerprint of `rewards.reward_identity`: its settings, and a reward model's weights), or none."""
     from .paths import stage_dir
+    from .rewards import reward_identity
+    from .tracking import fingerprint
 
     if reward_model is None:
         return None
     norm = stage_dir(run_dir, "rm") / "model" / "normalization.json"
     if reward_model == "auto" or getattr(reward_model, "source", None) == str(norm.parent):
         return f"run rm {norm.stat().st_mtime}" if norm.exists() else None
-    return f"given {type(reward_model).__name__}"
+    return f"given {type(reward_model).__name__} {fingerprint(reward_identity(reward_model))[:16]}"
 
 
 def _artifact_mtime(run_dir, stage: str, adapter: str | os.PathLike | None) -> float:

@@ -780,6 +780,17 @@ def test_evaluation_cache_keys_tell_dtypes_and_devices_apart_and_keep_float32_cp
     assert len(stems) == 4  # cuda and cuda:1 sample alike; bf16 and bfloat16 are one dtype
 
 
+def test_a_given_reward_model_is_stamped_by_its_settings_not_only_its_type(tmp_path):
+    from rlhf_helpers import evaluate
+    from rlhf_helpers import rewards as R
+
+    stamp = evaluate._proxy_stamp
+    assert stamp(tmp_path, R.LengthWindow(40, 150)) == stamp(tmp_path, R.LengthWindow(40, 150))
+    assert stamp(tmp_path, R.LengthWindow(40, 150)) != stamp(tmp_path, R.LengthWindow(10, 150))  # re-evaluated
+    assert stamp(tmp_path, R.LengthWindow()).startswith("given LengthWindow ")
+    assert stamp(tmp_path, None) is None and stamp(tmp_path, "auto") is None  # no run reward model here
+
+
 def test_evaluation_cache_files_are_named_by_the_sampling_settings_but_not_the_reward_model():
     from rlhf_helpers import evaluate
     from rlhf_helpers.config import stage_config
