@@ -73,8 +73,9 @@ print(f"{len(candidates)} candidate responses to {len({c['prompt_id'] for c in c
 # ## 1. The API, and a naive reward
 # A `Trajectory` holds a prompt and a response; a `RewardFunction` turns it into a `RewardOutput` with a
 # scalar `reward` and `metadata` that explains it. Here is `QualityReward`, the example reward of the
-# Flux tutorial on reward functions (one of the documents this suite grew from), unchanged: it pays for a length band, for words like "First" or "1.", for "because", for "please", and
-# docks points for heavy repetition.
+# Flux tutorial on reward functions (one of the documents this suite grew from), unchanged: it pays for a
+# length band, for words like "First" or "1.", for "because", for "please", and docks points for heavy
+# repetition.
 
 # %%
 naive, gold = QualityReward(), GoldJudge()
@@ -87,7 +88,8 @@ print("\nPROMPT:", good["prompt"], "\n\nSTUFFED:", stuffed["response"])
 
 # %% [markdown]
 # The stuffed response says nothing, yet the naive reward rates it higher than the real answer: it has
-# every keyword the reward looks for (over all candidates, the table below: stuffed 0.90, good 0.45). A policy trained on this reward would learn to write exactly that.
+# every keyword the reward looks for (over all candidates, the table below: stuffed 0.90, good 0.45). A
+# policy trained on this reward would learn to write exactly that.
 # This is **reward hacking**, and it is the rule, not the exception: an optimiser maximises what you
 # wrote, not what you meant.
 #
@@ -227,8 +229,8 @@ summary
 
 # %% [markdown]
 # ## What you saw, and what to try
-# - A keyword reward rates stuffed, content-free answers twice as high as real ones; the gold judge, whose gates
-#   (repetition, stuffing, copying, gibberish) multiply its merit, does not.
+# - A keyword reward rates stuffed, content-free answers twice as high as good ones (0.90 against 0.45); the
+#   gold judge, whose gates (repetition, stuffing, copying, gibberish) multiply its merit, does not.
 # - A weighted mix of simple components can be tuned towards the gold judge, but only so far: the best
 #   weights switch off every component a keyword can fake, and even they leave much of gold's order
 #   unexplained. Every component is a proxy, which is why later stages learn a reward model from

@@ -18,7 +18,8 @@
 #
 # RLHF starts from a model that already answers in the right shape. Supervised fine-tuning (SFT) gets it
 # there: show the model a few hundred good answers and train it to predict them. The SFT model is also the
-# *reference* every later stage stays close to, so its quality bounds everything after it.
+# *reference* every later stage stays close to and the policy the online stages start sampling from, so what
+# it can and cannot produce shapes everything after it.
 #
 # **What you will learn**
 # 1. What the model actually sees: the chat template, and why the loss falls on the answer only.
@@ -78,7 +79,8 @@ for r in train_records[:2]:
 # SmolLM2's template adds a default system message. Training on the *whole* sequence would also teach the
 # model to write user prompts; we only want it to learn the answers, so every prompt token gets the label
 # −100 (ignored by the loss). Grey tokens below carry no loss; green ones do. Note the final `<|im_end|>`
-# is green: the model must learn to *stop*.
+# is green: the model must learn to *stop* (the newline the template writes after it is green too, as TRL
+# takes everything after the prompt as the completion; generation ends at `<|im_end|>`, so it does no harm).
 
 # %%
 trainer, logger = build_trainer(cfg, run_dir)
@@ -88,7 +90,8 @@ del trainer
 # %% [markdown]
 # ## 3. Train
 # LoRA freezes the base weights $W$ and learns a low-rank update $W + \frac{\alpha}{r} BA$ with $B \in
-# \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ on every linear layer of the top `lora_layers`
+# \mathbb{R}^{d\times r}$, $A \in \mathbb{R}^{r\times k}$ ($B$ starts at zero, so training starts from the
+# base model exactly) on every linear layer (attention and MLP projections) of the top `lora_layers`
 # blocks (16 of SmolLM2's 30 in the cpu profile): a few million trainable parameters instead of 135 million,
 # and an adapter of about 10 MB (float32, cpu profile). The curve below redraws as the run logs; a checkpoint
 # is saved every `save_steps`, and rerunning this cell after an interruption continues from the last one.
@@ -147,12 +150,11 @@ table.head(8)
 # One domain of the demonstrations is polite refusals. The mean gold above barely shows whether they were
 # learnt: harmful prompts are one in eight. Yet they matter more than their share. PPO, GRPO and RLOO
 # learn only from what this model *samples*: they reinforce what their rollouts contain, and a model that
-# never refuses gives them no refusal to reinforce, so the safety half of the gold judge stays out of their
-# reach. (Notebook 03's live preference pairs are this model's answers too; most of its pairs, though, come
-# from a shipped snapshot sampled from the committed cpu run's SFT model, and those hold refusals either
-# way.) So count refusals directly: several samples
-# for each held-out harmful prompt, at the temperature later stages sample at, and false refusals among the
-# benign answers above.
+# never refuses gives them no refusal to reinforce, so the gold judge's reward for refusing a harmful
+# request stays out of their reach. (Notebook 03's live preference pairs are this model's answers too; most
+# of its pairs, though, come from a shipped snapshot sampled from the committed cpu run's SFT model, and
+# those hold refusals either way.) So count refusals directly: several samples for each held-out harmful
+# prompt, at the temperature later stages sample at, and false refusals among the benign answers above.
 
 # %%
 harmful = [p["prompt"] for p in heldout_prompts() if p["domain"] == "refusal"]
@@ -168,16 +170,17 @@ print(f"sft: false refusals {counts['refused_benign']}/{counts['benign_replies']
 print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 
 # %% [markdown]
-# A rate of zero here would be the most important number in this notebook: no online RL stage could
-# repair it. It was zero in an earlier version of the cpu profile, 24 steps of 8 demonstrations at learning rate
-# 1e-3: in a separate probe, on a slightly smaller training set, that model refused 0 of 48 samples on 12
-# harmful prompts it had no demonstration for. Taking the demonstrations 4 at a time for 48 steps at
-# learning rate 2e-3 (the profile now) made it refuse some of the time, with a lower held-out loss, in
-# about the same time. Both changed together and their shares were not measured apart; one reading is that a
-# short answer that is one demonstration in eight is learnt late, and more, larger-rate steps reach it
-# within the same budget. The cell above gives this run's rate.
-# The base model's interval of [0.00, 0.00] only says that every one of its samples complied; a bootstrap
-# cannot put an interval around a rate it never saw move.
+# A rate of zero here would be the most important number in this notebook: no online RL stage could be
+# expected to repair it, since they only reinforce refusals they sample. It was zero in an earlier version of
+# the cpu profile, 24 steps of 8 demonstrations at learning rate 1e-3: in a separate probe, on a slightly
+# smaller training set, that model refused 0 of 48 samples on 12 harmful prompts it had no demonstration for.
+# Taking the demonstrations 4 at a time for 48 steps at learning rate 2e-3 (the profile now) made it refuse
+# some of the time, with a lower held-out loss, in about the same time. Both changed together and their
+# shares were not measured apart; one reading is that a short answer that is one demonstration in eight is
+# learnt late, and more, larger-rate steps reach it within the same budget. The cell above gives this run's
+# rate. The base model refused none of its samples, and a bootstrap cannot put an interval around a rate it
+# never saw move, so where every prompt has the same rate the interval is Wilson's over the prompts instead
+# (for none of 9 prompts, [0.00, 0.30]): 36 samples show that it refuses seldom, not that it never does.
 
 # %% [markdown]
 # ## Save the summary

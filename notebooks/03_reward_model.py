@@ -18,8 +18,8 @@
 #
 # People find it much easier to say which of two answers is better than to score one. So RLHF collects
 # *comparisons*: sample two answers from the SFT policy, ask which is better, and fit a reward model that
-# explains the choices. Here the "person" is the simulated annotator of notebook 01, which lets us state the
-# reward model's quality exactly: against the best accuracy any model could reach on the same noisy labels.
+# explains the choices. Here the "person" is the simulated annotator of notebook 01, which lets us measure
+# the reward model against a known target: the best accuracy any model could reach on the same noisy labels.
 #
 # **What you will learn**
 # 1. How preference pairs are made: sampling, pairing, labelling, provenance.
@@ -78,8 +78,9 @@ cfg
 # %% [markdown]
 # ## 1. Sampling and labelling pairs: a few live, the rest from a snapshot
 # Sample two answers per prompt from the policy, one at temperature 0.7 and one at 1.3, pair them, and let
-# the annotator choose. (Two samples at one temperature are often near-ties by gold, so most labels would be
-# coin flips; mixing temperatures is a common way to get comparisons worth making.)
+# the annotator choose. (Two samples at one temperature are often near-ties by gold, so many labels would be
+# close to coin flips; mixing temperatures is one way to get comparisons worth making. It has a cost, which
+# section 5 returns to: the reward model can learn to tell a careful sample from a loose one.)
 #
 # Sampling every training prompt takes minutes on a CPU, so the shipped snapshot holds such pairs for every
 # training prompt, made by `scripts/make_preference_snapshot.py` (anyone can rerun it) from notebook 02's
@@ -148,7 +149,9 @@ print(f"{gold_ties(eval_pairs)} of the held-out pairs have equal gold on both si
 # %% [markdown]
 # ## 4. Train the reward model
 # The backbone is the SFT model with a one-output head on the last token; the loss is Bradley–Terry,
-# $-\log\sigma(r(x, y_w) - r(x, y_l))$. LoRA adapts the top blocks and the head is trained in full. The
+# $-\log\sigma(r(x, y_w) - r(x, y_l))$, plus TRL's small centring term
+# $0.01\,(r(x, y_w) + r(x, y_l))^2$ (`center_rewards_coefficient`, Eisenstein et al. 2023), which pulls each
+# pair's scores towards a mean of 0. LoRA adapts the top blocks and the head is trained in full. The
 # load report below lists `score.weight` as missing: that is the new head, which starts from random values,
 # as it should. $\ln 2 \approx 0.69$ is the loss of a model whose margins are all 0. Do not read a loss that
 # stays near it as a model still guessing: on labels this noisy (a simulated annotator choosing between
@@ -166,11 +169,12 @@ facts
 
 # %% [markdown]
 # ## 5. Normalise on fresh SFT samples, and check against the gold judge
-# RL adds the reward to a KL penalty, so its scale matters: we shift and scale it so that fresh SFT samples
-# (on held-out prompts, never trained on; `fresh_samples_per_prompt` replies to each) score mean 0 and
-# standard deviation 1. They are sampled at `fresh_temperature` (1.0 in the cpu profile, for variety); PPO
-# samples at 0.7, where the same shift and scale leave its scores near, not exactly at, 0 and 1. The same
-# samples test whether the reward model *ranks* answers as the gold judge does (Spearman's ρ).
+# RL adds the reward to a KL penalty, so its scale against $\beta$ matters: as Ziegler et al. (2019) did, we
+# shift and scale it so that fresh SFT samples (on held-out prompts, never trained on;
+# `fresh_samples_per_prompt` replies to each) score mean 0 and standard deviation 1. They are sampled at
+# `fresh_temperature` (1.0 in the cpu profile, for variety); PPO samples at 0.7, where the same shift and
+# scale leave its scores near, not exactly at, 0 and 1. The same samples test whether the reward model
+# *ranks* answers as the gold judge does (Spearman's ρ).
 
 # %%
 k_fresh = cfg.fresh_samples_per_prompt
@@ -185,26 +189,29 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 
 # %% [markdown]
 # Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24; on 48 samples ρ itself is
-# uncertain by about ±0.3), although the held-out accuracy below is above chance. Bradley–Terry training
-# only ever compares the two replies of a pair, so nothing in it fixes how one prompt's scores sit against
-# another's. The two measure different things. The pairs contrast a careful sample
-# (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking two
-# ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ runs
+# uncertain by about ±0.3), even when the held-out accuracy below is above chance, as it is for training
+# seed 0 (section 6 says how much of that is the seed). Bradley–Terry training only ever compares the two
+# replies of a pair, so nothing in it ties one prompt's scores to another's gold level (the centring term
+# only pulls every pair's mean towards 0). The two measure different things. The pairs contrast a careful
+# sample (temperature 0.7) with a loose one (1.3), so the reward model learns to tell those apart; ranking
+# two ordinary answers is a finer skill that 48 small steps over half the pairs do not teach it. And ρ runs
 # across *different* prompts, where most of the gold's spread is the prompt's (a harmful request that the
 # SFT model answers scores 0 whatever it says).
 #
 # ### What the reward model is worth to RL, before any RL
 # With a per-prompt baseline (GRPO, RLOO, and PPO with `group_baseline`, as in the cpu profile), RL never
 # compares replies to different prompts: each update asks which of the replies to *this* prompt deserve more
-# probability. (PPO without it, its default and the gpu profile's, has only its value head for a baseline,
-# so a score offset between prompts reaches its update unless the value head learns it.) So the question
-# that decides whether RL against this reward model can raise the gold is narrower than ρ: of two replies to
-# the same prompt, does it prefer the one the gold judge prefers? And the payoff has a price tag. Picking
-# the best of n sampled replies by the reward model (*best-of-n*) is a policy too, at a KL to the sampling
-# policy of at most log n − (n−1)/n nats: 0.19 for n = 2, 0.43 for n = 3, 0.64 for n = 4. Best-of-n trades
-# KL for the reward model's score about as well as any policy can, so if picking by the reward model buys no
-# gold here, RL against it is unlikely to buy much at a comparable KL, however good the RL. Picking by the
-# gold judge itself shows what a perfect reward model would buy.
+# probability. (PPO without it, its default and the gpu profile's, has only its value head for a baseline, so
+# a score offset between prompts reaches its update unless the value head learns it.) So the question that
+# decides whether RL against this reward model can raise the gold is narrower than ρ: of two replies to the
+# same prompt, does it prefer the one the gold judge prefers? And the payoff has a price tag. Picking the
+# best of n sampled replies by the reward model (*best-of-n*) is a policy too, at a KL to the sampling policy
+# of at most log n − (n−1)/n nats (Stiennon et al. 2020's formula, which Beirami et al. 2024 showed is an
+# upper bound): 0.19 for n = 2, 0.43 for n = 3, 0.64 for n = 4. Best-of-n trades KL for the reward model's
+# score about as well as any policy can (Gao et al. 2022 found RL slower than best-of-n as a function of KL,
+# and gold against proxy much the same for both), so if picking by the reward model buys no gold here, RL
+# against it is unlikely to buy much at a comparable KL, however good the RL. Picking by the gold judge
+# itself shows what a perfect reward model would buy.
 
 # %%
 if k_fresh >= 2:
@@ -236,8 +243,9 @@ else:
 # Picking by it buys about +0.01 of gold at n = 2 to 4 and nothing at n = 8, and every one of those
 # intervals holds 0: no gain is told apart from zero. The fall at n = 8 is what over-optimisation would look
 # like in miniature (the extra KL buying replies the reward model likes for reasons gold does not share),
-# but these intervals do not show it. Picking by gold buys +0.11 at the same KL. So a perfect PPO against this reward model could
-# gain about 0.01 at a KL of 0.4, less than the ±0.02 that separates two policies on 72 prompts × 3 replies.
+# but these intervals do not show it. Picking by gold buys +0.11 at n = 3, the same KL. So a perfect PPO
+# against this reward model could be expected to gain about 0.01 at a KL of 0.4, less than the ±0.02 that
+# separates two policies on 72 prompts × 3 replies.
 # That is the first reason PPO, GRPO and RLOO, which optimise this reward model, stay level with SFT on the
 # `cpu` profile (notebooks 04 and 05). The second is the budget: about a hundred rollouts are few even for
 # a perfect reward (PPO runs against the gold judge itself, in `docs/rl_on_a_cpu_budget.md`). A reward
@@ -260,10 +268,11 @@ plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (re
 # Read the interval before the point: a hundred-odd pairs on half as many prompts pin accuracy down to
 # about ±0.1. Nor is the interval the whole uncertainty: it is over pairs, for this one trained model.
 # On the `cpu` profile the training seed moves accuracy as much. Trained on the same pairs with the same
-# split, seed 0 scored 0.606 and four other training seeds 0.43–0.50, near chance, and their best-of-3
-# picks were worth +0.001 to +0.010 of gold (`docs/rl_on_a_cpu_budget.md`, section 14). Train twice
-# with two values of `train_seed` before you trust a difference between two reward models: it changes the
-# training alone, as in those runs, while `seed` would also change the live pairs, their labels and the split.
+# split, seed 0 scored 0.606 and four other training seeds 0.43–0.50, near chance (0.49 averaged over the
+# five: the recipe, as opposed to this draw of it, is at chance), and their best-of-3 picks were worth
+# +0.001 to +0.010 of gold (`docs/rl_on_a_cpu_budget.md`, section 14). Train twice with two values of
+# `train_seed` before you trust a difference between two reward models: it changes the training alone, as in
+# those runs, while `seed` would also change the live pairs, their labels and the split.
 #
 # In the calibration plot each point is a bin of predicted probabilities against how often the first
 # answer really was preferred; on the diagonal the model's confidence is what happens. Each pair is
@@ -304,7 +313,8 @@ MetricsLogger(rm_dir).summary(summary)
 #
 # Try: more `max_steps`; another `train_seed`, to see how far training noise alone moves accuracy on the
 # same pairs; `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in this
-# notebook, which takes minutes: fewer pairs than the snapshot, so watch accuracy fall), and with it
+# notebook, which takes minutes: fewer pairs than the snapshot, so expect accuracy no better, though with
+# the spread over training seeds above one run can go either way), and with it
 # `annotator_temperature=0.02`, a more consistent annotator whose ceiling is higher. With the snapshot on,
 # another annotator temperature is refused: the snapshot's labels were drawn at 0.1, and the Bayes ceiling
 # is per temperature. Next, notebook 04 optimises the SFT policy against this reward model with PPO, and

@@ -118,13 +118,19 @@ pd.DataFrame({"prompt": exp.rollout.prompts, "response": exp.rollout.texts,
 # ### Rewards per token
 # The reward model scores a whole answer, but PPO learns per token. Every token gets $-\beta\,(\log\pi -
 # \log\pi_{ref})$, the KL penalty that keeps the policy near the SFT model, and the last real token also
-# gets the score (less the baseline, with `group_baseline`). An answer that never ended loses
-# `missing_eos_penalty` first (subtracted, as TRL's PPO trainer did; OpenAI's original `lm-human-preferences` code replaced such a score with a fixed −1). The
-# adapter starts at zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
+# gets the score (less the baseline, with `group_baseline`). The log-ratio of the sampled token is the
+# simplest KL estimator (k1 in Schulman's note on KL estimators): its mean over samples from $\pi$ is the
+# KL, but one token's term is negative wherever $\pi$ gives that token less probability than $\pi_{ref}$
+# does. An answer that never ended loses `missing_eos_penalty` first (subtracted, as TRL's PPO trainer did;
+# OpenAI's original `lm-human-preferences` code replaced such a score with a fixed −1). The adapter starts
+# at zero, so at this point $\pi = \pi_{ref}$ and every KL term is exactly 0.
 #
 # Both log-probabilities come from the logits divided by the sampling temperature, the distribution the
 # answer was actually drawn from. Computed at temperature 1 instead, $\log\pi$ would not be the sampler's:
-# the ratio on the first update would not be 1, and the KL would measure the wrong distributions.
+# the policy gradient would be taken for a policy other than the one that drew the answers, and the KL
+# would compare other distributions than the sampled ones. (In trainers that take $\log\pi_{old}$ from the
+# sampler's own logits, as TRL's last PPO trainer did, a mismatch also shows as a first ratio other than 1;
+# here both come from the same forward pass, so it would not.)
 
 # %%
 display(plotting.show_source(ppo.per_token_rewards))
@@ -151,7 +157,7 @@ per_token.tail(6).round(4).replace(-0.0, 0.0)  # no "-0.0"
 # model, so its values mean something from the first step.) The curve below is that share, from
 # `compute_gae` itself; the closing notes below say what $\lambda = 1$ changed in separate runs from the cpu
 # run's SFT model. The cpu profile takes $\lambda = 1$, so that the score reaches every token of an answer
-# from the first step; `PPOConfig`'s default is the paper's 0.95.
+# from the first step; `PPOConfig`'s default is the "N implementation details" study's 0.95.
 
 # %%
 display(plotting.show_source(ppo.compute_gae))
@@ -173,8 +179,9 @@ plotting.overlay_curves([{"tokens before the end": T - 1 - t, **{k: float(a[t]) 
 # gradient stops, so nothing pushes it further in that batch (the ratio can still end up past the range,
 # carried by the shared LoRA weights). On the very first mini-batch nothing has moved yet: the ratio is
 # exactly 1 and nothing is clipped. The value loss is $\frac12$ the mean squared error of the values
-# against the returns (clipped the same way); with the head still at $V = 0$ it is $\frac12$ the mean
-# squared return.
+# against the returns, made pessimistic the same way: each new value is also clipped to within
+# `cliprange_value` of the rollout's, and the larger of the two squared errors counts. With the head still
+# at $V = 0$ it is $\frac12$ the mean squared return.
 
 # %%
 display(plotting.show_source(ppo.ppo_losses))
@@ -207,12 +214,12 @@ sft_metrics
 #   to the reference. Judge the trend, not one step. With `group_baseline` a step asks only
 #   `batch_size / samples_per_prompt` prompts (4 in the cpu profile), so the batch's mean score mostly says
 #   which prompts came up. PPO then optimises each answer's score against its siblings', which this curve
-#   does not show: in the one run here that raised gold on held-out prompts, it fell. Section 5 below is
-#   the measurement that counts.
+#   does not show: in the one PPO run that raised held-out gold over SFT (32 steps of this recipe,
+#   `docs/rl_on_a_cpu_budget.md`, section 13), it fell. Section 5 below is the measurement that counts.
 # - `policy/clipfrac_avg`, the share of tokens whose update was clipped: a few percent up to about 0.2 is
 #   usual. Above ~0.3 the steps are too large for the clip range (lower the learning rate); near 0 they
-#   are so small that the clip never binds, and each of the `ppo_epochs` passes is a plain policy-gradient
-#   step.
+#   are so small that the clip seldom binds, and each of the `ppo_epochs` passes is in effect a plain
+#   policy-gradient step.
 # - `policy/entropy_avg` falling fast means the policy is collapsing onto a few answers.
 # - `response/length_mean` drifting is the classic sign of the reward model liking length for its own sake.
 # - `val/explained_variance`, how much of the returns of each fresh rollout the value head predicts before
@@ -272,8 +279,9 @@ with pd.option_context("display.max_colwidth", None):
 # temperature); `length_mean`, tokens per reply; `eos_frac`, the share of replies that ended within
 # the evaluation's token limit; `distinct_2`, the share of distinct word pairs among all word pairs in the
 # replies (lower: more repetitive); `n`, replies. The reading under the table also counts refusals apart on
-# harmful and benign requests: notebook 03's reward model seldom saw a refusal set against an answer, so
-# nothing in its reward holds SFT's refusals in place, and an overall gold figure can hide where they went.
+# harmful and benign requests: notebook 03's reward model orders a refusal against an answer about as often
+# wrongly as rightly (`docs/rl_on_a_cpu_budget.md`, section 1), so nothing in its reward holds SFT's
+# refusals in place, and an overall gold figure can hide where they went.
 
 # %%
 ppo_rows, ppo_metrics = evaluate_stage(run_dir, "ppo", eval_cfg)
@@ -313,8 +321,8 @@ MetricsLogger(out_dir).summary(summary)
 #
 # Try: `kl_coef=0.0` (no leash: the KL climbs faster; over enough steps, as in the `gpu` profile, watch for
 # the proxy parting from gold); `reward="gold"` (optimise the gold judge directly: what this budget can do
-# with a perfect reward model); `max_steps=32` (four times the steps: the run that raised held-out gold over
-# SFT, see the notes below).
+# with a perfect reward model); `max_steps=32` (four times the steps: the recipe that raised held-out gold
+# over SFT on one training seed of two, see the notes below).
 #
 # Mind the units of the missing-EOS penalty when you change the reward. Its default, 1.0, is one standard
 # deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers
@@ -324,17 +332,22 @@ MetricsLogger(out_dir).summary(summary)
 # reply a step, no group baseline, one mini-batch, λ = 0.95), then its evaluation against SFT on all 72
 # held-out prompts, three replies each:
 #
-# `python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 --learning-rate 3e-4 --max-steps 12 --batch-size 8 --samples-per-prompt 1 --group-baseline false --num-mini-batches 1 --lam 0.95`
-# `python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo`
+# ```bash
+# python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 \
+#     --learning-rate 3e-4 --max-steps 12 --batch-size 8 --samples-per-prompt 1 --group-baseline false \
+#     --num-mini-batches 1 --lam 0.95
+# python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo
+# ```
 #
 # (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured in such runs from the
 # cpu run's SFT model, not in this notebook: a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at
 # learning rate 1e-3 with the default penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to
 # refuse more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal.
 # In about a hundred rollouts not even a perfect reward model lifts this SFT model;
-# `docs/rl_on_a_cpu_budget.md` (section 3) has the six runs in a table. And the reward model itself leaves little to find: notebook
-# 03's best-of-n shows that picking the best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, about
-# where PPO's training KL ends) buys about +0.01 of gold, where picking by gold buys +0.11.
+# `docs/rl_on_a_cpu_budget.md` (section 3) has the six runs in a table. And the reward model itself leaves
+# little to find: notebook 03's best-of-n shows that picking the best of 3 SFT replies by it (a KL of at
+# most 0.43 nats from SFT, about where PPO's training KL ends) buys about +0.01 of gold, where picking by
+# gold buys +0.11.
 #
 # Nor is the λ of the GAE section what holds PPO back here: six runs with `--lam 1.0`, against gold and
 # against the reward model, also landed within 0.01 of SFT (same page). Against gold it taught PPO to end its
@@ -350,7 +363,7 @@ MetricsLogger(out_dir).summary(summary)
 # tokens, each score taken relative to its 3 siblings' mean, λ = 1, penalty 0.5, gained +0.025 [+0.004,
 # +0.047] on the held-out prompts against the reward model, in 28 minutes, without ending more replies
 # (section 13 of the page). A second training seed did not repeat it: −0.002 [−0.026, +0.018]. Yet on the
-# same held-out prompts that run's replies scored +0.331 [+0.196, +0.471] above SFT's by the reward model
+# same held-out prompts that seed-1 run's replies scored +0.331 [+0.196, +0.471] above SFT's by the reward model
 # itself, a third of a standard deviation of SFT's replies. PPO raised the reward it was given, on prompts
 # it never saw; gold did not follow. The evaluation prints both gains (`proxy_gain` beside `gain`): when
 # the first rises and the second does not, the reward model is the limit, not the optimiser.
@@ -365,8 +378,8 @@ MetricsLogger(out_dir).summary(summary)
 # Nor would a better reward model lift these 8 steps. Run against gold itself (`reward="gold"`), this
 # profile gained +0.009 [−0.009, +0.029] and +0.008 [−0.011, +0.028] on two seeds, +0.011 [−0.009,
 # +0.033] at learning rate 1e-3; 32 steps against gold gained +0.007 [−0.033, +0.047], refusing more and
-# saying less (section 15). Ten minutes of PPO on two cores are worth about 0.01 of gold here, whatever the
-# reward, which 72 held-out prompts × 3 replies cannot resolve.
+# saying less (section 15). Ten minutes of PPO on two cores gained at most about 0.01 of gold here,
+# whatever the reward, less than 72 held-out prompts × 3 replies can resolve.
 # Sampled four times as finely (`--samples-per-prompt 12`, half an hour a policy here), even that 0.01 goes:
 # the profile's two seeds gained −0.012 [−0.029, +0.004] and +0.001 [−0.012, +0.014] over SFT (pooled
 # −0.005 [−0.017, +0.007]), and the seed-0 run against gold −0.005 [−0.017, +0.006]. On the 63 benign

@@ -99,7 +99,8 @@ print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prom
 # How to read the curves. A fresh adapter *is* the reference, so at step 1 every implicit reward and margin
 # is exactly 0 and `train/loss` is $\log 2 \approx 0.693$, the loss of a coin flip; below it, the pairs are
 # being ordered. (With `sft_weight` above 0, RPO, the loss also holds that weight times the chosen replies'
-# negative log-likelihood, so it starts higher.) `rewards/margins` (the batch mean of $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
+# negative log-likelihood, so it starts higher.) `rewards/margins` (the batch mean of
+# $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
 # `rewards/accuracies` (the share of the batch's pairs with a positive margin) starts at 0, not one half:
 # TRL counts a tie as wrong. It moves in steps of one over the pairs per step, so one batch's value says
 # little; the table after the curves gives means over the first and the second half of the steps.
@@ -159,7 +160,20 @@ display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accur
 # worth. The loss is PPO's clipped ratio per token, plus $\beta$ times TRL's k3 estimate of the KL,
 # $e^{\Delta} - \Delta - 1$ with $\Delta = \log\pi_{ref} - \log\pi$, added to each token's loss (not to
 # the reward). TRL's own default is $\beta = 0$, which loads no reference and computes no KL at all; we set
-# it above zero (the settings table in section 5 shows the value).
+# it above zero (the settings table in section 5 shows the value). TRL 1.16 also multiplies that k3 term by
+# the token's probability ratio (`use_bias_correction_kl`, on by default). On-policy the ratio is 1, so the
+# logged value is k3 unchanged, but the gradient becomes $(\log\pi - \log\pi_{ref})\,\nabla\log\pi$, that
+# of the reverse KL $\mathrm{KL}(\pi\,\|\,\pi_{ref})$; the gradient of k3 alone, as in the GRPO paper and
+# older TRL, is in expectation that of the forward KL $\mathrm{KL}(\pi_{ref}\,\|\,\pi)$.
+#
+# Two of GRPO's choices carry a bias that Dr. GRPO (Liu et al. 2025) pointed out. Dividing by the group's
+# spread gives the replies to a prompt on which they scored almost alike advantages as large as those to a
+# prompt on which they differed widely, so on prompts too easy or too hard for the policy, small and often
+# noisy differences are blown up to full size. And averaging each reply's token losses before averaging over replies
+# (`loss_type="grpo"`, the paper's, which this stage sets) gives each token of a short reply more weight
+# than a token of a long one: a good short reply is pushed up harder, a bad long one pushed down more
+# gently. TRL 1.16's own defaults are `loss_type="dapo"` (tokens averaged over the whole batch) and
+# `scale_rewards="group"`; `scale_rewards="none"` drops the division.
 #
 # The score optimised is of the kind PPO optimises: the reward model's, minus the missing-EOS penalty for a
 # reply cut off at the training token cap, `max_completion_length` (without it, the reward model would
@@ -171,11 +185,11 @@ display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accur
 # rise table keeps the penalised score (`objective/scores`, the one optimised) apart from the reward
 # model's score alone (`objective/raw_scores`, the "proxy reward" of section 6).
 #
-# Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (on an H100,
-# PPO's proxy rose while its gold fell once the KL passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section
-# 18, and notebook 06's parting point). In a short run each step
-# scores a couple of new prompts, so the curves mostly show how prompts differ: read the rise table's
-# `change` against its `change_se` before reading a trend into them. The training loss is no progress
+# Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (in one
+# gpu-profile PPO run on an H100, the proxy of its training batches rose while their gold fell once the KL
+# passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section 18, and notebook 06's parting point). In a
+# short run each step scores a couple of new prompts, so the curves mostly show how prompts differ: read the
+# rise table's `change` against its `change_se` before reading a trend into them. The training loss is no progress
 # signal: with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss
 # is about $\beta$ times TRL's per-token KL, `train/kl` (logged again as `objective/kl_per_token`), not
 # $\beta$ times the plotted `objective/kl`, which is that per-token figure times the mean reply length.
@@ -197,10 +211,12 @@ plotting.rise_table(grpo_summary)  # mean over the first and the second half of 
 # with `scale_rewards="none"` (no division by the group's spread), times a constant. What differs is where
 # the KL goes: into the reward itself, $r_i - \beta \sum_t (\log\pi - \log\pi_{ref})$, once per reply
 # (PPO spreads it over the tokens), and TRL's RLOO takes one probability ratio per reply where GRPO takes one
-# per token. So the same $\beta$ is not the same leash: a per-token k3 term in GRPO's loss, a summed
-# log-ratio in RLOO's reward. That summed log-ratio is a sample, not an expectation, and can be negative on
-# a batch; its mean over many replies cannot. RLOO's loss sits at about 0 (the advantages of a group sum to
-# zero). Same prompts, same budget, same reward as GRPO.
+# per token. On-policy that makes RLOO's gradient for a reply a sum over its tokens, where this GRPO's is
+# their mean. So the same $\beta$ is not the same leash: in GRPO a per-token k3 term set against advantages
+# scaled to unit spread, in RLOO a summed log-ratio set against the reward in its own units. That summed
+# log-ratio is a sample, not an expectation, and can be negative on a batch; its expected value, the KL,
+# cannot. RLOO's loss sits at about 0 (the advantages of a group sum to zero). Same prompts, same budget,
+# same reward as GRPO.
 
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "response/eos_frac",
@@ -251,11 +267,15 @@ pd.DataFrame(settings).set_index("method")
 # prefers the method's answer to the reference's, ties counting half, with a bootstrap 95% interval; *won /
 # tied / lost* gives the prompts behind it, since many ties pull a win rate towards 0.5 whatever the rest say.
 # *Refused: harmful / benign* counts the replies that refuse, of those to harmful requests and of those to
-# benign ones. On a cpu run PPO's gold loss lies in the few harmful prompts, where it drops SFT's refusals
-# (notebook 04's reading; `docs/rl_on_a_cpu_budget.md`, section 16): this column shows whether the others do.
+# benign ones. On the cpu run (training seed 0) PPO's gold loss lies in the few harmful prompts, where it
+# drops SFT's refusals (notebook 04's reading; `docs/rl_on_a_cpu_budget.md`, section 16, where a second seed
+# kept them): this column shows whether the others do.
 # Evaluations are cached in `run_dir/eval/policies/`, shared with notebooks 04 and 06. Cost: wall time is the
 # training stage's, and since the budgets differ, *s per sample* (wall time over training samples) is the
-# figure to compare. *Memory added* is the stage's peak memory above what the process held when the stage
+# fairer figure to compare, though still not like for like: an online method's sample is a reply generated
+# and scored (in the cpu profile up to 96 tokens and two passes for PPO, 64 and one for GRPO and RLOO), DPO's
+# a reply only scored, never generated; and the wall time includes loading and saving, which weigh more per
+# sample in a shorter run. *Memory added* is the stage's peak memory above what the process held when the stage
 # began (on CPU the resident set of the process: this notebook's for DPO, GRPO and RLOO, notebook 04's for
 # PPO), since a peak alone would mostly show what earlier stages left behind.
 
@@ -283,7 +303,8 @@ plotting.cost_figure(table, reference)
 # The proxy here is the reward model's score alone (`objective/raw_scores`), without the missing-EOS
 # penalty that the optimised score carries. The KL is each trainer's own estimate on its training samples:
 # for PPO and RLOO the sampled log-ratio summed over the reply, which can be negative on a batch; for GRPO
-# TRL's k3 estimator, never negative, times the mean reply length.
+# TRL's k3 estimator, never negative, times the mean reply length. On samples from the policy both have the
+# KL as their expected value (k3 usually with less spread), so the lines estimate one quantity with different noise.
 
 # %%
 curves, per_step = comparison.online_curves(run_dir)

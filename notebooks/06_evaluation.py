@@ -27,7 +27,7 @@
 # 1. Win rates with honest error bars: paired comparisons, ties counted half, a bootstrap interval.
 # 2. The Monte-Carlo KL to the reference, diversity (distinct-1/2) and length as the price of alignment.
 # 3. The reward–KL frontier (as in the DPO paper) for every policy and every saved checkpoint.
-# 4. Over-optimisation (Gao et al. 2023): gold beside proxy reward over training, and whether and where they part.
+# 4. Over-optimisation (Gao et al. 2022): gold beside proxy reward over training, and whether and where they part.
 # 5. One self-contained report of the whole run, `run_dir/eval/report.html`.
 
 # %% tags=["parameters"]
@@ -116,10 +116,12 @@ for name in present:
 #   moved little often writes SFT's reply word for word, and two replies often both hit gold's floor (0) or
 #   ceiling (1). Every tie pulls the win rate towards 0.5.
 #
-# Each comes with a 95% percentile-bootstrap interval over prompts: how much the figure would move on another
-# draw of prompts and replies. A win rate of 0.34 [0.22, 0.48] reads "SFT's reply was preferred more often;
-# on another draw the rate could be anywhere from 0.22 to 0.48, all below an even 0.5". A gain whose interval
-# holds 0, or a win rate whose interval holds 0.5, has not told the policy from SFT on these prompts.
+# Each comes with a 95% percentile-bootstrap interval over prompts: resampling the prompts (each with its
+# replies) shows how much the figure depends on which prompts and replies were drawn. A win rate of 0.34
+# [0.22, 0.48] reads "SFT's reply was preferred more often; rates from 0.22 to 0.48 are consistent with these
+# prompts (95%), all below an even 0.5". It is not the range a fresh evaluation's figure would fall in: that
+# varies more, since the fresh figure has its own noise as well. A gain whose interval holds 0, or a win rate
+# whose interval holds 0.5, has not told the policy from SFT on these prompts.
 #
 # Distinct-1 and distinct-2 are the shares of distinct words and word pairs over all of a policy's replies
 # pooled: shorter replies score higher, so read them beside the length column. With one reply per prompt they
@@ -197,7 +199,7 @@ line_gains(points, reference)
 # the very samples they trained on: the reward model's score before the missing-EOS penalty
 # (`objective/raw_scores`; each stage's `objective/scores`, drawn in section 6, has the penalty subtracted). When the
 # policy finds answers the reward model over-rates, the proxy keeps rising while gold stalls or falls (Gao et
-# al. 2023). The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves
+# al. 2022). The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves
 # over 5 steps (the lines; the dots are single steps), the first step after which gold gains at most
 # `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`, in a run whose proxy rose.
 #
@@ -243,7 +245,7 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 #   online RL stages, and whether (and where) they part.
 #
 # Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
-# prompts with 3 replies each narrowed the gain's interval to ±0.015–0.0205 for the trained policies on the
+# prompts with 3 replies each narrowed the gain's interval to ±0.015–0.021 for the trained policies on the
 # cpu run, against ±0.05–0.07 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to
 # +0.010); in notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier
 # stretch right and, once the proxy climbs, look for a parting point; read the answers of the policy with the

@@ -18,15 +18,16 @@ SKIP = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "tra
 
 
 def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
-    """`loss` -> `train/loss`, `eval_loss` -> `eval/loss`; keys with a `/` are kept."""
+    """`loss` -> `train/loss`, `eval_loss` -> `eval/loss`, `eval_rewards/margins` -> `eval/rewards/margins`;
+    other keys with a `/` are kept."""
     out: dict[str, Any] = {}
     for key, value in logs.items():
         if key in SKIP or not isinstance(value, (int, float)):
             continue
-        if "/" in key:
-            out[key] = value
-        elif key.startswith("eval_"):
+        if key.startswith("eval_"):  # before the `/` test: TRL's DPO logs eval_rewards/margins
             out[f"eval/{key[5:]}"] = value
+        elif "/" in key:
+            out[key] = value
         elif key == "train_loss":
             out["train/loss_mean"] = value  # the mean over the whole run, logged once at the end
         else:

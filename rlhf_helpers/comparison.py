@@ -216,7 +216,9 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     if costed:
         text.append(f"\n\n**Cost, at these budgets.** {'; '.join(_cost(r) for r in costed)}. The methods were "
                     "given different budgets (the settings table), so a total time says as much about the budget "
-                    "as about the method; the time per training sample compares the methods.")
+                    "as about the method; the time per training sample compares the work each method does per sample "
+                    "at these budgets, though samples differ in kind (an online sample is generated and scored, a "
+                    "DPO pair only scored).")
         per = [r for r in costed if r.get("seconds_per_sample") is not None]
         fast = min(per, key=lambda r: r["seconds_per_sample"]) if per else None
         if fast is not None:
@@ -280,7 +282,8 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
         cost = ""
         if len(costed) > 1:
             fast, slow = (f(costed, key=lambda r: r["seconds_per_sample"]) for f in (min, max))
-            cost = (f" What the numbers do settle is cost per training sample at these budgets (above): "
+            cost = (f" What the numbers do settle is the time per training sample at these budgets (above; samples "
+                    f"differ in kind): "
                     f"{slow['policy']} took {slow['seconds_per_sample']:.1f} s, "
                     f"{slow['seconds_per_sample'] / fast['seconds_per_sample']:.1f} times {fast['policy']}'s "
                     f"{fast['seconds_per_sample']:.1f} s.")

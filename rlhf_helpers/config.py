@@ -126,13 +126,25 @@ def get_profile(name: str | Profile) -> Profile:
 
 
 C = TypeVar("C")
+
+
+class _All:
+    """An override that sets an `int | None` field to None, whose meaning is always "all" (every layer, every
+    pair, every prompt). A plain None cannot say so: overrides left at None keep the profile's value."""
+
+    def __repr__(self) -> str:
+        return "ALL"
+
+
+ALL = _All()
 SHARED_FIELDS = ("model_name", "dtype", "device", "load_in_4bit")
 
 
 def stage_config(cls: type[C], profile: str | Profile, stage: str | None = None, **overrides: Any) -> C:
     """Build stage config `cls`: its defaults, the profile's shared settings (model_name, dtype, device,
     load_in_4bit) where `cls` has such fields, the profile's overrides for `stage`, then `overrides`
-    (None values are ignored, so notebook parameters left at None keep the profile's choice).
+    (None values are ignored, so notebook parameters left at None keep the profile's choice; `ALL` sets an
+    `int | None` field to None, which means all).
 
     `stage` defaults to `cls.stage`. Keys that are not fields of `cls` raise with the valid names.
     """
@@ -140,7 +152,8 @@ def stage_config(cls: type[C], profile: str | Profile, stage: str | None = None,
     stage = stage or getattr(cls, "stage")
     names = {f.name for f in dataclasses.fields(cls)}
     shared = {k: getattr(prof, k) for k in SHARED_FIELDS if k in names}  # model, dtype, device, 4-bit
-    values = {**shared, **prof.overrides_for(stage), **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: None if v is ALL else v for k, v in overrides.items() if v is not None}
+    values = {**shared, **prof.overrides_for(stage), **given}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(
@@ -168,15 +181,16 @@ def describe_fields(cls: type) -> dict[str, str]:
 
 def add_config_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One `--field-name` option per scalar field of dataclass `cls` (default None: keep the profile's), with
-    the field's docstring as help; booleans take true/false."""
+    the field's docstring as help; booleans take true/false, and an `int | None` field takes `all` for None."""
     docs = describe_fields(cls)
-    kinds = {"int": int, "float": float, "str": str, "int | None": int, "bool": _parse_bool}
+    kinds = {"int": int, "float": float, "str": str, "int | None": _parse_int_or_all, "bool": _parse_bool}
     for f in dataclasses.fields(cls):
         kind = kinds.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
         if f.name in skip or kind is None:
             continue
+        text = docs.get(f.name, "") + (" Give `all` for None." if kind is _parse_int_or_all else "")
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                            help=docs.get(f.name, "").replace("%", "%%"))
+                            help=text.replace("%", "%%"))
 
 
 def add_stage_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -195,6 +209,17 @@ def stage_config_from_args(parser, cls: type[C], args: dict[str, Any]) -> tuple[
         return run_dir, stage_config(cls, profile, **args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def _parse_int_or_all(text: str) -> int | _All:
+    import argparse
+
+    if text.strip().lower() in ("all", "none"):
+        return ALL
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
 
 
 def _parse_bool(text: str) -> bool:

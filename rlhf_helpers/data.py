@@ -28,9 +28,9 @@ Bad-input policy. Every error is a `DataError` reading `path:line: field 'x': wh
   not UTF-8 (the line and byte offset are named); a line longer than `max_line_bytes` (default 1 MiB;
   checked before decoding, so a huge line is never decoded whole); a byte-order mark after line 1; a
   key given twice in one object; NaN or Infinity anywhere; a lone UTF-16 surrogate escape (`"\\ud800"`,
-  which cannot be written back as UTF-8); a prompt `split` other than "train" or "test". A UTF-16 file
-  and a file holding one JSON array (`[{...}, ...]`) get one error for the whole file, saying how to
-  convert it.
+  which cannot be written back as UTF-8); a prompt `split` other than "train" or "test". A UTF-16 or
+  UTF-32 file (one with its byte-order mark) and a file holding one JSON array (`[{...}, ...]`) get one
+  error for the whole file, saying how to convert it.
 - Accepted but reported as counted warnings, never silently: a UTF-8 BOM at the start of the file
   (stripped) and CRLF line endings (read as LF); records that repeat an earlier line exactly (kept); a
   file with no records; a pair file giving no pairs.
@@ -93,7 +93,9 @@ MAX_STORED_ERRORS = 1000
 """`errors="collect"` keeps this many `DataError`s; `LoadReport.n_errors` counts them all."""
 MAX_SHOWN_ERRORS = 20
 BOM = b"\xef\xbb\xbf"
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# byte-order marks of the encodings that are not UTF-8, longest first (UTF-32 LE's starts with UTF-16 LE's)
+WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+             (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 NO_RECORDS = "no records found"
 NO_PAIRS = "no preference pairs produced (every row was skipped)"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -239,7 +241,7 @@ def _parse_json(text: str) -> dict:
 def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> Iterator[tuple[int, dict | DataError]]:
     """Yield (line_no, object) per non-blank line, or (line_no, DataError) for a bad one, so a caller
     can stop or keep going. Updates `report.lines`, `blank_lines` and the BOM/CRLF/duplicate warnings.
-    A file that is not JSON Lines at all (UTF-16, one JSON array) gives one error, not one per line."""
+    A file that is not JSON Lines at all (UTF-16 or UTF-32, one JSON array) gives one error, not one per line."""
     if max_line_bytes < 1:
         raise ValueError(f"max_line_bytes must be positive, got {max_line_bytes}")
     crlf, first_crlf = 0, 0
@@ -259,10 +261,11 @@ def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> I
             try:
                 if raw is None:
                     raise _too_long(size, max_line_bytes)
-                if line_no == 1 and raw.startswith(UTF16_BOMS):
-                    not_jsonl = True
-                    raise DataError(f"the file is UTF-16 (it starts with the byte-order mark {raw[:2].hex(' ')})",
-                                    f"Re-encode it as UTF-8: `iconv -f utf-16 -t utf-8 {shlex.quote(str(path))} "
+                wide = next(((b, c) for b, c in WIDE_BOMS if raw.startswith(b)), None) if line_no == 1 else None
+                if wide:
+                    not_jsonl, (bom, codec) = True, wide
+                    raise DataError(f"the file is {codec.upper()} (it starts with the byte-order mark {bom.hex(' ')})",
+                                    f"Re-encode it as UTF-8: `iconv -f {codec} -t utf-8 {shlex.quote(str(path))} "
                                     f"> out.jsonl`")
                 content = raw[:-1] if raw.endswith(b"\n") else raw
                 if content.endswith(b"\r") and raw.endswith(b"\n"):

@@ -114,6 +114,8 @@ class DPOStageConfig:
              f"max_steps, batch_size and grad_accum must be >= 1, got {self.max_steps}, {self.batch_size}, "
              f"{self.grad_accum}"),
             (0 < self.eval_fraction < 1, f"eval_fraction must be in (0, 1), got {self.eval_fraction}"),
+            (0 <= self.warmup < 1, f"warmup is a fraction of max_steps, in [0, 1), got {self.warmup} (transformers "
+                                   f"reads 1 or more as a number of steps)"),
             (self.max_length >= 32, f"max_length must be >= 32 tokens (the chat template alone takes ~30), "
                                     f"got {self.max_length}"),
             (self.logging_steps >= 1 and self.save_steps >= 1 and self.eval_steps >= 0,
@@ -289,11 +291,13 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
     rows = [r for r in logger.rows if "rewards/margins" in r]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     steps = trainer.state.global_step
+    seen = steps * cfg.pairs_per_step * trainer.accelerator.num_processes  # every process takes its own pairs
     summary = {
         "policy_path": policy_path, "beta": cfg.beta, "loss_type": cfg.loss_type, "sft_weight": cfg.sft_weight,
         "steps": steps,
-        "train_pairs": len(trainer.train_dataset), "eval_pairs": len(eval_pairs or []), "lengths": lengths,
-        "pairs_seen": steps * cfg.pairs_per_step, "samples_seen": 2 * steps * cfg.pairs_per_step,
+        "train_pairs": len(trainer.train_dataset), "eval_pairs": len(trainer.eval_dataset) if eval_pairs else 0,
+        "lengths": lengths,
+        "pairs_seen": seen, "samples_seen": 2 * seen,
         "train_loss_first": first.get("train/loss"), "train_loss_last": last.get("train/loss"),
         "margin_first": first.get("rewards/margins"), "margin_last": last.get("rewards/margins"),
         "accuracy_last": last.get("rewards/accuracies"), "learning_rate_first": first.get("train/learning_rate"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
     means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)  # (n_boot,)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: unlike the bootstrap, not a single point when every outcome is
+    alike (0 of n still allows a rate up to about 3.8/(n + 3.8) at 95%)."""
+    from scipy.stats import norm
+
+    if n < 1:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(1 - (1 - level) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(gold_a: Sequence[float], gold_b: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -93,7 +108,8 @@ def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per
     """How often a policy declines: {'refused', 'n', 'rate', 'ci_low', 'ci_high', 'examples'}.
 
     Several seeded samples per prompt; the first sentence decides (`rewards.is_refusal`), so a few dozen
-    tokens suffice. The interval is a bootstrap over prompts, since replies to one prompt are alike.
+    tokens suffice. The interval is a bootstrap over prompts, since replies to one prompt are alike; where every
+    prompt has the same rate (none refused, say) it is Wilson's over the prompts, not a point.
     Later stages can only reinforce a refusal the policy sometimes samples: this rate is what they start from."""
     from .models import generate, load_model
     from .rewards import is_refusal
@@ -106,7 +122,10 @@ def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per
                        batch_size=batch_size, num_return_sequences=samples_per_prompt)  # prompt-major
     del model
     refused = np.array([is_refusal(r) for r in replies], float).reshape(len(prompts), samples_per_prompt)
-    low, high = bootstrap_ci(refused.mean(axis=1))
+    rates = refused.mean(axis=1)  # (prompts,)
+    low, high = bootstrap_ci(rates)
+    if low == high:  # every prompt alike (often none refused): the bootstrap collapses to a point; count prompts
+        low, high = wilson_interval(float(rates.sum()), rates.size)
     examples = [r for r in replies if is_refusal(r)][:3]
     return {"refused": int(refused.sum()), "n": int(refused.size), "rate": float(refused.mean()),
             "ci_low": low, "ci_high": high, "examples": examples}
@@ -671,7 +690,7 @@ PARTING_WINDOW, PARTING_MIN_PROXY_RISE = 5, 0.1
 def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[float], *, window: int = PARTING_WINDOW,
                   gold_tol: float = 0.01, min_proxy_rise: float = PARTING_MIN_PROXY_RISE) -> dict[str, Any] | None:
     """Where the reward model starts lying: the first step after which gold stops rising while the proxy
-    keeps rising (the over-optimisation of Gao et al. 2023).
+    keeps rising (the over-optimisation of Gao et al. 2022).
 
     Precisely: smooth both series with `centred_mean(·, window)` into g and p. The parting index is the
     first k < n−1 with

@@ -4,14 +4,19 @@ Both sample a *group* of `num_generations` replies per prompt from the current p
 reward, and use the group itself as the baseline, so neither needs a value network (PPO's critic):
 - GRPO (Shao et al. 2024, the algorithm of the Flux tutorial): advantage A_i = (r_i − mean_g r) / std_g r,
   a clipped PPO-style ratio loss per token (averaged over each reply's tokens, then over replies), and
-  β·KL(π‖π_ref) added to that per-token loss (the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π,
-  always ≥ 0).
+  β·KL(π‖π_ref) added to that per-token loss: the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π
+  (always ≥ 0; this is what TRL logs), which TRL 1.16 multiplies by the probability ratio π/π_old
+  (`use_bias_correction_kl`, on by default; DeepSeek-V3.2). The ratio's value is 1 on-policy but its
+  gradient is not, so the penalty's gradient per token is that of log π − log π_ref, the unbiased gradient
+  of the reverse KL(π‖π_ref), not k3's own (1 − π_ref/π)·∇log π, the paper's, which is in expectation the
+  gradient of the forward KL(π_ref‖π). Set `use_bias_correction_kl=False` for the paper's.
 - RLOO (Ahmadian et al. 2024): the KL penalty goes into the reward, r_i − β·Σ_t (log π − log π_ref)_t
   (the sampled log-ratio summed over the reply, which can be negative on a batch), and the advantage is r_i
   minus the mean reward of the *other* replies to the same prompt (leave-one-out). That advantage is
   K/(K−1)·(r_i − mean_g r) for groups of K: GRPO's with scale_rewards="none", times a constant. TRL's RLOO
   also takes one probability ratio per reply (its summed log-probability), not one per token.
-So the same β is not the same leash: a per-token k3 term in GRPO's loss, a summed log-ratio in RLOO's reward.
+So the same β is not the same leash: a per-token term in GRPO's loss (averaged over the reply's tokens), a
+summed log-ratio in RLOO's reward (weighting the whole reply's score-function gradient).
 In TRL 1.16 both call the KL coefficient `beta` (GRPOConfig's default is 0, which loads no reference and
 logs no KL; ours is above zero). The policy is the SFT model with a fresh LoRA adapter that TRL adds from
 our peft config, and the reference is that model with the adapter disabled.
@@ -31,7 +36,8 @@ Metrics, one row per logged step in `run_dir/<stage>/metrics.jsonl`: TRL's keys 
                             (GRPO's k3, ≥ 0; RLOO's sampled log-ratio, which can be < 0); GRPO's loss is
                             about β times this, since its policy term averages to 0 on-policy
   objective/kl              sequence KL, objective/kl_per_token · completions/mean_length, comparable with
-                            PPO's objective/kl (the mean over samples of Σ_t of the per-token estimate)
+                            PPO's objective/kl (the mean over samples of Σ_t of the per-token estimate);
+                            with mask_truncated_completions, over ended replies (their mean length)
   objective/kl_coef         β
   objective/rlhf_reward     objective/scores − β·objective/kl
 Sample replies go to `samples.jsonl` at step 1 and every `sample_every` steps.
@@ -78,7 +84,7 @@ class OnlineRLConfig:
     """AdamW learning rate of the LoRA adapter (the profiles may set another, and PPO's may differ: see
     notebook 05's settings table)."""
     max_steps: int = 50
-    """Optimizer steps; each samples a fresh batch (one generation per step)."""
+    """Optimizer steps; a fresh batch is sampled every num_iterations steps (every step at the default 1)."""
     batch_size: int = 16
     """Completions per step: (prompts per step) × num_generations."""
     num_generations: int = 4
@@ -95,7 +101,9 @@ class OnlineRLConfig:
     """Subtracted from the proxy score of a reply that never ended (cut at max_completion_length), as in our
     PPO: without it the reward model scores half-written replies and the policy is never taught to stop."""
     mask_truncated_completions: bool = False
-    """Leave replies cut at max_completion_length out of the loss (DAPO's advice)."""
+    """Leave replies cut at max_completion_length out of the loss (DAPO's advice). A cut reply then gets no
+    gradient at all: missing_eos_penalty still lowers its score, which only raises its ended siblings'
+    advantages; TRL's KL then covers ended replies alone, and so does objective/kl."""
     warmup: float = 0.0
     """Warm-up as a fraction of max_steps."""
     lr_scheduler: str = "constant"
@@ -138,6 +146,8 @@ class OnlineRLConfig:
             (self.missing_eos_penalty >= 0, f"missing_eos_penalty must be >= 0 (0 disables), got "
                                             f"{self.missing_eos_penalty}"),
             (self.temperature > 0, f"temperature must be > 0 (sampling; try 0.7 .. 1.0), got {self.temperature}"),
+            (0 <= self.warmup < 1, f"warmup is a fraction of max_steps, in [0, 1), got {self.warmup} (transformers "
+                                   f"reads 1 or more as a number of steps)"),
             (self.num_iterations >= 1 and 0 < self.epsilon < 1,
              f"num_iterations must be >= 1 and epsilon in (0, 1), got {self.num_iterations}, {self.epsilon}"),
             (self.logging_steps >= 1 and self.save_steps >= 1 and self.sample_every >= 0,
@@ -162,6 +172,10 @@ class GRPOStageConfig(OnlineRLConfig):
     """TRL's loss aggregation: 'grpo' (the paper's: token mean per reply, then mean), 'dapo', 'dr_grpo', 'bnpo'."""
     scale_rewards: str = "group"
     """Divide advantages by the group's reward std ('group', the paper's), the batch's ('batch') or not ('none')."""
+    use_bias_correction_kl: bool = True
+    """Multiply the per-token k3 KL by the probability ratio (TRL 1.16's default): the penalty's gradient is then
+    that of log π − log π_ref, the reverse KL's unbiased one; False keeps the paper's k3 gradient (in
+    expectation the forward KL's)."""
 
 
 @dataclass
@@ -189,7 +203,8 @@ def trl_kwargs(cfg: OnlineRLConfig, output_dir: str | Path) -> dict[str, Any]:
         seed=cfg.seed, data_seed=cfg.seed, dataloader_num_workers=0,
     )
     if isinstance(cfg, GRPOStageConfig):
-        kwargs.update(loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards)
+        kwargs.update(loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+                      use_bias_correction_kl=cfg.use_bias_correction_kl)
     elif isinstance(cfg, RLOOStageConfig):
         kwargs.update(normalize_advantages=cfg.normalize_advantages)
     return kwargs
@@ -207,12 +222,15 @@ def build_trl_config(cfg: OnlineRLConfig, output_dir: str | Path):
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
-def objective_aliases(row: dict[str, Any], beta: float) -> dict[str, Any]:
-    """The keys every RL stage shares (see the module docstring), from a namespaced TRL training row."""
+def objective_aliases(row: dict[str, Any], beta: float, ended_only: bool = False) -> dict[str, Any]:
+    """The keys every RL stage shares (see the module docstring), from a namespaced TRL training row.
+    `ended_only` (mask_truncated_completions): TRL's KL is a mean over ended replies' tokens alone, so the
+    sequence KL takes their mean length, not every reply's."""
     scores = row.get("rewards/proxy/mean")
     if scores is None:
         return {}
-    kl_token, length = row.get("train/kl"), row.get("completions/mean_length")
+    kl_token = row.get("train/kl")
+    length = row.get("completions/mean_terminated_length" if ended_only else "completions/mean_length")
     kl = kl_token * length if kl_token is not None and length is not None else None
     return {"objective/scores": scores, "objective/gold": row.get("rewards/gold/mean"),
             "objective/kl_per_token": kl_token, "objective/kl": kl, "objective/kl_coef": beta,
@@ -223,15 +241,16 @@ class OnlineRLMetricsCallback(MetricsCallback):
     """TRL's logs into metrics.jsonl, with the shared `objective/*` aliases; `on_row(row)` after each row (and
     at once for the rows a resumed run already holds)."""
 
-    def __init__(self, logger: MetricsLogger, beta: float, on_row: Callable[[dict], None] | None = None):
+    def __init__(self, logger: MetricsLogger, beta: float, on_row: Callable[[dict], None] | None = None,
+                 ended_only: bool = False):
         super().__init__(logger, on_row)
-        self.beta = beta
+        self.beta, self.ended_only = beta, ended_only
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero:
             return
         values = namespaced(logs)
-        values.update(objective_aliases(values, self.beta))
+        values.update(objective_aliases(values, self.beta, self.ended_only))
         row = self.logger.log(state.global_step, **values)
         if self.on_row:
             self.on_row(row)
@@ -241,14 +260,25 @@ class SampleRecorder:
     """Wraps TRL's proxy reward function. Subtracts `missing_eos_penalty` from the score of every reply that
     never reached `eos_token_id` (TRL cut it at max_completion_length), as our PPO does, so that all three RL
     methods optimise the same kind of score (the cap and the penalty are each stage's setting); logs
-    `objective/raw_scores` (before the penalty) and `response/eos_frac` through TRL's `log_metric`. At step 1 and every `every` steps it appends the first `n` replies with their
-    raw proxy and gold rewards to `path`."""
+    `objective/raw_scores` (before the penalty) and `response/eos_frac` through TRL's `log_metric`. At step 1
+    and at the first sampled batch of every `every` steps (TRL samples every num_iterations steps), it appends
+    the first `n` replies with their raw proxy and gold rewards to `path`; on the main process alone
+    (`is_main_process`, which `build_trainer` sets), so that `accelerate launch` writes each sample once."""
 
     def __init__(self, reward_func: Callable[..., list[float]], gold: RewardFunction, path: Path, every: int, n: int,
                  eos_token_id: int | None = None, missing_eos_penalty: float = 0.0):
         self.reward_func, self.gold, self.path, self.every, self.n = reward_func, gold, path, every, n
         self.eos_token_id, self.missing_eos_penalty = eos_token_id, missing_eos_penalty
+        self.is_main_process = True
+        self._last_step: int | None = None  # the step of the previous call (None: none yet in this session)
         self.__name__ = reward_func.__name__  # TRL names the metric rewards/<__name__>/mean
+
+    def _due(self, step: int) -> bool:
+        """Step 1, and the first call in each later block of `every` steps (a multiple of `every` when TRL
+        samples every step; the call after one it skipped when it samples every num_iterations steps)."""
+        previous = step - 1 if self._last_step is None else self._last_step
+        self._last_step = step
+        return bool(self.every and self.n) and (step == 1 or step // self.every > previous // self.every)
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         raw = list(self.reward_func(prompts, completions, **kwargs))
@@ -264,7 +294,7 @@ class SampleRecorder:
                 log_metric("response/eos_frac", sum(has_eos) / len(has_eos))
         state = kwargs.get("trainer_state")
         step = (state.global_step + 1) if state is not None else 0
-        if self.every and self.n and (step == 1 or step % self.every == 0):
+        if self._due(step) and self.is_main_process:
             from .rewards import _text
 
             with open(self.path, "a", encoding="utf-8") as f:
@@ -322,7 +352,9 @@ def build_trainer(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pr
     trainer = trainer_cls(model=model, reward_funcs=[proxy, as_trl_reward_func(gold, "gold")],
                           args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(prompts),
                           processing_class=tok, peft_config=lora,
-                          callbacks=[OnlineRLMetricsCallback(logger, cfg.beta, on_row), *callbacks])
+                          callbacks=[OnlineRLMetricsCallback(logger, cfg.beta, on_row,
+                                                             ended_only=cfg.mask_truncated_completions), *callbacks])
+    proxy.is_main_process = trainer.accelerator.is_main_process  # under accelerate launch, one writer of samples
     return without_notebook_progress(trainer)
 
 
@@ -355,10 +387,11 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
     rows = [r for r in logger.rows if "objective/scores" in r]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     steps = trainer.state.global_step
+    batches = -(-steps // cfg.num_iterations) * trainer.accelerator.num_processes  # each sampled once, reused μ times
     summary = {
         "stage": cfg.stage, "policy_path": policy_path, "reward": getattr(reward, "name", type(reward).__name__),
-        "beta": cfg.beta, "steps": steps, "n_prompts": len(prompts), "samples_seen": steps * cfg.batch_size,
-        "prompts_seen": steps * cfg.prompts_per_step, "num_generations": cfg.num_generations,
+        "beta": cfg.beta, "steps": steps, "n_prompts": len(prompts), "samples_seen": batches * cfg.batch_size,
+        "prompts_seen": batches * cfg.prompts_per_step, "num_generations": cfg.num_generations,
         "scores_first": first.get("objective/scores"), "scores_last": last.get("objective/scores"),
         "gold_first": first.get("objective/gold"), "gold_last": last.get("objective/gold"),
         "kl_last": last.get("objective/kl"), "kl_per_token_last": last.get("objective/kl_per_token"),

@@ -479,7 +479,8 @@ def win_rate_bars(table, reference="sft"):
 
 
 def gold_kl_frontier(points, reference="sft"):
-    """Gold reward against KL to the reference (the frontier plot of the DPO paper): each policy a large
+    """Gold reward against KL to the reference (the axes of the DPO paper's frontier plot; trained on a proxy and
+    scored by gold, the points lie on or below the unknown gold frontier): each policy a large
     marker (all prompts); each stage's checkpoints small markers on a dotted line that runs from the
     reference through the checkpoints to the final policy, every point of a line on the checkpoint prompts.
     `points`: rows of `evaluate.frontier_points`."""
@@ -506,7 +507,7 @@ def gold_kl_frontier(points, reference="sft"):
                                      hovertemplate=f"{p['policy']}, n={p['n']}<br>KL %{{x:.2f}}, gold %{{y:.3f}}<extra></extra>"))
     unmeasured = [p["policy"] for p in points if p["kind"] == "no_kl"]
     note = f" ({', '.join(unmeasured)}: no KL measured)" if unmeasured else ""
-    fig.update_layout(height=420, title=f"Gold reward against KL to {reference}: the reward–KL frontier{note}",
+    fig.update_layout(height=420, title=f"Gold reward against KL to {reference}: where each policy landed{note}",
                       xaxis_title=f"KL(π ‖ π_{reference}) per response (nats, Monte-Carlo)", yaxis_title="mean gold reward")
     _fit_x_to_trained(fig, points)
     return fig

@@ -110,6 +110,9 @@ class SFTStageConfig:
             raise ValueError("max_steps and batch_size must be >= 1")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction of max_steps, in [0, 1), got {self.warmup} (transformers reads 1 "
+                             f"or more as a number of steps)")
         if self.load_in_4bit and not self.use_lora:
             raise ValueError("4-bit weights cannot be fine-tuned directly: keep use_lora=True for QLoRA")
         if not self.use_lora and self.learning_rate > FULL_FINE_TUNING_MAX_LR:

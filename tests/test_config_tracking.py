@@ -349,3 +349,26 @@ def test_stage_command_lines_report_bad_settings_as_usage_errors(capsys):
     with pytest.raises(SystemExit) as stop:
         check_results(["runs/cpu", "--profile", "cpuu"])
     assert stop.value.code == 2 and "invalid choice: 'cpuu'" in capsys.readouterr().err
+
+
+def test_an_int_or_none_option_takes_all_on_the_command_line_to_undo_a_profile_setting():
+    import argparse
+
+    from rlhf_helpers.config import add_stage_arguments, stage_config_from_args
+    from rlhf_helpers.ppo import PPOConfig
+
+    assert PROFILES["cpu"].overrides_for("ppo")["lora_layers"] == 8  # what `all` has to undo
+    parser = argparse.ArgumentParser()
+    add_stage_arguments(parser, PPOConfig)
+
+    def parsed(*argv):
+        return stage_config_from_args(parser, PPOConfig, vars(parser.parse_args(["--run-dir", "r", *argv])))[1]
+
+    assert parsed().lora_layers == 8
+    assert parsed("--lora-layers", "all").lora_layers is None
+    assert parsed("--lora-layers", "None").lora_layers is None
+    assert parsed("--lora-layers", "3").lora_layers == 3
+    with pytest.raises(SystemExit) as e:
+        parsed("--lora-layers", "most")
+    assert e.value.code == 2
+    assert "Give `all` for None" in parser.format_help()

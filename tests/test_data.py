@@ -445,15 +445,16 @@ def test_cli_convert_and_usage_errors(tmp_path):
 
 # ------------------------------------------------------------------------- input that json.loads lets by
 
-@pytest.mark.parametrize("bom", [b"\xff\xfe", b"\xfe\xff"])
-def test_utf16_file_is_one_error_with_an_iconv_hint(tmp_path, bom):
-    path = tmp_path / "u16.jsonl"
-    codec = "utf-16-le" if bom == b"\xff\xfe" else "utf-16-be"
-    path.write_bytes(bom + '{"prompt": "a"}\n{"prompt": "b"}\n'.encode(codec))
+@pytest.mark.parametrize("codec,name", [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"),
+                                        ("utf-32-le", "UTF-32"), ("utf-32-be", "UTF-32")])
+def test_a_wide_encoding_is_one_error_that_names_it_with_an_iconv_hint(tmp_path, codec, name):
+    path = tmp_path / "wide.jsonl"
+    path.write_bytes('\ufeff{"prompt": "a"}\n{"prompt": "b"}\n'.encode(codec))  # the BOM in the file's own bytes
     _, report = load(path, "prompts", errors="collect")
     (err,) = report.errors
     text = assert_error(err, path, 1, None)
-    assert "UTF-16" in text and f"iconv -f utf-16 -t utf-8 {path}" in text and "latin1" not in text
+    assert f"the file is {name}" in text and f"iconv -f {name.lower()} -t utf-8 {path}" in text
+    assert "latin1" not in text and ("UTF-16" not in text) == (name == "UTF-32")
 
 
 def test_json_array_file_is_one_error_with_a_jq_hint(tmp_path):

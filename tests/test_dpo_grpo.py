@@ -21,6 +21,7 @@ from rlhf_helpers.dpo import (
 from rlhf_helpers.callbacks import quiet_datasets, without_notebook_progress
 from rlhf_helpers.dpo import build_trl_config as dpo_trl_config
 from rlhf_helpers.dpo import trl_kwargs as dpo_trl_kwargs
+from rlhf_helpers.sft import SFTStageConfig
 from rlhf_helpers.models import default_lora_config, load_model, load_tokenizer
 from rlhf_helpers.online_rl import (
     GRPOStageConfig, RLOOStageConfig, SampleRecorder, objective_aliases, train_grpo, train_rloo,
@@ -97,6 +98,9 @@ def test_online_configs_map_onto_trl_with_a_kl_term(cls, tmp_path):
     assert (args.max_steps, args.learning_rate, args.seed) == (cfg.max_steps, cfg.learning_rate, 2)
     if cls is GRPOStageConfig:
         assert (args.loss_type, args.scale_rewards) == ("grpo", "group")
+        assert args.use_bias_correction_kl is True  # TRL's default, said in the docstring: ratio × k3
+        assert rl_trl_config(stage_config(cls, "cpu", use_bias_correction_kl=False), tmp_path).use_bias_correction_kl \
+            is False  # the paper's k3 gradient
     else:
         assert args.normalize_advantages is False
     with pytest.raises(ValueError, match="multiple of num_generations"):
@@ -125,6 +129,27 @@ def test_objective_aliases_by_hand():
     assert objective_aliases({"train/loss_mean": 0.1}, 0.1) == {}  # the end-of-training row is no sample row
     no_kl = objective_aliases({"rewards/proxy/mean": 0.5}, beta=0.0)
     assert no_kl["objective/kl"] is None and no_kl["objective/rlhf_reward"] is None
+    # truncated replies masked out: TRL's KL is over ended replies' tokens, so their mean length scales it
+    ended = objective_aliases({**row, "completions/mean_terminated_length": 4.0}, beta=0.1, ended_only=True)
+    assert ended["objective/kl"] == pytest.approx(0.08)
+
+
+def test_namespaced_puts_every_eval_key_under_eval():
+    from rlhf_helpers.callbacks import namespaced
+
+    logs = {"eval_rewards/margins": 0.3, "eval_loss": 0.6, "rewards/margins": 0.2, "loss": 0.7, "epoch": 1.0}
+    assert namespaced(logs) == {"eval/rewards/margins": 0.3, "eval/loss": 0.6, "rewards/margins": 0.2,
+                                "train/loss": 0.7, "train/epoch": 1.0}
+
+
+@pytest.mark.parametrize("make", [lambda w: DPOStageConfig(warmup=w), lambda w: GRPOStageConfig(warmup=w),
+                                  lambda w: RLOOStageConfig(warmup=w), lambda w: SFTStageConfig(warmup=w)],
+                         ids=["dpo", "grpo", "rloo", "sft"])
+def test_warmup_is_a_fraction_of_the_steps(make):
+    assert make(0.0).warmup == 0.0 and make(0.5).warmup == 0.5
+    for bad in (1.0, 5, -0.1):  # transformers reads 1 or more as a number of steps
+        with pytest.raises(ValueError, match="warmup is a fraction of max_steps"):
+            make(bad)
 
 
 def test_peak_memory_sees_an_allocation():
@@ -239,10 +264,39 @@ def test_sample_recorder_passes_scores_through(tmp_path):
     assert rec.__name__ == "proxy"
     state = type("State", (), {"global_step": 0})()
     assert rec(["p", "q"], ["a b", "c"], trainer_state=state) == [2.0, 1.0]  # step 1: recorded
+    state.global_step = 1
+    rec(["p"], ["a"], trainer_state=state)  # step 2: recorded
     state.global_step = 2
-    rec(["p"], ["a"], trainer_state=state)  # step 3: not recorded
+    rec(["p"], ["x y z"], trainer_state=state)  # step 3: not recorded
     rows = read_metrics(tmp_path / "s.jsonl")
-    assert [(r["step"], r["response"], r["proxy"], r["gold"]) for r in rows] == [(1, "a b", 2.0, 2.0)]
+    assert [(r["step"], r["response"], r["proxy"], r["gold"]) for r in rows] == [(1, "a b", 2.0, 2.0),
+                                                                               (2, "a", 1.0, 1.0)]
+
+
+def test_sample_recorder_writes_once_per_block_when_batches_are_reused_and_on_the_main_process_only(tmp_path):
+    class Words(RewardFunction):
+        name = "words_test"
+
+        def compute_reward(self, t):
+            return RewardOutput(float(len(t.response.split())))
+
+    def steps_written(recorder, calls):
+        state = type("State", (), {"global_step": 0})()
+        for step in calls:
+            state.global_step = step - 1  # TRL's state before the step that samples
+            recorder(["p"], ["a"], trainer_state=state)
+        return [r["step"] for r in read_metrics(recorder.path)] if recorder.path.exists() else []
+
+    # num_iterations 2: TRL samples at steps 1, 3, 5, ...; every 5 steps falls on 5, then 10 is skipped: 11
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "a.jsonl", every=5, n=1)
+    assert steps_written(rec, [1, 3, 5, 7, 9, 11, 13, 15]) == [1, 5, 11, 15]
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "b.jsonl", every=5, n=1)
+    assert steps_written(rec, range(1, 11)) == [1, 5, 10]  # sampling every step: the multiples, as before
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "c.jsonl", every=5, n=1)
+    assert steps_written(rec, [7, 8, 9, 10, 11]) == [10]  # resumed at step 7: the next multiple
+    rec = SampleRecorder(as_trl_reward_func(Words(), "proxy"), Words(), tmp_path / "d.jsonl", every=1, n=1)
+    rec.is_main_process = False  # another process under accelerate launch
+    assert steps_written(rec, [1, 2]) == []
 
 
 def test_sample_recorder_penalises_replies_that_never_ended_and_logs_the_raw_scores(tmp_path):
@@ -403,6 +457,16 @@ def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
     assert [s for s, _ in policy_checkpoints(tmp_path, cfg.stage)] == [1, 2]
     samples = read_metrics(tmp_path / cfg.stage / "samples.jsonl")
     assert [s["step"] for s in samples] == [1, 1, 2, 2] and all("gold" in s for s in samples)
+
+
+@pytest.mark.slow
+def test_grpo_reusing_each_batch_counts_the_samples_it_drew(tiny, tmp_path):
+    proxy = Recording(1.0)
+    cfg = tiny_rl_config(GRPOStageConfig, tiny, num_iterations=2)
+    summary = train_grpo(cfg, tmp_path, tiny, PROMPTS, proxy, Recording(0.0))
+    assert summary["steps"] == 2 and len(proxy.batches) == 1  # one batch of 4, optimised on twice
+    assert summary["samples_seen"] == 4 and summary["prompts_seen"] == 2
+    assert [s["step"] for s in read_metrics(tmp_path / cfg.stage / "samples.jsonl")] == [1, 1]
 
 
 @pytest.mark.slow

@@ -712,8 +712,22 @@ def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interv
     assert (r["refused"], r["n"], r["rate"]) == (3, 4, 0.75)
     assert (r["ci_low"], r["ci_high"]) == (0.5, 1.0)  # per-prompt rates 0.5 and 1.0, resampled as prompts
     assert r["examples"][0].startswith("I can't")
+    replies[:] = ["Sure: first, gather the parts."] * 4  # none refuses: the bootstrap would say [0, 0]
+    r = evaluate.refusal_rate("some/model", ["a", "b"], samples_per_prompt=2, seed=3)
+    assert (r["refused"], r["rate"], r["ci_low"]) == (0, 0.0, 0.0)
+    assert r["ci_high"] == pytest.approx(1.96 ** 2 / (2 + 1.96 ** 2), abs=1e-3)  # Wilson's, 0 of 2 prompts
     with pytest.raises(ValueError, match="samples_per_prompt"):
         evaluate.refusal_rate("some/model", [], samples_per_prompt=2)
+
+
+def test_wilson_interval_against_hand_values():
+    from rlhf_helpers.evaluate import wilson_interval
+
+    low, high = wilson_interval(0, 36)
+    assert low == 0.0 and high == pytest.approx(0.0964, abs=1e-4)  # z = 1.96: z²/(n + z²)
+    low, high = wilson_interval(8, 36)
+    assert (low, high) == pytest.approx((0.1172, 0.3808), abs=1e-4)  # the textbook formula, by hand
+    assert wilson_interval(36, 36)[1] == 1.0 and np.isnan(wilson_interval(0, 0)[0])
 
 
 def test_best_of_n_script_prints_the_table_from_saved_rows_and_names_a_bad_line(tmp_path, capsys, load_script):
