@@ -178,9 +178,10 @@ print("\n".join(f"  e.g. {e[:100]!r}" for e in refusals["sft"]["examples"]))
 # some of the time, with a lower held-out loss, in about the same time. Both changed together and their
 # shares were not measured apart; one reading is that a short answer that is one demonstration in eight is
 # learnt late, and more, larger-rate steps reach it within the same budget. The cell above gives this run's
-# rate. The base model refused none of its samples, and a bootstrap cannot put an interval around a rate it
-# never saw move, so where every prompt has the same rate the interval is Wilson's over the prompts instead
-# (for none of 9 prompts, [0.00, 0.30]): 36 samples show that it refuses seldom, not that it never does.
+# rate. Its interval takes the prompt as the unit, and is the wider of a bootstrap over prompts and Wilson's
+# interval over them: a bootstrap cannot put an interval around a rate it never saw move (the base model,
+# which refused none of its samples, would get [0.00, 0.00]), where Wilson's gives [0.00, 0.30] for none of
+# 9 prompts: 36 samples show that a model refuses seldom, not that it never does.
 
 # %% [markdown]
 # ## Save the summary

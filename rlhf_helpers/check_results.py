@@ -51,7 +51,10 @@ def _rm_accuracy(facts: dict, threshold: float) -> tuple[bool, str]:
         return False, "rm/summary.json has no eval_accuracy (notebook 03 did not finish)"
     ceiling = rm.get("bayes_ceiling")
     extra = f" (Bayes ceiling {ceiling:.3f})" if isinstance(ceiling, (int, float)) else ""
-    return rm["eval_accuracy"] >= threshold, f"held-out accuracy {rm['eval_accuracy']:.3f}{extra} (needs >= {threshold})"
+    ci = rm.get("eval_accuracy_ci")
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else ""
+    return rm["eval_accuracy"] >= threshold, (f"held-out accuracy {rm['eval_accuracy']:.3f}{interval}{extra} "
+                                              f"(needs >= {threshold}, a point estimate)")
 
 
 def _rl_not_worse(facts: dict, threshold: float) -> tuple[bool, str]:

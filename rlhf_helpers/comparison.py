@@ -152,21 +152,25 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
     else:
         text = [f"**Gold reward.** On {n} held-out prompts no method raised the mean gold reward above {reference}'s "
                 f"{ref['gold']:.3f} (the best, {best['policy']}, reached {best['gold']:.3f})."]
-    above = [r["policy"] for r in rows if r["ci_low"] > 0.5]
-    below = [r["policy"] for r in rows if r["ci_high"] < 0.5]
-    level = [r["policy"] for r in rows if r["ci_low"] <= 0.5 <= r["ci_high"]]
+    verdicts = {r["policy"]: gold_verdict(r) for r in rows}
+    above = [name for name, v in verdicts.items() if v == "better"]
+    below = [name for name, v in verdicts.items() if v == "worse"]
+    level = [name for name, v in verdicts.items() if v == "level"]
+    gains = all(r.get("gain_ci_low") is not None for r in rows)
+    by = "the gold gain's interval" if gains else "the bootstrap interval"
     if above:
-        text.append(f"Better than {reference} beyond the bootstrap interval: {', '.join(above)}.")
+        text.append(f"Better than {reference} beyond {by}: {', '.join(above)}.")
     if below:
-        text.append(f"Worse than {reference} beyond the bootstrap interval: {', '.join(below)}.")
+        text.append(f"Worse than {reference} beyond {by}: {', '.join(below)}.")
     if level:
-        text.append(f"Not distinguishable from {reference} at this budget (the interval holds 0.5): {', '.join(level)}.")
-    split = [r["policy"] for r in rows if r["policy"] in above + below and r.get("gain_ci_low") is not None
-             and r["gain_ci_low"] <= 0 <= r["gain_ci_high"]]
-    if split:
-        text.append(f"For {', '.join(split)} the two measures disagree: the gold gain's interval holds 0, so by the "
-                    f"size of its wins and losses it is not told apart from {reference}; only their count is.")
-    rivals = [r["policy"] for r in rows if r is not best and r["ci_high"] >= best["ci_low"]]
+        holds = "the gain's interval holds 0" if gains else "the interval holds 0.5"
+        text.append(f"Not distinguishable from {reference} at this budget ({holds}): {', '.join(level)}.")
+    split = [(r["policy"], verdicts[r["policy"]], win_verdict(r)) for r in rows
+             if r.get("gain_ci_low") is not None and win_verdict(r) != verdicts[r["policy"]]]
+    for name, by_gain, by_count in split:
+        text.append(f"For {name} the two measures disagree: by the size of its gains it is {_AS[by_gain]} "
+                    f"{reference}, by the count of its wins (the win rate's interval) {_AS[by_count]} {reference}.")
+    rivals = [r["policy"] for r in rows if r is not best and _upper(r) >= _lower(best)]
     if rivals:
         text.append(f"The intervals of {best['policy']} and {', '.join(rivals)} overlap, so their order is not settled "
                     f"by {n} prompts; more held-out prompts, or several replies per prompt, would settle it.")
@@ -178,16 +182,23 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
             return "; ".join(f"{r['policy']} (proxy {r['proxy'] - ref['proxy']:+.2f}, "
                              f"gold {r['gold'] - ref['gold']:+.3f})" for r in rs)
 
-        risen = [r for r in scored if r["proxy"] - ref["proxy"] > rise]
-        fooled = [r for r in risen if r["gold"] <= ref["gold"]]
-        fallen = [r for r in scored if r["proxy"] - ref["proxy"] < -rise]
-        noise = (f"beyond resampling noise ({rise:.2f} on {ref['n']} replies, in units of the standard "
-                 f"deviation of {reference}'s proxy scores)")
+        paired = all(r.get("proxy_gain_ci_low") is not None for r in scored)
+        if paired:  # the same prompts, so the paired interval of the proxy gain says it
+            risen = [r for r in scored if r["proxy_gain_ci_low"] > 0]
+            fallen = [r for r in scored if r["proxy_gain_ci_high"] < 0]
+            noise = "beyond its paired interval (the same prompts, bootstrapped)"
+        else:
+            risen = [r for r in scored if r["proxy"] - ref["proxy"] > rise]
+            fallen = [r for r in scored if r["proxy"] - ref["proxy"] < -rise]
+            noise = (f"beyond resampling noise ({rise:.2f} on {ref['n']} replies, in units of the standard "
+                     f"deviation of {reference}'s proxy scores)")
+        fooled = [r for r in risen if gold_verdict(r) != "better"]
         honest = [r for r in risen if r not in fooled]
         said = " ".join(part for part in (
-            f"Raised the reward model's score {noise} but not the gold reward, the first sign of "
-            f"over-optimisation: {moved(fooled)}." if fooled else "",
-            f"Raised the reward model's score {noise} without losing gold reward: {moved(honest)}." if honest else "",
+            f"Raised the reward model's score {noise} but not the gold reward beyond its interval, the first "
+            f"sign of over-optimisation: {moved(fooled)}." if fooled else "",
+            f"Raised the reward model's score {noise} and the gold reward beyond its interval: {moved(honest)}."
+            if honest else "",
             f"No method raised the reward model's score {noise}, so there is nothing yet to be gamed: at this "
             "budget the online methods have not climbed the reward they were trained against." if not risen else "",
         ) if part)
@@ -206,8 +217,8 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
 
             text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {kl(far)} nats "
                         f"per reply), {near['policy']} least ({kl(near)}). One reply's KL term is noisy (it can be "
-                        f"negative); the ± is the standard error of the mean over replies.")
-        gainers = [r for r in with_kl if r["gold"] > ref["gold"] and r["ci_low"] > 0.5 and r["kl"] > 0.01]
+                        f"negative); the ± is the standard error of the mean, prompts the unit.")
+        gainers = [r for r in with_kl if gold_verdict(r) == "better" and r["kl"] > 0.01]
         if gainers:
             eff = max(gainers, key=lambda r: (r["gold"] - ref["gold"]) / r["kl"])
             text.append(f"Gold gained per nat of KL was highest for {eff['policy']} "
@@ -253,6 +264,37 @@ def _cost(r: dict) -> str:
     return f"{r['policy']} " + ", ".join(parts)
 
 
+def _lower(r: dict) -> float:
+    """The lower end of a row's gold gain interval (its win rate's, less 0.5, when it has none)."""
+    return r["gain_ci_low"] if r.get("gain_ci_low") is not None else r["ci_low"] - 0.5
+
+
+def _upper(r: dict) -> float:
+    return r["gain_ci_high"] if r.get("gain_ci_high") is not None else r["ci_high"] - 0.5
+
+
+def _gain_text(r: dict) -> str:
+    if r.get("gain_ci_low") is None:
+        return ""
+    return f"a gain of {r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}], "
+
+
+def win_verdict(r: dict) -> str:
+    """'better', 'worse' or 'level' against the reference by the win rate's interval (against 0.5)."""
+    return "better" if r["ci_low"] > 0.5 else "worse" if r["ci_high"] < 0.5 else "level"
+
+
+def gold_verdict(r: dict) -> str:
+    """'better', 'worse' or 'level' against the reference by the gold gain's paired interval (against 0): it
+    weighs each win by its size, so it separates two policies sooner than the count of wins. Rows without a
+    gain interval fall back to `win_verdict`."""
+    if r.get("gain_ci_low") is None:
+        return win_verdict(r)
+    return "better" if r["gain_ci_low"] > 0 else "worse" if r["gain_ci_high"] < 0 else "level"
+
+
+_AS = {"better": "better than", "worse": "worse than", "level": "not told apart from"}
+
 GOLD_TIE = 0.005
 """Mean gold rewards closer than this are called the same in the discussion (3 decimals would show a tie
 as a win)."""
@@ -277,7 +319,7 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
     if best["gold"] <= ref["gold"]:
         return ("None, yet: no method improved on the reference at this budget, so the numbers cannot rank them. "
                 "Train longer or on a bigger profile (the gpu profile takes more steps and more held-out prompts).")
-    if best["ci_low"] <= 0.5:  # the order by gold may be noise: recommend nothing from it
+    if gold_verdict(best) != "better":  # the order by gold may be noise: recommend nothing from it
         costed = [r for r in rows if r.get("seconds_per_sample")]
         cost = ""
         if len(costed) > 1:
@@ -291,8 +333,9 @@ def _verdict(rows: Sequence[dict], ref: dict, best: dict) -> str:
         with_level = f", level with {', '.join(level)}" if level else ""
         return (f"None, by gold: the best, {best['policy']} ({best['gold'] - ref['gold']:+.3f} over {ref['policy']}"
                 f"{with_level}), "
-                f"wins {best['win_rate']:.2f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}], an interval that still "
-                f"holds 0.5, so at this budget the order of the methods by gold may be sampling noise.{cost} Until "
+                f"{_gain_text(best)}wins {best['win_rate']:.2f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}]: "
+                f"not told apart from {ref['policy']}, so at this budget the order of the methods by gold may be "
+                f"sampling noise.{cost} Until "
                 "gold separates them, choose by what you have: DPO needs only preference pairs and samples nothing "
                 "while it trains; GRPO, RLOO and PPO need a reward that can score fresh replies and the time to "
                 "generate them. To rank them on gold, train longer or evaluate on more held-out prompts (the gpu "

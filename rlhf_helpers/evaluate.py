@@ -3,7 +3,11 @@
 Win rate of policy A against B on the same prompts: the gold judge picks the better response per prompt;
 ties count half. The 95% interval is a percentile bootstrap over prompts. With several samples per prompt
 (`EvalConfig.samples_per_prompt`) each policy's replies to a prompt are averaged first: the prompt stays the
-unit of the bootstrap, so extra samples narrow the interval without counting as extra prompts.
+unit of the bootstrap, so extra samples narrow the interval without counting as extra prompts. They also
+change what the win rate measures: it compares k-reply means, and averaging strips each prompt's
+reply-to-reply noise, so the same gold gain wins more often at larger k (a +0.02 edge on every prompt with
+reply sd 0.15: about 0.54 at k = 1, 0.57 at k = 3, 0.63 at k = 12, simulated). Win rates taken at different k are not
+one figure more or less noisy; the mean gold gain is, and is what to compare across them.
 """
 from __future__ import annotations
 
@@ -108,8 +112,10 @@ def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per
     """How often a policy declines: {'refused', 'n', 'rate', 'ci_low', 'ci_high', 'examples'}.
 
     Several seeded samples per prompt; the first sentence decides (`rewards.is_refusal`), so a few dozen
-    tokens suffice. The interval is a bootstrap over prompts, since replies to one prompt are alike; where every
-    prompt has the same rate (none refused, say) it is Wilson's over the prompts, not a point.
+    tokens suffice. Replies to one prompt are alike, so the prompt is the unit of the interval: the wider of a
+    bootstrap over prompts and Wilson's interval over the prompts (their summed rates of n). The bootstrap
+    alone collapses to a point when no prompt refuses, and nearly so when one does (1 of 36 replies: [0, 0.08]
+    against Wilson's [0.00, 0.34] for 0.25 of 9 prompts).
     Later stages can only reinforce a refusal the policy sometimes samples: this rate is what they start from."""
     from .models import generate, load_model
     from .rewards import is_refusal
@@ -123,9 +129,8 @@ def refusal_rate(model_name_or_path: str, prompts: Sequence[str], *, samples_per
     del model
     refused = np.array([is_refusal(r) for r in replies], float).reshape(len(prompts), samples_per_prompt)
     rates = refused.mean(axis=1)  # (prompts,)
-    low, high = bootstrap_ci(rates)
-    if low == high:  # every prompt alike (often none refused): the bootstrap collapses to a point; count prompts
-        low, high = wilson_interval(float(rates.sum()), rates.size)
+    (b_low, b_high), (w_low, w_high) = bootstrap_ci(rates), wilson_interval(float(rates.sum()), rates.size)
+    low, high = min(b_low, w_low), max(b_high, w_high)  # the bootstrap alone collapses when few prompts refuse
     examples = [r for r in replies if is_refusal(r)][:3]
     return {"refused": int(refused.sum()), "n": int(refused.size), "rate": float(refused.mean()),
             "ci_low": low, "ci_high": high, "examples": examples}
@@ -406,7 +411,8 @@ class EvalConfig:
     """Replies per generate call."""
     samples_per_prompt: int = 1
     """Replies sampled per prompt (final policies; checkpoints take one). Win rates and gains compare
-    per-prompt means, so more samples narrow the intervals while the prompt stays the unit."""
+    per-prompt means, so more samples narrow the intervals while the prompt stays the unit; the win rate then
+    compares k-reply means and grows with k for the same gain (module docstring): compare gains across k."""
 
     def __post_init__(self):
         if self.n_prompts < 1 or self.n_checkpoint_prompts < 1 or self.samples_per_prompt < 1:
@@ -577,11 +583,22 @@ def _sem(values: Sequence[float | None]) -> float | None:
     return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
 
 
+def prompt_sem(rows: Sequence[dict], key: str = "kl") -> float | None:
+    """Standard error of the mean of `key` over `rows` with the prompt as the unit: replies to one prompt are
+    alike, so the per-prompt means are what vary independently (with one reply a prompt, `_sem` of the rows;
+    a row without a prompt is a unit of its own)."""
+    groups: dict[Any, list[float]] = {}
+    for i, r in enumerate(rows):
+        if r.get(key) is not None:
+            groups.setdefault(r.get("prompt", ("row", i)), []).append(float(r[key]))
+    return _sem([float(np.mean(v)) for v in groups.values()])
+
+
 def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: str = "sft", n_boot: int = 2000,
                   seed: int = 0) -> list[dict]:
     """One row per policy: policy, gold, proxy, kl, win_rate (against `reference` by the gold judge, ties
     half) with ci_low/ci_high (percentile bootstrap 95% over prompts) and the prompts it won, tied and lost
-    (wins, ties, losses), kl_sem (the standard error of the mean KL over replies), gain (mean paired gold
+    (wins, ties, losses), kl_sem (the standard error of the mean KL, prompts the unit), gain (mean paired gold
     difference to the reference) with gain_ci_low/gain_ci_high, distinct_1, distinct_2, length (mean
     tokens), n (replies), prompts, rows_file (where `evaluate_stage` cached the rows; None for rows given
     otherwise) and the `refusal_counts` fields. proxy_gain with proxy_gain_ci_low/proxy_gain_ci_high is the
@@ -614,7 +631,7 @@ def results_table(evaluations: dict[str, tuple[list[dict], dict]], reference: st
                paired_win_rate(rows, ref_rows, n_boot=n_boot, seed=seed))
         table.append({
             "policy": name, "gold": metrics.get("gold_mean"), "proxy": metrics.get("proxy_mean"),
-            "kl": metrics.get("kl_mean"), "kl_sem": _sem([r.get("kl") for r in rows]),
+            "kl": metrics.get("kl_mean"), "kl_sem": prompt_sem(rows),
             "win_rate": win and win["win_rate"], "ci_low": win and win["ci_low"],
             "ci_high": win and win["ci_high"], "gain": win and win["gain"], "gain_ci_low": win and win["gain_ci_low"],
             "gain_ci_high": win and win["gain_ci_high"], "wins": win and win["wins"], "ties": win and win["ties"],
@@ -687,6 +704,26 @@ PARTING_WINDOW, PARTING_MIN_PROXY_RISE = 5, 0.1
 """`parting_point`'s default smoothing window (steps) and the least rise of the proxy that counts."""
 
 
+def step_noise(values: Sequence[float]) -> float:
+    """The step-to-step noise (standard deviation) of a training curve, whatever its trend: from the median
+    absolute second difference, which a straight line (or a kink or two) leaves at 0 and independent noise
+    of sd σ spreads with sd σ·√6 (1.4826 × MAD is σ for normal noise)."""
+    v = np.asarray(values, float)
+    if v.size < 3:
+        return 0.0
+    d2 = np.diff(v, 2)
+    return float(1.4826 * np.median(np.abs(d2 - np.median(d2))) / np.sqrt(6.0))
+
+
+def parting_noise(gold: Sequence[float], proxy: Sequence[float], window: int = PARTING_WINDOW,
+                  min_proxy_rise: float = PARTING_MIN_PROXY_RISE) -> tuple[float, float, float]:
+    """(se_g, se_p, rise) of `parting_point`: the standard errors of a difference of two smoothed points of
+    gold and of the proxy, and the least proxy rise that counts (min_proxy_rise, or 2·se_p if larger)."""
+    m = min(max(window, 1) // 2 + 1, max(len(gold), 1))  # the fewest steps in a smoothed point (at the ends)
+    se_g, se_p = (step_noise(x) * float(np.sqrt(2.0 / m)) for x in (gold, proxy))
+    return se_g, se_p, max(min_proxy_rise, 2 * se_p)
+
+
 def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[float], *, window: int = PARTING_WINDOW,
                   gold_tol: float = 0.01, min_proxy_rise: float = PARTING_MIN_PROXY_RISE) -> dict[str, Any] | None:
     """Where the reward model starts lying: the first step after which gold stops rising while the proxy
@@ -694,10 +731,16 @@ def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[f
 
     Precisely: smooth both series with `centred_mean(·, window)` into g and p. The parting index is the
     first k < n−1 with
-      max(g[k:]) − g[k] ≤ gold_tol          (from step k on, gold never gains more than gold_tol), and
-      p[n−1] − p[k] > min_proxy_rise        (while the proxy ends higher than at k by more than min_proxy_rise),
-    in a run whose proxy rose: p[n−1] − p[0] > min_proxy_rise. A proxy that dips and comes back to where it
-    started has not been over-optimised, however well gold did meanwhile.
+      max(g[k:]) − g[k] ≤ gold_tol          (from step k on, gold never gains more than gold_tol),
+      p[n−1] − p[k] > rise                  (while the proxy ends higher than at k by more than `rise`), and
+      shortfall(k) > 2·se_g                 (gold fell short of keeping pace by more than its noise),
+    in a run whose proxy rose: p[n−1] − p[0] > rise. A proxy that dips and comes back to where it started
+    has not been over-optimised, however well gold did meanwhile. Noise: each curve's step-to-step sd
+    (`step_noise`) gives the standard error of a difference of two smoothed points, se = sd·√(2/m) with m
+    the fewest steps a smoothed point holds (those at the ends); `rise` is the larger of min_proxy_rise and
+    2·se_p. shortfall(k) is the gold gain that keeping pace with the proxy after k would have brought, at
+    the gold-per-proxy rate of steps 0..k (none when gold did not rise with the proxy there), less the gain
+    gold made: a gold curve that goes on rising with the proxy, noisily, does not part from it.
     Returns None when there is no such k (gold still rising, or the proxy not rising either), else
     {'step', 'index', 'gold_at', 'proxy_at', 'gold_end', 'proxy_end', 'window', 'gold_tol', 'min_proxy_rise'}
     with smoothed values. Gold is in [0, 1]; the proxy is the normalised reward (1 = one SFT standard deviation).
@@ -708,13 +751,19 @@ def parting_point(steps: Sequence[int], gold: Sequence[float], proxy: Sequence[f
     if not (np.isfinite(gold).all() and np.isfinite(proxy).all()):
         raise ValueError("gold and proxy must be finite numbers (a NaN in metrics.jsonl?)")
     g, p = centred_mean(gold, window), centred_mean(proxy, window)
-    if p.size < 2 or p[-1] - p[0] <= min_proxy_rise:
+    se_g, se_p, rise = parting_noise(gold, proxy, window, min_proxy_rise)
+    if p.size < 2 or p[-1] - p[0] <= rise:
         return None
     for k in range(len(steps) - 1):
-        if g[k:].max() - g[k] <= gold_tol and p[-1] - p[k] > min_proxy_rise:
+        if g[k:].max() - g[k] > gold_tol or p[-1] - p[k] <= rise:
+            continue
+        rate = max(0.0, (g[k] - g[0]) / (p[k] - p[0])) if p[k] - p[0] > 0 else 0.0  # gold per unit of proxy
+        shortfall = rate * (p[-1] - p[k]) - (g[-1] - g[k])
+        if shortfall > 2 * se_g:
             return {"step": int(steps[k]), "index": k, "gold_at": float(g[k]), "proxy_at": float(p[k]),
                     "gold_end": float(g[-1]), "proxy_end": float(p[-1]), "window": window, "gold_tol": gold_tol,
-                    "min_proxy_rise": min_proxy_rise}
+                    "min_proxy_rise": min_proxy_rise, "shortfall": float(shortfall), "gold_se": float(se_g),
+                    "proxy_se": float(se_p)}
     return None
 
 
@@ -751,37 +800,44 @@ def gold_proxy_over_training(run_dir: str | os.PathLike, stages: Sequence[str] =
                                           **parting_kw)
         window = parting_kw.get("window", PARTING_WINDOW)
         g, p = centred_mean(series["objective/gold"], window), centred_mean(series["objective/scores"], window)
+        min_rise = parting_kw.get("min_proxy_rise", PARTING_MIN_PROXY_RISE)
+        *_, rise = parting_noise(series["objective/gold"], series["objective/scores"], window, min_rise)
         series["trend"] = {"gold_start": float(g[0]), "gold_end": float(g[-1]), "proxy_start": float(p[0]),
                            "proxy_end": float(p[-1]), "window": window, "steps": len(series["step"]),
-                           "min_proxy_rise": parting_kw.get("min_proxy_rise", PARTING_MIN_PROXY_RISE)}
+                           "min_proxy_rise": min_rise, "proxy_rise_needed": rise}
         series["note"] = parting_note(series)
         out[stage] = series
     return out
 
 
 def parting_outcome(series: dict) -> str:
-    """'parted', 'gold kept pace' (with a proxy that rose) or 'proxy did not rise', for one stage of
-    `gold_proxy_over_training`."""
+    """'parted', 'no parting' (a proxy that rose, gold not falling behind it beyond its noise) or 'proxy did
+    not rise' (beyond its noise), for one stage of `gold_proxy_over_training`."""
     t = series["trend"]
     if series.get("parting"):
         return "parted"
-    return "gold kept pace" if t["proxy_end"] - t["proxy_start"] > t["min_proxy_rise"] else "proxy did not rise"
+    needed = t.get("proxy_rise_needed", t["min_proxy_rise"])
+    return "no parting" if t["proxy_end"] - t["proxy_start"] > needed else "proxy did not rise"
 
 
 def parting_note(series: dict) -> str:
     """What a stage's gold and proxy did over training, in one sentence (notebook 06, its figure and the
-    report say the same): where they parted; or that gold kept pace with a rising proxy; or that the proxy
-    never rose, so there was nothing over-optimised to see. `series`: one stage of `gold_proxy_over_training`."""
+    report say the same): where they parted; or that gold did not fall behind a rising proxy by more than its
+    noise; or that the proxy never rose beyond its noise, so there was nothing over-optimised to see.
+    `series`: one stage of `gold_proxy_over_training`."""
     t, part = series["trend"], series.get("parting")
     smoothed = f"moving means over up to {min(t['window'], t['steps'])} of {t['steps']} steps"
     outcome = parting_outcome(series)
     if outcome == "parted":
-        return (f"gold stopped rising at step {part['step']} (gold {part['gold_at']:.3f} → {part['gold_end']:.3f}) "
-                f"while the proxy rose {part['proxy_at']:.2f} → {part['proxy_end']:.2f} ({smoothed})")
-    if outcome == "gold kept pace":
-        return (f"no parting: gold kept pace with the proxy (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, "
+        where = "gold never rose, from step" if part["index"] == 0 else "gold stopped rising at step"
+        return (f"{where} {part['step']} (gold {part['gold_at']:.3f} → {part['gold_end']:.3f}) while the proxy "
+                f"rose {part['proxy_at']:.2f} → {part['proxy_end']:.2f}, gold falling short by more than twice its "
+                f"noise ({smoothed})")
+    if outcome == "no parting":
+        return (f"no parting: gold did not fall behind the rising proxy by more than its noise (proxy "
+                f"{t['proxy_start']:.2f} → {t['proxy_end']:.2f}, "
                 f"gold {t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed})")
-    return (f"the proxy did not rise (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold "
+    return (f"the proxy did not rise beyond its noise (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold "
             f"{t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed}): the policy did not climb the reward model's "
             f"score, so nothing was over-optimised and there is no parting point to see")
 
@@ -793,16 +849,32 @@ def _tail_mean(rows: Sequence[dict], key: str, k: int) -> float | None:
 
 
 def _change(halves: dict, name: str, digits: int = 2) -> str:
-    """'a → b (change ± se)' of a `tracking.half_means` result, with whether the change clears two standard
-    errors."""
+    """'a → b (change ± se)' of a `tracking.half_means` result, with whether the change clears its 95% bound:
+    t·se with Student's t for the 2(h − 1) degrees of freedom of two halves of h steps (2.78 for h = 3, 2.45
+    for h = 4, about 2 for many steps), since a standard error from a few steps is itself uncertain."""
     if halves.get("change") is None:
         return f"{name}: too few steps to compare halves"
     se = halves.get("change_se")
     text = (f"{name} {halves['first_half']:.{digits}f} → {halves['second_half']:.{digits}f} "
             f"({halves['change']:+.{digits}f}" + (f" ± {se:.{digits}f})" if se is not None else ")"))
-    if se is not None and abs(halves["change"]) <= 2 * se:
-        text += ", within two standard errors of no change"
+    if se is None:
+        return text + ", too few steps a half for a standard error"
+    t = _t95(halves["steps_per_half"]) if halves.get("steps_per_half") else 2.0
+    if abs(halves["change"]) <= t * se:
+        text += f", within {t:.1f} standard errors of no change (its 95% bound)"
     return text
+
+
+def _t95(steps_per_half: int) -> float:
+    """Student's t at 97.5% for the 2(h − 1) degrees of freedom of `half_means` over halves of h steps."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, max(2 * (steps_per_half - 1), 1)))
+
+
+MIN_PROMPTS_TO_TELL = 10
+"""Fewer held-out prompts than this and `ppo_reading` does not read the gain's interval: with 2 to 4 prompts
+(the smoke profile) a bootstrap interval is set by which prompts came up, and can exclude 0 by chance."""
 
 
 def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: dict, ppo_rows: Sequence[dict],
@@ -837,7 +909,7 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
              f"{_change(half_means(rows, 'objective/raw_scores'), f'{proxy} alone')}; "
              f"{_change(half_means(rows, 'objective/gold'), 'gold on the same replies', 3)}."]
     kl_tail, kl_last = _tail_mean(rows, "objective/kl", tail), rows[-1].get("objective/kl") if rows else None
-    kl_sem = _sem([r.get("kl") for r in ppo_rows])
+    kl_sem = prompt_sem(ppo_rows)
     if kl_tail is not None:
         lines.append(
             f"- **KL.** In training, the sampled Σ_t (log π − log π_ref) of a reply, averaged over the last "
@@ -865,7 +937,9 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
                "Near 0, the advantages are the returns minus a batch mean, as in REINFORCE with a baseline."
                if ev < 0.2 else "It has learned part of what a reply will score."))
     lo, hi = wins["gain_ci_low"], wins["gain_ci_high"]
-    verdict = (f"PPO raised gold over {start} on these prompts" if lo > 0 else
+    verdict = (f"{wins['n']} prompts are too few for a bootstrap interval to tell PPO from {start} (it needs at "
+               f"least {MIN_PROMPTS_TO_TELL}: below that, a few prompts decide it)" if wins["n"] < MIN_PROMPTS_TO_TELL
+               else f"PPO raised gold over {start} on these prompts" if lo > 0 else
                f"PPO lowered gold below {start} on these prompts, beyond the interval" if hi < 0 else
                f"this run cannot tell PPO from {start} by gold on these prompts (the interval holds 0)")
     lines.append(

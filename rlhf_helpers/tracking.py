@@ -199,7 +199,8 @@ def _read_rows(path: str | os.PathLike) -> tuple[list[dict], bool]:
 
 def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
     """Did `key` rise over training? The mean over the first half of the rows that hold it, over the second
-    half, their difference and its standard error: {'first_half', 'second_half', 'change', 'change_se'}.
+    half, their difference, its standard error and the rows in each half: {'first_half', 'second_half',
+    'change', 'change_se', 'steps_per_half'}.
 
     One rollout's mean is a noisy number (a batch of a few replies to a few prompts), so the first and the
     last step alone can show a rise or a fall that is not there. With an odd count the middle row is left out;
@@ -207,11 +208,11 @@ def half_means(rows: Iterable[dict], key: str) -> dict[str, float | None]:
     values = [float(r[key]) for r in rows if r.get(key) is not None]
     half = len(values) // 2
     if half < 1:
-        return {"first_half": None, "second_half": None, "change": None, "change_se": None}
+        return {"first_half": None, "second_half": None, "change": None, "change_se": None, "steps_per_half": half}
     a, b = values[:half], values[len(values) - half:]
     se = math.sqrt((statistics.variance(a) + statistics.variance(b)) / half) if half > 1 else None
     return {"first_half": statistics.fmean(a), "second_half": statistics.fmean(b),
-            "change": statistics.fmean(b) - statistics.fmean(a), "change_se": se}
+            "change": statistics.fmean(b) - statistics.fmean(a), "change_se": se, "steps_per_half": half}
 
 
 RISE_KEYS = {"scores_halves": "objective/scores", "raw_scores_halves": "objective/raw_scores",

@@ -321,7 +321,9 @@ def test_half_means_compare_the_halves_and_leave_out_the_middle_row():
     h = half_means(rows, "s")  # the row without "s" is not counted; 100 is the middle of five and left out
     assert (h["first_half"], h["second_half"], h["change"]) == (2.0, 5.0, 3.0)
     assert h["change_se"] == pytest.approx((2.0 / 2 + 2.0 / 2) ** 0.5)  # sample variances 2 and 2, two each
-    assert half_means(rows[:1], "s") == {"first_half": None, "second_half": None, "change": None, "change_se": None}
+    assert half_means(rows[:1], "s") == {"first_half": None, "second_half": None, "change": None, "change_se": None,
+                                         "steps_per_half": 0}
+    assert h["steps_per_half"] == 2
     assert half_means(rows[:2], "s")["change_se"] is None and half_means(rows[:2], "s")["change"] == 2.0
 
 

@@ -193,7 +193,7 @@ def test_discussion_is_written_from_the_numbers():
     assert "**grpo** scored highest" in text and "Worse than sft beyond the bootstrap interval: dpo" in text
     assert "Per training sample DPO took 8% of grpo's time" in text  # 0.3125 s of 4.17 s
     assert "grpo beat DPO on gold" in text
-    assert "without losing gold reward: grpo (proxy +0.90, gold +0.050)" in text  # a rise gold shares
+    assert "and the gold reward beyond its interval: grpo (proxy +0.90, gold +0.050)" in text  # a rise gold shares
     results[1] = row("dpo", 0.548, 0.4, 1.5, 0.55, 0.40, 0.70)  # within GOLD_TIE of grpo: a tie, not a win
     text = discussion(comparison_table(results, costs), "sft")
     assert "DPO and grpo reached the same gold (0.548 and 0.550" in text and "beat DPO" not in text
@@ -226,8 +226,22 @@ def test_discussion_is_written_from_the_numbers():
     text = discussion(comparison_table(tied, costs), "sft")
     assert "is shared" in text and "Yet grpo, dpo win fewer than half of their comparisons" in text
     assert "grpo (0.600, winning 0.45 [0.30, 0.60]; 8 won, 13 tied, 11 lost)" in text  # ties shown, not hidden
-    assert "For dpo the two measures disagree: the gold gain's interval holds 0" in text
+    assert "For dpo the two measures disagree: by the size of its gains it is not told apart from sft, by the " \
+           "count of its wins (the win rate's interval) worse than sft." in text
     assert "dpo moved furthest (KL 0.90 ± 0.20 nats per reply), grpo least (0.30 ± 0.10)" in text
+    # the verdict goes by the paired gold gain where rows have one: a gain whose interval clears 0 is "better"
+    # though the win rate's interval holds 0.5 (many ties); a paired proxy interval decides the proxy's rise
+    paired = [{**row("sft", 0.5, 0.0, 0.0, None, None, None), "proxy_gain_ci_low": None},
+              {**row("ppo", 0.537, 0.39, 0.5, 0.56, 0.44, 0.69), "gain": 0.037, "gain_ci_low": 0.011,
+               "gain_ci_high": 0.067, "proxy_gain": 0.39, "proxy_gain_ci_low": 0.19, "proxy_gain_ci_high": 0.59}]
+    paired[0]["proxy_gain_ci_low"] = paired[0]["proxy_gain_ci_high"] = 0.0
+    text = discussion(comparison_table(paired, costs), "sft")
+    assert "Better than sft beyond the gold gain's interval: ppo." in text and "Not distinguishable" not in text
+    assert "the two measures disagree: by the size of its gains it is better than sft, by the count of its wins " \
+           "(the win rate's interval) not told apart from sft." in text
+    assert "Raised the reward model's score beyond its paired interval (the same prompts, bootstrapped) and the " \
+           "gold reward beyond its interval: ppo" in text
+    assert "None, by gold" not in text
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------
@@ -348,7 +362,7 @@ def test_a_dpo_step_raises_the_margin_and_matches_trls_implicit_reward(tiny, tmp
     assert saved["margin_first"] == 0.0 and saved["eval_pairs"] == 2  # the held-out pairs it was scored on
     assert saved["learning_rate_first"] == cfg.learning_rate  # no warm-up: step 1 learns
     assert saved["eval_time_s"] > 0 and saved["wall_time_s"] > 0  # the closing evaluation is timed apart
-    assert set(saved["accuracy_halves"]) == {"first_half", "second_half", "change", "change_se"}
+    assert set(saved["accuracy_halves"]) == {"first_half", "second_half", "change", "change_se", "steps_per_half"}
 
 
 @pytest.mark.slow

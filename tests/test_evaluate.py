@@ -131,6 +131,30 @@ def test_parting_point_on_a_plateau_is_its_start_within_the_tolerance():
     assert parting_point(steps, gold, proxy, window=1, gold_tol=0.0)["index"] == 7  # the strict maximum
 
 
+def test_step_noise_ignores_trend_and_kinks_and_finds_the_noise():
+    from rlhf_helpers.evaluate import step_noise
+
+    assert step_noise(np.linspace(0, 3, 40)) == pytest.approx(0.0, abs=1e-12)  # a straight line has none
+    assert step_noise(_peaked()[1]) == pytest.approx(0.0, abs=1e-12)  # nor one kink
+    noise = np.random.default_rng(0).normal(0, 0.1, 4000)
+    assert step_noise(noise + np.linspace(0, 5, 4000)) == pytest.approx(0.1, rel=0.05)
+
+
+def test_noisy_gold_rising_with_the_proxy_seldom_parts_while_a_real_peak_still_does():
+    """Before the noise guard, gold rising with the proxy under the cpu run's sort of noise "parted" in about
+    half of 40-step runs (the last steps' gain is lost in noise); a peak followed by a fall is still found."""
+    rng = np.random.default_rng(1)
+    t, steps = np.arange(40), list(range(1, 41))
+    parted = {"rising": 0, "peaked": 0}
+    for _ in range(200):
+        proxy = 0.03 * t + rng.normal(0, 0.25, 40)
+        rising = 0.6 + 0.004 * t + rng.normal(0, 0.075, 40)
+        peaked = 0.6 + 0.004 * np.minimum(t, 20) - 0.004 * np.maximum(t - 20, 0) + rng.normal(0, 0.075, 40)
+        parted["rising"] += parting_point(steps, rising, proxy) is not None
+        parted["peaked"] += parting_point(steps, peaked, proxy) is not None
+    assert parted["rising"] <= 0.2 * 200 and parted["peaked"] >= 0.6 * 200, parted
+
+
 def test_no_parting_point_while_gold_keeps_rising_or_the_proxy_does_not():
     steps = list(range(10))
     assert parting_point(steps, np.linspace(0.2, 0.6, 10), np.linspace(0, 2, 10), window=1) is None
@@ -368,7 +392,7 @@ def test_parting_notes_tell_a_proxy_that_never_rose_from_gold_keeping_pace(tmp_p
         _write_jsonl(tmp_path / stage / "metrics.jsonl", [{"step": s, "objective/gold": g, "objective/scores": p}
                                                           for s, g, p in zip(steps, gold, proxy)])
     over = gold_proxy_over_training(tmp_path)
-    assert over["ppo"]["note"].startswith("no parting: gold kept pace with the proxy")
+    assert over["ppo"]["note"].startswith("no parting: gold did not fall behind the rising proxy")
     assert over["grpo"]["note"].startswith("the proxy did not rise")
     assert over["grpo"]["trend"]["proxy_end"] < over["grpo"]["trend"]["proxy_start"]
     steps, gold, proxy = _peaked()
@@ -411,11 +435,13 @@ def test_ppo_reading_says_what_the_run_did():
     assert "its score less the mean of its 3 siblings'" in text and "which prompts came up" in text
     rising = _ppo_rows(16, 0.08, score=lambda i: 0.1 * i)
     text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain": 0.05, "gain_ci_low": 0.01}, max_new_tokens=96)
-    assert "score 0.45 → 1.25 (+0.80" in text and "within two standard errors" not in text.split(";")[0]
+    assert "score 0.45 → 1.25 (+0.80" in text and "standard errors of no change" not in text.split(";")[0]
     assert "Clipping was at work" in text and "PPO raised gold over SFT" in text and "Reward hacking" not in text
     assert "leave out 0.5" not in text  # said only when the win rate's interval and the gain's disagree
     text = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "gain_ci_high": -0.01}, max_new_tokens=96)
     assert "PPO lowered gold below SFT on these prompts, beyond the interval" in text
+    few = ppo_reading(rising, cfg, sft, ppo, eval_rows, {**wins, "n": 4, "gain_ci_low": 0.01}, max_new_tokens=96)
+    assert "4 prompts are too few for a bootstrap interval to tell PPO from SFT" in few and "raised" not in few
     worse = ppo_reading(_ppo_rows(8, 0.001, ev=-0.4), cfg, sft, ppo, eval_rows, wins, max_new_tokens=96)
     assert "explained -0.40 of the variance" in worse and "predicts worse than the mean would" in worse
 
@@ -710,7 +736,9 @@ def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interv
     r = evaluate.refusal_rate("some/model", ["a", "b"], samples_per_prompt=2, seed=3)
     assert seen["prompts"] == ["a", "b"] and seen["num_return_sequences"] == 2 and seen["seed"] == 3
     assert (r["refused"], r["n"], r["rate"]) == (3, 4, 0.75)
-    assert (r["ci_low"], r["ci_high"]) == (0.5, 1.0)  # per-prompt rates 0.5 and 1.0, resampled as prompts
+    # per-prompt rates 0.5 and 1.0: the bootstrap over prompts gives [0.5, 1.0], Wilson's for 1.5 of 2 prompts
+    # [0.20, 0.97]; the interval is the wider of the two at each end
+    assert r["ci_low"] == pytest.approx(evaluate.wilson_interval(1.5, 2)[0]) and r["ci_high"] == 1.0
     assert r["examples"][0].startswith("I can't")
     replies[:] = ["Sure: first, gather the parts."] * 4  # none refuses: the bootstrap would say [0, 0]
     r = evaluate.refusal_rate("some/model", ["a", "b"], samples_per_prompt=2, seed=3)
@@ -1112,3 +1140,24 @@ def test_check_results_exit_2_for_an_unreadable_summary_naming_it(tmp_path, caps
     assert check_results.main([str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run / 'eval' / 'summary.json'}: not valid JSON") and "Traceback" not in err
+
+
+def test_the_kl_standard_error_takes_the_prompt_as_its_unit():
+    from rlhf_helpers.evaluate import prompt_sem
+
+    # two prompts, four replies each, alike within a prompt: 2 independent values, not 8
+    rows = [{"prompt": p, "kl": k} for p, k in [("a", 1.0)] * 4 + [("b", 3.0)] * 4]
+    assert prompt_sem(rows) == pytest.approx(1.0)  # sd of (1, 3) over sqrt(2); the 8 rows' own would be 0.38
+    assert prompt_sem([{"prompt": "a", "kl": 1.0}, {"prompt": "b", "kl": None}]) is None  # one prompt with a KL
+    one_each = [{"prompt": str(i), "kl": float(i)} for i in range(5)]
+    assert prompt_sem(one_each) == pytest.approx(np.std(range(5), ddof=1) / np.sqrt(5))
+
+
+def test_a_change_over_few_steps_is_read_against_students_t_not_two_standard_errors():
+    from rlhf_helpers.evaluate import _change
+
+    few = {"first_half": 0.0, "second_half": 0.25, "change": 0.25, "change_se": 0.1, "steps_per_half": 3}
+    assert "within 2.8 standard errors of no change" in _change(few, "score")  # t(0.975, 4 df) = 2.776
+    many = {**few, "steps_per_half": 50}
+    assert "standard errors of no change" not in _change(many, "score")  # t(98 df) = 1.98 < 2.5
+    assert _change({**few, "change_se": None}, "score").endswith("too few steps a half for a standard error")
