@@ -276,7 +276,7 @@ def _upper(r: dict) -> float:
 def _gain_text(r: dict) -> str:
     if r.get("gain_ci_low") is None:
         return ""
-    return f"a gain of {r['gain']:+.3f} [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}], "
+    return f"with a gain interval of [{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}], "
 
 
 def win_verdict(r: dict) -> str:

@@ -242,6 +242,10 @@ def test_discussion_is_written_from_the_numbers():
     assert "Raised the reward model's score beyond its paired interval (the same prompts, bootstrapped) and the " \
            "gold reward beyond its interval: ppo" in text
     assert "None, by gold" not in text
+    paired[1] = {**paired[1], "gain_ci_low": -0.01}  # the gain's interval now holds 0: no winner by gold
+    text = discussion(comparison_table(paired, costs), "sft")
+    assert "None, by gold: the best, ppo (+0.037 over sft), with a gain interval of [-0.010, +0.067], wins 0.56 " \
+           "[0.44, 0.69]: not told apart from sft" in text
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------
