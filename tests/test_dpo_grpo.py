@@ -478,6 +478,29 @@ def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_grpo_under_two_processes_counts_both_and_writes_each_sample_once(tiny, tmp_path):
+    """What `accelerate launch` does on several processes, on the CPU: torchrun starts two (gloo), each samples its
+    own batch_size replies a step, and only the main process writes samples.jsonl."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    script = os.path.join(os.path.dirname(__file__), "two_process_grpo.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", script, tiny, str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = [json.loads(line[len("COUNTS "):]) for line in res.stdout.splitlines() if line.startswith("COUNTS ")]
+    assert sorted(c["rank"] for c in counts) == ["0", "1"] and {c["world"] for c in counts} == {"2"}
+    for c in counts:  # 2 steps × 4 replies × 2 processes (the count of one process alone would be 8)
+        assert (c["steps"], c["samples_seen"], c["prompts_seen"]) == (2, 16, 8), c
+    samples = read_metrics(tmp_path / "grpo" / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]  # n_samples a step, written once (two writers: 8 rows)
+
+
+@pytest.mark.slow
 def test_grpo_reusing_each_batch_counts_the_samples_it_drew(tiny, tmp_path):
     proxy = Recording(1.0)
     cfg = tiny_rl_config(GRPOStageConfig, tiny, num_iterations=2)
