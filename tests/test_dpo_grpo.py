@@ -489,7 +489,7 @@ def test_grpo_under_two_processes_counts_both_and_writes_each_sample_once(tiny, 
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     script = os.path.join(os.path.dirname(__file__), "two_process_grpo.py")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", script, tiny, str(tmp_path)],
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, tiny, str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     counts = [json.loads(line[len("COUNTS "):]) for line in res.stdout.splitlines() if line.startswith("COUNTS ")]
