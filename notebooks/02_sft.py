@@ -127,7 +127,8 @@ plotting.metric_curves(rows, ["train/loss", "eval/loss", "train/grad_norm", "tra
 # %%
 gold = GoldJudge()
 prompts = heldout_prompts(cfg.n_compare)
-gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed, dtype=cfg.dtype, device=cfg.device)
+gen = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed, dtype=cfg.dtype,
+           device=cfg.device, batch_size=cfg.generation_batch_size)
 base_rows = generate_and_score(cfg.model_name, prompts, gold, **gen)
 sft_rows = generate_and_score(summary["model_dir"], prompts, gold, **gen)
 table, wr = compare_policies(sft_rows, base_rows, "sft", "base")

@@ -35,7 +35,7 @@ seed: int = 0  # seed for prompt order, sampling and mini-batches
 model_name: str = ""  # policy base when run_dir has no SFT model; empty keeps the profile's
 reward: str = "rm"  # rm (the reward model of notebook 03; the gold judge when it is missing) or gold
 max_steps: int = 0  # PPO steps; 0 keeps the profile's value
-kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the profile's
+kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the profile's; 0 also stops adapting it
 
 # %% [markdown]
 # ## Setup
@@ -66,7 +66,7 @@ from rlhf_helpers.tracking import MetricsLogger, read_json, read_metrics
 
 t0 = time.perf_counter()
 cfg = stage_config(ppo.PPOConfig, profile, seed=seed, model_name=model_name or None, max_steps=max_steps or None,
-                   init_kl_coef=kl_coef if kl_coef >= 0 else None)
+                   init_kl_coef=kl_coef if kl_coef >= 0 else None, adaptive_kl=False if kl_coef == 0 else None)
 eval_cfg = stage_config(EvalConfig, profile, seed=seed, model_name=model_name or None)
 policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
 gold = GoldJudge()
@@ -207,7 +207,11 @@ sft_metrics
 # %% [markdown]
 # ## 3. Train
 # Each step: a rollout of `batch_size` replies (one to each prompt, or `samples_per_prompt` to each of
-# fewer), `ppo_epochs` passes of clipped updates, then the KL controller. Watch the curves:
+# fewer), `ppo_epochs` passes of clipped updates, then the KL controller. The cpu profile keeps β fixed
+# (`adaptive_kl=False`, as TRL's last PPO trainer did). The gpu profile moves it towards `target_kl` nats a
+# reply (Ziegler et al. 2019's controller), which held its run's KL near 4 nats where a fixed β of 0.05 had
+# let it reach 9.6 (`docs/rl_on_a_cpu_budget.md`, sections 18 and 19); `objective/kl_coef` logs β. Watch
+# the curves:
 # - `objective/scores` (the proxy) should rise; `objective/kl` should grow slowly, not explode. Both are
 #   means over one batch, so they jump from step to step; `objective/kl`, the sampled estimate
 #   $\sum_t (\log\pi - \log\pi_{ref})$, can even dip below zero on a batch while the policy is still close
@@ -319,10 +323,10 @@ MetricsLogger(out_dir).summary(summary)
 #   the proxy to catch reward hacking.
 # - PPO against SFT on held-out prompts: gold reward, win rate with its interval, and the KL paid for it.
 #
-# Try: `kl_coef=0.0` (no leash: the KL climbs faster; over enough steps, as in the `gpu` profile, watch for
-# the proxy parting from gold); `reward="gold"` (optimise the gold judge directly: what this budget can do
-# with a perfect reward model); `max_steps=32` (four times the steps: the recipe that raised held-out gold
-# over SFT on one training seed of two, see the notes below).
+# Try: `kl_coef=0.0` (no leash: the KL climbs faster; over enough steps, as in the `gpu` profile's first
+# run at a fixed β of 0.05, watch for the proxy parting from gold); `reward="gold"` (optimise the gold judge
+# directly: what this budget can do with a perfect reward model); `max_steps=32` (four times the steps: the
+# recipe that raised held-out gold over SFT on one training seed of two, see the notes below).
 #
 # Mind the units of the missing-EOS penalty when you change the reward. Its default, 1.0, is one standard
 # deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers

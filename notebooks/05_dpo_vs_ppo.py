@@ -187,7 +187,8 @@ display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accur
 #
 # Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (in one
 # gpu-profile PPO run on an H100, the proxy of its training batches rose while their gold fell once the KL
-# passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section 18, and notebook 06's parting point). In a
+# passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section 18, and notebook 06's parting point; with
+# the KL held near 4 nats by the adaptive controller, a second run's gold did not fall, section 19). In a
 # short run each step scores a couple of new prompts, so the curves mostly show how prompts differ: read the
 # rise table's `change` against its `change_se` before reading a trend into them. The training loss is no progress
 # signal: with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss

@@ -42,7 +42,8 @@ class SFTStageConfig:
     """Settings of the SFT stage. Profiles override a few (see `rlhf_helpers.config.PROFILES`)."""
 
     stage: ClassVar[str] = "sft"
-    EVAL_ONLY: ClassVar[tuple[str, ...]] = ("n_compare", "max_new_tokens", "n_refusal_samples", "temperature")
+    EVAL_ONLY: ClassVar[tuple[str, ...]] = ("n_compare", "max_new_tokens", "n_refusal_samples", "temperature",
+                                          "generation_batch_size")
     """Fields only notebook 02's comparison reads, after training: changing them keeps the trained model."""
 
     model_name: str = DEFAULT_MODEL
@@ -94,6 +95,11 @@ class SFTStageConfig:
     """Samples per held-out harmful prompt when counting refusals (`evaluate.refusal_rate`)."""
     temperature: float = 0.7
     """Sampling temperature for the comparison (seeded)."""
+    generation_batch_size: int = 16
+    """Replies sampled per `generate` call in the comparison; a batch's size changes what a seeded `generate`
+    samples. On an H100 a small model's sampling is bound by kernel launches, not arithmetic (SmolLM2-135M:
+    about 60 ms a decoding step for 32 rows, docs/rl_on_a_cpu_budget.md section 18), so the gpu profile
+    samples its 72 prompts in one batch."""
     dtype: str = "float32"
     """Weights dtype (the profile sets bfloat16 on GPU)."""
     load_in_4bit: bool = False
@@ -108,6 +114,8 @@ class SFTStageConfig:
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("max_steps and batch_size must be >= 1")
+        if self.generation_batch_size < 1:
+            raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0 <= self.warmup < 1:

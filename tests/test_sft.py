@@ -11,7 +11,7 @@ from rlhf_helpers.sft import (
     SFTStageConfig, build_trainer, build_trl_config, demonstration_lengths, length_notice,
     load_demonstrations, train_sft,
 )
-from rlhf_helpers.tracking import last_checkpoint
+from rlhf_helpers.tracking import atomic_write_json, changed_settings, last_checkpoint, resume_free, run_settings
 
 pytestmark = pytest.mark.slow
 TINY = dict(n_train=4, n_eval=2, batch_size=2, max_length=160, logging_steps=1, eval_steps=100, save_steps=100)
@@ -28,6 +28,18 @@ def test_config_mapping_on_cpu(tmp_path):
     assert stage_config(SFTStageConfig, "gpu").dtype == "bfloat16"
     with pytest.raises(ValueError, match="eval_fraction"):
         SFTStageConfig(eval_fraction=0)
+    with pytest.raises(ValueError, match="generation_batch_size must be >= 1, got 0"):
+        SFTStageConfig(generation_batch_size=0)
+
+
+def test_comparison_batch_size_keeps_the_trained_model(tmp_path):
+    """The comparison's batch size only changes how notebook 02 samples after training: a run with another one
+    resumes the trained model; a training field does not."""
+    atomic_write_json(tmp_path / "config.json", run_settings(SFTStageConfig()))
+    batched = SFTStageConfig(generation_batch_size=72)
+    assert changed_settings(tmp_path, run_settings(batched), resume_free(batched)) == []
+    other = SFTStageConfig(learning_rate=1e-3)
+    assert changed_settings(tmp_path, run_settings(other), resume_free(other)) == ["learning_rate"]
 
 
 @pytest.fixture(scope="module")
