@@ -12,7 +12,8 @@ beside a bare `policy.generate` call with the same prompts, seed, sampling setti
 before the step, so it samples the same replies: column `same` compares them token by token); and the peak
 memory. The bare call runs twice on each batch and the faster time counts: the first call at a batch's shapes
 pays one-off costs that the rollout after it would not (on an H100, with the bare call timed once, PPO's
-rollout ran at 1.46 to 1.90 times its speed).
+rollout ran at 1.46 to 1.90 times its speed). Training pays them: each rollout there is the first call at its
+batch's shapes, so notebook 04's rollouts on that H100 took longer than this table's (docs section 19).
 
 Run it alone: on a 2-core machine another busy process slows generation several-fold.
 """
