@@ -246,6 +246,14 @@ def test_discussion_is_written_from_the_numbers():
     text = discussion(comparison_table(paired, costs), "sft")
     assert "None, by gold: the best, ppo (+0.037 over sft), with a gain interval of [-0.010, +0.067], wins 0.56 " \
            "[0.44, 0.69]: not told apart from sft" in text
+    # on fewer than 10 prompts (the smoke profile's 4) no interval is read as a verdict, however it came out
+    few = [{**r, "n": 4} for r in paired]
+    few[1] = {**few[1], "win_rate": 1.0, "ci_low": 1.0, "ci_high": 1.0, "gain_ci_low": 0.011}
+    text = discussion(comparison_table(few, costs), "sft")
+    assert "Mean gold on 4 held-out prompts: sft 0.500, ppo 0.537. On fewer than 10 prompts" in text
+    assert "Better than" not in text and "[1.00, 1.00]" not in text and "When each wins" not in text
+    assert "Raised the reward model's score" not in text and "Gold gained per nat" not in text
+    assert "ppo moved furthest (KL 0.50 nats per reply)" in text  # what needs no interval is still said
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------

@@ -545,7 +545,7 @@ def make_fake_run(root: Path, profile="cpu", policies=tuple(POLICY_GOLD), rm_acc
 
 
 def test_report_builds_from_a_fake_run_and_needs_no_network(tmp_path):
-    run = make_fake_run(tmp_path / "run")
+    run = make_fake_run(tmp_path / "run", n=12)  # 10 prompts or more: the discussion reads the intervals
     path = build_report(run)
     assert path == run / "eval" / "report.html"
     page = path.read_text()
@@ -555,7 +555,7 @@ def test_report_builds_from_a_fake_run_and_needs_no_network(tmp_path):
     for name in POLICY_GOLD:
         assert f"<td>{name}</td>" in page
     assert "stopped rising at step 10" in page  # the parting point of the fake PPO curve (its peak)
-    assert "<p><b>Gold reward.</b> On 8 held-out prompts, <b>ppo</b> scored highest" in page  # the table in words
+    assert "<p><b>Gold reward.</b> On 12 held-out prompts, <b>ppo</b> scored highest" in page  # the table in words
     assert not list((run / "eval").glob(".report.html*"))  # no temporary file left behind
 
 
