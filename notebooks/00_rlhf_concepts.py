@@ -288,15 +288,16 @@ path = logger.summary(summary)
 # - DPO's loss is Bradley–Terry on the implicit reward $\beta\log(\pi/\pi_\text{ref})$; with the same $\beta$ and
 #   Bradley–Terry labels it targets the same $\pi^*$ as PPO with a KL penalty, and on the bandit both get there.
 #
-# **Try next:** rerun with a small $\beta$ (`python -m rlhf_helpers.run --only 00 --param beta=0.1`, or
-# papermill's `-p beta 0.1`): $\pi^*$ is sharper, and DPO's implicit reward needs log-ratios five times as
-# large, so it takes longer (seed 0, cpu profile: DPO's TV to $\pi^*$ falls below 0.01 at iteration 206 instead
-# of 167); in the setup cell, pass `ppo_epochs=1` to `stage_config`: the ratio never leaves 1, nothing is
-# clipped, and PPO (now plain policy gradient, one Adam step per batch instead of four) needs three to four
-# times as many iterations (measured with seed 0 and the cpu profile: TV to $\pi^*$ falls below 0.01 at
-# iteration 52 instead of 18, below 0.001 at 144 instead of 33): reusing each batch is what saves samples;
-# `ppo_batch_size=8` still converges, more slowly (the advantages vanish at $\pi^*$; TV below 0.01 at
-# iteration 58); `dpo_pairs_per_iter=8` keeps DPO further from $\pi^*$ along the way (TV 0.087 instead of
-# 0.022 at iteration 100).
+# **Try next** (the iteration counts below were measured with seed 0, the cpu profile and `log_every=1` passed to
+# `stage_config`, which logs every iteration where the profile logs every tenth): rerun with a small $\beta$
+# (`.venv/bin/python -m rlhf_helpers.run --only 00 --param beta=0.1 --run-dir runs/beta01`, a run folder of its own so
+# that `make run`'s `runs/cpu` keeps its results; or papermill's `-p beta 0.1`): $\pi^*$ is sharper, and DPO's
+# implicit reward needs log-ratios five times as large, so it takes longer (DPO's TV to $\pi^*$ falls below 0.01 at
+# iteration 206 instead of 167); in the setup cell, pass `ppo_epochs=1` to `stage_config`: the ratio never leaves 1,
+# nothing is clipped, and PPO (now plain policy gradient, one Adam step per batch instead of four) needs three to four
+# times as many iterations (TV to $\pi^*$ falls below 0.01 at iteration 52 instead of 18, below 0.001 at 144 instead
+# of 33): reusing each batch is what saves samples; `ppo_batch_size=8` still converges, more slowly (the advantages
+# vanish at $\pi^*$; TV below 0.01 at iteration 58); `dpo_pairs_per_iter=8` keeps DPO further from $\pi^*$ along the
+# way (TV 0.087 instead of 0.022 at iteration 100).
 #
 # **Next notebook:** `01_reward_design.ipynb` builds the reward functions that play the role of $r$ for text.

@@ -18,7 +18,7 @@
 #
 # In RLHF the reward is where "what good means" is written down, and a policy will find every gap in
 # what you wrote. This notebook builds rewards from parts, tunes their weights with sliders, and shows a
-# reward being gamed. It ends with a tuned reward config (`python -m rlhf_helpers.rewards score FILE
+# reward being gamed. It ends with a tuned reward config (`.venv/bin/python -m rlhf_helpers.rewards score FILE
 # --config run_dir/rewards/reward_config.json` applies it to a JSON-lines file of prompts and replies;
 # without `--config` that command scores with the gold judge) and introduces the two pieces every later
 # stage relies on: the **gold judge** that plays the human, and a **simulated annotator** that labels
@@ -83,7 +83,8 @@ good = next(c for c in candidates if c["kind"] == "good" and c["domain"] == "how
 stuffed = next(c for c in candidates if c["kind"] == "stuffed" and c["prompt_id"] == good["prompt_id"])
 for label, c in [("good", good), ("stuffed", stuffed)]:
     out = naive.compute_reward(Trajectory(c["prompt"], c["response"]))
-    print(f"{label:8s} naive={out.reward:.2f} gold={gold(Trajectory(c['prompt'], c['response'])).reward:.2f}  {out.metadata}")
+    gold_reward = gold(Trajectory(c["prompt"], c["response"])).reward
+    print(f"{label:8s} naive={out.reward:.2f} gold={gold_reward:.2f}  {out.metadata}")
 print("\nPROMPT:", good["prompt"], "\n\nSTUFFED:", stuffed["response"])
 
 # %% [markdown]
@@ -136,7 +137,7 @@ print(f"reward = {out.reward:.3f}")
 # (Spearman) between your tuned reward and the gold judge, and how many gaming responses sit in the top
 # quarter. Raise `politeness` and `explanation` and watch the stuffed answers climb to the top; then try
 # to push them back down. **Save config** writes `run_dir/rewards/reward_config.json`, which
-# `python -m rlhf_helpers.rewards score FILE --config` reads; no later notebook reads it (the online methods
+# `.venv/bin/python -m rlhf_helpers.rewards score FILE --config` reads; no later notebook reads it (the online methods
 # of notebooks 04 and 05 optimise notebook 03's reward model, or the gold judge). (Run headless by
 # papermill, the tuner is built with the weights from the parameters cell and saved as they are.)
 
@@ -146,7 +147,8 @@ tuner
 
 # %%
 config_path = tuner.save()  # interactive users: press the button instead, after tuning
-print(f"saved {config_path}; Spearman with gold: {tuner.agreement:.3f}; gaming share of the top quarter: {tuner.gaming_top_share:.0%}")
+print(f"saved {config_path}; Spearman with gold: {tuner.agreement:.3f}; "
+      f"gaming share of the top quarter: {tuner.gaming_top_share:.0%}")
 
 # %% [markdown]
 # Sliders try one setting at a time. `tuner.search()` tries them all: every weight in {0, 0.25, 0.5, 1}
@@ -238,7 +240,8 @@ summary
 # - The simulated annotator's labels follow the Bradley–Terry curve, and its noise sets a ceiling on any
 #   reward model's accuracy.
 #
-# Try: set `w_politeness` and `w_explanation` to 1 and rerun section 5; lower `annotator_temperature` to
+# Try: set `w_politeness` and `w_explanation` to 1 in the parameters cell and rerun from the setup cell on
+# (or move those two sliders in section 4), then read section 5 again; lower `annotator_temperature` to
 # 0.02 and watch the ceiling rise. It stops short of 1 (about 0.955 as T goes to 0), because 27 of the
 # 303 pairs tie exactly in gold, mostly gaming answers that all score 0, and a tie is a coin flip at any
 # temperature. Next, notebook 02 teaches the model to answer in the style the

@@ -148,14 +148,14 @@ table.head(8)
 
 # %% [markdown]
 # ## 5. Does it refuse a harmful request?
-# One domain of the demonstrations is polite refusals. The mean gold above barely shows whether they were
-# learnt: harmful prompts are one in eight. Yet they matter more than their share. PPO, GRPO and RLOO
-# learn only from what this model *samples*: they reinforce what their rollouts contain, and a model that
-# never refuses gives them no refusal to reinforce, so the gold judge's reward for refusing a harmful
-# request stays out of their reach. (Notebook 03's live preference pairs are this model's answers too; most
-# of its pairs, though, come from a shipped snapshot sampled from the committed cpu run's SFT model, and
-# those hold refusals either way.) So count refusals directly: several samples for each held-out harmful
-# prompt, at the temperature later stages sample at, and false refusals among the benign answers above.
+# One domain of the demonstrations is polite refusals. The mean gold above barely shows whether they were learnt:
+# harmful prompts are one in eight. Yet they matter more than their share. PPO, GRPO and RLOO learn only from what
+# this model *samples*: they reinforce what their rollouts contain, and a model that never refuses gives them no
+# refusal to reinforce, so the gold judge's reward for refusing a harmful request stays out of their reach. (Notebook
+# 03's live preference pairs are this model's answers too; on the cpu profile most of its pairs, though, come from a
+# shipped snapshot sampled from the committed cpu run's SFT model, and those hold refusals either way.) So count
+# refusals directly: several samples for each held-out harmful prompt, at the temperature later stages sample at, and
+# false refusals among the benign answers above.
 
 # %%
 harmful = [p["prompt"] for p in heldout_prompts() if p["domain"] == "refusal"]
@@ -192,7 +192,8 @@ summary.update({
     "profile": profile, "seed": seed, "n_compare": len(prompts),
     "gold_base_mean": float(table["base gold"].mean()), "gold_sft_mean": float(table["sft gold"].mean()),
     "win_rate_vs_base": wr, "refusal_rate_base": refusals["base"]["rate"],
-    "refusal_rate_sft": refusals["sft"]["rate"], "refusals_n": refusals["sft"]["n"], "notebook_wall_time_s": time.perf_counter() - t0,
+    "refusal_rate_sft": refusals["sft"]["rate"], "refusals_n": refusals["sft"]["n"],
+    "notebook_wall_time_s": time.perf_counter() - t0,
 })
 MetricsLogger(out_dir).summary(summary)
 {k: summary[k] for k in ("gold_base_mean", "gold_sft_mean", "win_rate_vs_base", "refusal_rate_sft",
@@ -201,13 +202,14 @@ MetricsLogger(out_dir).summary(summary)
 # %% [markdown]
 # ## What you saw, and what to try
 # - The chat template as tokens, and the loss mask that keeps the prompt out of the loss.
-# - A LoRA run whose held-out loss falls (the training loss is noisy: in a single pass every batch is new),
-#   and an SFT model that the gold judge scores above the base model on prompts neither saw in training,
-#   though 24 prompts are too few to be sure of it (the win rate's interval holds 0.5). On 72 held-out
-#   prompts × 3 replies (`python -m rlhf_helpers.evaluate --run-dir RUN --n-prompts 72 --samples-per-prompt 3
-#   base`) the base model scores below SFT beyond its interval: the README's table.
+# - A LoRA run whose held-out loss falls (the training loss is noisy: in a single pass every batch is new), and an SFT
+#   model that the gold judge scores above the base model on prompts neither saw in training, though 24 prompts are
+#   too few to be sure of it (the win rate's interval holds 0.5). On 72 held-out prompts × 3 replies
+#   (`.venv/bin/python -m rlhf_helpers.evaluate --run-dir RUN --n-prompts 72 --samples-per-prompt 3 base`) the base
+#   model scores below SFT beyond its interval: the README's table.
 #
-# Try: `use_lora=False` with `learning_rate=2e-4` (full fine-tuning: slower, more memory, a bigger file; at
-# the profile's LoRA rate every weight would move ten times too far, and the config warns); more `max_steps`
-# (watch the held-out loss for the point where it stops falling); a different `model_name`. Next, notebook 03
-# samples from this SFT model to build preference pairs and trains a reward model on them.
+# Try: `use_lora=False` with `learning_rate=2e-4` (full fine-tuning: slower, more memory, a bigger file; at the
+# profile's LoRA rate every weight would move ten times too far, and the config warns; it also notes that the
+# profile's `lora_layers` has no effect then); more `max_steps` (watch the held-out loss for the point where it stops
+# falling); a different `model_name`. Next, notebook 03 samples from this SFT model to build preference pairs and
+# trains a reward model on them.

@@ -106,8 +106,9 @@ policy, tok = load_model(policy_path, dtype=cfg.dtype, device=cfg.device)
 samples = sample_at_temperatures(policy, tok, prompts_live, cfg.sample_temperatures, max_new_tokens=cfg.max_new_tokens,
                                  seed=seed, batch_size=cfg.generation_batch_size)
 annotator = SimulatedAnnotator(judge=GoldJudge(), temperature=cfg.annotator_temperature, seed=seed)
-provenance = {"policy": "base (no SFT found)" if fell_back else "sft", "sample_temperatures": list(cfg.sample_temperatures),
-              "sample_seed": seed, "max_new_tokens": cfg.max_new_tokens, "source": "live"}
+provenance = {"policy": "base (no SFT found)" if fell_back else "sft",
+              "sample_temperatures": list(cfg.sample_temperatures), "sample_seed": seed,
+              "max_new_tokens": cfg.max_new_tokens, "source": "live"}
 live_pairs, skipped = label_samples(prompts_live, samples, annotator, provenance, temperatures=cfg.sample_temperatures)
 plotting.pairs_table(live_pairs[:4])
 
@@ -127,7 +128,8 @@ print(f"{len(pairs)} pairs written to {pref_dir / 'pairs.jsonl'}: {len(live_pair
 # %%
 for fmt in ("ranked", "ratings", "hh"):
     converted = load_preferences(data_path("examples", f"{fmt}.jsonl"), format=fmt)
-    print(f"{fmt:8s} -> {len(converted)} pairs; first: chosen={converted[0].chosen[:60]!r} rejected={converted[0].rejected[:60]!r}")
+    print(f"{fmt:8s} -> {len(converted)} pairs; first: chosen={converted[0].chosen[:60]!r} "
+          f"rejected={converted[0].rejected[:60]!r}")
 
 # %% [markdown]
 # ## 3. The yardstick: the Bayes ceiling
@@ -151,15 +153,16 @@ print(f"{gold_ties(eval_pairs)} of the held-out pairs have equal gold on both si
 # The backbone is the SFT model with a one-output head on the last token; the loss is Bradley–Terry,
 # $-\log\sigma(r(x, y_w) - r(x, y_l))$, plus TRL's small centring term
 # $0.01\,(r(x, y_w) + r(x, y_l))^2$ (`center_rewards_coefficient`, Eisenstein et al. 2023), which pulls each
-# pair's scores towards a mean of 0. LoRA adapts the top blocks and the head is trained in full. The
-# load report below lists `score.weight` as missing: that is the new head, which starts from random values,
-# as it should. $\ln 2 \approx 0.69$ is the loss of a model whose margins are all 0. Do not read a loss that
-# stays near it as a model still guessing: on labels this noisy (a simulated annotator choosing between
-# replies of close gold) even the best possible model's loss stays far above 0, and a model with small
-# margins can order most pairs right while its loss barely leaves $\ln 2$. Accuracy against the Bayes
-# ceiling, below, is the figure to read. TRL measures held-out accuracy every `eval_steps` steps; the smoke
-# and cpu profiles set it past `max_steps`, so it is measured once, after training, and the live plot shows
-# the training curves alone (section 6 measures held-out accuracy in full).
+# pair's scores towards a mean of 0. LoRA adapts the top `lora_layers` blocks (all of them when None, as in
+# the gpu profile) and the head is trained in full. The load report below lists `score.weight` as missing:
+# that is the new head, which starts from random values, as it should. $\ln 2 \approx 0.69$ is the loss of a
+# model whose margins are all 0. Do not read a loss that stays near it as a model still guessing: on labels
+# this noisy (a simulated annotator choosing between replies of close gold) even the best possible model's
+# loss stays far above 0, and a model with small margins can order most pairs right while its loss barely
+# leaves $\ln 2$. Accuracy against the Bayes ceiling, below, is the figure to read. TRL measures held-out
+# accuracy every `eval_steps` steps; the smoke and cpu profiles set it past `max_steps`, so it is measured
+# once, after training, and the live plot shows the training curves alone (section 6 measures held-out
+# accuracy in full).
 
 # %%
 curves = ["train/loss", "train/accuracy"] + (["eval/accuracy"] if cfg.eval_steps < cfg.max_steps else [])
@@ -201,7 +204,7 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 # ### What the reward model is worth to RL, before any RL
 # With a per-prompt baseline (GRPO, RLOO, and PPO with `group_baseline`, as in the cpu profile), RL never
 # compares replies to different prompts: each update asks which of the replies to *this* prompt deserve more
-# probability. (PPO without it, its default and the gpu profile's, has only its value head for a baseline, so
+# probability. (PPO without it, `PPOConfig`'s default, has only its value head for a baseline, so
 # a score offset between prompts reaches its update unless the value head learns it.) So the question that
 # decides whether RL against this reward model can raise the gold is narrower than ρ: of two replies to the
 # same prompt, does it prefer the one the gold judge prefers? And the payoff has a price tag. Picking the
@@ -258,8 +261,9 @@ chosen, rejected = pair_margins(rm, eval_pairs)
 accuracy = float(np.mean(chosen > rejected))
 p_chosen = 1 / (1 + np.exp(-(chosen - rejected)))
 report = accuracy_against_ceiling(chosen, rejected, [p.prompt for p in eval_pairs], ceiling, seed=seed)
-print(f"held-out accuracy {accuracy:.3f} [{report['ci_low']:.3f}, {report['ci_high']:.3f}] on {report['n_pairs']} pairs "
-      f"({report['n_prompts']} prompts); chance 0.5, Bayes ceiling {ceiling:.3f}: it closes "
+print(f"held-out accuracy {accuracy:.3f} [{report['ci_low']:.3f}, {report['ci_high']:.3f}] "
+      f"on {report['n_pairs']} pairs ({report['n_prompts']} prompts); chance 0.5, Bayes ceiling {ceiling:.3f}: "
+      f"it closes "
       f"{report['gap_closed']:.0%} [{report['gap_closed_low']:.0%}, {report['gap_closed_high']:.0%}] of the gap")
 display(plotting.calibration_figure(calibration_bins(p_chosen)))
 plotting.chosen_rejected_histogram((chosen - norm["shift"]) / norm["scale"], (rejected - norm["shift"]) / norm["scale"])

@@ -39,11 +39,12 @@ kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the pro
 
 # %% [markdown]
 # ## Setup
-# The policy starts from the SFT model of notebook 02 (the base model when there is none), with a fresh
-# LoRA adapter; the reference is the same model with the adapter switched off. `lora_layers` puts the
-# adapter on the top blocks only (all of them when it is None): the backward pass stops at the lowest one. The
-# reward is the trained reward model of notebook 03, normalised so that SFT answers to held-out prompts
-# score mean 0 and standard deviation 1. The cell prints which reward this run uses.
+# The policy starts from the SFT model of notebook 02 (the base model when there is none), with a fresh LoRA adapter;
+# the reference is the same model with the adapter switched off. `lora_layers` puts the adapter on the top blocks only
+# (all of them when it is None): the backward pass stops at the lowest one. The reward is the trained reward model of
+# notebook 03, normalised so that SFT answers to held-out prompts, sampled at `fresh_temperature` (1.0), score mean 0
+# and standard deviation 1; PPO samples at 0.7, where SFT's answers score near, not exactly at, 0 and 1 (0.23 on the
+# gpu run's held-out replies, docs section 19). The cell prints which reward this run uses.
 
 # %%
 import time
@@ -206,12 +207,12 @@ sft_metrics
 
 # %% [markdown]
 # ## 3. Train
-# Each step: a rollout of `batch_size` replies (one to each prompt, or `samples_per_prompt` to each of
-# fewer), `ppo_epochs` passes of clipped updates, then the KL controller. The cpu profile keeps β fixed
-# (`adaptive_kl=False`, as TRL's last PPO trainer did). The gpu profile moves it towards `target_kl` nats a
-# reply (Ziegler et al. 2019's controller), which held its run's KL near 4 nats where a fixed β of 0.05 had
-# let it reach 9.6 (`docs/rl_on_a_cpu_budget.md`, sections 18 and 19); `objective/kl_coef` logs β. Watch
-# the curves:
+# Each step: a rollout of `batch_size` replies (one to each prompt, or `samples_per_prompt` to each of fewer),
+# `ppo_epochs` passes of clipped updates, then the KL controller. The cpu profile keeps β fixed (`adaptive_kl=False`,
+# as TRL's last PPO trainer did). The gpu profile moves it towards `target_kl` nats a reply (Ziegler et al. 2019's
+# controller), which held its run's KL near 4 nats (its target is 3, but with `horizon` 640 β moves at most 2% a step,
+# so the KL runs past the target before β catches up) where a fixed β of 0.05 had let it reach 9.6
+# (`docs/rl_on_a_cpu_budget.md`, sections 18 and 19); `objective/kl_coef` logs β. Watch the curves:
 # - `objective/scores` (the proxy) should rise; `objective/kl` should grow slowly, not explode. Both are
 #   means over one batch, so they jump from step to step; `objective/kl`, the sampled estimate
 #   $\sum_t (\log\pi - \log\pi_{ref})$, can even dip below zero on a batch while the policy is still close
@@ -308,7 +309,8 @@ with pd.option_context("display.max_colwidth", None):
 # ## Save
 
 # %%
-summary = {**read_json(out_dir / "summary.json"), "profile": profile, "seed": seed, "reward": "rm" if reward_name == "reward_model" else "gold",
+summary = {**read_json(out_dir / "summary.json"), "profile": profile, "seed": seed,
+           "reward": "rm" if reward_name == "reward_model" else "gold",
            "fell_back_to_base": fell_back, "eval_sft": sft_metrics, "eval_ppo": ppo_metrics,
            "win_rate_vs_sft": wins, "gold_gain": ppo_metrics["gold_mean"] - sft_metrics["gold_mean"],
            "notebook_wall_time_s": time.perf_counter() - t0}
@@ -328,30 +330,29 @@ MetricsLogger(out_dir).summary(summary)
 # directly: what this budget can do with a perfect reward model); `max_steps=32` (four times the steps: the
 # recipe that raised held-out gold over SFT on one training seed of two, see the notes below).
 #
-# Mind the units of the missing-EOS penalty when you change the reward. Its default, 1.0, is one standard
-# deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers
-# spread about 0.3), so against gold PPO mostly learns to stop early, below the judge's word windows, and
-# loses gold. From a shell, a gold run with the penalty in gold's units and rollouts as long as the
-# evaluation's replies, with the settings of the profile the runs below were measured under (8 prompts × 1
-# reply a step, no group baseline, one mini-batch, λ = 0.95), then its evaluation against SFT on all 72
-# held-out prompts, three replies each:
+# Mind the units of the missing-EOS penalty when you change the reward. `PPOConfig`'s default, 1.0, is one standard
+# deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers spread about
+# 0.3); the cpu profile's 0.5 is still about 1.5 of gold's. At 1.0 against gold (run B of docs section 3), PPO mostly
+# learned to stop early, below the judge's word windows, and lost gold. From a shell, a gold run with the penalty in
+# gold's units and rollouts as long as the evaluation's replies, with the settings of the profile the runs below were
+# measured under (8 prompts × 1 reply a step, no group baseline, one mini-batch, λ = 0.95), then its evaluation
+# against SFT on all 72 held-out prompts, three replies each:
 #
 # ```bash
-# python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 \
+# .venv/bin/python -m rlhf_helpers.ppo --run-dir R --reward gold --missing-eos-penalty 0.2 --response-length 96 \
 #     --learning-rate 3e-4 --max-steps 12 --batch-size 8 --samples-per-prompt 1 --group-baseline false \
 #     --num-mini-batches 1 --lam 0.95
-# python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo
+# .venv/bin/python -m rlhf_helpers.evaluate --run-dir R --n-prompts 72 --samples-per-prompt 3 ppo
 # ```
 #
-# (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured in such runs from the
-# cpu run's SFT model, not in this notebook: a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at
-# learning rate 1e-3 with the default penalty, −0.020 [−0.049, +0.011]: PPO learned to end its replies and to
-# refuse more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal.
-# In about a hundred rollouts not even a perfect reward model lifts this SFT model;
-# `docs/rl_on_a_cpu_budget.md` (section 3) has the six runs in a table. And the reward model itself leaves
-# little to find: notebook 03's best-of-n shows that picking the best of 3 SFT replies by it (a KL of at
-# most 0.43 nats from SFT, about where PPO's training KL ends) buys about +0.01 of gold, where picking by
-# gold buys +0.11.
+# (R: a run folder holding notebook 02's `sft/`, such as a copy of this run's.) Measured in such runs from the cpu
+# run's SFT model, not in this notebook: a gold gain of −0.000 [−0.026, +0.027] at a KL of about 1 nat; at learning
+# rate 1e-3 with a penalty of 1.0 (run B there), −0.020 [−0.049, +0.011]: PPO learned to end its replies and to refuse
+# more often, on harmful prompts and also on harmless how-to questions, where gold punishes a refusal. In about a
+# hundred rollouts not even a perfect reward model lifts this SFT model; `docs/rl_on_a_cpu_budget.md` (section 3) has
+# the six runs in a table. And the reward model itself leaves little to find: notebook 03's best-of-n shows that
+# picking the best of 3 SFT replies by it (a KL of at most 0.43 nats from SFT, the order of the cpu profile's PPO:
+# 0.54 nats on held-out replies in the README's table) buys about +0.01 of gold, where picking by gold buys +0.11.
 #
 # Nor is the λ of the GAE section what holds PPO back here: six runs with `--lam 1.0`, against gold and
 # against the reward model, also landed within 0.01 of SFT (same page). Against gold it taught PPO to end its
@@ -376,7 +377,7 @@ MetricsLogger(out_dir).summary(summary)
 # section 5's smaller table), and −0.011 [−0.029, +0.005] on a second training seed: level with SFT, like
 # every 10-minute run before it, and so was the reward model's score (−0.067 and +0.046, both intervals
 # holding 0). `max_steps=32` runs the 28-minute version; from a
-# shell, `python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above.
+# shell, `.venv/bin/python -m rlhf_helpers.ppo --run-dir R --profile cpu --max-steps 32`, then the evaluation above.
 # Adding RPO's anchor to the 8-step loss (the log-likelihood of each prompt's best reply, which lifted DPO
 # over SFT on the same reward model) left it level too: +0.008 [−0.014, +0.030] (section 13).
 # Nor would a better reward model lift these 8 steps. Run against gold itself (`reward="gold"`), this

@@ -24,8 +24,11 @@
 #
 # What one run answers depends on its profile. The `cpu` profile trains each method for a few steps and
 # evaluates on a few dozen prompts: enough to see every piece work, not enough to rank the methods (their
-# intervals overlap; [docs/rl_on_a_cpu_budget.md](../docs/rl_on_a_cpu_budget.md) measures why no RL stage
-# beats SFT at that budget). The `gpu` profile is where a ranking can be read.
+# intervals overlap; `docs/rl_on_a_cpu_budget.md` in the repository measures why no RL stage beats SFT at
+# that budget). The `gpu` profile trains longer and evaluates 72 prompts × 4 replies. It has not yet been run
+# through this notebook; its PPO, the one method it has run, still had an interval of about ±0.03 of gold
+# over SFT (docs section 19), wider than the gaps between methods seen so far, so one gpu run may not rank
+# them either.
 #
 # **What you will learn**
 # 1. DPO: learning straight from preference pairs, no reward model and no sampling; its *implicit reward*
@@ -185,15 +188,15 @@ display(Markdown(comparison.held_out_note(implicit, comparison.rm_held_out_accur
 # rise table keeps the penalised score (`objective/scores`, the one optimised) apart from the reward
 # model's score alone (`objective/raw_scores`, the "proxy reward" of section 6).
 #
-# Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (in one
-# gpu-profile PPO run on an H100, the proxy of its training batches rose while their gold fell once the KL
-# passed about 4 nats: `docs/rl_on_a_cpu_budget.md`, section 18, and notebook 06's parting point; with
-# the KL held near 4 nats by the adaptive controller, a second run's gold did not fall, section 19). In a
-# short run each step scores a couple of new prompts, so the curves mostly show how prompts differ: read the
-# rise table's `change` against its `change_se` before reading a trend into them. The training loss is no progress
-# signal: with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss
-# is about $\beta$ times TRL's per-token KL, `train/kl` (logged again as `objective/kl_per_token`), not
-# $\beta$ times the plotted `objective/kl`, which is that per-token figure times the mean reply length.
+# Given enough steps the proxy rises and the KL grows; whether the gold follows is the question (in one gpu-profile
+# PPO run on an H100, the proxy of its training batches rose while their gold fell once the KL passed about 4 nats:
+# `docs/rl_on_a_cpu_budget.md`, section 18, and notebook 06's parting point; with the KL held near 4 nats by the
+# adaptive controller, aiming at 3 but moving β at most 2% a step, a second run's gold did not fall, section 19). In a
+# short run each step scores a couple of new prompts, so the curves mostly show how prompts differ: read the rise
+# table's `change` against its `change_se` before reading a trend into them. The training loss is no progress signal:
+# with one update per batch the clipped-ratio term averages to zero over each group, so GRPO's loss is about $\beta$
+# times TRL's per-token KL, `train/kl` (logged again as `objective/kl_per_token`), not $\beta$ times the plotted
+# `objective/kl`, which is that per-token figure times the mean reply length.
 
 # %%
 live = plotting.LiveCurves(["objective/scores", "objective/gold", "objective/kl", "response/eos_frac",
@@ -239,7 +242,8 @@ if adapter_dir(run_dir, "ppo") is not None and (stage_dir(run_dir, "ppo") / "sum
 else:
     ppo_cfg = stage_config(PPOConfig, profile, seed=seed, model_name=model_name or None)
     ppo_cfg = dataclasses.replace(ppo_cfg, max_steps=min(ppo_cfg.max_steps, max(1, ppo_fallback_steps)))
-    print(f"No PPO run in {stage_dir(run_dir, 'ppo')}: running {ppo_cfg.max_steps} PPO steps here (notebook 04 runs more).")
+    print(f"No PPO run in {stage_dir(run_dir, 'ppo')}: running {ppo_cfg.max_steps} PPO steps here "
+          f"(notebook 04 runs more).")
     train_ppo(ppo_cfg, run_dir, policy_path, reward, prompts, gold=gold)
     ppo_source = "a short run here (notebook 04 had not run)"
     gc.collect()
@@ -329,7 +333,8 @@ display(Markdown(comparison.discussion(table, reference)))
 
 # %%
 summary = {"profile": profile, "seed": seed, "reference": reference, "policy_path": policy_path,
-           "fell_back_to_base": fell_back, "reward": reward_name, "pairs_source": pairs_source, "ppo_source": ppo_source,
+           "fell_back_to_base": fell_back, "reward": reward_name, "pairs_source": pairs_source,
+           "ppo_source": ppo_source,
            "table": table, "settings": settings, "implicit_reward": implicit, "eval_settings": eval_cfg,
            "notebook_wall_time_s": time.perf_counter() - t0}
 atomic_write_json(stage_dir(run_dir, "comparison") / "summary.json", summary)
@@ -346,10 +351,10 @@ print(f"saved {stage_dir(run_dir, 'comparison') / 'summary.json'}: the table of 
 # Try: `dpo_beta=0.5` (a tighter leash: less KL once the loss levels off, though the logged margins, which
 # are β times the gap in log-ratios, read larger); `kl_coef=0.0` (GRPO and RLOO with no KL term: TRL then
 # loads no reference and computes no KL, so their lines leave the KL panel and only PPO's, from notebook 04,
-# stays; over a few cpu steps the policy hardly moves either way, but on the gpu profile this is how to
-# watch the proxy part from the gold); the gpu
-# profile, where the intervals can shrink enough to rank the methods; and DPO on the SFT model's own replies
-# rather than on fixed pairs, a judge's best against its worst
-# (`scripts/rejection_sampling_sft.py --objective dpo`; section 12 of
-# [docs/rl_on_a_cpu_budget.md](../docs/rl_on_a_cpu_budget.md) measures it on the cpu run). Notebook 06 puts
+# stays; over a few cpu steps the policy hardly moves either way; with longer training, as on the gpu
+# profile, this is the setting under which the proxy can part from the gold); the gpu profile, whose longer
+# training and 72 × 4 evaluation narrow the intervals (by how much for these methods is unmeasured); and DPO
+# on the SFT model's own replies rather than on fixed pairs, a judge's best against its worst
+# (`scripts/rejection_sampling_sft.py --objective dpo`; section 12 of `docs/rl_on_a_cpu_budget.md` in the
+# repository measures it on the cpu run). Notebook 06 puts
 # every policy on the reward–KL frontier and watches gold against proxy.

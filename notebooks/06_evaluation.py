@@ -49,7 +49,7 @@ force: bool = False  # re-evaluate even where run_dir/eval/policies/ holds a cac
 # SFT, PPO, GRPO and RLOO, and by 0.0005 for DPO (measured on a cpu run). So read each row's interval before
 # its point estimate. Evaluations are cached in `run_dir/eval/policies/` (notebooks 04 and 05 use the same
 # cache), one file per policy and sampling settings, and reused while the policy's weights and the reward
-# model are unchanged: a 72-prompt evaluation from the command line (`python -m rlhf_helpers.evaluate`) sits
+# model are unchanged: a 72-prompt evaluation from the command line (`.venv/bin/python -m rlhf_helpers.evaluate`) sits
 # beside these and replaces none of them.
 
 # %%
@@ -90,8 +90,9 @@ for stage, why in missing.items():
 # ## 2. Sample and score every policy
 # Each policy answers `cfg.n_prompts` held-out prompts (balanced over domains, never trained on),
 # `cfg.samples_per_prompt` times each (then win rates and gains compare each prompt's mean). The gold
-# judge scores each answer; the reward model of notebook 03, normalised so that SFT answers score mean 0 and
-# standard deviation 1, gives the proxy score. The KL column is the Monte-Carlo estimate
+# judge scores each answer; the reward model of notebook 03, normalised so that SFT answers sampled at
+# temperature 1.0 score mean 0 and standard deviation 1 (the replies here, at `cfg.temperature`, score near
+# that, not exactly at it), gives the proxy score. The KL column is the Monte-Carlo estimate
 # $\frac{1}{N}\sum_i \sum_t \big(\log\pi_T(y_{i,t}) - \log\pi_{\text{SFT},T}(y_{i,t})\big)$ over the policy's own
 # samples, both distributions at the sampling temperature $T$ (`cfg.temperature`), as PPO's `objective/kl` is.
 # One reply's term can be negative; the mean cannot be, in expectation.
@@ -159,7 +160,8 @@ Markdown(discussion([r for r in table if r["policy"] != "base"], reference))
 # score 1 (notebook 01 says what gold cannot check).
 
 # %%
-widest_disagreements({k: v for k, v in evaluations.items() if k != "base"}, k=3).style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
+widest = widest_disagreements({k: v for k, v in evaluations.items() if k != "base"}, k=3)
+widest.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left"})
 
 # %% [markdown]
 # ## 4. The reward–KL frontier
@@ -229,7 +231,7 @@ plotting.stage_curves(curves, {s: curve_keys(s, rows) for s, rows in curves.item
 # ## 7. Save the results and build the report
 # `run_dir/eval/summary.json` holds the table, the frontier and the parting points;
 # `run_dir/eval/report.html` puts them and every figure on one page that opens without a network.
-# `python -m rlhf_helpers.check_results RUN_DIR` reads the summary and checks the README's promises.
+# `.venv/bin/python -m rlhf_helpers.check_results RUN_DIR` reads the summary and checks the README's promises.
 
 # %%
 summary = {"profile": profile, "seed": seed, "reference": reference, "policies": table, "missing": missing,
@@ -247,9 +249,10 @@ print(f"report: {report} ({report.stat().st_size / 1e6:.1f} MB, plotly.js inline
 # - The reward–KL frontier of the final policies and their checkpoints, and the gold and proxy curves of the
 #   online RL stages, and whether (and where) they part.
 #
-# Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72
-# prompts with 3 replies each narrowed the gain's interval to ±0.015–0.021 for the trained policies on the
-# cpu run, against ±0.05–0.07 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to
-# +0.010); in notebook 04, a smaller KL coefficient or more steps, then come back here and watch the frontier
-# stretch right and, once the proxy climbs, look for a parting point; read the answers of the policy with the
-# highest proxy score and lowest gold: what did it learn?
+# Try: a larger `n_prompts` and `samples_per_prompt` (narrower intervals; 72 is the whole test split: 72 prompts with
+# 3 replies each narrowed the gain's interval to ±0.015–0.021 for the trained policies on the cpu run, against
+# ±0.05–0.07 for 32 prompts with one reply, and moved PPO's gain over SFT from −0.035 to +0.010; on two cores each
+# policy takes about 7 minutes at 72 × 3: the README's run took 14 minutes for SFT and PPO); in notebook 04, a smaller
+# KL coefficient or more steps, then come back here and watch the frontier stretch right and, once the proxy climbs,
+# look for a parting point; read the answers of the policy with the highest proxy score and lowest gold: what did it
+# learn?

@@ -21,7 +21,11 @@ PPO" (Huang et al. 2023) and TRL's former PPOv2Trainer. One `PPOTrainer.step()`:
 7. the KL controller updates β from the measured KL (fixed, or Ziegler et al.'s adaptive controller).
 
 Dropout stays off throughout (the policy is kept in eval mode; gradients still flow), so that on the first
-mini-batch the new and old log-probs agree and the ratio is exactly 1.
+mini-batch the new and old log-probs agree and the ratio is 1: exactly in float32, within rounding in
+bfloat16 on a GPU (its kernels differ with the batch's shape, so the first clip fraction can be a little above
+0 there). transformers checkpoints a layer's activations (gradient checkpointing, which peft switches on for
+4-bit models) only when that layer is in training mode; the updates therefore set the training flag on the
+checkpointing layers alone, for their duration, and dropout, which lives in their sub-modules, stays off.
 
 Metrics, one row per step in `run_dir/ppo/metrics.jsonl` (TRL's names where TRL has them):
   objective/kl               mean over sequences of Σ_t (log π_old − log π_ref)   (the Monte-Carlo sequence KL)
@@ -70,8 +74,8 @@ from .models import (chat_prompt, clear_sampling_defaults, default_lora_config, 
                      reference_model)
 from .paths import stage_dir
 from .tracking import (MetricsLogger, _jsonable, atomic_write_dir, atomic_write_json,
-                       PeakMemory, StageClock, keep_rows_through, read_json, rise_halves, run_settings,
-                       resume_free, settings_changed)
+                       PeakMemory, StageClock, keep_rows_through, read_json, remove_dir, rise_halves,
+                       run_settings, resume_free, settings_changed)
 
 
 @dataclass
@@ -510,6 +514,25 @@ def forward_logprobs_values(model, value_head: ValueHead | None, query_response_
     return logprobs, values, entropy
 
 
+@contextlib.contextmanager
+def checkpointing_in_eval_mode(model):
+    """Let `model`'s layers with gradient checkpointing switched on checkpoint while the model stays in eval
+    mode. transformers checkpoints a layer only when the layer's own `training` flag is set; this sets that
+    flag on those layers alone (not on their sub-modules, where dropout lives) and clears it afterwards. A
+    model without gradient checkpointing is left as it is."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+              and not m.training]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
 @dataclass
 class Experience:
     """Everything one rollout yields before the updates (steps 1–5 of the module docstring), each (B, T)
@@ -697,6 +720,10 @@ class PPOTrainer:
         return metrics
 
     def _update(self, ro: Rollout, old_logprobs, old_values, advantages, returns, step: int) -> dict[str, float]:
+        with checkpointing_in_eval_mode(self.policy):
+            return self._update_epochs(ro, old_logprobs, old_values, advantages, returns, step)
+
+    def _update_epochs(self, ro: Rollout, old_logprobs, old_values, advantages, returns, step: int) -> dict[str, float]:
         cfg, mask = self.cfg, ro.response_mask
         qr, am = ro.query_response_ids, ro.attention_mask
         gen = torch.Generator().manual_seed(self._seed(step))
@@ -735,7 +762,7 @@ class PPOTrainer:
         keep_rows_through(self.samples_path, step)
         for s, path in list_checkpoints(self.out):
             if s > step:
-                shutil.rmtree(path)
+                remove_dir(path)
 
     # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -751,7 +778,7 @@ class PPOTrainer:
 
         target = atomic_write_dir(self.out / "checkpoints" / f"step-{self.step_count}", write)
         for _, old in list_checkpoints(self.out)[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+            remove_dir(old)
         return target
 
     def resume(self, max_steps: int | None = None) -> int:
@@ -880,7 +907,7 @@ def train_ppo(cfg: PPOConfig, run_dir: str | os.PathLike, policy_path: str, rewa
         for row in trainer.logger.rows if on_row is not None else ():
             on_row(row)  # the steps done before: live curves start from step 1, not where this session does
     else:
-        shutil.rmtree(trainer.out / "checkpoints", ignore_errors=True)
+        remove_dir(trainer.out / "checkpoints")
     summary = trainer.train()
     summary = {**summary, **clock.facts(),
                "policy_path": policy_path, "n_prompts": len(trainer.prompts),

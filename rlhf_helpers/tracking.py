@@ -105,6 +105,21 @@ def atomic_write_dir(target: str | os.PathLike, write) -> Path:
     return target
 
 
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a folder, if there is one, so that no reader ever sees part of it: it is renamed to a hidden
+    `.NAME.deleting` first, then removed; such folders that a killed process left beside it are cleared. A
+    checkpoint half-deleted in place could keep the file that marks it finished while losing its weights,
+    and a resumed run would load it."""
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.deleting")
+    for leftover in path.parent.glob(".*.deleting"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if not path.is_dir():
+        return
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
 class StageClock:
     """Seconds spent producing a stage's model, across interrupted sessions.
 
@@ -444,13 +459,13 @@ def last_checkpoint(folder: str | os.PathLike, max_step: int | None = None) -> s
     for step, path in reversed(found):
         if max_step is not None and max_step > 0 and step > max_step:
             print(f"{path}: step {step} is past max_steps={max_step}; removed, resuming from an earlier checkpoint")
-            shutil.rmtree(path)
+            remove_dir(path)
         elif (path / "trainer_state.json").exists():
             return str(path)
         else:
             print(f"{path}: an interrupted save (no trainer_state.json); removed, resuming from the checkpoint "
                   "before it")
-            shutil.rmtree(path)
+            remove_dir(path)
     return None
 
 
@@ -464,7 +479,7 @@ def resume_point(out: Path, cfg: Any, data: Any = None,
     settings = run_settings(cfg, data, inputs)
     resume = cfg.resume and not settings_changed(out, settings, resume_free(cfg))
     if not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_dir(ckpt_dir)
     ckpt = last_checkpoint(ckpt_dir, getattr(cfg, "max_steps", None)) if resume else None
     logger = MetricsLogger(out, resume=ckpt is not None)
     if ckpt:

@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -129,6 +130,38 @@ def test_a_resumed_logger_appends_on_a_line_of_its_own_after_a_torn_or_untermina
     kept = [{"step": 1, "loss": 0.5}] if ending.endswith("}") else []
     assert read_metrics(path) == [{"step": 0, "loss": 1.0}, *kept, {"step": 2, "loss": 0.3}]
     assert path.read_text().endswith("\n") and "torn" not in path.read_text()
+
+
+def test_a_checkpoint_killed_while_being_deleted_is_never_taken_for_a_finished_one(tmp_path, monkeypatch):
+    from rlhf_helpers.ppo import list_checkpoints
+    from rlhf_helpers.tracking import last_checkpoint, remove_dir
+
+    for name in ("ppo/checkpoints/step-2", "ppo/checkpoints/step-4", "trl/checkpoint-4"):
+        folder = tmp_path / name
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+        (folder / "trainer_state.json").write_text("{}")
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, *args, **kwargs):  # removes the weights, then the process dies
+        if (Path(path) / "adapter").is_dir():
+            real_rmtree(Path(path) / "adapter")
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        remove_dir(tmp_path / "ppo/checkpoints/step-4")
+    with pytest.raises(KeyboardInterrupt):
+        last_checkpoint(tmp_path / "trl", max_step=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    # what is left has its trainer_state.json but no weights, under a name no reader lists
+    assert [s for s, _ in list_checkpoints(tmp_path / "ppo")] == [2]
+    assert last_checkpoint(tmp_path / "trl") is None
+    assert (tmp_path / "ppo/checkpoints/.step-4.deleting/trainer_state.json").exists()
+    remove_dir(tmp_path / "ppo/checkpoints/step-2")  # the next removal clears the leftover too
+    assert list((tmp_path / "ppo/checkpoints").iterdir()) == []
+    remove_dir(tmp_path / "ppo/checkpoints/step-2")  # a folder already gone is no error
 
 
 def test_last_checkpoint_skips_and_removes_an_interrupted_save(tmp_path, capsys):

@@ -417,6 +417,38 @@ def make_trainer(run_dir, cfg=None, reward=fraction_of_target):
     return PPOTrainer(tiny_policy(), CharTokenizer(), reward, cfg or tiny_config(), run_dir, PROMPTS)
 
 
+def test_updates_checkpoint_where_the_model_asks_for_it_with_dropout_still_off(tmp_path):
+    # peft turns gradient checkpointing on for 4-bit models; transformers only checkpoints a layer in training
+    # mode, and the policy stays in eval mode (dropout off), so without help the updates kept every activation
+    def trainer_and_calls(checkpointing: bool):
+        policy = attach_lora(tiny_base(), default_lora_config(r=4, alpha=8, dropout=0.5)).eval()
+        if checkpointing:
+            policy.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        trainer = PPOTrainer(policy, CharTokenizer(), share_of_lowercase, tiny_config(), tmp_path / str(checkpointing),
+                             PROMPTS)
+        calls, mlp = [], trainer.policy.get_base_model().model.layers[0].mlp
+        forward = mlp.forward
+
+        def counted(*args, **kwargs):  # not a forward hook: hooks do not fire when checkpoint recomputes
+            calls.append(torch.is_grad_enabled())
+            return forward(*args, **kwargs)
+
+        mlp.forward = counted
+        return trainer, calls
+
+    plain, plain_calls = trainer_and_calls(False)
+    ckpt, ckpt_calls = trainer_and_calls(True)
+    m_plain, m_ckpt = plain.step(), ckpt.step()
+    # a checkpointed layer runs again in the backward pass: one more call per mini-batch update
+    n_updates = plain.cfg.ppo_epochs * plain.cfg.num_mini_batches
+    assert len(ckpt_calls) - len(plain_calls) == n_updates
+    assert ckpt.minibatch_stats[0]["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # the 0.5 dropout stayed off
+    for key in ("loss/policy_avg", "loss/value_avg", "val/ratio", "policy/approxkl_avg"):
+        assert m_ckpt[key] == pytest.approx(m_plain[key], rel=1e-4, abs=1e-7)  # the same updates
+    layers = ckpt.policy.get_base_model().model.layers
+    assert not any(m.training for m in ckpt.policy.modules()) and layers[0].gradient_checkpointing
+
+
 def test_first_step_starts_at_the_reference_and_updates_only_adapter_and_head(tmp_path):
     # T = 0.7: the reference must be scored at the sampling temperature too, or the step-1 KL is not 0
     trainer = make_trainer(tmp_path, tiny_config(temperature=0.7), reward=share_of_lowercase)
