@@ -315,11 +315,13 @@ MetricsLogger(rm_dir).summary(summary)
 # - Best-of-n: what picking by the reward model buys in gold at a known KL, about the most RL against it can
 #   hope for at that KL.
 #
-# Try: more `max_steps`; another `train_seed`, to see how far training noise alone moves accuracy on the
-# same pairs; `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in this
-# notebook, which takes minutes: fewer pairs than the snapshot, so expect accuracy no better, though with
-# the spread over training seeds above one run can go either way), and with it
-# `annotator_temperature=0.02`, a more consistent annotator whose ceiling is higher. With the snapshot on,
-# another annotator temperature is refused: the snapshot's labels were drawn at 0.1, and the Bayes ceiling
-# is per temperature. Next, notebook 04 optimises the SFT policy against this reward model with PPO, and
-# watches the gold judge to catch it being fooled.
+# Try: more `max_steps`; another `train_seed`, to see how far training noise alone moves accuracy on the same pairs;
+# `use_snapshot=False` with `n_live_prompts=64` (every pair sampled and labelled in this notebook, which takes
+# minutes: fewer pairs than the snapshot, so expect accuracy no better, though with the spread over training seeds
+# above one run can go either way), and with it `annotator_temperature=0.02`, a more consistent annotator whose
+# ceiling is higher. With the snapshot on, another annotator temperature is refused: the snapshot's labels were drawn
+# at 0.1, and the Bayes ceiling is per temperature. From a shell, `.venv/bin/python -m rlhf_helpers.reward_model
+# --run-dir R --profile cpu --max-steps 96` trains the reward model again on the pairs this notebook wrote to
+# R/preferences/ (or on another file of them, `--pairs FILE`), with the same split and normalisation and the summary
+# fields later stages read, and no figures: the way to run this stage under `accelerate launch`. Next, notebook 04
+# optimises the SFT policy against this reward model with PPO, and watches the gold judge to catch it being fooled.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -408,3 +409,72 @@ def calibration_bins(p_chosen: np.ndarray, bins: int = 10) -> dict[str, list[flo
             out["observed"].append(float(y[m].mean()))
             out["count"].append(int(m.sum()))
     return out
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rlhf_helpers.reward_model --run-dir R [--profile cpu] [--pairs FILE] [--max-steps N] ...`:
+    notebook 03's training from a shell (or under `accelerate launch`). It reads labelled pairs (those notebook
+    03 wrote to run_dir/preferences/pairs.jsonl, or FILE in the same format, gold fields included), splits
+    them by prompt as the notebook does, trains, normalises on fresh SFT samples of held-out prompts, and
+    writes run_dir/rm/model and the summary later stages read. The notebook's live sampling and labelling,
+    best-of-n and figures stay in the notebook."""
+    import argparse
+
+    from .config import add_stage_arguments, stage_config_from_args
+    from .data import DataError
+    from .evaluate import generate_and_score, heldout_prompts
+    from .gold import GoldJudge, pair_ceiling
+    from .preferences import read_pairs
+    from .reward_tuner import spearman
+    from .sft import sft_policy_path
+    from .tracking import MetricsLogger
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.reward_model",
+                                     description="Reward-model stage (notebook 03's training)")
+    parser.add_argument("--pairs", default=None,
+                        help="labelled pairs, as notebook 03 writes them (default: run_dir/preferences/pairs.jsonl)")
+    add_stage_arguments(parser, RMStageConfig)
+    args = vars(parser.parse_args(argv))
+    pairs_file = args.pop("pairs")
+    run_dir, cfg = stage_config_from_args(parser, RMStageConfig, args)
+    path = Path(pairs_file) if pairs_file else stage_dir(run_dir, "preferences") / "pairs.jsonl"
+    if not path.is_file():
+        print(f"error: {path}: no such file. Run notebook 03 first (python -m rlhf_helpers.run --only 03 "
+              f"--run-dir {run_dir}), which writes it, or pass --pairs FILE", file=sys.stderr)
+        return 2
+    try:
+        pairs = read_pairs(path)
+        train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.n_train, cfg.n_eval)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
+    rm, facts = train_reward_model(cfg, run_dir, policy_path, train_pairs, eval_pairs)
+    fresh_prompts = [p for p in heldout_prompts(cfg.n_fresh) for _ in range(cfg.fresh_samples_per_prompt)]
+    fresh = generate_and_score(policy_path, fresh_prompts, GoldJudge(), max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.fresh_temperature, seed=cfg.seed + 1, dtype=cfg.dtype,
+                               device=cfg.device, batch_size=cfg.generation_batch_size)
+    norm = rm.fit_normalization([r["prompt"] for r in fresh], [r["response"] for r in fresh])
+    rho = spearman([r["gold"] for r in fresh], rm.score([r["prompt"] for r in fresh], [r["response"] for r in fresh]))
+    chosen, rejected = pair_margins(rm, eval_pairs)
+    ceiling = pair_ceiling(eval_pairs)
+    report = accuracy_against_ceiling(chosen, rejected, [p.prompt for p in eval_pairs], ceiling, seed=cfg.seed)
+    out = stage_dir(run_dir, "rm")
+    rm.save(out / "model")
+    summary = {"seed": cfg.seed, "policy": policy_path, "fell_back_to_base": fell_back, **facts,
+               "pairs_file": str(path), "n_pairs": len(pairs), "annotator_temperature": cfg.annotator_temperature,
+               "eval_accuracy": report["accuracy"], "eval_accuracy_ci": [report["ci_low"], report["ci_high"]],
+               "eval_prompts": report["n_prompts"], "bayes_ceiling": ceiling, "gap_closed": report["gap_closed"],
+               "gap_closed_ci": [report["gap_closed_low"], report["gap_closed_high"]], "spearman_with_gold": rho,
+               "normalization": norm, "fresh_samples_per_prompt": cfg.fresh_samples_per_prompt}
+    MetricsLogger(out).summary(summary)
+    print(f"held-out accuracy {report['accuracy']:.3f} [{report['ci_low']:.3f}, {report['ci_high']:.3f}] on "
+          f"{report['n_pairs']} pairs, Bayes ceiling {ceiling:.3f}; Spearman with gold {rho:.3f} on {len(fresh)} "
+          f"fresh samples; saved {out / 'model'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

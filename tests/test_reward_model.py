@@ -370,3 +370,29 @@ def test_scoring_text_is_what_was_scored_before_with_chatml_and_what_trl_trains_
         trained_on = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         assert tok(text, add_special_tokens=False)["input_ids"] == trained_on
         assert tok.convert_ids_to_tokens(trained_on[-2:]) == ["<|im_end|>", "Ċ"]  # the head reads the newline
+
+
+def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_path, capsys):
+    from rlhf_helpers.reward_model import load_run_reward_model, main
+
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--profile", "smoke", "--max-steps", "2", "--batch-size", "4",
+              "--lora-layers", "2", "--max-length", "64", "--n-fresh", "2", "--max-new-tokens", "8"]
+    assert main(common) == 2  # notebook 03 has not run: said, with what to do
+    assert "preferences/pairs.jsonl: no such file. Run notebook 03 first" in capsys.readouterr().err
+    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
+                            metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
+             for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks")]
+    path = write_pairs(run / "preferences" / "pairs.jsonl", pairs)
+    assert main(common) == 0
+    summary = json.loads((run / "rm" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["n_pairs"] == 8 and summary["fell_back_to_base"]
+    assert summary["train_pairs"] + summary["eval_pairs"] == 8 and summary["bayes_ceiling"] > 0.9
+    assert 0 <= summary["eval_accuracy"] <= 1 and summary["normalization"]["scale"] > 0
+    rm = load_run_reward_model(run)  # what notebooks 04-06 load
+    assert (rm.shift, rm.scale) == (summary["normalization"]["shift"], summary["normalization"]["scale"])
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + [lines[3].replace('"gold_chosen": 1.0', '"gold_chosen": null')] + lines[4:]))
+    capsys.readouterr()
+    assert main(common + ["--pairs", str(path)]) == 2  # a bad line: named, with its field and the fix
+    assert "pairs.jsonl:4: field 'gold_chosen': expected a finite number" in capsys.readouterr().err
