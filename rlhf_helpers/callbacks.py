@@ -92,6 +92,15 @@ class ClockCallback(TrainerCallback):
             self.clock.stamp(folder)
 
 
+def is_main_process() -> bool:
+    """Whether this process writes a stage's artifacts: the only process, or the main one under `accelerate
+    launch` (or torchrun). The others train their share of each step and write nothing: their metrics logger
+    saw no rows (`MetricsCallback` logs on the main process alone), so a summary of theirs would be empty."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def train_or_restore(trainer, checkpoint: str | None):
     """`trainer.train(resume_from_checkpoint=checkpoint)`, except when the checkpoint already holds the
     whole run (its step is `max_steps`, as when a finished notebook is run again): then its weights and

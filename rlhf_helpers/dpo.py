@@ -33,7 +33,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
+from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
+                        without_notebook_progress)
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
@@ -284,7 +285,8 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
                            f"{lengths['train']} predicted otherwise: TRL's preprocessing changed; update length_report")
     result = train_or_restore(trainer, ckpt)
     model = trainer.model
-    adapter = save_adapter(model, tok, out / "adapter")
+    main_process = is_main_process()
+    adapter = save_adapter(model, tok, out / "adapter") if main_process else out / "adapter"
     cost = clock.facts()  # what producing the model took: the closing evaluation below is not part of it
     evaluated = time.perf_counter()
     evals = {k.replace("eval_", "eval/"): v for k, v in trainer.evaluate().items()} if eval_pairs else {}
@@ -307,7 +309,8 @@ def train_dpo(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, train_
         "train_runtime_s": result.metrics.get("train_runtime"), **cost, "parameters": count_parameters(model),
         "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
-    logger.summary(summary)
+    if main_process:
+        logger.summary(summary)
     return summary
 
 
@@ -395,7 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs, _ = load_training_pairs(run_dir)
     train, held = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.n_train, cfg.n_eval)
     summary = train_dpo(cfg, run_dir, policy_path, train, held)
-    print({k: summary[k] for k in ("steps", "pairs_seen", "margin_last", "eval_margin", "eval_accuracy", "wall_time_s")})
+    if is_main_process():
+        print({k: summary[k] for k in ("steps", "pairs_seen", "margin_last", "eval_margin", "eval_accuracy",
+                                       "wall_time_s")})
     return 0
 
 

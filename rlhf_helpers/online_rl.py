@@ -52,8 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
-from .callbacks import (ClockCallback, MetricsCallback, namespaced, quiet_datasets, train_or_restore,
-                        without_notebook_progress)
+from .callbacks import (ClockCallback, MetricsCallback, is_main_process, namespaced, quiet_datasets,
+                        train_or_restore, without_notebook_progress)
 from .config import DEFAULT_MODEL
 from .dpo import precision_flags, save_adapter
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
@@ -383,7 +383,8 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
                             [*callbacks, ClockCallback(clock)])
     result = train_or_restore(trainer, ckpt)
     model, tok = trainer.model, trainer.processing_class
-    adapter = save_adapter(model, tok, out / "adapter")
+    main_process = is_main_process()
+    adapter = save_adapter(model, tok, out / "adapter") if main_process else out / "adapter"
     rows = [r for r in logger.rows if "objective/scores" in r]
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     steps = trainer.state.global_step
@@ -403,7 +404,8 @@ def train_online(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pro
         "train_runtime_s": result.metrics.get("train_runtime"), **clock.facts(),
         "parameters": count_parameters(model), "resumed_from": ckpt, "adapter_dir": str(adapter),
     }
-    logger.summary(summary)
+    if main_process:
+        logger.summary(summary)
     return summary
 
 
@@ -446,8 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     reward, _ = run_reward(run_dir, cfg.dtype, cfg.device)
     summary = train_online(cfg, run_dir, policy_path, train_prompts(), reward)
-    print({k: summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first", "gold_last",
-                                   "kl_last", "wall_time_s")})
+    if is_main_process():
+        print({k: summary[k] for k in ("steps", "samples_seen", "scores_first", "scores_last", "gold_first",
+                                       "gold_last", "kl_last", "wall_time_s")})
     return 0
 
 

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
+from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
+                        without_notebook_progress)
 from .config import DEFAULT_MODEL
 from .data import PreferencePair
 from .models import (_resolve_device, _torch_dtype, checkpointing_flag, load_tokenizer,
@@ -452,9 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
     rm, facts = train_reward_model(cfg, run_dir, policy_path, train_pairs, eval_pairs)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # under accelerate launch every process trained; one evaluates and saves
+    if not is_main_process():  # under accelerate launch every process trained; one evaluates and saves
         return 0
     fresh_prompts = [p for p in heldout_prompts(cfg.n_fresh) for _ in range(cfg.fresh_samples_per_prompt)]
     fresh = generate_and_score(policy_path, fresh_prompts, GoldJudge(), max_new_tokens=cfg.max_new_tokens,

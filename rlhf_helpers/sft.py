@@ -23,7 +23,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .callbacks import ClockCallback, MetricsCallback, quiet_datasets, train_or_restore, without_notebook_progress
+from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
+                        without_notebook_progress)
 from .config import DEFAULT_MODEL, add_stage_arguments, stage_config_from_args
 from .data import SFTRecord, load_sft, train_test_split
 from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
@@ -253,13 +254,15 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
-    if cfg.use_lora:
+    main_process = is_main_process()
+    if main_process and cfg.use_lora:
         atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
-    else:  # full fine-tuning has no adapter: model/ is the policy (an older run's adapter must not stay beside it)
+    elif main_process:  # full fine-tuning has no adapter: model/ is the policy (an older run's must not stay)
         shutil.rmtree(out / "adapter", ignore_errors=True)
     unquantized_base = cfg.model_name if cfg.load_in_4bit else None
-    atomic_write_dir(out / "model",
-                     lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
+    if main_process:
+        atomic_write_dir(out / "model",
+                         lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
     tokens = max((r.get("train/num_tokens", 0) for r in logger.rows), default=0)
     runtime = result.metrics.get("train_runtime")  # this session's (None when it trained nothing)
@@ -275,7 +278,8 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         "parameters": count_parameters(model), "resumed_from": ckpt, "use_lora": cfg.use_lora,
         "adapter_dir": str(out / "adapter") if cfg.use_lora else None, "model_dir": str(out / "model"),
     }
-    logger.summary(summary)
+    if main_process:
+        logger.summary(summary)
     return summary
 
 
@@ -330,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_stage_arguments(parser, SFTStageConfig, skip=SFTStageConfig.EVAL_ONLY)
     run_dir, cfg = stage_config_from_args(parser, SFTStageConfig, vars(parser.parse_args(argv)))
     summary = train_sft(cfg, run_dir)
-    print({k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "wall_time_s")})
+    if is_main_process():
+        print({k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss_after", "wall_time_s")})
     return 0
 
 

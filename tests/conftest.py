@@ -24,3 +24,23 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def two_processes():
+    """Run `args` (a script and its arguments, or `-m module ...`) on two CPU processes under torchrun, as
+    `accelerate launch` starts a stage on several (gloo, one thread each); returns the finished process."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *args],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    return run

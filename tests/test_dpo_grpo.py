@@ -486,26 +486,36 @@ def test_online_rows_carry_the_shared_aliases(cls, train, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_under_two_processes_counts_both_and_writes_each_sample_once(tiny, tmp_path):
+def test_grpo_under_two_processes_counts_both_and_writes_each_sample_once(tiny, tmp_path, two_processes):
     """What `accelerate launch` does on several processes, on the CPU: torchrun starts two (gloo), each samples its
     own batch_size replies a step, and only the main process writes samples.jsonl."""
     import os
-    import shutil
-    import subprocess
-    import sys
 
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    script = os.path.join(os.path.dirname(__file__), "two_process_grpo.py")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", script, tiny, str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = two_processes(os.path.join(os.path.dirname(__file__), "two_process_grpo.py"), tiny, str(tmp_path))
     counts = [json.loads(line[len("COUNTS "):]) for line in res.stdout.splitlines() if line.startswith("COUNTS ")]
     assert sorted(c["rank"] for c in counts) == ["0", "1"] and {c["world"] for c in counts} == {"2"}
     for c in counts:  # 2 steps × 4 replies × 2 processes (the count of one process alone would be 8)
         assert (c["steps"], c["samples_seen"], c["prompts_seen"]) == (2, 16, 8), c
     samples = read_metrics(tmp_path / "grpo" / "samples.jsonl")
     assert [s["step"] for s in samples] == [1, 1, 2, 2]  # n_samples a step, written once (two writers: 8 rows)
+    # the summary is the main process's: the other's logger saw no rows, and its summary would be empty
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["scores_first"] is not None and summary["scores_last"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, first_metric", [("sft", "train_loss_first"), ("dpo", "margin_first")])
+def test_sft_and_dpo_command_lines_under_two_processes_write_the_main_process_summary_once(tmp_path, stage,
+                                                                                          first_metric, two_processes):
+    """`accelerate launch` of the SFT and DPO command lines, as torchrun starts it on the CPU (gloo): both
+    processes train, one writes the adapter and the summary, and one prints it."""
+    res = two_processes("-m", f"rlhf_helpers.{stage}", "--run-dir", str(tmp_path), "--profile", "smoke")
+    assert sum(line.startswith("{'steps': 2") for line in res.stdout.splitlines()) == 1, res.stdout[-2000:]
+    summary = json.loads((tmp_path / stage / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary[first_metric] is not None
+    rows = read_metrics(tmp_path / stage / "metrics.jsonl")
+    assert len([r["step"] for r in rows if "train/loss" in r]) == len({r["step"] for r in rows if "train/loss" in r})
+    assert (tmp_path / stage / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow

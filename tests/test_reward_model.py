@@ -399,25 +399,16 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
 
 
 @pytest.mark.slow
-def test_the_reward_model_command_line_under_two_processes_trains_on_both_and_saves_once(tmp_path):
+def test_the_reward_model_command_line_under_two_processes_trains_on_both_and_saves_once(tmp_path, two_processes):
     """What `accelerate launch` does on several processes, on the CPU: torchrun starts two (gloo); each step takes
     batch_size pairs on each, and only the main process evaluates, saves and writes the summary."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
                             metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
              for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks", "salt", "wool")]
     write_pairs(tmp_path / "preferences" / "pairs.jsonl", pairs)
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "rlhf_helpers.reward_model",
-                          "--run-dir", str(tmp_path), "--profile", "smoke", "--max-steps", "2", "--batch-size", "2",
-                          "--n-train", "8", "--max-length", "64", "--n-fresh", "2", "--max-new-tokens", "8"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = two_processes("-m", "rlhf_helpers.reward_model", "--run-dir", str(tmp_path), "--profile", "smoke",
+                        "--max-steps", "2", "--batch-size", "2", "--n-train", "8", "--max-length", "64",
+                        "--n-fresh", "2", "--max-new-tokens", "8")
     assert res.stdout.count("held-out accuracy") == 1  # one process reported
     rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # each step logged once
