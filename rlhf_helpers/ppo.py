@@ -60,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -695,7 +694,8 @@ class PPOTrainer:
                               seed=self._seed(step), monitors=self.monitors)
         t3 = time.perf_counter()
         self.last_rollout = exp.rollout
-        update = self._update(exp.rollout, exp.logprobs, exp.values, exp.advantages, exp.returns, step)
+        with checkpointing_in_eval_mode(self.policy):
+            update = self._update(exp.rollout, exp.logprobs, exp.values, exp.advantages, exp.returns, step)
         t4 = time.perf_counter()
         mask, seq_kl = exp.rollout.response_mask, exp.kl.sum(dim=1)  # (B, T), (B,)
         self.kl_ctl.update(float(seq_kl.mean()), cfg.batch_size)
@@ -720,10 +720,6 @@ class PPOTrainer:
         return metrics
 
     def _update(self, ro: Rollout, old_logprobs, old_values, advantages, returns, step: int) -> dict[str, float]:
-        with checkpointing_in_eval_mode(self.policy):
-            return self._update_epochs(ro, old_logprobs, old_values, advantages, returns, step)
-
-    def _update_epochs(self, ro: Rollout, old_logprobs, old_values, advantages, returns, step: int) -> dict[str, float]:
         cfg, mask = self.cfg, ro.response_mask
         qr, am = ro.query_response_ids, ro.attention_mask
         gen = torch.Generator().manual_seed(self._seed(step))

@@ -254,13 +254,13 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     result = train_or_restore(trainer, ckpt)
     eval_after = trainer.evaluate()["eval_loss"]
     model, tok = trainer.model, trainer.processing_class
-    main_process = is_main_process()
-    if main_process and cfg.use_lora:
-        atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
-    elif main_process:  # full fine-tuning has no adapter: model/ is the policy (an older run's must not stay)
-        shutil.rmtree(out / "adapter", ignore_errors=True)
     unquantized_base = cfg.model_name if cfg.load_in_4bit else None
+    main_process = is_main_process()  # under accelerate launch, one process writes
     if main_process:
+        if cfg.use_lora:
+            atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
+        else:  # full fine-tuning has no adapter: model/ is the policy (an older run's adapter must not stay)
+            shutil.rmtree(out / "adapter", ignore_errors=True)
         atomic_write_dir(out / "model",
                          lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
