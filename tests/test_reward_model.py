@@ -18,6 +18,16 @@ from rlhf_helpers.rewards import RewardFunction, RewardOutput
 from rlhf_helpers.tracking import atomic_write_json, changed_settings, fingerprint, resume_free, run_settings
 
 
+TOPICS = ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks")
+
+
+def easy_pairs(topics):
+    """One pair a prompt, whose chosen reply is plain sense and the rejected one noise, with the gold fields set."""
+    return [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
+                           metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
+            for t in topics]
+
+
 class WordCount(RewardFunction):
     name = "word_count_rm_test"
 
@@ -146,9 +156,7 @@ def test_accuracy_is_read_against_chance_and_the_ceiling():
 
 @pytest.mark.slow
 def test_a_finished_reward_model_run_again_is_restored_not_retrained(tmp_path, capsys):
-    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
-                            metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
-             for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks")]
+    pairs = easy_pairs(TOPICS)
     cfg = stage_config(RMStageConfig, "smoke", max_steps=2, batch_size=4, lora_layers=2, learning_rate=1e-3,
                        max_length=64, eval_steps=100, save_steps=1, logging_steps=1, resume=True)
     prompts, chosen = [p.prompt for p in pairs[:3]], [p.chosen for p in pairs[:3]]
@@ -380,9 +388,7 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
               "--lora-layers", "2", "--max-length", "64", "--n-fresh", "2", "--max-new-tokens", "8"]
     assert main(common) == 2  # notebook 03 has not run: said, with what to do
     assert "preferences/pairs.jsonl: no such file. Run notebook 03 first" in capsys.readouterr().err
-    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
-                            metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
-             for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks")]
+    pairs = easy_pairs(TOPICS)
     path = write_pairs(run / "preferences" / "pairs.jsonl", pairs)
     assert main(common) == 0
     summary = json.loads((run / "rm" / "summary.json").read_text())
@@ -402,9 +408,7 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
 def test_the_reward_model_command_line_under_two_processes_trains_on_both_and_saves_once(tmp_path, two_processes):
     """What `accelerate launch` does on several processes, on the CPU: torchrun starts two (gloo); each step takes
     batch_size pairs on each, and only the main process evaluates, saves and writes the summary."""
-    pairs = [PreferencePair(f"Tell me about {t}.", f"{t.capitalize()} are worth learning about.", "zq xv kk",
-                            metadata={"gold_chosen": 1.0, "gold_rejected": 0.0, "annotator_temperature": 0.1})
-             for t in ("rain", "bread", "cats", "maps", "tea", "snow", "bikes", "clocks", "salt", "wool")]
+    pairs = easy_pairs(TOPICS + ("salt", "wool"))
     write_pairs(tmp_path / "preferences" / "pairs.jsonl", pairs)
     res = two_processes("-m", "rlhf_helpers.reward_model", "--run-dir", str(tmp_path), "--profile", "smoke",
                         "--max-steps", "2", "--batch-size", "2", "--n-train", "8", "--max-length", "64",
