@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir).expanduser()
     run_dir = run_dir if run_dir.is_absolute() else project_root() / run_dir
     if not run_dir.is_dir():
-        print(f"error: run folder {run_dir} does not exist; run `make run` (or name another folder)", file=sys.stderr)
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        print(f"error: run folder {run_dir} {what}; run `make run` (or name another folder)", file=sys.stderr)
         return 2
     try:
         facts = load_facts(run_dir)

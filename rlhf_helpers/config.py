@@ -10,9 +10,69 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class SetupError(ValueError):
+    """A setting or an input the user can fix (a model that cannot be found, a device this machine lacks):
+    command lines print its message and exit 2, without a traceback."""
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a stage's `main(argv)`: a mistake the user can fix (SetupError, DataError: a bad line of an input
+    file, FileNotFoundError: an earlier stage's output missing) prints `error: ...` and exits 2; anything
+    else is a bug and keeps its traceback."""
+    import functools
+    import sys
+
+    from .data_formats import DataError
+
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (SetupError, DataError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def check_common_fields(cfg: Any) -> None:
+    """The checks every stage config shares, on whichever of these fields `cfg` has: `dtype`, `device`,
+    `learning_rate`, `lora_layers`, `n_train`, `n_eval` and `lr_scheduler`. Raises ValueError naming the
+    field, the value given and what to give instead, so that a mistake fails when the config is built, not
+    minutes later inside a trainer (or never: `lora_layers=-2` trained every layer)."""
+    import re
+
+    has = {f.name for f in dataclasses.fields(cfg)}
+
+    def check(field_name: str, ok: bool, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{field_name} {rule}, got {getattr(cfg, field_name)!r} ({type(cfg).__name__})")
+
+    if "dtype" in has:
+        check("dtype", cfg.dtype in DTYPE_NAMES, f"must be one of {', '.join(DTYPE_NAMES)}")
+    if "device" in has:
+        check("device", bool(re.fullmatch(r"cpu|auto|(cuda|mps|xpu|npu)(:\d+)?", str(cfg.device))),
+              "must be cpu, auto, or a torch accelerator such as cuda, cuda:N, mps or xpu")
+    if "learning_rate" in has:
+        check("learning_rate", cfg.learning_rate > 0, "must be > 0")
+    for count in ("lora_layers", "n_train", "n_eval"):
+        value = getattr(cfg, count, None)
+        if count in has:
+            check(count, value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                  "must be None (all) or a whole number >= 1")
+    if "lr_scheduler" in has:
+        from transformers.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        check("lr_scheduler", cfg.lr_scheduler in names, f"must be one of {', '.join(names)}")
 
 
 @dataclass(frozen=True)
@@ -198,6 +258,8 @@ def add_config_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
 def add_stage_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """A stage's command line: `--run-dir`, `--profile` (one of PROFILES) and `add_config_arguments` (less
     `skip`: fields the command does nothing with, such as a notebook's evaluation-only settings)."""
+    if parser.usage is None:  # argparse's own would list every field: 30 lines above a one-line mistake
+        parser.usage = "%(prog)s [...] --run-dir R [--profile P] [--FIELD VALUE ...] (every FIELD: --help)"
     parser.add_argument("--run-dir", required=True, help="the run folder, e.g. runs/cpu")
     parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="budget profile (default: cpu)")
     add_config_arguments(parser, cls, skip=skip)
@@ -205,12 +267,21 @@ def add_stage_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
 
 def stage_config_from_args(parser, cls: type[C], args: dict[str, Any]) -> tuple[str, C]:
     """(run_dir, `stage_config` of `cls`) from the options `add_stage_arguments` parsed, popped from `args`.
-    A setting the config refuses is a usage error (exit status 2, the config's message), not a traceback."""
+    A setting the config refuses, or a CUDA device where torch sees no GPU, is a usage error (exit status 2,
+    with the message), not a traceback."""
     run_dir, profile = args.pop("run_dir"), args.pop("profile")
     try:
-        return run_dir, stage_config(cls, profile, **args)
+        cfg = stage_config(cls, profile, **args)
     except ValueError as e:
         parser.error(str(e))
+    device = str(getattr(cfg, "device", "cpu"))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"device {device!r} (profile {profile!r}) needs a CUDA GPU, and torch sees none here: "
+                         f"pass --device cpu, or a profile made for this machine (--profile cpu)")
+    return run_dir, cfg
 
 
 def _parse_int_or_all(text: str) -> int | _All:

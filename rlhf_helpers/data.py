@@ -261,6 +261,10 @@ def _scan(path: str | os.PathLike, max_line_bytes: int, report: LoadReport) -> I
             try:
                 if raw is None:
                     raise _too_long(size, max_line_bytes)
+                if line_no == 1 and raw.startswith(b"\x1f\x8b"):  # gzip's magic number
+                    not_jsonl = True
+                    raise DataError("the file is gzip-compressed, not JSON Lines text",
+                                    f"Decompress it first: `gunzip -k {shlex.quote(str(path))}`")
                 wide = next(((b, c) for b, c in WIDE_BOMS if raw.startswith(b)), None) if line_no == 1 else None
                 if wide:
                     not_jsonl, (bom, codec) = True, wide
@@ -545,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_line_bytes < 1:
         parser.error("--max-line-bytes must be positive")
+    if args.command == "convert" and Path(args.out).resolve() == Path(args.file).resolve():
+        parser.error(f"--out {args.out} is the input file: converting in place would overwrite it; write to a "
+                     f"new file, e.g. --out pairs.jsonl")
     try:
         records, report = load(args.file, args.format, errors="collect", max_line_bytes=args.max_line_bytes)
     except OSError as e:
@@ -567,7 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"... and {report.n_errors - MAX_SHOWN_ERRORS} more", file=sys.stderr)
         return 1
     if args.command == "convert":
-        write_jsonl(args.out, to_trl_preference_dataset(records, conversational=args.conversational))
+        try:
+            write_jsonl(args.out, to_trl_preference_dataset(records, conversational=args.conversational))
+        except OSError as e:  # a folder where the file should go, a file where a folder should, no permission
+            print(f"{args.out}: cannot write the converted pairs: {e.strerror or e}; give --out a file path in a "
+                  f"folder you can write", file=sys.stderr)
+            return 1
         print(f"wrote {len(records)} pairs to {args.out}")
     return 0
 

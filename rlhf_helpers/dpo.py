@@ -35,7 +35,7 @@ import torch
 
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
                         without_notebook_progress)
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, check_common_fields, command
 from .data import PreferencePair
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
@@ -110,7 +110,6 @@ class DPOStageConfig:
         checks = [
             (self.beta > 0, f"beta must be > 0 (0.01 .. 0.5 is usual), got {self.beta}"),
             (self.sft_weight >= 0, f"sft_weight must be >= 0 (0: plain DPO; 1 is RPO's), got {self.sft_weight}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.max_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
              f"max_steps, batch_size and grad_accum must be >= 1, got {self.max_steps}, {self.batch_size}, "
              f"{self.grad_accum}"),
@@ -125,6 +124,7 @@ class DPOStageConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"DPOStageConfig: {message}")
+        check_common_fields(self)
 
     @property
     def pairs_per_step(self) -> int:
@@ -381,6 +381,7 @@ def load_training_pairs(run_dir: str | os.PathLike) -> tuple[list[PreferencePair
     return read_pairs(snapshot), str(snapshot)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.dpo --run-dir runs/x --profile cpu [--beta 0.2 ...]` (also under `accelerate
     launch`): DPO on the run's pairs (notebook 03's, else the shipped snapshot), held-out pairs split as

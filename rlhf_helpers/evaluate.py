@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, check_common_fields, command
 
 
 def win_outcomes(gold_a: Sequence[float], gold_b: Sequence[float], tie_tol: float = 1e-9) -> np.ndarray:
@@ -421,6 +421,7 @@ class EvalConfig:
         if self.max_new_tokens < 1 or self.temperature <= 0:
             raise ValueError(f"EvalConfig: max_new_tokens must be >= 1 and temperature > 0 (sampling; try 0.7), "
                              f"got {self.max_new_tokens} and {self.temperature}")
+        check_common_fields(self)
 
 
 def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None, proxy: str | None) -> dict[str, Any]:
@@ -1113,6 +1114,7 @@ def evaluate_checkpoints(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig
     return out
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.evaluate --run-dir R [--profile cpu] ppo [dpo ...]`: evaluate SFT and the
     named stages of run R on the held-out prompts, as the notebooks do (cached in R/eval/policies), and print
@@ -1125,9 +1127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from .config import add_stage_arguments, stage_config_from_args
+    from .policies import POLICY_STAGES
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.evaluate", description=main.__doc__.split("\n")[0])
-    parser.add_argument("stages", nargs="+", help="stages to evaluate beside sft: base, ppo, dpo, grpo, rloo")
+    parser.add_argument("stages", nargs="+", choices=("base", *POLICY_STAGES), metavar="STAGE",
+                        help="stages to evaluate beside sft: base, ppo, dpo, grpo, rloo")
     add_stage_arguments(parser, EvalConfig)
     args = vars(parser.parse_args(argv))
     stages = args.pop("stages")

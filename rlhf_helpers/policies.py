@@ -69,9 +69,9 @@ def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEF
         return load_model(str(folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     folder = Path(adapter) if adapter is not None else adapter_dir(run_dir, stage)
     if folder is None or not (folder / "adapter_config.json").exists():
-        writer = {"ppo": "04", "dpo": "05", "grpo": "05", "rloo": "05"}.get(stage, "?")
-        raise FileNotFoundError(f"no {stage} adapter in {stage_dir(run_dir, stage) / 'adapter'}: "
-                                f"run notebook {writer} first")
+        writer = {"ppo": "04", "dpo": "05", "grpo": "05", "rloo": "05"}.get(stage)
+        fix = f"run notebook {writer} first" if writer else f"the stages are base and {', '.join(POLICY_STAGES)}"
+        raise FileNotFoundError(f"no {stage} adapter in {stage_dir(run_dir, stage) / 'adapter'}: {fix}")
     model, tok = load_model(adapter_base(folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     model.eval()

@@ -68,7 +68,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, SetupError, check_common_fields, command
 from .models import (chat_prompt, clear_sampling_defaults, default_lora_config, load_model, num_layers,
                      reference_model)
 from .paths import stage_dir
@@ -203,6 +203,7 @@ class PPOConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"PPOConfig: {message}")
+        check_common_fields(self)
 
     @property
     def mini_batch_size(self) -> int:
@@ -919,6 +920,7 @@ def print_step(step: int, metrics: dict) -> None:
           f"({metrics['time/step_s']:.1f} s)", flush=True)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.ppo --run-dir R [--profile cpu] [--reward rm|gold] [--max-steps N] ...`:
     notebook 04's training, from a shell (or under `accelerate launch` on one process per machine)."""
@@ -928,18 +930,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import train_prompts
     from .gold import GoldJudge
     from .online_rl import run_reward
+    from .reward_model import load_run_reward_model
     from .sft import sft_policy_path
 
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.ppo", description="PPO stage (notebook 04)")
-    parser.add_argument("--reward", choices=("rm", "gold"), default="rm",
-                        help="the reward model of run_dir/rm (the gold judge when missing), or the gold judge")
+    parser.add_argument("--reward", choices=("rm", "gold"), default=None,
+                        help="rm: the reward model of run_dir/rm (an error when there is none); gold: the gold "
+                             "judge; default: the reward model, or the gold judge with a note when there is none "
+                             "(as notebook 04 does)")
     add_stage_arguments(parser, PPOConfig)
     args = vars(parser.parse_args(argv))
     which = args.pop("reward")
     run_dir, cfg = stage_config_from_args(parser, PPOConfig, args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     gold = GoldJudge()
-    reward = run_reward(run_dir, cfg.dtype, cfg.device)[0] if which == "rm" else gold
+    if which == "rm":  # asked for by name: no quiet fallback to gold
+        reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device)
+        if reward is None:
+            raise SetupError(f"--reward rm, but {stage_dir(run_dir, 'rm')} holds no saved reward model: run "
+                             f"notebook 03 (or python -m rlhf_helpers.reward_model --run-dir {run_dir}) first, or "
+                             f"pass --reward gold to optimise the gold judge itself")
+    else:
+        reward = gold if which == "gold" else run_reward(run_dir, cfg.dtype, cfg.device)[0]
     summary = train_ppo(cfg, run_dir, policy_path, reward, train_prompts(), gold=gold, callbacks=[print_step])
     print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
     return 0

@@ -28,7 +28,7 @@ import torch
 
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
                         without_notebook_progress)
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, SetupError, check_common_fields, command
 from .data import PreferencePair
 from .models import (_resolve_device, _torch_dtype, checkpointing_flag, load_tokenizer,
                      quiet_loading_bars, resolve_model_path)
@@ -118,10 +118,6 @@ class RMStageConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-        for name in ("n_train", "n_eval", "lora_layers"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None (all) or a whole number >= 1, got {value!r}")
         if self.train_seed is not None and (isinstance(self.train_seed, bool) or not isinstance(self.train_seed, int)
                                             or self.train_seed < 0):
             raise ValueError(f"train_seed must be None (train with seed) or a whole number >= 0, "
@@ -143,6 +139,7 @@ class RMStageConfig:
         if self.fresh_samples_per_prompt < 1:
             raise ValueError(f"fresh_samples_per_prompt must be >= 1 (2 or more to compare replies to one prompt), "
                              f"got {self.fresh_samples_per_prompt}")
+        check_common_fields(self)
 
     @property
     def training_seed(self) -> int:
@@ -333,7 +330,12 @@ def load_run_reward_model(run_dir: str | Path, dtype: str = "float32", device: s
     summary = rm_dir / "summary.json"
     if not (rm_dir / "model" / "normalization.json").exists() or not summary.exists():
         return None
-    backbone = json.loads(summary.read_text())["backbone"]
+    try:
+        backbone = json.loads(summary.read_text())["backbone"]
+    except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise SetupError(f"{summary}: no readable 'backbone' field ({e.__class__.__name__}: {e}); the reward "
+                         f"model's summary is damaged: run notebook 03 again (or python -m "
+                         f"rlhf_helpers.reward_model --run-dir {run_dir})") from e
     return RewardModel.load(rm_dir / "model", backbone, dtype, device)
 
 
@@ -414,6 +416,7 @@ def calibration_bins(p_chosen: np.ndarray, bins: int = 10) -> dict[str, list[flo
 
 # --- command line -----------------------------------------------------------------------------------
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m rlhf_helpers.reward_model --run-dir R [--profile cpu] [--pairs FILE] [--max-steps N] ...`:
     notebook 03's training from a shell (or under `accelerate launch`). It reads labelled pairs (those notebook
@@ -442,8 +445,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, cfg = stage_config_from_args(parser, RMStageConfig, args)
     path = Path(pairs_file) if pairs_file else stage_dir(run_dir, "preferences") / "pairs.jsonl"
     if not path.is_file():
-        print(f"error: {path}: no such file. Run notebook 03 first (python -m rlhf_helpers.run --only 03 "
-              f"--run-dir {run_dir}), which writes it, or pass --pairs FILE", file=sys.stderr)
+        what = "is a folder, not a file" if path.is_dir() else "no such file"
+        fix = ("give --pairs a JSONL file of labelled pairs (python -m rlhf_helpers.data validate FILE --format "
+               "preferences checks one)" if pairs_file else
+               f"run notebook 03 first (python -m rlhf_helpers.run --only 03 --run-dir {run_dir}), which writes "
+               f"it, or pass --pairs FILE")
+        print(f"error: {path}: {what}. To fix: {fix}", file=sys.stderr)
         return 2
     try:
         pairs = read_pairs(path)

@@ -523,9 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .gold import GoldJudge
 
+    scored = 0
     try:
         reward = load_reward_config(args.config) if args.config else GoldJudge()
         for line_no, row in read_jsonl(args.file):
+            scored += 1
             for key in ("prompt", "response"):
                 if not isinstance(row.get(key), str):
                     raise DataError(f"needs a string '{key}'", path=args.file, line=line_no, field=key,
@@ -536,6 +538,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "components": {k: round(v, 6) for k, v in comps.items()}}))
     except (DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not scored:  # a wrong path or a failed export, most likely: say so rather than print nothing
+        print(f"error: {args.file}: no lines to score (the file is empty or holds only blank lines); each line is "
+              f'{{"prompt": ..., "response": ...}}', file=sys.stderr)
         return 1
     return 0
 

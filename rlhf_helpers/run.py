@@ -49,9 +49,12 @@ def discover_notebooks(folder: Path | None = None, only: Sequence[str] | None = 
     """Notebooks `NN_*.ipynb` in order; `only` keeps those whose number (or name) is listed."""
     folder = folder or project_root() / "notebooks"
     found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
-    if not only:
+    if only is None:
         return found
     wanted = {w.strip() for w in only if w.strip()}
+    if not wanted:  # `--only ""` or `--only ,`: an empty shell variable, most likely, not "every notebook"
+        raise ValueError(f"--only names no notebook ({','.join(only)!r}); give numbers such as 02,03, or leave "
+                         f"--only out to run them all")
     chosen = [p for p in found if p.name[:2] in wanted or p.stem in wanted]
     known = {p.name[:2] for p in found} | {p.stem for p in found}
     unknown = sorted(wanted - known)
@@ -79,6 +82,10 @@ def check_parameters(notebooks: Sequence[Path], extra: dict[str, Any]) -> None:
     """Refuse, before anything runs, a `--param` that none of `notebooks` declares (a typo would otherwise
     change nothing, silently) or whose value is not of the type its notebook declares (the text "False"
     would otherwise turn a switch on)."""
+    flags = {"run_dir": "--run-dir", "profile": "--profile", "seed": "--seed", "model_name": "--model-name"}
+    for key in extra:
+        if key in flags:  # the run record would say one thing and the notebooks do another
+            raise ValueError(f"--param {key}: set it with {flags[key]}, which the run record and every notebook read")
     declared: dict[str, tuple[str, dict]] = {}
     for nb in notebooks:
         for name, spec in notebook_parameters(nb).items():
@@ -276,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-html", action="store_true", help="skip the HTML export")
     args = parser.parse_args(argv)
     run_dir = args.run_dir or f"runs/{args.profile}"
-    only = args.only.split(",") if args.only else None
+    only = args.only.split(",") if args.only is not None else None
     try:
         record = run_suite(args.profile, run_dir, seed=args.seed, only=only, model_name=args.model_name,
                            extra=dict(args.param), html_export=not args.no_html)

@@ -25,7 +25,7 @@ import torch
 
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
                         without_notebook_progress)
-from .config import DEFAULT_MODEL, add_stage_arguments, stage_config_from_args
+from .config import DEFAULT_MODEL, add_stage_arguments, check_common_fields, command, stage_config_from_args
 from .data import SFTRecord, load_sft, train_test_split
 from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
                      resolve_model_path)
@@ -114,7 +114,7 @@ class SFTStageConfig:
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1:
-            raise ValueError("max_steps and batch_size must be >= 1")
+            raise ValueError(f"max_steps and batch_size must be >= 1, got {self.max_steps} and {self.batch_size}")
         if self.generation_batch_size < 1:
             raise ValueError(f"generation_batch_size must be >= 1, got {self.generation_batch_size}")
         if not 0 < self.eval_fraction < 1:
@@ -131,6 +131,7 @@ class SFTStageConfig:
         if not self.use_lora and self.lora_layers is not None:
             warnings.warn(f"lora_layers={self.lora_layers} has no effect with use_lora=False: every layer is trained",
                           stacklevel=3)
+        check_common_fields(self)
 
 
 def demonstrations_file(data_file: str | Path) -> Path:
@@ -329,6 +330,7 @@ def sft_policy_path(run_dir: str | Path, fallback: str = DEFAULT_MODEL) -> tuple
     return fallback, True
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_helpers.sft", description="Supervised fine-tuning stage")
     add_stage_arguments(parser, SFTStageConfig, skip=SFTStageConfig.EVAL_ONLY)

@@ -1,4 +1,5 @@
 """Profiles, stage configs, seeding and the metrics logger."""
+import dataclasses
 import json
 import os
 import random
@@ -407,3 +408,77 @@ def test_an_int_or_none_option_takes_all_on_the_command_line_to_undo_a_profile_s
         parsed("--lora-layers", "most")
     assert e.value.code == 2
     assert "Give `all` for None" in parser.format_help()
+
+
+# ------------------------------------------------------------------------- settings every stage shares
+
+def _stage_configs():
+    from rlhf_helpers.dpo import DPOStageConfig
+    from rlhf_helpers.evaluate import EvalConfig
+    from rlhf_helpers.online_rl import GRPOStageConfig, RLOOStageConfig
+    from rlhf_helpers.ppo import PPOConfig
+    from rlhf_helpers.reward_model import RMStageConfig
+    from rlhf_helpers.sft import SFTStageConfig
+
+    return [SFTStageConfig, RMStageConfig, PPOConfig, DPOStageConfig, GRPOStageConfig, RLOOStageConfig, EvalConfig]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dtype", "float8", "dtype must be one of float32"),
+    ("device", "gpu", "device must be cpu, auto, or a torch accelerator such as cuda"),
+    ("learning_rate", 0.0, "learning_rate must be > 0"),
+    ("lora_layers", -2, "lora_layers must be None \\(all\\) or a whole number >= 1"),  # it meant every layer
+    ("n_train", 0, "n_train must be None"),
+    ("n_eval", 2.5, "n_eval must be None"),
+    ("lr_scheduler", "bogus", "lr_scheduler must be one of linear, cosine"),
+])
+def test_every_stage_config_refuses_a_bad_shared_setting_when_built(field, value, message):
+    checked = 0
+    for cls in _stage_configs():
+        if field not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        with pytest.raises(ValueError, match=message):
+            stage_config(cls, "smoke", **{field: value})
+        checked += 1
+    assert checked >= 1  # the field exists somewhere: the check is not vacuous
+    for cls in _stage_configs():
+        for profile in PROFILES:
+            stage_config(cls, profile)  # every profile's settings pass
+
+
+def test_a_stage_command_line_refuses_a_cuda_device_without_a_gpu_before_loading_anything(capsys):
+    import argparse
+
+    from rlhf_helpers.config import add_stage_arguments, stage_config_from_args
+    from rlhf_helpers.sft import SFTStageConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    parser = argparse.ArgumentParser(prog="stage")
+    add_stage_arguments(parser, SFTStageConfig)
+    with pytest.raises(SystemExit) as stop:
+        stage_config_from_args(parser, SFTStageConfig, vars(parser.parse_args(["--run-dir", "r", "--profile", "gpu"])))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "needs a CUDA GPU" in err and "--device cpu" in err
+    assert len(err.splitlines()) == 2  # one usage line and the error, not a usage block of every field
+    args = vars(parser.parse_args(["--run-dir", "r", "--profile", "gpu", "--device", "cpu"]))
+    assert stage_config_from_args(parser, SFTStageConfig, args)[1].device == "cpu"
+
+
+def test_command_turns_a_users_mistake_into_exit_2_and_keeps_a_bugs_traceback(capsys):
+    from rlhf_helpers.config import SetupError, command
+    from rlhf_helpers.data_formats import DataError
+
+    def raising(error):
+        @command
+        def main(argv=None):
+            raise error
+        return main
+
+    for error in (SetupError("no such model"), DataError("bad line", path="f.jsonl", line=3, field="prompt"),
+                  FileNotFoundError("no SFT model in r/sft/model: run notebook 02 first")):
+        assert raising(error)([]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(error) in err
+    with pytest.raises(ZeroDivisionError):
+        raising(ZeroDivisionError("a bug"))([])

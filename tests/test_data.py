@@ -435,6 +435,11 @@ def test_cli_convert_and_usage_errors(tmp_path):
     assert rows[0]["prompt"].endswith("\n\nAssistant:")
     assert run_cli("validate", str(out), "--format", "bogus").returncode == 2
     assert run_cli("convert", str(out), "--format", "sft", "--out", str(out)).returncode == 2
+    before = out.read_bytes()
+    res = run_cli("convert", str(out), "--format", "preferences", "--out", str(out))
+    assert res.returncode == 2 and "is the input file" in res.stderr and out.read_bytes() == before
+    res = run_cli("convert", str(out), "--format", "preferences", "--out", str(tmp_path))  # a folder
+    assert res.returncode == 1 and "cannot write the converted pairs" in res.stderr and "Traceback" not in res.stderr
     missing = tmp_path / "missing.jsonl"
     res = run_cli("validate", str(missing), "--format", "sft")
     assert res.returncode == 1 and f"{missing}: cannot read the file: No such file" in res.stderr
@@ -589,3 +594,13 @@ def test_cli_convert_with_no_pairs_exits_1_but_validate_passes(tmp_path):
     assert res.returncode == 1 and "no preference pairs produced" in res.stderr and not out.exists()
     res = run_cli("validate", str(path), "--format", "ratings")
     assert res.returncode == 0 and "no preference pairs produced" in res.stdout
+
+
+def test_a_gzipped_file_is_one_error_with_a_gunzip_hint(tmp_path):
+    import gzip
+
+    path = tmp_path / "prompts.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"prompt": "hi"}\n' * 3))
+    res = run_cli("validate", str(path), "--format", "prompts")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1
+    assert f"{path}:1: the file is gzip-compressed" in res.stderr and "gunzip -k" in res.stderr

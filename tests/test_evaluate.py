@@ -718,6 +718,21 @@ def test_evaluate_cli_prints_each_stage_against_sft_with_its_gain(tmp_path, monk
     assert "ppo: gold gain over sft +0.100 [" in out
     assert "the reward model's" not in out  # rows without reward-model scores: no proxy gain to print
     assert "0/0 · 0/3" in out  # no harmful request among the prompts, no benign reply refused
+    calls.clear()
+    with pytest.raises(SystemExit) as stop:  # a typo is refused before SFT is evaluated, not after
+        evaluate.main(["--run-dir", str(tmp_path), "--profile", "cpu", "ppo", "bogus"])
+    assert stop.value.code == 2 and calls == [] and "invalid choice: 'bogus'" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert evaluate.main(["--run-dir", str(tmp_path / "empty"), "--profile", "cpu", "ppo"]) == 2  # no traceback
+    assert capsys.readouterr().err.startswith("error: no SFT model in")
+
+
+def test_check_results_tells_a_file_from_a_missing_folder(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert check_results.main([str(tmp_path / "afile")]) == 2
+    assert "afile is a file, not a run folder" in capsys.readouterr().err
+    assert check_results.main([str(tmp_path / "nothing")]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
 
 
 def test_refusal_rate_counts_first_sentence_refusals_prompt_major_with_an_interval_over_prompts(monkeypatch):

@@ -680,3 +680,12 @@ def test_throughput_benchmark_times_the_same_replies_as_the_rollout(tmp_path, ca
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)]
     assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "yes" for r in rows), rows
     assert "x 12 tokens" in out and all(int(r[6]) <= 12 * 4 for r in rows), out  # smoke: 4 replies a step
+
+
+def test_the_command_line_refuses_reward_rm_when_no_reward_model_was_saved(tmp_path, capsys):
+    from rlhf_helpers.ppo import main
+
+    assert main(["--run-dir", str(tmp_path), "--profile", "smoke", "--reward", "rm"]) == 2  # not gold in its place
+    err = capsys.readouterr().err
+    assert "--reward rm, but" in err and "pass --reward gold" in err
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists()  # refused before any training

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_helpers.config import stage_config
+from rlhf_helpers.config import SetupError, stage_config
 from rlhf_helpers.data import DataError, PreferencePair
 from rlhf_helpers.gold import SimulatedAnnotator
 from rlhf_helpers.gold import pair_ceiling
@@ -387,7 +387,7 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
     common = ["--run-dir", str(run), "--profile", "smoke", "--max-steps", "2", "--batch-size", "4",
               "--lora-layers", "2", "--max-length", "64", "--n-fresh", "2", "--max-new-tokens", "8"]
     assert main(common) == 2  # notebook 03 has not run: said, with what to do
-    assert "preferences/pairs.jsonl: no such file. Run notebook 03 first" in capsys.readouterr().err
+    assert "preferences/pairs.jsonl: no such file. To fix: run notebook 03 first" in capsys.readouterr().err
     pairs = easy_pairs(TOPICS)
     path = write_pairs(run / "preferences" / "pairs.jsonl", pairs)
     assert main(common) == 0
@@ -397,11 +397,17 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
     assert 0 <= summary["eval_accuracy"] <= 1 and summary["normalization"]["scale"] > 0
     rm = load_run_reward_model(run)  # what notebooks 04-06 load
     assert (rm.shift, rm.scale) == (summary["normalization"]["shift"], summary["normalization"]["scale"])
+    capsys.readouterr()
+    assert main(common + ["--pairs", str(run)]) == 2  # --pairs given: the fix is another file, not notebook 03
+    assert f"{run}: is a folder, not a file. To fix: give --pairs a JSONL file" in capsys.readouterr().err
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:3] + [lines[3].replace('"gold_chosen": 1.0', '"gold_chosen": null')] + lines[4:]))
     capsys.readouterr()
     assert main(common + ["--pairs", str(path)]) == 2  # a bad line: named, with its field and the fix
     assert "pairs.jsonl:4: field 'gold_chosen': expected a finite number" in capsys.readouterr().err
+    (run / "rm" / "summary.json").write_text("{}")  # damaged: a later stage says which file, not KeyError
+    with pytest.raises(SetupError, match="rm/summary.json: no readable 'backbone' field"):
+        load_run_reward_model(run)
 
 
 @pytest.mark.slow

@@ -322,6 +322,8 @@ def test_rewards_cli_scores_lines(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "rlhf_helpers.rewards", "score", str(f)], capture_output=True, text=True)
     assert bad.returncode == 1 and f"error: {f}:1: field 'response': needs a string 'response'" in bad.stderr
     assert "Traceback" not in bad.stderr
+    f.write_text("\n\n")  # nothing to score: said, not an empty success
+    assert R.main(["score", str(f)]) == 1
 
 
 def test_rewards_cli_scores_with_a_saved_reward_config_and_names_a_bad_one(tmp_path, capsys):

@@ -37,6 +37,9 @@ def test_discover_in_order_and_only(suite):
     assert [p.stem for p in discover_notebooks(suite, ["02", "00"])] == ["00_first", "02_third"]
     with pytest.raises(ValueError, match="match no notebook"):
         discover_notebooks(suite, ["07"])
+    for empty in ([""], ["", ""]):  # `--only ""` or `--only ,`: an empty shell variable, not "run them all"
+        with pytest.raises(ValueError, match="--only names no notebook"):
+            discover_notebooks(suite, empty)
 
 
 def test_run_stops_at_first_failure_and_reports_it(suite, tmp_path, capsys):
@@ -75,11 +78,14 @@ def test_a_param_no_notebook_declares_or_of_the_wrong_type_is_refused_before_any
     for extra, message in (({"max_stpes": 5}, "--param max_stpes: none of the notebooks to run"),
                            ({"use_lora": "no"}, "02_third declares use_lora a bool"),
                            ({"max_steps": 2.5}, "declares max_steps a int"),
-                           ({"seed": True}, "declares seed a int")):
+                           ({"max_steps": True}, "declares max_steps a int")):
         with pytest.raises(ValueError, match=message):
             run_suite("smoke", run_dir, notebooks_dir=suite, extra=extra)
         with pytest.raises(ValueError, match="none of the notebooks to run"):  # declared only by one not run
             run_suite("smoke", run_dir, notebooks_dir=suite, only=["00"], extra={"use_lora": False})
+    for key, flag in (("profile", "--profile"), ("run_dir", "--run-dir"), ("seed", "--seed")):
+        with pytest.raises(ValueError, match=f"--param {key}: set it with {flag}"):  # run.json would disagree
+            run_suite("smoke", run_dir, notebooks_dir=suite, extra={key: "gpu"})
     assert not run_dir.exists()  # refused before the run folder was made
     assert _parse_param("use_lora=False") == ("use_lora", False)  # Python's spelling, as in the notebooks
     assert _parse_param("use_lora=false") == ("use_lora", False) and _parse_param("reward=gold") == ("reward", "gold")
