@@ -64,8 +64,8 @@ def check_common_fields(cfg: Any) -> None:
     if "learning_rate" in has:
         check("learning_rate", cfg.learning_rate > 0, "must be > 0")
     for count in ("lora_layers", "n_train", "n_eval"):
-        value = getattr(cfg, count, None)
         if count in has:
+            value = getattr(cfg, count)
             check(count, value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
                   "must be None (all) or a whole number >= 1")
     if "lr_scheduler" in has:

@@ -944,14 +944,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir, cfg = stage_config_from_args(parser, PPOConfig, args)
     policy_path, _ = sft_policy_path(run_dir, cfg.model_name)
     gold = GoldJudge()
-    if which == "rm":  # asked for by name: no quiet fallback to gold
+    if which == "gold":
+        reward = gold
+    elif which == "rm":  # asked for by name: no quiet fallback to gold
         reward = load_run_reward_model(run_dir, cfg.dtype, cfg.device)
         if reward is None:
             raise SetupError(f"--reward rm, but {stage_dir(run_dir, 'rm')} holds no saved reward model: run "
                              f"notebook 03 (or python -m rlhf_helpers.reward_model --run-dir {run_dir}) first, or "
                              f"pass --reward gold to optimise the gold judge itself")
-    else:
-        reward = gold if which == "gold" else run_reward(run_dir, cfg.dtype, cfg.device)[0]
+    else:  # as notebook 04: the reward model, or gold with a note
+        reward = run_reward(run_dir, cfg.dtype, cfg.device)[0]
     summary = train_ppo(cfg, run_dir, policy_path, reward, train_prompts(), gold=gold, callbacks=[print_step])
     print({k: summary[k] for k in ("steps", "scores_last", "gold_last", "kl_last", "wall_time_s")})
     return 0

@@ -450,8 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "preferences checks one)" if pairs_file else
                f"run notebook 03 first (python -m rlhf_helpers.run --only 03 --run-dir {run_dir}), which writes "
                f"it, or pass --pairs FILE")
-        print(f"error: {path}: {what}. To fix: {fix}", file=sys.stderr)
-        return 2
+        raise SetupError(f"{path}: {what}. To fix: {fix}")
     try:
         pairs = read_pairs(path)
         train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.n_train, cfg.n_eval)
