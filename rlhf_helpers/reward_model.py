@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -427,7 +426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from .config import add_stage_arguments, stage_config_from_args
-    from .data import DataError
     from .evaluate import generate_and_score, heldout_prompts
     from .gold import GoldJudge, pair_ceiling
     from .preferences import read_pairs
@@ -451,12 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"run notebook 03 first (python -m rlhf_helpers.run --only 03 --run-dir {run_dir}), which writes "
                f"it, or pass --pairs FILE")
         raise SetupError(f"{path}: {what}. To fix: {fix}")
+    pairs = read_pairs(path)  # a bad line raises DataError, which `command` reports with its file, line and field
     try:
-        pairs = read_pairs(path)
         train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed, cfg.n_train, cfg.n_eval)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # too few prompts to hold some out
+        raise SetupError(str(e)) from e
     policy_path, fell_back = sft_policy_path(run_dir, cfg.model_name)
     rm, facts = train_reward_model(cfg, run_dir, policy_path, train_pairs, eval_pairs)
     if not is_main_process():  # under accelerate launch every process trained; one evaluates and saves

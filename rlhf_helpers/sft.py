@@ -14,7 +14,6 @@ Command line (also under `accelerate launch`):
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from .models import (checkpointing_flag, count_parameters, default_lora_config, 
                      resolve_model_path)
 from .paths import data_path, project_root, stage_dir
 from .seeding import seed_everything
-from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, resume_point
+from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, remove_dir, resume_point
 
 
 FULL_FINE_TUNING_MAX_LR = 5e-4
@@ -261,7 +260,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         if cfg.use_lora:
             atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tok.save_pretrained(d)))
         else:  # full fine-tuning has no adapter: model/ is the policy (an older run's adapter must not stay)
-            shutil.rmtree(out / "adapter", ignore_errors=True)
+            remove_dir(out / "adapter")
         atomic_write_dir(out / "model",
                          lambda d: _save_merged(model, tok, d, unquantized_base, out / "adapter", cfg.dtype))
     rows = [r for r in logger.rows if "train/loss" in r]
