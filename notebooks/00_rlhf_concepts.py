@@ -39,6 +39,10 @@ beta: float = 0.5  # KL coefficient β of the bandit objective, shared by PPO's 
 # ## Setup
 # The stage config `ConceptsConfig` holds every setting (its fields are documented in
 # `rlhf_helpers/concepts.py`); the profile only changes how many update iterations the loops run.
+#
+# Shell commands in these notebooks (`.venv/bin/python -m rlhf_helpers...`) are meant for a terminal opened at
+# the repository root. A `!` cell runs in `notebooks/`, where the same command needs `../.venv/bin/python`;
+# a relative run folder (`runs/NAME`) still means the one under the repository root.
 
 # %%
 import time
@@ -252,9 +256,11 @@ plotting.policy_bars({"π_ref": pi_ref, "π*": pi_star, "π_PPO": pi_ppo, "π_DP
 # PPO's total variation to $\pi^*$ is 0.065 at iteration 10 and below 0.005 at iteration 30 (seed 0, cpu
 # profile; the rows of `metrics.jsonl`). In the very first iteration most samples end up in the clipped
 # regions (the first row of `policy/clipfrac_avg`): the clip is what limits that first large step. By the
-# tenth iteration the policy is close enough that none do. DPO moves more slowly and settles at a small
-# distance set by the label noise and the learning-rate schedule (0.011 here). On the frontier, both final
-# policies land on the point of $\pi^*$ for this $\beta$:
+# tenth iteration the policy is close enough that none do. DPO moves more slowly and never quite settles: from
+# about iteration 70 its TV jitters between about 0.004 and 0.02 (0.011 at the last iteration here), because
+# every iteration draws fresh pairs with noisy labels and each pushes the policy a little; the decaying learning
+# rate makes the pushes smaller, not the policy any nearer. On the frontier, both final policies land on the
+# point of $\pi^*$ for this $\beta$:
 
 # %%
 final_points = {name: (kl_divergence(pi, pi_ref).item(), (pi * r).sum().item())
@@ -292,12 +298,12 @@ path = logger.summary(summary)
 # `stage_config`, which logs every iteration where the profile logs every tenth): rerun with a small $\beta$
 # (`.venv/bin/python -m rlhf_helpers.run --only 00 --param beta=0.1 --run-dir runs/beta01`, a run folder of its own so
 # that `make run`'s `runs/cpu` keeps its results; or papermill's `-p beta 0.1`): $\pi^*$ is sharper, and DPO's
-# implicit reward needs log-ratios five times as large, so it takes longer (DPO's TV to $\pi^*$ falls below 0.01 at
+# implicit reward needs log-ratios five times as large, so it takes longer (DPO's TV to $\pi^*$ first falls below 0.01 at
 # iteration 206 instead of 167); in the setup cell, pass `ppo_epochs=1` to `stage_config`: the ratio never leaves 1,
 # nothing is clipped, and PPO (now plain policy gradient, one Adam step per batch instead of four) needs three to four
-# times as many iterations (TV to $\pi^*$ falls below 0.01 at iteration 52 instead of 18, below 0.001 at 144 instead
-# of 33): reusing each batch is what saves samples; `ppo_batch_size=8` still converges, more slowly (the advantages
-# vanish at $\pi^*$; TV below 0.01 at iteration 58); `dpo_pairs_per_iter=8` keeps DPO further from $\pi^*$ along the
+# times as many iterations (TV to $\pi^*$ first falls below 0.01 at iteration 52 instead of 18, below 0.001 at 144
+# instead of 33): reusing each batch is what saves samples; `ppo_batch_size=8` still converges, more slowly (the advantages
+# vanish at $\pi^*$; TV first below 0.01 at iteration 58); `dpo_pairs_per_iter=8` keeps DPO further from $\pi^*$ along the
 # way (TV 0.087 instead of 0.022 at iteration 100).
 #
 # **Next notebook:** `01_reward_design.ipynb` builds the reward functions that play the role of $r$ for text.

@@ -72,8 +72,9 @@ print(f"{len(candidates)} candidate responses to {len({c['prompt_id'] for c in c
 # %% [markdown]
 # ## 1. The API, and a naive reward
 # A `Trajectory` holds a prompt and a response; a `RewardFunction` turns it into a `RewardOutput` with a
-# scalar `reward` and `metadata` that explains it. Here is `QualityReward`, the example reward of the
-# Flux tutorial on reward functions (one of the documents this suite grew from), unchanged: it pays for a
+# scalar `reward` and `metadata` that explains it. Here is `QualityReward`, the example reward of a
+# tutorial on RLHF training with Flux, an RL fine-tuning library (one of the documents this suite grew from),
+# unchanged: the kind of reward a first attempt writes. It pays for a
 # length band, for words like "First" or "1.", for "because", for "please", and docks points for heavy
 # repetition.
 

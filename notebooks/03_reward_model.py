@@ -84,8 +84,10 @@ cfg
 #
 # Sampling every training prompt takes minutes on a CPU, so the shipped snapshot holds such pairs for every
 # training prompt, made by `scripts/make_preference_snapshot.py` (anyone can rerun it) from notebook 02's
-# SFT model at the cpu profile and seed 0. This notebook samples the last `n_live_prompts` training prompts
-# live, and their pairs replace the snapshot's on those prompts. The snapshot is read first and checked
+# SFT model at the cpu profile and seed 0. It holds two pairs per prompt, from two rounds of sampling (sample
+# seeds 0 and 1), so twice as many pairs as prompts. This notebook samples the last `n_live_prompts` training
+# prompts live, one pair each, and their pairs replace the snapshot's on those prompts (two snapshot pairs go
+# for each live one). The snapshot is read first and checked
 # against this run, before any sampling. Its labels were drawn at annotator temperature 0.1, so another
 # `annotator_temperature` is refused while it is on. And when this run's SFT model is not the one it was
 # sampled from (another seed, profile or `model_name`), a warning says how they differ: its pairs are then
@@ -191,8 +193,9 @@ rho = spearman([r["gold"] for r in fresh], rm_scores)
 print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh samples: {rho:.3f}")
 
 # %% [markdown]
-# Expect ρ near zero on the `cpu` profile (our runs measured −0.24 to 0.24; on 48 samples ρ itself is
-# uncertain by about ±0.3), even when the held-out accuracy below is above chance, as it is for training
+# Expect ρ within about ±0.3 of zero on the `cpu` profile (our runs measured −0.24 to 0.24; on 48 samples ρ
+# itself is uncertain by about ±0.3, so a value at either end of that range is no sign of a better or worse
+# reward model), even when the held-out accuracy below is above chance, as it is for training
 # seed 0 (section 6 says how much of that is the seed). Bradley–Terry training only ever compares the two
 # replies of a pair, so nothing in it ties one prompt's scores to another's gold level (the centring term
 # only pulls every pair's mean towards 0). The two measure different things. The pairs contrast a careful
@@ -202,8 +205,10 @@ print(f"normalisation {norm}; Spearman(reward model, gold) on {len(fresh)} fresh
 # SFT model answers scores 0 whatever it says).
 #
 # ### What the reward model is worth to RL, before any RL
-# With a per-prompt baseline (GRPO, RLOO, and PPO with `group_baseline`, as in the cpu profile), RL never
-# compares replies to different prompts: each update asks which of the replies to *this* prompt deserve more
+# With a per-prompt baseline (a baseline is what an RL update subtracts from a reply's score before it pushes:
+# here the mean score of the other replies sampled for the same prompt, as in GRPO and RLOO, notebook 05, and
+# in PPO with `group_baseline`, notebook 04, as in the cpu profile), RL never compares replies to different
+# prompts: each update asks which of the replies to *this* prompt deserve more
 # probability. (PPO without it, `PPOConfig`'s default, has only its value head for a baseline, so
 # a score offset between prompts reaches its update unless the value head learns it.) So the question that
 # decides whether RL against this reward model can raise the gold is narrower than ρ: of two replies to the

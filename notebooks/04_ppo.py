@@ -43,8 +43,8 @@ kl_coef: float = -1.0  # the KL coefficient beta; a negative value keeps the pro
 # the reference is the same model with the adapter switched off. `lora_layers` puts the adapter on the top blocks only
 # (all of them when it is None): the backward pass stops at the lowest one. The reward is the trained reward model of
 # notebook 03, normalised so that SFT answers to held-out prompts, sampled at `fresh_temperature` (1.0), score mean 0
-# and standard deviation 1; PPO samples at 0.7, where SFT's answers score near, not exactly at, 0 and 1 (0.23 on the
-# gpu run's held-out replies, docs section 19). The cell prints which reward this run uses.
+# and standard deviation 1; PPO samples at 0.7, where SFT's answers score near, not exactly at, 0 and 1 (section 2
+# prints this run's mean). The cell prints which reward this run uses.
 
 # %%
 import time
@@ -154,8 +154,9 @@ per_token.tail(6).round(4).replace(-0.0, 0.0)  # no "-0.0"
 # $\delta_t = r_t$, and the score on the last token reaches a token $k$ places before the end scaled by
 # $\lambda^k$. At $\lambda = 0.95$ a token 60 places from the end gets 5% of it: the opening of an answer,
 # where its plan and its length are decided, hears almost nothing of the score until the value head has
-# learned to carry it back. (The "N implementation details" study starts the value model from the reward
-# model, so its values mean something from the first step.) The curve below is that share, from
+# learned to carry it back. (The "N implementation details" study, Huang et al.'s *The N Implementation Details
+# of RLHF with PPO* (ICLR 2024 blog track), which reproduces OpenAI's original RLHF code, starts the value model
+# from the reward model, so its values mean something from the first step.) The curve below is that share, from
 # `compute_gae` itself; the closing notes below say what $\lambda = 1$ changed in separate runs from the cpu
 # run's SFT model. The cpu profile takes $\lambda = 1$, so that the score reaches every token of an answer
 # from the first step; `PPOConfig`'s default is the "N implementation details" study's 0.95.

@@ -43,6 +43,7 @@ profile: str = "cpu"  # smoke | cpu | gpu: steps, batch sizes, reply lengths
 seed: int = 0  # seed for data order, sampling and the adapters
 model_name: str = ""  # policy base when run_dir has no SFT model; empty keeps the profile's
 dpo_beta: float = 0.1  # DPO's beta: the scale of its implicit reward and its pull towards the reference
+dpo_sft_weight: float = 0.0  # weight of the chosen replies' log-likelihood in DPO's loss: 0 plain DPO, 1 RPO
 kl_coef: float = -1.0  # KL coefficient beta of GRPO and RLOO; a negative value keeps the profile's
 ppo_fallback_steps: int = 4  # PPO steps to run here when notebook 04 has left no PPO run in run_dir
 
@@ -77,7 +78,7 @@ from rlhf_helpers.tracking import atomic_write_json, read_json
 
 t0 = time.perf_counter()
 common = dict(seed=seed, model_name=model_name or None)
-dpo_cfg = stage_config(DPOStageConfig, profile, beta=dpo_beta, **common)
+dpo_cfg = stage_config(DPOStageConfig, profile, beta=dpo_beta, sft_weight=dpo_sft_weight, **common)
 grpo_cfg = stage_config(GRPOStageConfig, profile, beta=kl_coef if kl_coef >= 0 else None, **common)
 rloo_cfg = stage_config(RLOOStageConfig, profile, beta=kl_coef if kl_coef >= 0 else None, **common)
 eval_cfg = stage_config(EvalConfig, profile, **common)
@@ -96,13 +97,19 @@ print(f"policy {policy_path}; reward {reward_name}; {len(prompts)} training prom
 # $-\log\sigma(\hat r(x, y_w) - \hat r(x, y_l))$, trains the policy directly on the pairs of notebook 03.
 # No reward model, no sampling, no critic: one forward pass of policy and reference per reply.
 #
+# What $\beta$ means here (notebook 00, section 6): DPO takes the labels' Bradley–Terry temperature to be 1, and
+# on labels drawn at temperature $T$ it aims at the optimum for a KL coefficient of $\beta T$ on the scale the
+# annotator judged by. Notebook 03's annotator labels at $T = 0.1$ gold units, so `dpo_beta` 0.1 is a leash of
+# 0.01 per unit of gold: looser than the number suggests, and not comparable with PPO's $\beta$, which weighs the
+# KL against the reward model's normalised score.
+#
 # The held-out pairs are split by prompt exactly as notebook 03 split them for the reward model, so
 # neither model has seen them; TRL scores them once at the end, and the next section looks closer.
 #
 # How to read the curves. A fresh adapter *is* the reference, so at step 1 every implicit reward and margin
 # is exactly 0 and `train/loss` is $\log 2 \approx 0.693$, the loss of a coin flip; below it, the pairs are
-# being ordered. (With `sft_weight` above 0, RPO, the loss also holds that weight times the chosen replies'
-# negative log-likelihood, so it starts higher.) `rewards/margins` (the batch mean of
+# being ordered. (With `dpo_sft_weight` above 0, RPO, the loss also holds that weight times the chosen
+# replies' negative log-likelihood, so it starts higher.) `rewards/margins` (the batch mean of
 # $\hat r(y_w) - \hat r(y_l)$) should grow from 0.
 # `rewards/accuracies` (the share of the batch's pairs with a positive margin) starts at 0, not one half:
 # TRL counts a tie as wrong. It moves in steps of one over the pairs per step, so one batch's value says
@@ -353,7 +360,9 @@ print(f"saved {stage_dir(run_dir, 'comparison') / 'summary.json'}: the table of 
 # loads no reference and computes no KL, so their lines leave the KL panel and only PPO's, from notebook 04,
 # stays; over a few cpu steps the policy hardly moves either way; with longer training, as on the gpu
 # profile, this is the setting under which the proxy can part from the gold); the gpu profile, whose longer
-# training and 72 × 4 evaluation narrow the intervals (by how much for these methods is unmeasured); and DPO
+# training and 72 × 4 evaluation narrow the intervals (by how much for these methods is unmeasured);
+# `dpo_sft_weight=1.0` (RPO: the chosen replies' log-likelihood beside DPO's loss, an anchor against the drift
+# that lowers both replies' likelihood; its effect on these fixed pairs is unmeasured here); and DPO
 # on the SFT model's own replies rather than on fixed pairs, a judge's best against its worst
 # (`scripts/rejection_sampling_sft.py --objective dpo`; section 12 of `docs/rl_on_a_cpu_budget.md` in the
 # repository measures it on the cpu run). Notebook 06 puts

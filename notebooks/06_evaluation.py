@@ -134,6 +134,11 @@ for name in present:
 # rules notebook 01's safety reward uses). Gold rewards a fitting refusal and punishes a misplaced one, but a
 # few harmful prompts weigh little in the mean: a policy that stops refusing them can lose most of its gold
 # there and still not be told from SFT overall. Notebook 04's cpu run is such a case.
+#
+# The KL column is each policy's KL to SFT on its own replies. Every RL policy is SFT plus a small adapter, so
+# its KL stays at a few nats or less; the base model's is tens of nats, because SFT trained a different model:
+# every weight the adapter touched during SFT was merged into `sft/model/`, and the base model's replies are
+# unlikely under it.
 
 # %%
 reference = "sft" if "sft" in evaluations else "base"
@@ -221,7 +226,11 @@ plotting.gold_vs_proxy(over)
 
 # %% [markdown]
 # ## 6. Every stage's training curves
-# The same `metrics.jsonl` files the live plots of earlier notebooks drew from, side by side.
+# The same `metrics.jsonl` files the live plots of earlier notebooks drew from, side by side, a row of panels per
+# stage. What to look for: SFT's and the reward model's losses falling (their own notebooks say by how much);
+# in each RL stage, whether `objective/gold` follows `objective/scores` (the proxy) or parts from it, the
+# over-optimisation section 5 measures; and `objective/kl` growing steadily rather than in a jump, which would say
+# a step moved the policy far from its reference.
 
 # %%
 curves = stage_metrics(run_dir)

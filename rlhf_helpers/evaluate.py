@@ -312,19 +312,16 @@ def sample_with_kl(policy, tokenizer, prompts: Sequence[str], *, max_new_tokens:
 
     reference: "adapter" (the policy with its LoRA adapter disabled), another model with the same tokenizer,
     or None (no KL: `kl` is None). Rows: prompt, response, kl, n_tokens, has_eos. `progress`, when given,
-    names a tqdm bar counting the replies (a policy's evaluation takes minutes on a CPU); the bar is
-    cleared when sampling ends.
+    names a `tracking.ProgressLine` counting the replies (a policy's evaluation takes minutes on a CPU).
     """
-    from tqdm.auto import tqdm
-
     from .models import reference_model
     from .ppo import PPOConfig, chunked_forward, rollout
+    from .tracking import ProgressLine
 
     cfg = PPOConfig(response_length=max_new_tokens, temperature=temperature, batch_size=1)
     rows: list[dict] = []
     # a batch takes seconds: show each one; the with-block clears the bar on an interruption too
-    with tqdm(total=len(prompts), desc=progress, unit="reply", leave=False, disable=progress is None,
-              mininterval=0) as bar:
+    with ProgressLine(len(prompts), progress, units="replies") as bar:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start:start + batch_size])
             ro = rollout(policy, tokenizer, batch, cfg, seed=seed * 1_000_003 + start)
@@ -838,8 +835,13 @@ def parting_note(series: dict) -> str:
         return (f"no parting: gold did not fall behind the rising proxy by more than its noise (proxy "
                 f"{t['proxy_start']:.2f} → {t['proxy_end']:.2f}, "
                 f"gold {t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed})")
-    return (f"the proxy did not rise beyond its noise (proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold "
-            f"{t['gold_start']:.3f} → {t['gold_end']:.3f}, {smoothed}): the policy did not climb the reward model's "
+    moves = (f"(proxy {t['proxy_start']:.2f} → {t['proxy_end']:.2f}, gold {t['gold_start']:.3f} → "
+             f"{t['gold_end']:.3f}, {smoothed})")
+    if t["proxy_end"] - t["proxy_start"] < -t.get("proxy_rise_needed", t["min_proxy_rise"]):
+        return (f"the proxy fell by more than its noise {moves}: the later steps' replies scored lower with the "
+                f"reward model (with few prompts a step, partly which prompts came up), so nothing was "
+                f"over-optimised and there is no parting point to see")
+    return (f"the proxy did not rise beyond its noise {moves}: the policy did not climb the reward model's "
             f"score, so nothing was over-optimised and there is no parting point to see")
 
 
@@ -917,7 +919,12 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
             f"{min(tail, steps)} steps: {kl_tail:.2f} nats (the last step alone: {kl_last:.2f}; one batch of "
             f"{cfg.batch_size} swings widely). On the held-out prompts, replies of up to {max_new_tokens} tokens: "
             f"{ppo_metrics['kl_mean']:.2f}" + (f" ± {kl_sem:.2f}" if kl_sem is not None else "") +
-            " nats per reply. The two differ in prompts and in length: a longer reply sums more tokens.")
+            " nats per reply. The two measure different replies: a step's training KL is taken on the replies "
+            "sampled before that step's update (step 1's is 0), so it lags the policy by an update, and on "
+            "training prompts; the held-out figure is the final policy's, on new prompts"
+            + ("" if kl_sem is None else
+               ", and the training figure lies within two standard errors of it" if abs(kl_tail - ppo_metrics["kl_mean"]) <= 2 * kl_sem
+               else ", and the training figure lies outside two standard errors of it") + ".")
     clip, approx = _tail_mean(rows, "policy/clipfrac_avg", steps), _tail_mean(rows, "policy/approxkl_avg", steps)
     if clip is not None:
         small = clip < 0.01

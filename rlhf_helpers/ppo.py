@@ -644,7 +644,10 @@ class PPOTrainer:
         if not prompts:
             raise ValueError("PPOTrainer needs at least one prompt")
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            raise ValueError("the tokenizer's pad token must exist and differ from EOS (load_tokenizer does this)")
+            raise SetupError(f"PPO needs a pad token apart from the end of a reply, and this tokenizer's pad id is "
+                             f"{tokenizer.pad_token_id} (eos {tokenizer.eos_token_id}): load it with "
+                             f"models.load_tokenizer, which picks one where the vocabulary has one, or set "
+                             f"tokenizer.pad_token to an unused special token")
         self.policy, self.tokenizer, self.reward_fn, self.cfg = policy, tokenizer, reward_fn, cfg
         self.prompts = list(prompts)
         self.monitors = dict(monitors or {})

@@ -208,29 +208,46 @@ class RewardTuner:
         self.prompt_id = None if prompt_id in (ALL_PROMPTS, None) else prompt_id
         self.refresh()
 
-    def _render(self) -> None:
-        from IPython.display import display
-
+    def _table_html(self) -> str:
+        """The agreement figures and the ranked table (its first 40 rows) as HTML."""
         rows = "".join(
             f"<tr><td>{r['rank']}</td><td>{html.escape(r['prompt_id'])}</td><td>{html.escape(r['kind'])}</td>"
             f"<td>{r['reward']:.3f}</td><td>{r['gold']:.3f}</td>"
             f"<td style='text-align:left'>{html.escape(r['response'][:160])}{'…' if len(r['response']) > 160 else ''}</td></tr>"
             for r in self.table_rows[:40]
         )
-        self.table.value = (
+        return (
             f"<p>Spearman rank agreement with the gold judge: <b>{self.agreement:.3f}</b>; "
             f"share of gaming responses in the top quarter: <b>{self.gaming_top_share:.0%}</b></p>"
             "<table class='reward-table'><tr><th>rank</th><th>prompt</th><th>kind</th><th>tuned</th><th>gold</th>"
             f"<th>response</th></tr>{rows}</table>"
         )
+
+    def _render(self) -> None:
+        from IPython.display import display
+
+        self.table.value = self._table_html()
         self.plot.clear_output(wait=True)
         with self.plot:
             display(self.figure)
 
+    def static_html(self) -> str:
+        """The tuner as it stands, without widgets: its weights, the agreement figures and the ranked table."""
+        weights = ", ".join(f"{n} {self.weights[n]:.2f}" for n in self.names)
+        scope = "all prompts" if self.prompt_id is None else f"prompt {html.escape(self.prompt_id)}"
+        return (f"<p><i>The reward tuner as it was saved ({scope}; weights {weights}). Its sliders need a "
+                "running kernel: open the notebook in JupyterLab and run it.</i></p>" + self._table_html())
+
     def _ipython_display_(self) -> None:
+        """The widgets, carrying a static copy (`static_html`) for wherever widgets cannot run: a notebook read
+        without its kernel, or its HTML export read offline (`run.export_html` keeps the copy)."""
         from IPython.display import display
 
-        display(self.widget)
+        static = {"text/html": self.static_html(), "text/plain": "Reward tuner (widgets: they need a running kernel)"}
+        if not hasattr(self, "widget"):
+            display(static, raw=True)
+            return
+        display({**self.widget._repr_mimebundle_(), **static}, raw=True)
 
 
 # --- candidates: the shipped responses the tuner and notebook 01 work on ---------------------------

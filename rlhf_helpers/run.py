@@ -156,12 +156,24 @@ def _local_kernel_manager(sockets: str):
     return LocalKernelManager
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def export_html(notebook: Path) -> Path:
-    """An HTML copy of an executed notebook, next to it."""
+    """An HTML copy of an executed notebook, next to it, that reads offline. Widgets cannot: the export would
+    fetch their embed manager from a CDN. So their saved state is left out, and an output that carries a
+    static copy beside its widget (notebook 01's reward tuner) shows the copy."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data and "text/html" in data:
+                del data[WIDGET_VIEW]
+    body, _ = HTMLExporter().from_notebook_node(nb)
     return atomic_write_text(notebook.with_suffix(".html"), body)
 
 

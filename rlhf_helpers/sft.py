@@ -210,9 +210,11 @@ def length_notice(lengths: Sequence[int], max_length: int) -> str:
 
 @quiet_datasets()
 def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any] = (),
-                  logger: MetricsLogger | None = None, on_row=None):
+                  logger: MetricsLogger | None = None, on_row=None,
+                  data: tuple[Sequence[SFTRecord], Sequence[SFTRecord]] | None = None):
     """Model with LoRA, data and TRL's SFTTrainer, ready to `train()` (no datasets progress bars while it
-    tokenises, and no notebook progress table: the notebook's live curves show progress)."""
+    tokenises, and no notebook progress table: the notebook's live curves show progress). `data`: the
+    (train, eval) demonstrations when the caller has loaded them already; None loads them."""
     from trl import SFTTrainer
 
     seed_everything(cfg.seed)
@@ -221,7 +223,7 @@ def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[
                                n_layers=num_layers(cfg.model_name)) if cfg.use_lora else None
     model, tok = load_model(cfg.model_name, lora=lora, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                             device=cfg.device, padding_side="right")
-    train, evals = load_demonstrations(cfg)
+    train, evals = data if data is not None else load_demonstrations(cfg)
     logger = logger or MetricsLogger(out)
     trainer = SFTTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train),
                          eval_dataset=to_dataset(evals), processing_class=tok,
@@ -241,7 +243,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     ckpt, logger, settings = resume_point(out, cfg, data=(train, evals))  # rows after the checkpoint are redone
     clock.resumed(ckpt)
     logger.save_config(settings)
-    trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row)
+    trainer, _ = build_trainer(cfg, run_dir, [*callbacks, ClockCallback(clock)], logger, on_row, data=(train, evals))
     lengths = demonstration_lengths(trainer.processing_class, train)
     said = length_notice(lengths, cfg.max_length)
     if said:

@@ -120,6 +120,68 @@ def remove_dir(path: str | os.PathLike) -> None:
     shutil.rmtree(trash)
 
 
+def in_notebook_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (JupyterLab, or papermill executing a notebook)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+class ProgressLine:
+    """A count of work done, shown while it runs: `with ProgressLine(32, "sft: 32 prompts", "replies") as bar:
+    ... bar.update(8)`. desc=None shows nothing.
+
+    In a Jupyter kernel it is one line of text, updated in place under a display id, that ends as "desc:
+    32/32 replies in 41 s". A saved or exported notebook keeps that last line. tqdm's notebook bar would
+    keep its first text, "0%| 0/32", beside a widget that a static viewer cannot draw, and read as a hang.
+    Elsewhere (a terminal, a test) it is a tqdm bar on stderr, cleared when the work ends or is interrupted.
+    """
+
+    def __init__(self, total: int, desc: str | None, units: str = "items"):
+        import time
+
+        self.total, self.desc, self.units, self.done = total, desc, units, 0
+        self._now, self._start = time.perf_counter, time.perf_counter()
+        self._bar = self._handle = None
+        if desc is None:
+            return
+        if in_notebook_kernel():
+            from IPython.display import display
+
+            self._handle = display({"text/plain": self._text()}, raw=True, display_id=True)
+        else:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=" " + units, leave=False, mininterval=0)
+
+    def _text(self, finished: bool = False) -> str:
+        line = f"{self.desc}: {self.done}/{self.total} {self.units}"
+        return line + (f" in {self._now() - self._start:.0f} s" if finished else "")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._handle is not None:
+            self._handle.update({"text/plain": self._text()}, raw=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._handle is not None:
+            finished = self.done >= self.total
+            self._handle.update({"text/plain": self._text(finished) + ("" if finished else " (stopped)")}, raw=True)
+        self._bar = self._handle = None
+
+    def __enter__(self) -> "ProgressLine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class StageClock:
     """Seconds spent producing a stage's model, across interrupted sessions.
 

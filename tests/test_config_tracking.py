@@ -482,3 +482,39 @@ def test_command_turns_a_users_mistake_into_exit_2_and_keeps_a_bugs_traceback(ca
         assert err.startswith("error: ") and str(error) in err
     with pytest.raises(ZeroDivisionError):
         raising(ZeroDivisionError("a bug"))([])
+
+
+class _FakeHandle:
+    def __init__(self, shown: list):
+        self.shown = shown
+
+    def update(self, bundle, raw=False):
+        self.shown.append(bundle["text/plain"])
+
+
+@pytest.mark.parametrize("done, last", [(3, "eval: 3/3 replies in 0 s"), (1, "eval: 1/3 replies (stopped)")])
+def test_progress_in_a_notebook_ends_as_a_line_that_says_how_far_it_got(monkeypatch, done, last):
+    """In a kernel the count is one display output updated in place, so a saved notebook keeps its last text:
+    the finished count, or where it stopped, never tqdm's starting "0%| 0/3"."""
+    import IPython.display
+
+    from rlhf_helpers import tracking
+
+    shown: list[str] = []
+    monkeypatch.setattr(tracking, "in_notebook_kernel", lambda: True)
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda bundle, raw, display_id: shown.append(bundle["text/plain"]) or _FakeHandle(shown))
+    with tracking.ProgressLine(3, "eval", units="replies") as bar:
+        for _ in range(done):
+            bar.update(1)
+    assert shown[0] == "eval: 0/3 replies" and shown[1] == "eval: 1/3 replies"
+    assert shown[-1] == last and len(shown) == done + 2
+
+
+def test_progress_without_a_description_shows_nothing(monkeypatch, capsys):
+    from rlhf_helpers import tracking
+
+    monkeypatch.setattr(tracking, "in_notebook_kernel", lambda: True)
+    with tracking.ProgressLine(2, None) as bar:
+        bar.update(2)
+    assert bar.done == 2 and capsys.readouterr() == ("", "")

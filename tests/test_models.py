@@ -152,3 +152,72 @@ def test_a_checkpoints_sampling_settings_and_second_end_token_are_dropped_when_l
     assert (gen.do_sample, gen.repetition_penalty, gen.temperature, gen.top_k, gen.top_p) == (None,) * 5
     assert (gen.eos_token_id, gen.pad_token_id) == (tok.eos_token_id, tok2.pad_token_id)  # the ids stay
     assert models.clear_sampling_defaults(base[0]) == {}  # the built-in model ships none: cpu runs unchanged
+
+
+# Chat templates of other model families, cut to what decides where a reply ends
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+          "m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+GEMMA = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+         "{% endif %}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role'])"
+         " + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+           "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def _family_tokenizer(folder, specials, roles, template):
+    """A word-level tokenizer with a family's special tokens, roles and chat template, saved to `folder`."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "hi rlhf-helpers-probe hello world".split()
+    vocab = {t: i for i, t in enumerate([*specials, "[UNK_WORD]", *words])}
+    backend = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK_WORD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    extra = [s for s in specials if s not in roles.values()]
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=extra, **roles)
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("family, specials, roles, template, eos, pad", [
+    # Llama 3.1+: no pad, but a token set aside for it
+    ("llama3", ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"],
+     {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, LLAMA3, "<|eot_id|>", "<|finetune_right_pad_id|>"),
+    # Llama 3.0: nothing set aside; the bos pads (attention masks hide it)
+    ("llama3.0", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+     {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, LLAMA3, "<|eot_id|>", "<|begin_of_text|>"),
+    # Gemma: the turn ends with <end_of_turn>, not the eos <eos>
+    ("gemma", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+     {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}, GEMMA, "<end_of_turn>", "<pad>"),
+    # a base Qwen2.5 with the instruct template: eos = pad = <|endoftext|>, the turn ends with <|im_end|>
+    ("qwen-base", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+     {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, CHATML, "<|im_end|>", "<|endoftext|>"),
+    # Mistral v0.1: no pad; <unk> pads
+    ("mistral", ["<unk>", "<s>", "</s>"], {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}, MISTRAL,
+     "</s>", "<unk>"),
+])
+def test_replies_end_where_the_template_ends_a_turn_and_pad_is_another_token(tmp_path, capsys, family, specials,
+                                                                             roles, template, eos, pad):
+    folder = _family_tokenizer(tmp_path / family, specials, roles, template)
+    tok = models.load_tokenizer(folder)
+    assert (tok.eos_token, tok.pad_token) == (eos, pad)
+    assert tok.pad_token_id != tok.eos_token_id  # what PPO and the reward model's last-token pick need
+    said = capsys.readouterr().out
+    assert (f"ends a reply with {eos}, not its eos {roles['eos_token']}" in said) == (eos != roles["eos_token"])
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path):
+    folder = _family_tokenizer(tmp_path / "gpt2", ["<|endoftext|>"], {"eos_token": "<|endoftext|>"}, None)
+    with pytest.raises(models.SetupError, match="has no chat template .* Use an instruct model"):
+        models.load_tokenizer(folder)
+
+
+def test_the_default_tokenizer_keeps_its_conventions():
+    tok = models.load_tokenizer()
+    assert (tok.eos_token, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", "<|endoftext|>", 0)

@@ -146,3 +146,27 @@ def test_every_parameter_of_every_shipped_notebook_is_one_papermill_can_read():
         cell = next(c for c in nbformat.read(nb, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
         declared = [m.group(1) for m in re.finditer(r"^(\w+)\s*:[^=]*=", cell.source, re.M)]
         assert declared and [p["name"] for p in pm.inspect_notebook(str(nb)).values()] == declared, nb.name
+
+
+def test_the_html_export_reads_offline_and_shows_the_tuner_as_saved(tmp_path, monkeypatch):
+    """A widget in the HTML export needs an embed manager from a CDN; the export shows the static copy that
+    notebook 01's tuner carries beside its widget instead, and leaves the saved widget state out."""
+    from rlhf_helpers import reward_tuner as RT
+    from rlhf_helpers import rewards as R
+    from rlhf_helpers.run import WIDGET_VIEW, export_html
+
+    tuner = RT.RewardTuner(RT.load_candidates(), R.default_mix({"politeness": 0.0}), tmp_path / "cfg.json")
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda bundle, raw: shown.append(bundle))
+    tuner._ipython_display_()
+    bundle = shown[0]
+    assert WIDGET_VIEW in bundle and "politeness 0.00" in bundle["text/html"]
+    assert "Spearman rank agreement with the gold judge" in bundle["text/html"]
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2}}
+    nb.cells = [nbformat.v4.new_code_cell("tuner", outputs=[nbformat.v4.new_output("display_data", data=bundle)])]
+    path = tmp_path / "01.ipynb"
+    nbformat.write(nb, str(path))
+    page = export_html(path).read_text()
+    assert "unpkg.com" not in page and "widget-state" not in page
+    assert "The reward tuner as it was saved (all prompts; weights" in page
