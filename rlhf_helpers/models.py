@@ -175,18 +175,48 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+LLAMA_BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def block_linears(model) -> tuple[list[str], str | None]:
+    """The names of the linear layers inside `model`'s transformer blocks (Llama's `q_proj` ... `down_proj`,
+    GPT-2's `c_attn`, `c_proj`, `c_fc`, Phi-3's `qkv_proj` ...), and the name of the list that holds the
+    blocks (`layers`; GPT-2's `h`). `model`: a model, or a name whose config is built on the meta device
+    (no weights loaded). The list's name is None where the blocks sit in more than one list."""
+    import re
+
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(model, (str, os.PathLike)):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(resolve_model_path(str(model), verbose=False), trust_remote_code=False)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    names, holders = set(), set()
+    for full, module in model.named_modules():
+        block = re.search(r"(?:^|\.)([A-Za-z_]+)\.\d+\.", full)  # ...layers.<i>.self_attn.q_proj
+        if block and isinstance(module, (torch.nn.Linear, Conv1D)):
+            holders.add(block.group(1))
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names), holders.pop() if len(holders) == 1 else None
+
+
 def default_lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, task_type: str = "CAUSAL_LM",
-                        top_layers: int | None = None, n_layers: int | None = None):
+                        top_layers: int | None = None, n_layers: int | None = None, model: Any = None):
     """LoRA on every linear layer of the transformer blocks (the QLoRA paper's choice); with `top_layers`,
-    only on the top blocks of `n_layers`: the backward pass then stops below them (cheaper on a CPU)."""
+    only on the top blocks of `n_layers`: the backward pass then stops below them (cheaper on a CPU). Which
+    layers those are is read from `model` (a model or a name, `block_linears`); without one, Llama's names."""
     from peft import LoraConfig
 
     if top_layers is None or n_layers is None or top_layers >= n_layers:
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                           task_type=task_type, bias="none")
+    names, holder = block_linears(model) if model is not None else (list(LLAMA_BLOCK_LINEARS), "layers")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type, bias="none",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      layers_to_transform=list(range(n_layers - top_layers, n_layers)), layers_pattern="layers")
+                      target_modules=names, layers_to_transform=list(range(n_layers - top_layers, n_layers)),
+                      layers_pattern=holder)
 
 
 def checkpointing_flag(on: bool) -> dict[str, bool]:

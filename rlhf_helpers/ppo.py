@@ -417,7 +417,7 @@ def build_policy(cfg: PPOConfig, model_name: str | None = None):
     LoRA dropout is 0, so the policy's log-probs are deterministic."""
     name = model_name or cfg.model_name
     lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, dropout=0.0, top_layers=cfg.lora_layers,
-                               n_layers=num_layers(name) if cfg.lora_layers else None)
+                               n_layers=num_layers(name) if cfg.lora_layers else None, model=name)
     return load_model(name, lora=lora, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit, device=cfg.device)
 
 

@@ -29,7 +29,7 @@ from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_d
                         without_notebook_progress)
 from .config import DEFAULT_MODEL, SetupError, check_common_fields, command
 from .data import PreferencePair
-from .models import (_resolve_device, _torch_dtype, checkpointing_flag, load_tokenizer,
+from .models import (_resolve_device, _torch_dtype, block_linears, checkpointing_flag, load_tokenizer,
                      quiet_loading_bars, resolve_model_path)
 from .paths import stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
@@ -146,14 +146,16 @@ class RMStageConfig:
         return self.seed if self.train_seed is None else self.train_seed
 
 
-def lora_for_rm(cfg: RMStageConfig, n_layers: int):
-    """LoRA on the top `lora_layers` blocks' linear layers, with the score head trained in full."""
+def lora_for_rm(cfg: RMStageConfig, model):
+    """LoRA on the linear layers of `model`'s top `lora_layers` blocks (`models.block_linears`: every block
+    without `lora_layers`), with the score head trained in full."""
     from peft import LoraConfig
 
+    names, holder = block_linears(model)
+    n_layers = model.config.num_hidden_layers
     layers = None if cfg.lora_layers is None else list(range(max(0, n_layers - cfg.lora_layers), n_layers))
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="SEQ_CLS",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      layers_to_transform=layers, layers_pattern="layers" if layers else None,
+                      target_modules=names, layers_to_transform=layers, layers_pattern=holder if layers else None,
                       modules_to_save=["score"])
 
 
@@ -220,7 +222,7 @@ def train_reward_model(cfg: RMStageConfig, run_dir: str | Path, backbone: str, t
     ckpt, logger, settings = resume_point(out, cfg, data=train_pairs, inputs={"backbone": backbone})
     logger.save_config(settings)
     model, tok = load_backbone(backbone, cfg.dtype, cfg.device)
-    model = get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers))
+    model = get_peft_model(model, lora_for_rm(cfg, model))
     trainer = RewardTrainer(model=model, args=build_trl_config(cfg, out / "checkpoints"), train_dataset=to_dataset(train_pairs),
                             eval_dataset=to_dataset(eval_pairs), processing_class=tok,
                             callbacks=[MetricsCallback(logger, on_row)])

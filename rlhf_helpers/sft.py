@@ -220,7 +220,7 @@ def build_trainer(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[
     seed_everything(cfg.seed)
     out = stage_dir(run_dir, "sft")
     lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, top_layers=cfg.lora_layers,
-                               n_layers=num_layers(cfg.model_name)) if cfg.use_lora else None
+                               n_layers=num_layers(cfg.model_name), model=cfg.model_name) if cfg.use_lora else None
     model, tok = load_model(cfg.model_name, lora=lora, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit,
                             device=cfg.device, padding_side="right")
     train, evals = data if data is not None else load_demonstrations(cfg)

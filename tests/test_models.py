@@ -221,3 +221,37 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path):
 def test_the_default_tokenizer_keeps_its_conventions():
     tok = models.load_tokenizer()
     assert (tok.eos_token, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", "<|endoftext|>", 0)
+
+
+def _tiny(arch: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=3, n_head=2, bos_token_id=0, eos_token_id=0))
+    if arch == "phi3":
+        return Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                            num_attention_heads=2, bos_token_id=0, eos_token_id=0))
+
+
+@pytest.mark.parametrize("arch, linears, holder", [
+    ("gpt2", ["c_attn", "c_fc", "c_proj"], "h"),  # Conv1D layers, blocks in transformer.h
+    ("phi3", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"], "layers"),  # Llama's names would miss two
+    ("neox", ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"], "layers"),
+])
+def test_lora_on_the_top_blocks_finds_their_linear_layers_in_any_architecture(arch, linears, holder):
+    from peft import get_peft_model
+
+    model = _tiny(arch)
+    assert models.block_linears(model) == (linears, holder)
+    lora = models.default_lora_config(r=2, top_layers=1, n_layers=3, model=model)
+    adapted = [n for n, _ in get_peft_model(model, lora).named_modules() if n.endswith("lora_A")]
+    assert sorted(n.split(".")[-2] for n in adapted) == sorted(
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if ".2." in n and n.rsplit(".", 1)[-1] in linears)
+    assert adapted and all(f".{holder}.2." in n for n in adapted)  # the top block only
+
+
+def test_the_default_models_block_linears_are_llamas_read_without_loading_weights():
+    assert models.block_linears(models.DEFAULT_MODEL) == (sorted(models.LLAMA_BLOCK_LINEARS), "layers")

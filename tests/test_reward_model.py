@@ -84,7 +84,7 @@ def rm_parts():
     model, tok = load_backbone(cfg.model_name, device="auto")  # "auto" resolves (cpu here), never .to("auto")
     from peft import get_peft_model
 
-    return cfg, get_peft_model(model, lora_for_rm(cfg, model.config.num_hidden_layers)), tok
+    return cfg, get_peft_model(model, lora_for_rm(cfg, model)), tok
 
 
 @pytest.mark.slow
