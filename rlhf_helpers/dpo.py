@@ -37,7 +37,7 @@ from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_d
                         without_notebook_progress)
 from .config import DEFAULT_MODEL, check_common_fields, command
 from .data import PreferencePair
-from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model
 from .paths import stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, half_means, resume_point
@@ -248,7 +248,7 @@ def build_trainer(cfg: DPOStageConfig, run_dir: str | Path, policy_path: str, tr
     model, tok = load_model(policy_path, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
                             padding_side="right")
     lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, dropout=0.0, top_layers=cfg.lora_layers,
-                               n_layers=num_layers(policy_path) if cfg.lora_layers else None, model=policy_path)
+                               n_layers=model.config.num_hidden_layers if cfg.lora_layers else None, model=model)
     logger = logger or MetricsLogger(out)
     trainer = DPOTrainer(model=model, ref_model=None, args=build_trl_config(cfg, out / "checkpoints", bool(eval_pairs)),
                          train_dataset=to_dataset(train_pairs), eval_dataset=to_dataset(eval_pairs) if eval_pairs else None,

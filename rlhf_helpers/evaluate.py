@@ -922,9 +922,9 @@ def ppo_reading(rows: Sequence[dict], cfg: Any, sft_metrics: dict, ppo_metrics: 
             " nats per reply. The two measure different replies: a step's training KL is taken on the replies "
             "sampled before that step's update (step 1's is 0), so it lags the policy by an update, and on "
             "training prompts; the held-out figure is the final policy's, on new prompts"
-            + ("" if kl_sem is None else
-               ", and the training figure lies within two standard errors of it" if abs(kl_tail - ppo_metrics["kl_mean"]) <= 2 * kl_sem
-               else ", and the training figure lies outside two standard errors of it") + ".")
+            + ("" if kl_sem is None else ", and the training figure lies "
+               + ("within" if abs(kl_tail - ppo_metrics["kl_mean"]) <= 2 * kl_sem else "outside")
+               + " two standard errors of it") + ".")
     clip, approx = _tail_mean(rows, "policy/clipfrac_avg", steps), _tail_mean(rows, "policy/approxkl_avg", steps)
     if clip is not None:
         small = clip < 0.01

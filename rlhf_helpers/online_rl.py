@@ -56,7 +56,7 @@ from .callbacks import (ClockCallback, MetricsCallback, is_main_process, namespa
                         train_or_restore, without_notebook_progress)
 from .config import DEFAULT_MODEL, check_common_fields, command
 from .dpo import precision_flags, save_adapter
-from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func, reward_identity
 from .seeding import seed_everything
@@ -345,7 +345,7 @@ def build_trainer(cfg: OnlineRLConfig, run_dir: str | Path, policy_path: str, pr
     model, tok = load_model(policy_path, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
                             padding_side="left")
     lora = default_lora_config(cfg.lora_r, cfg.lora_alpha, dropout=0.0, top_layers=cfg.lora_layers,
-                               n_layers=num_layers(policy_path) if cfg.lora_layers else None, model=policy_path)
+                               n_layers=model.config.num_hidden_layers if cfg.lora_layers else None, model=model)
     proxy = SampleRecorder(as_trl_reward_func(reward, "proxy"), gold, out / "samples.jsonl", cfg.sample_every,
                            cfg.n_samples, eos_token_id=tok.eos_token_id, missing_eos_penalty=cfg.missing_eos_penalty)
     trainer_cls = GRPOTrainer if isinstance(cfg, GRPOStageConfig) else RLOOTrainer
