@@ -430,7 +430,7 @@ def implicit_vs_reward(policy, tok, pairs, beta: float, reward) -> tuple[dict[st
     from .reward_tuner import spearman
 
     dpo_c, dpo_r = pair_implicit_margins(policy, tok, pairs, beta)
-    prompts = [p.prompt for p in pairs]
+    prompts = [p.conversation for p in pairs]
     rm_c = np.array(reward.score(prompts, [p.chosen for p in pairs]))
     rm_r = np.array(reward.score(prompts, [p.rejected for p in pairs]))
     margins = {"dpo_margin": dpo_c - dpo_r, "rm_margin": rm_c - rm_r}

@@ -91,6 +91,14 @@ class PreferencePair:
     metadata: dict[str, Any] = field(default_factory=dict)
     prompt_messages: list[dict[str, Any]] | None = None
 
+    @property
+    def conversation(self) -> list[dict[str, Any]]:
+        """The prompt as a chat template reads it: the source's messages (a system message and earlier turns
+        included) when it had them, else the one user message (copies)."""
+        if self.prompt_messages:
+            return [dict(m) for m in self.prompt_messages]
+        return [{"role": "user", "content": self.prompt}]
+
 
 # ---------------------------------------------------------------------------------------- field checks
 

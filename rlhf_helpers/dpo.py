@@ -10,8 +10,8 @@ is the SFT model with a fresh LoRA adapter; the reference is the same model with
 pass TRL a plain model and a `peft_config`, so it makes the adapter itself and, with `ref_model=None`,
 computes reference log-probs by switching the adapter off: no second copy, no "ref" adapter).
 
-Data: `PreferencePair`s as TRL's conversational preference examples (`prompt=[user]`,
-`chosen=[assistant]`, `rejected=[assistant]`), so the chat template applies; the completion TRL scores is
+Data: `PreferencePair`s as TRL's conversational preference examples (`prompt` the pair's conversation,
+`chosen` and `rejected` one assistant message each), so the chat template applies; the completion TRL scores is
 the reply plus the template's end-of-turn tokens (`<|im_end|>\\n`). TRL truncates a pair longer than
 `max_length` (keeping the start) and drops one whose prompt alone fills it; we count both and report them.
 
@@ -163,10 +163,6 @@ def to_dataset(pairs: Sequence[PreferencePair]):
     return Dataset.from_list(to_trl_preference_dataset(pairs, conversational=True))
 
 
-def _messages(pair: PreferencePair) -> list[dict]:
-    return [dict(m) for m in pair.prompt_messages] if pair.prompt_messages else [{"role": "user", "content": pair.prompt}]
-
-
 def _ids(tok, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt)
     return list(out["input_ids"])
@@ -187,8 +183,8 @@ def length_report(tok, pairs: Sequence[PreferencePair], max_length: int) -> dict
     """How many pairs TRL will drop (prompt alone fills max_length) or truncate (prompt + reply longer)."""
     report = {"pairs": len(pairs), "dropped_prompt_too_long": 0, "truncated": 0}
     for p in pairs:
-        prompt, chosen = completion_ids(tok, _messages(p), p.chosen)
-        _, rejected = completion_ids(tok, _messages(p), p.rejected)
+        prompt, chosen = completion_ids(tok, p.conversation, p.chosen)
+        _, rejected = completion_ids(tok, p.conversation, p.rejected)
         if len(prompt) >= max_length:
             report["dropped_prompt_too_long"] += 1
         elif len(prompt) + max(len(chosen), len(rejected)) > max_length:
@@ -363,7 +359,7 @@ def implicit_rewards(model, tok, prompts: Sequence[str | list[dict]], responses:
 
 def pair_implicit_margins(model, tok, pairs: Sequence[PreferencePair], beta: float) -> tuple[np.ndarray, np.ndarray]:
     """Implicit rewards of the chosen and of the rejected reply of each pair."""
-    prompts = [_messages(p) for p in pairs]
+    prompts = [p.conversation for p in pairs]
     return (implicit_rewards(model, tok, prompts, [p.chosen for p in pairs], beta),
             implicit_rewards(model, tok, prompts, [p.rejected for p in pairs], beta))
 

@@ -259,10 +259,45 @@ def end_of_turn_token(tok) -> str | None:
     return next((tok.convert_ids_to_tokens(i) for i in tail if i in special), None)
 
 
+# Put before a chat template that refuses a system message: a leading system message becomes the head of the
+# first user turn, a blank line between them, which is what Gemma 3's and later Mistral templates do themselves.
+FOLD_SYSTEM = (
+    "{%- if messages | length > 1 and messages[0]['role'] == 'system' and messages[1]['role'] == 'user' -%}"
+    "{%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\\n\\n' + messages[1]['content']}]"
+    " + messages[2:] -%}"
+    "{%- endif -%}"
+)
+
+
+def _renders(tok, messages) -> str | None:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # the template's own refusal: jinja2's TemplateError, raised by raise_exception
+        return None
+
+
+def fold_system_message(tok) -> bool:
+    """If `tok`'s chat template refuses a system message (Gemma 1–2, Mistral v0.1) but takes a user turn,
+    put FOLD_SYSTEM before it, so that data with a system message trains and samples on such a model; return
+    whether it did. Kept only when a system message then renders exactly as its text at the head of the user
+    turn."""
+    probe = [{"role": "system", "content": "rlhf-helpers-system"}, {"role": "user", "content": "rlhf-helpers-user"}]
+    if not isinstance(tok.chat_template, str) or _renders(tok, probe) is not None or _renders(tok, probe[1:]) is None:
+        return False
+    original = tok.chat_template
+    tok.chat_template = FOLD_SYSTEM + original
+    joined = [{"role": "user", "content": probe[0]["content"] + "\n\n" + probe[1]["content"]}]
+    if _renders(tok, probe) is None or _renders(tok, probe) != _renders(tok, joined):
+        tok.chat_template = original
+        return False
+    return True
+
+
 def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
     """The tokenizer for `name`: its eos is the token that ends an assistant turn in its chat template, and it
     pads with a token that is not that one. A tokenizer without a chat template is refused (SetupError):
-    every stage formats prompts as chats."""
+    every stage formats prompts as chats. A template that refuses a system message gets one folded into the
+    first user turn (`fold_system_message`)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
@@ -273,6 +308,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL, padding_side: str = "left"):
     if not tok.chat_template:
         raise SetupError(f"model {name!r} has no chat template (a base model?): every stage formats its prompts "
                          f"as chats. Use an instruct model, or save the tokenizer with a chat_template")
+    if fold_system_message(tok):
+        print(f"note: {name}: its chat template refuses a system message; one is put at the head of the first "
+              f"user turn, a blank line between.")
     end = end_of_turn_token(tok)
     if end is not None and end != tok.eos_token:
         print(f"note: {name}: its chat template ends a reply with {end}, not its eos {tok.eos_token}; "

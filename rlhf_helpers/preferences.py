@@ -104,8 +104,16 @@ def label_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]], anno
 
 
 def pair_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
-    """Pairs as JSON lines in the `preferences` format, with provenance fields beside them."""
-    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata} for p in pairs]
+    """Pairs as JSON lines in the `preferences` format, with provenance fields beside them. A pair whose prompt
+    is a conversation (a system message, earlier turns) is written in the conversational form, which keeps it."""
+    rows = []
+    for p in pairs:
+        if p.prompt_messages:
+            rows.append({"prompt": p.conversation, "chosen": [{"role": "assistant", "content": p.chosen}],
+                         "rejected": [{"role": "assistant", "content": p.rejected}], **p.metadata})
+        else:
+            rows.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata})
+    return rows
 
 
 def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:

@@ -28,7 +28,7 @@ import torch
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
                         without_notebook_progress)
 from .config import DEFAULT_MODEL, SetupError, check_common_fields, command
-from .data import PreferencePair
+from .data import PreferencePair, to_trl_preference_dataset
 from .models import (_resolve_device, _torch_dtype, block_linears, checkpointing_flag, load_tokenizer,
                      quiet_loading_bars, resolve_model_path)
 from .paths import stage_dir
@@ -184,14 +184,11 @@ def load_backbone(name: str, dtype: str = "float32", device: str = "cpu", head_f
 
 
 def to_dataset(pairs: Sequence[PreferencePair]):
-    """TRL conversational preference examples with an explicit prompt."""
+    """TRL conversational preference examples with an explicit prompt: the pair's whole conversation (a system
+    message and earlier turns included), as DPO trains on it."""
     from datasets import Dataset
 
-    return Dataset.from_list([{
-        "prompt": [{"role": "user", "content": p.prompt}],
-        "chosen": [{"role": "assistant", "content": p.chosen}],
-        "rejected": [{"role": "assistant", "content": p.rejected}],
-    } for p in pairs])
+    return Dataset.from_list(to_trl_preference_dataset(pairs, conversational=True))
 
 
 def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
@@ -263,8 +260,9 @@ class RewardModel(RewardFunction):
         self.weights_sha256: str | None = None  # that folder's fingerprint (set by load)
 
     @torch.no_grad()
-    def raw_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """Un-normalised head outputs, batched, right-padded with attention masks. Texts are batched in order
+    def raw_scores(self, prompts: Sequence[str | Sequence[dict]], responses: Sequence[str]) -> np.ndarray:
+        """Un-normalised head outputs, batched, right-padded with attention masks. A prompt is a user message
+        or a message list (`scoring_text`). Texts are batched in order
         of length (less padding to compute), and the scores returned in the order given."""
         self.model.eval()
         self.tokenizer.padding_side = "right"
@@ -279,7 +277,7 @@ class RewardModel(RewardFunction):
             scores[idx] = self.model(**batch).logits[:, 0].float().cpu().numpy()  # (B,)
         return scores
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str | Sequence[dict]], responses: Sequence[str]) -> list[float]:
         return ((self.raw_scores(prompts, responses) - self.shift) / self.scale).tolist()
 
     def batch(self, trajectories: Sequence[Trajectory]) -> list[RewardOutput]:
@@ -360,8 +358,9 @@ def split_pairs(pairs: Sequence[PreferencePair], eval_fraction: float, seed: int
 
 def pair_margins(rm: RewardModel, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.ndarray]:
     """Raw scores of the chosen and rejected responses of each pair."""
-    chosen = rm.raw_scores([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = rm.raw_scores([p.prompt for p in pairs], [p.rejected for p in pairs])
+    prompts = [p.conversation for p in pairs]
+    chosen = rm.raw_scores(prompts, [p.chosen for p in pairs])
+    rejected = rm.raw_scores(prompts, [p.rejected for p in pairs])
     return chosen, rejected
 
 

@@ -321,10 +321,15 @@ class RefusalAppropriateness(RewardFunction):
 
 
 class FormatCheck(RewardFunction):
-    """Share of format checks passed: non-empty, ends a sentence, no chat markers, balanced code fences."""
+    """Share of format checks passed: non-empty, ends a sentence, no chat markers, balanced code fences.
+
+    Chat markers are the turn tokens of ChatML (SmolLM2, Qwen), Llama 3, Gemma and Mistral written out as text,
+    and a line holding only a role name."""
 
     name = "format"
-    MARKERS = re.compile(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|^(?:assistant|user|system)\s*$", re.MULTILINE)
+    MARKERS = re.compile(r"<\|im_(?:start|end)\|>|<\|endoftext\|>|<\|(?:eot_id|start_header_id|end_header_id|"
+                         r"begin_of_text|end_of_text)\|>|<(?:start|end)_of_turn>|\[/?INST\]|"
+                         r"^(?:assistant|user|system|model)\s*$", re.MULTILINE)
 
     def compute_reward(self, t: Trajectory) -> RewardOutput:
         checks = {

@@ -218,6 +218,67 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tmp_path):
         models.load_tokenizer(folder)
 
 
+# Mistral v0.1's own template: roles must alternate from a user turn, so a system message is refused
+MISTRAL_V01 = ("{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}"
+               "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+SYSTEM_CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"},
+               {"role": "assistant", "content": "hi"}, {"role": "user", "content": "world"}]
+
+
+@pytest.mark.parametrize("family, specials, roles, template", [
+    ("gemma", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+     {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}, GEMMA),
+    ("mistral", ["<unk>", "<s>", "</s>"], {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}, MISTRAL_V01),
+])
+def test_a_system_message_joins_the_first_user_turn_where_the_template_refuses_one(tmp_path, capsys, family,
+                                                                                  specials, roles, template):
+    from trl.data_utils import maybe_apply_chat_template
+
+    from rlhf_helpers.reward_model import scoring_text
+
+    folder = _family_tokenizer(tmp_path / family, specials, roles, template)
+    from transformers import AutoTokenizer
+    with pytest.raises(Exception, match="System role not supported|roles must alternate"):  # as the family ships it
+        AutoTokenizer.from_pretrained(folder).apply_chat_template(SYSTEM_CHAT, tokenize=False)
+    tok = models.load_tokenizer(folder)
+    assert "refuses a system message; one is put at the head of the first user turn" in capsys.readouterr().out
+    joined = [{"role": "user", "content": "Answer briefly.\n\nhello"}, *SYSTEM_CHAT[2:]]
+    for prompt in (SYSTEM_CHAT, SYSTEM_CHAT[:2]):  # a conversation, and the prompt every stage samples from
+        assert tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(
+            joined[:len(prompt) - 1], tokenize=False, add_generation_prompt=True)
+    assert models.chat_prompt(tok, "hello", system="Answer briefly.") == models.chat_prompt(tok, joined[:1])
+    assert scoring_text(tok, SYSTEM_CHAT[:2], "hi") == scoring_text(tok, joined[:1], "hi")  # the reward model's text
+    pair = {"prompt": SYSTEM_CHAT[:2], "chosen": [{"role": "assistant", "content": "hi"}],
+            "rejected": [{"role": "assistant", "content": "world"}]}
+    assert "Answer briefly.\n\nhello" in maybe_apply_chat_template(pair, tok)["prompt"]  # DPO's and TRL's reward pairs
+    assert tok.apply_chat_template(SYSTEM_CHAT[1:], tokenize=False) == AutoTokenizer.from_pretrained(
+        folder).apply_chat_template(SYSTEM_CHAT[1:], tokenize=False)  # without one, the family's own text
+
+
+@pytest.mark.parametrize("template", [LLAMA3, CHATML])
+def test_a_template_that_takes_a_system_message_is_left_as_it_is(tmp_path, capsys, template):
+    folder = _family_tokenizer(tmp_path / "t", ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot_id|>"],
+                               {"eos_token": "<|endoftext|>"}, template)
+    assert models.load_tokenizer(folder).chat_template == template
+    assert "system message" not in capsys.readouterr().out
+
+
+def test_a_template_the_fold_cannot_mend_is_left_to_give_its_own_error(tmp_path, capsys):
+    # refuses a system message, and also a user turn holding a blank line, which is what the fold would make
+    no_blank_lines = GEMMA.replace("{% for m in messages %}", "{% for m in messages %}{% if '\\n\\n' in m['content'] %}"
+                                   "{{ raise_exception('No blank lines') }}{% endif %}")
+    folder = _family_tokenizer(tmp_path / "t", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+                               {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}, no_blank_lines)
+    tok = models.load_tokenizer(folder)
+    assert tok.chat_template == no_blank_lines
+    assert "system message" not in capsys.readouterr().out
+    with pytest.raises(Exception, match="System role not supported"):
+        tok.apply_chat_template(SYSTEM_CHAT, tokenize=False)
+
+
 def test_the_default_tokenizer_keeps_its_conventions():
     tok = models.load_tokenizer()
     assert (tok.eos_token, tok.pad_token, tok.pad_token_id) == ("<|im_end|>", "<|endoftext|>", 0)

@@ -54,6 +54,17 @@ GOLD_ROW = {"prompt": "p", "chosen": "a", "rejected": "b", "gold_chosen": 0.5, "
             "annotator_temperature": 0.1}
 
 
+def test_written_pairs_keep_a_prompts_system_message_and_earlier_turns(tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a bird."}]
+    gold = {k: v for k, v in GOLD_ROW.items() if k.startswith(("gold", "annotator"))}
+    pairs = [PreferencePair("Name a bird.", "A robin.", "No.", dict(gold), prompt_messages=chat),
+             PreferencePair("Name a fish.", "A trout.", "No.", dict(gold))]
+    again = read_pairs(write_pairs(tmp_path / "pairs.jsonl", pairs))
+    assert [(p.prompt, p.chosen, p.rejected, p.prompt_messages, p.metadata) for p in again] == [
+        (p.prompt, p.chosen, p.rejected, p.prompt_messages, p.metadata) for p in pairs]
+
+
 def test_read_pairs_names_the_file_line_of_pairs_without_gold_and_what_to_do_with_human_labels(tmp_path):
     bare = {"prompt": "q", "chosen": "c", "rejected": "d"}
     path = tmp_path / "pairs.jsonl"
@@ -426,3 +437,25 @@ def test_the_reward_model_command_line_under_two_processes_trains_on_both_and_sa
     assert [r["train/epoch"] for r in rows if "train/loss" in r] == pytest.approx([0.5, 1.0])
     assert json.loads((tmp_path / "rm" / "summary.json").read_text())["steps"] == 2
     assert (tmp_path / "rm" / "model" / "normalization.json").exists()
+
+
+def test_the_reward_model_trains_and_scores_a_pair_on_its_whole_conversation():
+    # a system message or earlier turns in a pair's prompt: DPO trained on them and the reward model did not
+    from rlhf_helpers.dpo import to_dataset as dpo_rows
+    from rlhf_helpers.reward_model import pair_margins, to_dataset
+
+    chat = [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": "Name a bird."}]
+    pair = PreferencePair("Name a bird.", "A robin.", "I would rather not.", prompt_messages=chat)
+    plain = PreferencePair("Name a fish.", "A trout.", "No.")
+    rows = to_dataset([pair, plain])
+    assert rows[0]["prompt"] == chat == dpo_rows([pair])[0]["prompt"]
+    assert rows[1]["prompt"] == [{"role": "user", "content": "Name a fish."}]
+    seen = []
+
+    class Spy:
+        def raw_scores(self, prompts, responses):
+            seen.append(list(prompts))
+            return np.zeros(len(prompts))
+
+    pair_margins(Spy(), [pair, plain])
+    assert seen == [[chat, plain.conversation]] * 2

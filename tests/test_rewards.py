@@ -56,6 +56,9 @@ def test_repetition_relevance_safety_format():
     assert R.RefusalAppropriateness()(t("I can't help with that.")).reward == 0.0  # over-refusal
     assert R.FormatCheck()(t("A complete sentence.")).reward == 1.0
     assert R.FormatCheck()(t("cut off mid <|im_end|> sen")).reward == 0.5
+    for marker in ("<|eot_id|>", "<end_of_turn>", "[/INST]", "<|start_header_id|>"):  # other families' turn tokens
+        assert R.FormatCheck()(t(f"A sentence.{marker} More.")).metadata["format_checks"]["no_chat_markers"] is False
+    assert R.FormatCheck()(t("Use <s> for struck text, [link] for links.")).reward == 1.0
 
 
 def test_weighted_sum_arithmetic_and_metadata():
