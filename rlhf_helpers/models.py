@@ -287,7 +287,8 @@ def fold_system_message(tok) -> bool:
     original = tok.chat_template
     tok.chat_template = FOLD_SYSTEM + original
     joined = [{"role": "user", "content": probe[0]["content"] + "\n\n" + probe[1]["content"]}]
-    if _renders(tok, probe) is None or _renders(tok, probe) != _renders(tok, joined):
+    folded = _renders(tok, probe)
+    if folded is None or folded != _renders(tok, joined):
         tok.chat_template = original
         return False
     return True

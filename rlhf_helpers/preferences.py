@@ -23,7 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .data import DataError, LoadReport, PreferencePair, load_preferences, read_jsonl, train_prompts, write_jsonl
+from .data import (DataError, LoadReport, PreferencePair, load_preferences, read_jsonl, to_trl_preference_dataset,
+                   train_prompts, write_jsonl)
 from .data_formats import json_type
 from .gold import SimulatedAnnotator
 from .models import generate
@@ -106,14 +107,7 @@ def label_samples(prompts: Sequence[str], samples: Sequence[Sequence[str]], anno
 def pair_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
     """Pairs as JSON lines in the `preferences` format, with provenance fields beside them. A pair whose prompt
     is a conversation (a system message, earlier turns) is written in the conversational form, which keeps it."""
-    rows = []
-    for p in pairs:
-        if p.prompt_messages:
-            rows.append({"prompt": p.conversation, "chosen": [{"role": "assistant", "content": p.chosen}],
-                         "rejected": [{"role": "assistant", "content": p.rejected}], **p.metadata})
-        else:
-            rows.append({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, **p.metadata})
-    return rows
+    return [{**to_trl_preference_dataset([p], conversational=bool(p.prompt_messages))[0], **p.metadata} for p in pairs]
 
 
 def write_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:

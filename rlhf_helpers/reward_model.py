@@ -262,8 +262,8 @@ class RewardModel(RewardFunction):
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[str | Sequence[dict]], responses: Sequence[str]) -> np.ndarray:
         """Un-normalised head outputs, batched, right-padded with attention masks. A prompt is a user message
-        or a message list (`scoring_text`). Texts are batched in order
-        of length (less padding to compute), and the scores returned in the order given."""
+        or a message list (`scoring_text`). Texts are batched in order of length (less padding to compute), and
+        the scores returned in the order given."""
         self.model.eval()
         self.tokenizer.padding_side = "right"
         device = next(self.model.parameters()).device
