@@ -243,16 +243,21 @@ def _not_found(name: str, error: OSError) -> SetupError:
         f"{str(error).splitlines()[0]}). Offline, only the built-in names and local folders work.")
 
 
+def _renders(tok, messages, add_generation_prompt: bool = True) -> str | None:
+    """`messages` through `tok`'s chat template, or None where the template refuses them."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception:  # the template's own refusal: jinja2's TemplateError, raised by raise_exception
+        return None
+
+
 def end_of_turn_token(tok) -> str | None:
     """The special token that `tok`'s chat template writes right after an assistant reply (None when it
     writes none, or refuses a plain user–assistant exchange)."""
     marker = "rlhf-helpers-probe"
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": marker}],
-                                       tokenize=False)
-    except Exception:  # a template's own error (jinja2's TemplateError, or raise_exception): keep the eos
-        return None
-    if marker not in text:
+    text = _renders(tok, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": marker}],
+                    add_generation_prompt=False)
+    if text is None or marker not in text:  # refused, or the reply not written out: keep the eos
         return None
     tail = tok(text[text.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
     special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
@@ -267,13 +272,6 @@ FOLD_SYSTEM = (
     " + messages[2:] -%}"
     "{%- endif -%}"
 )
-
-
-def _renders(tok, messages) -> str | None:
-    try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # the template's own refusal: jinja2's TemplateError, raised by raise_exception
-        return None
 
 
 def fold_system_message(tok) -> bool:
