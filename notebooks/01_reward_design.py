@@ -136,8 +136,9 @@ print(f"reward = {out.reward:.3f}")
 # ## 4. Tune the weights
 # Move a slider and the ranked table and the histogram follow. The number to watch is the rank agreement
 # (Spearman) between your tuned reward and the gold judge, and how many gaming responses sit in the top
-# quarter. Raise `politeness` and `explanation` and watch the stuffed answers climb to the top; then try
-# to push them back down. **Save config** writes `run_dir/rewards/reward_config.json`, which
+# quarter. At the notebook's weights the stuffed answers already hold five of the six highest places; raise
+# `politeness` and `explanation` and they take all of the top ten while Spearman falls from 0.30 to 0.20.
+# Then try to push them down (`tuner.search()`, below, finds the weights that do best). **Save config** writes `run_dir/rewards/reward_config.json`, which
 # `.venv/bin/python -m rlhf_helpers.rewards score FILE --config` reads; no later notebook reads it (the online methods
 # of notebooks 04 and 05 optimise notebook 03's reward model, or the gold judge). (Run headless by
 # papermill, the tuner is built with the weights from the parameters cell and saved as they are.)

@@ -111,7 +111,7 @@ summary = train_sft(cfg, run_dir, on_row=live.update)
 # The live figure above was fed from `metrics.jsonl`; here is the whole run from that file, with two more
 # curves. `train/learning_rate` is the schedule: a short warm-up (`warmup`, a fraction of the steps), then
 # cosine decay towards 0, so the last steps barely move the weights. `train/grad_norm` is the size of the
-# gradient before transformers clips it to norm 1. On the cpu profile (seed 0) it stayed between 0.4 and 0.7,
+# gradient before transformers clips it to norm 1. On the cpu profile (seed 0) it stayed between about 0.4 and 0.7,
 # so the clip never acted and the learning rate alone set the step size; a norm that climbs while the loss
 # rises says the learning rate is too high.
 

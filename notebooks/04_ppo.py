@@ -333,8 +333,9 @@ MetricsLogger(out_dir).summary(summary)
 #
 # Mind the units of the missing-EOS penalty when you change the reward. `PPOConfig`'s default, 1.0, is one standard
 # deviation of the normalised reward model but about three of the gold judge (whose scores on SFT answers spread about
-# 0.3); the cpu profile's 0.5 is still about 1.5 of gold's. At 1.0 against gold (run B of docs section 3), PPO mostly
-# learned to stop early, below the judge's word windows, and lost gold. From a shell, a gold run with the penalty in
+# 0.3); the cpu profile's 0.5 is still about 1.5 of gold's. At 1.0 against gold (run B of docs section 3), PPO learned
+# to end its replies and to refuse more often, harmless how-to questions included, and gained no gold (−0.020
+# [−0.049, +0.011]). From a shell, a gold run with the penalty in
 # gold's units and rollouts as long as the evaluation's replies, with the settings of the profile the runs below were
 # measured under (8 prompts × 1 reply a step, no group baseline, one mini-batch, λ = 0.95), then its evaluation
 # against SFT on all 72 held-out prompts, three replies each:

@@ -208,8 +208,9 @@ line_gains(points, reference)
 # policy finds answers the reward model over-rates, the proxy keeps rising while gold stalls or falls (Gao et
 # al. 2022). The parting point is defined precisely in `evaluate.parting_point`: after smoothing both curves
 # over 5 steps (the lines; the dots are single steps), the first step after which gold gains at most
-# `gold_tol` while the proxy still ends higher by more than `min_proxy_rise`, in a run whose proxy rose, and
-# where gold then falls short of keeping pace with the proxy by more than twice its noise. The noise is each
+# `gold_tol` while the proxy still ends higher by more than the larger of `min_proxy_rise` and twice the proxy's
+# own noise, in a run whose proxy rose, and where gold then falls short of keeping pace with the proxy by more
+# than twice its noise. The noise is each
 # curve's own step-to-step scatter: without that test, a gold curve rising with the proxy "parted" in about
 # half of simulated 40-step runs with this run's kind of scatter, the last steps' gain being lost in it.
 #

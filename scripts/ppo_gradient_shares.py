@@ -77,7 +77,9 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{args.run_dir}/ppo/checkpoints holds no checkpoint: run notebook 04 first")
             step, newest = checkpoints[-1]
             shutil.copytree(newest, trainer.out / "checkpoints" / newest.name)
-            trainer.resume()
+            # resume() stops at cfg.max_steps by default, which a longer run's newest checkpoint can pass
+            if trainer.resume(max_steps=step) != step:
+                raise SystemExit(f"{newest} did not load")
             print(f"from {newest} (step {step}); value head weight norm "
                   f"{float(trainer.value_head.summary.weight.detach().norm()):.3f}")
         print("| rollout | mean score | policy-loss gradient | vf_coef · value-loss gradient | cosine | "
