@@ -306,6 +306,7 @@ summary = {
     "snapshot_off_policy": snapshot_off_policy, "skipped_live": dict(skipped),
     "annotator_temperature": cfg.annotator_temperature, "eval_accuracy": accuracy,
     "eval_accuracy_ci": [report["ci_low"], report["ci_high"]], "eval_prompts": report["n_prompts"],
+    "eval_accuracy_pairs": report["n_pairs"],
     "bayes_ceiling": ceiling, "gap_closed": report["gap_closed"],
     "gap_closed_ci": [report["gap_closed_low"], report["gap_closed_high"]],
     "spearman_with_gold": rho, "normalization": norm, "fresh_samples_per_prompt": k_fresh,

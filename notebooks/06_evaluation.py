@@ -155,7 +155,7 @@ plotting.win_rate_bars(table, reference)
 # out, as it was never meant to beat SFT).
 
 # %%
-Markdown(discussion([r for r in table if r["policy"] != "base"], reference))
+Markdown(discussion([r for r in table if r["policy"] != "base" or reference == "base"], reference))
 
 # %% [markdown]
 # Numbers hide what changed. Here are the three prompts on which the policies from SFT on have gold rewards

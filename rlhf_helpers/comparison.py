@@ -175,7 +175,7 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
                         "its process already held, loading the models included. DPO, GRPO and RLOO share notebook "
                         "05's process; PPO's figure comes from notebook 04's.")
         if not few and fast is not None and fast["policy"] == "dpo" and best["policy"] != "dpo" \
-                and best["ci_low"] > 0.5 and best.get("seconds_per_sample"):
+                and gold_verdict(best) == "better" and best.get("seconds_per_sample"):
             text.append(f"Per training sample DPO took {fast['seconds_per_sample'] / best['seconds_per_sample']:.0%} "
                         f"of {best['policy']}'s time, for {fast['gold'] - ref['gold']:+.3f} gold against "
                         f"{best['gold'] - ref['gold']:+.3f}.")
@@ -400,7 +400,9 @@ def lowest_kl(curves: dict[str, list[dict]]) -> dict[str, float]:
 
 def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "grpo", "rloo")
                   ) -> tuple[dict[str, list[dict]], dict[str, float]]:
-    """({stage: rows with the CURVE_KEYS names}, {stage: samples per step}) for the stages that logged rows."""
+    """({stage: rows with the CURVE_KEYS names}, {stage: samples per step}) for the stages that logged rows. A
+    stage with rows but no summary to say how many samples a step took (one interrupted before it finished) is
+    left out, and said so."""
     from .tracking import read_metrics
 
     curves, per_step = {}, {}
@@ -413,6 +415,9 @@ def online_curves(run_dir: str | os.PathLike, stages: Sequence[str] = ("ppo", "g
         costs = stage_costs(run_dir, stage)
         if rows and costs["samples_seen"] and costs["steps"]:
             curves[stage], per_step[stage] = rows, costs["samples_seen"] / costs["steps"]
+        elif rows:
+            print(f"{stage}: {len(rows)} logged steps left out of the shared curves: its summary.json does not say "
+                  f"how many samples a step took (did the stage finish?)")
     return curves, per_step
 
 
@@ -471,7 +476,10 @@ def rm_held_out_accuracy(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if summary.get("eval_accuracy") is None:
         return None
     low, high = summary.get("eval_accuracy_ci") or (None, None)
-    return {"accuracy": summary["eval_accuracy"], "ci_low": low, "ci_high": high, "pairs": summary.get("eval_pairs")}
+    # the pairs the accuracy was measured on; a run from before that count was saved has TRL's (the same unless
+    # some held-out pairs were past max_length)
+    pairs = summary.get("eval_accuracy_pairs", summary.get("eval_pairs"))
+    return {"accuracy": summary["eval_accuracy"], "ci_low": low, "ci_high": high, "pairs": pairs}
 
 
 def held_out_note(implicit: dict[str, Any], rm_full: dict[str, Any] | None) -> str:

@@ -37,7 +37,7 @@ from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_d
                         without_notebook_progress)
 from .config import DEFAULT_MODEL, check_common_fields, command
 from .data import PreferencePair
-from .models import checkpointing_flag, count_parameters, default_lora_config, load_model
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, precision_flags
 from .paths import stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, half_means, resume_point
@@ -132,17 +132,6 @@ class DPOStageConfig:
 
 
 # --- shared by the TRL preference/RL stages (DPO here, GRPO and RLOO in online_rl) ------------------------
-
-def runs_on_cpu(device: str) -> bool:
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
-def precision_flags(dtype: str, device: str) -> dict[str, bool]:
-    """bf16/fp16 for TRL's config, set explicitly: TRL's own default is bf16=True, which a CPU run must not get."""
-    on_cpu = runs_on_cpu(device)
-    return {"bf16": dtype in ("bfloat16", "bf16") and not on_cpu, "fp16": dtype in ("float16", "fp16") and not on_cpu,
-            "use_cpu": on_cpu}
-
 
 def save_adapter(model, tok, folder: Path) -> Path:
     """The LoRA adapter (its adapter_config.json names the base folder) and the tokenizer, moved in whole."""

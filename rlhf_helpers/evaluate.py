@@ -437,13 +437,31 @@ def _eval_key(cfg: EvalConfig, n_prompts: int, samples: int, adapter: str | None
             **({"dtype": dtype} if dtype != "float32" else {}), **({"device": device} if device != "cpu" else {})}
 
 
+def _inputs_stamp(held: Sequence[dict], judge: Any) -> dict[str, str]:
+    """What else a cached evaluation's rows depend on: the held-out prompts themselves (their ids and text, so
+    an edited test split is evaluated again) and the judge (its settings, and the source file that defines
+    it, so that editing gold.py re-scores)."""
+    import inspect
+
+    from .rewards import reward_identity
+    from .tracking import fingerprint
+
+    try:
+        source = Path(inspect.getsourcefile(type(judge)) or "").read_bytes()
+    except (OSError, TypeError):
+        source = b""
+    code = hashlib.sha256(source).hexdigest()
+    return {"prompts": fingerprint([[p.get("id"), p["prompt"]] for p in held])[:16],
+            "judge": f"{type(judge).__name__} {fingerprint([reward_identity(judge), code])[:16]}"}
+
+
 def eval_cache_stem(name: str, key: dict[str, Any]) -> str:
     """The cache's file name, without its suffix, for one policy evaluated with one set of sampling settings:
-    `<name>.<8 hex digits>`, the digits a hash of every setting in `key` but the reward model. Evaluations of
-    one policy with other settings (the notebooks' 32 prompts × 1 reply, the command line's 72 × 3) are kept
-    side by side instead of replacing each other; a new reward model re-evaluates into, and replaces, the
-    same file."""
-    sampling = {k: v for k, v in key.items() if k != "proxy"}
+    `<name>.<8 hex digits>`, the digits a hash of every setting in `key` but the reward model, the judge and
+    the prompts' text. Evaluations of one policy with other settings (the notebooks' 32 prompts × 1 reply, the
+    command line's 72 × 3) are kept side by side instead of replacing each other; a new reward model or judge,
+    or edited prompts, re-evaluate into, and replace, the same file."""
+    sampling = {k: v for k, v in key.items() if k not in ("proxy", "judge", "prompts")}
     digest = hashlib.sha1(json.dumps(sampling, sort_keys=True).encode()).hexdigest()[:8]
     return f"{name}.{digest}"
 
@@ -498,11 +516,13 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     from .tracking import atomic_write_json, atomic_write_text
 
     name = name or stage
+    judge = judge or GoldJudge()
     held = heldout_prompts(n_prompts or cfg.n_prompts)
     n = len(held)  # what the test split holds, when more were asked for
     k = 1 if adapter else (samples_per_prompt or cfg.samples_per_prompt)
     folder = stage_dir(run_dir, "eval") / "policies"
-    key = _eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model))
+    key = {**_eval_key(cfg, n, k, str(adapter) if adapter else None, _proxy_stamp(run_dir, reward_model)),
+           **_inputs_stamp(held, judge)}
     stem = eval_cache_stem(name, key)
     rows_path, meta_path = folder / f"{stem}.jsonl", folder / f"{stem}.json"
 
@@ -514,7 +534,8 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
         if force or not (meta_at.exists() and rows_at.exists()):
             continue
         meta = json.loads(meta_at.read_text())
-        if meta.get("settings") == key and meta.get("weights_mtime", -1) >= _artifact_mtime(run_dir, stage, adapter):
+        # the weights as they were when evaluated: not newer ones, nor older ones copied back
+        if meta.get("settings") == key and meta.get("weights_mtime", -1) == _artifact_mtime(run_dir, stage, adapter):
             rows = [json.loads(line) for line in rows_at.read_text().splitlines() if line.strip()]
             return rows, {**meta["metrics"], "rows_file": rows_file(rows_at)}
     policy, tok = load_policy(run_dir, stage, base_model=cfg.model_name, dtype=cfg.dtype, device=cfg.device,
@@ -525,7 +546,7 @@ def evaluate_stage(run_dir: str | os.PathLike, stage: str, cfg: EvalConfig, *, a
     if reward_model == "auto":
         reward_model = load_run_reward_model(run_dir, dtype=cfg.dtype, device=cfg.device)
     prompts = [{**p, "sample": j} for p in held for j in range(k)]  # prompt-major
-    rows, metrics = evaluate_policy(policy, tok, prompts, judge or GoldJudge(), reward_model,
+    rows, metrics = evaluate_policy(policy, tok, prompts, judge, reward_model,
                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                                     batch_size=cfg.batch_size, reference=reference,
                                     progress=f"{name}: {n} held-out prompts × {k}")
@@ -692,7 +713,8 @@ def training_series(rows: Sequence[dict], keys: Sequence[str]) -> dict[str, Any]
 
 
 def centred_mean(values: Sequence[float], window: int) -> np.ndarray:
-    """Moving average over `window` points centred on each point (fewer at the ends, never padded)."""
+    """Moving average over `window` points centred on each point (fewer at the ends, never padded); an even
+    `window` takes window + 1, as many on each side."""
     v = np.asarray(values, float)
     half = max(window, 1) // 2
     return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(v.size)])

@@ -229,6 +229,17 @@ def checkpointing_flag(on: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
 
 
+def runs_on_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def precision_flags(dtype: str, device: str) -> dict[str, bool]:
+    """bf16/fp16 for TRL's config, set explicitly: TRL's own default is bf16=True, which a CPU run must not get."""
+    on_cpu = runs_on_cpu(device)
+    return {"bf16": dtype in ("bfloat16", "bf16") and not on_cpu, "fp16": dtype in ("float16", "fp16") and not on_cpu,
+            "use_cpu": on_cpu}
+
+
 def num_layers(name: str) -> int:
     """Transformer blocks of model `name`, read from its config (no weights loaded)."""
     from transformers import AutoConfig

@@ -55,8 +55,8 @@ from typing import Any, Callable, ClassVar, Sequence
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, namespaced, quiet_datasets,
                         train_or_restore, without_notebook_progress)
 from .config import DEFAULT_MODEL, check_common_fields, command
-from .dpo import precision_flags, save_adapter
-from .models import checkpointing_flag, count_parameters, default_lora_config, load_model
+from .dpo import save_adapter
+from .models import checkpointing_flag, count_parameters, default_lora_config, load_model, precision_flags
 from .paths import stage_dir
 from .rewards import RewardFunction, Trajectory, as_trl_reward_func, reward_identity
 from .seeding import seed_everything

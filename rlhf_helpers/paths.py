@@ -45,3 +45,14 @@ def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
     path = resolve_run_dir(run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_sft_model(run_dir: str | os.PathLike, recorded: str) -> str:
+    """The model a stage of `run_dir` built on, from the path it recorded (an adapter's base model, the reward
+    model's backbone). A recorded path is absolute: where it names a run's SFT model (`.../sft/model`) and
+    run_dir has one, run_dir's own is meant, so a run folder copied or moved elsewhere builds on its own SFT
+    model, not on the one left at the old place (which may since have been trained again)."""
+    local = resolve_run_dir(run_dir) / "sft" / "model"
+    if Path(recorded).parts[-2:] == ("sft", "model") and (local / "config.json").exists():
+        return str(local)
+    return recorded

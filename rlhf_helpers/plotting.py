@@ -516,7 +516,10 @@ def gold_kl_frontier(points, reference="sft"):
 def _fit_x_to_trained(fig, points) -> None:
     """The base model sits far from the SFT reference (tens of nats) while the RL policies sit within a few:
     on one linear axis they would crowd against zero. When base is more than 3× further than the furthest
-    other point, the axis shows the others and an arrow at its right edge names base's KL and gold."""
+    other point, the axis shows the others; a triangle on its right edge, at base's gold, points off the
+    chart, and a line under the axis, clear of the points and their labels, names base's KL and gold."""
+    import plotly.graph_objects as go
+
     far = [p for p in points if p["policy"] == "base" and p["kind"] == "final" and p["kl"] is not None]
     near = [p["kl"] for p in points if p["policy"] != "base" and p["kl"] is not None]
     top = max(near, default=0.0)
@@ -524,8 +527,12 @@ def _fit_x_to_trained(fig, points) -> None:
         return
     base = far[0]
     fig.update_xaxes(range=[min(0.0, *near) - 0.05 * top, 1.25 * top])  # Monte-Carlo KLs can dip below 0
-    fig.add_annotation(x=1.2 * top, y=base["gold"], ax=-60, ay=0, showarrow=True, arrowhead=2,
-                       text=f"base: KL {base['kl']:.1f}, gold {base['gold']:.3f} →", xanchor="right")
+    fig.add_trace(go.Scatter(x=[1.25 * top], y=[base["gold"]], mode="markers", showlegend=False, cliponaxis=False,
+                             marker=dict(symbol="triangle-right", size=12, color=POLICY_COLORS.get("base")),
+                             hovertemplate=f"base, off the chart: KL {base['kl']:.1f}, gold {base['gold']:.3f}"
+                                           "<extra></extra>"))
+    fig.add_annotation(xref="paper", yref="paper", x=1, y=0, yshift=-48, xanchor="right", yanchor="top",
+                       showarrow=False, text=f"▶ base, off the chart: KL {base['kl']:.1f}, gold {base['gold']:.3f}")
 
 
 def gold_vs_proxy(series_by_stage):
@@ -578,8 +585,9 @@ def gold_vs_proxy(series_by_stage):
 
 
 def stage_curves(curves, keys):
-    """Every stage's training curves, side by side: one row per stage, one subplot per metric key.
-    `curves`: {stage: metrics rows}; `keys`: {stage: [key, ...]} (see `evaluate.curve_keys`)."""
+    """Every stage's training curves, side by side: one row per stage, one subplot per metric key, each on the
+    stage's whole span of steps (so an evaluation logged once, at the end, sits at the end, its value written
+    beside it). `curves`: {stage: metrics rows}; `keys`: {stage: [key, ...]} (see `evaluate.curve_keys`)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -590,14 +598,23 @@ def stage_curves(curves, keys):
         return fig
     width = max(len(keys[s]) for s in stages)
     titles = [f"{s}: {keys[s][j]}" if j < len(keys[s]) else "" for s in stages for j in range(width)]
-    fig = make_subplots(rows=len(stages), cols=width, subplot_titles=titles, vertical_spacing=0.5 / len(stages))
+    fig = make_subplots(rows=len(stages), cols=width, subplot_titles=titles, vertical_spacing=0.5 / len(stages),
+                        horizontal_spacing=0.3 / width)  # room for each subplot's axis title beside its neighbour
     for i, stage in enumerate(stages, start=1):
+        steps = [r["step"] for r in curves[stage] if isinstance(r.get("step"), (int, float))]
+        span = (min(steps), max(steps)) if steps else None
         for j, key in enumerate(keys[stage], start=1):
             pts = [(r["step"], r[key]) for r in curves[stage] if isinstance(r.get(key), (int, float))]
-            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                     marker=dict(size=4), line=dict(color=POLICY_COLORS.get(stage)), name=f"{stage} {key}",
+            one = len(pts) == 1
+            fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts],
+                                     mode="markers+text" if one else "lines+markers", marker=dict(size=8 if one else 4),
+                                     text=[f"{pts[0][1]:.3g}"] if one else None, textposition="middle left",
+                                     line=dict(color=POLICY_COLORS.get(stage)), name=f"{stage} {key}",
                                      showlegend=False), row=i, col=j)
             fig.update_yaxes(title_text=METRIC_UNITS.get(key), row=i, col=j)
+            if span and span[1] > span[0]:
+                pad = 0.04 * (span[1] - span[0])
+                fig.update_xaxes(range=[span[0] - pad, span[1] + pad], row=i, col=j)
     fig.update_layout(height=60 + 230 * len(stages), title="Training curves of every stage (from metrics.jsonl)",
                       margin=dict(l=60, r=20, t=80, b=40))
     return fig

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from .config import DEFAULT_MODEL
-from .paths import stage_dir
+from .paths import run_sft_model, stage_dir
 
 POLICY_STAGES = ("sft", "ppo", "dpo", "grpo", "rloo")
 """Stages that produce a policy, in pipeline order (`base` is always available too)."""
@@ -72,7 +72,8 @@ def load_policy(run_dir: str | os.PathLike, stage: str, *, base_model: str = DEF
         writer = {"ppo": "04", "dpo": "05", "grpo": "05", "rloo": "05"}.get(stage)
         fix = f"run notebook {writer} first" if writer else f"the stages are base and {', '.join(POLICY_STAGES)}"
         raise FileNotFoundError(f"no {stage} adapter in {stage_dir(run_dir, stage) / 'adapter'}: {fix}")
-    model, tok = load_model(adapter_base(folder), dtype=dtype, device=device, load_in_4bit=load_in_4bit)
+    base = run_sft_model(run_dir, adapter_base(folder))  # this run's SFT model, should the run have moved
+    model, tok = load_model(base, dtype=dtype, device=device, load_in_4bit=load_in_4bit)
     model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     model.eval()
     return model, tok

@@ -146,7 +146,8 @@ def render_report(run_dir: str | os.PathLike, summary: dict[str, Any], figures: 
     root = resolve_run_dir(run_dir)
     ref = summary["reference"]
     table = format_results(summary["policies"], ref).to_html(index=False, escape=True, border=0, classes="results")
-    reading = _markdown_paragraphs(discussion([r for r in summary["policies"] if r["policy"] != "base"], ref))
+    reading = _markdown_paragraphs(discussion([r for r in summary["policies"] if r["policy"] != "base" or ref == "base"],
+                                              ref))  # base is left out unless it is the reference (no SFT model)
     missing = "".join(f"<li><b>{html.escape(s)}</b>: {html.escape(why)}</li>" for s, why in summary["missing"].items())
     parting = []
     notes = summary.get("parting_notes") or {}

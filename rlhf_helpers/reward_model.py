@@ -30,8 +30,8 @@ from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_d
 from .config import DEFAULT_MODEL, SetupError, check_common_fields, command
 from .data import PreferencePair, to_trl_preference_dataset
 from .models import (_resolve_device, _torch_dtype, block_linears, checkpointing_flag, load_tokenizer,
-                     quiet_loading_bars, resolve_model_path)
-from .paths import stage_dir
+                     precision_flags, quiet_loading_bars, resolve_model_path)
+from .paths import run_sft_model, stage_dir
 from .rewards import RewardFunction, RewardOutput, Trajectory
 from .seeding import seed_everything
 from .tracking import StageClock, atomic_write_dir, atomic_write_json, fingerprint, resume_point
@@ -42,6 +42,7 @@ class RMStageConfig:
     """Settings of the preference and reward-model stage."""
 
     stage: ClassVar[str] = "rm"
+    LR_FOLLOWS_LENGTH: ClassVar[bool] = True  # build_trl_config's cosine with a 10% warm-up, over max_steps
     EVAL_ONLY: ClassVar[tuple[str, ...]] = ("n_fresh", "fresh_temperature", "fresh_samples_per_prompt")
     """Fields only notebook 03's fresh samples read, after training (normalisation, rank correlation with gold,
     best-of-n): changing them keeps the trained reward model. `generation_batch_size` is not one: it also
@@ -194,14 +195,13 @@ def to_dataset(pairs: Sequence[PreferencePair]):
 def build_trl_config(cfg: RMStageConfig, output_dir: str | Path):
     from trl import RewardConfig
 
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     return RewardConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
         eval_strategy="steps", eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, report_to="none",
-        bf16=(cfg.dtype == "bfloat16" and not on_cpu), use_cpu=on_cpu, **checkpointing_flag(False),
+        **precision_flags(cfg.dtype, cfg.device), **checkpointing_flag(False),
         lr_scheduler_type="cosine", warmup_steps=0.1, seed=cfg.training_seed, data_seed=cfg.training_seed,
         disable_dropout=True,
     )
@@ -324,7 +324,12 @@ class RewardModel(RewardFunction):
 
 
 def load_run_reward_model(run_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> RewardModel | None:
-    """The reward model notebook 03 saved in run_dir (None when there is none)."""
+    """The reward model notebook 03 saved in run_dir (None when there is none), on run_dir's SFT model.
+
+    Its adapter, score head and normalisation fit the backbone it was trained on, whose weights' fingerprint
+    `rm/config.json` records (`backbone_sha256`): where the SFT model has been trained again since, this
+    raises SetupError, saying to train the reward model again, rather than score with a head on weights it
+    never saw."""
     rm_dir = stage_dir(run_dir, "rm")
     summary = rm_dir / "summary.json"
     if not (rm_dir / "model" / "normalization.json").exists() or not summary.exists():
@@ -335,6 +340,17 @@ def load_run_reward_model(run_dir: str | Path, dtype: str = "float32", device: s
         raise SetupError(f"{summary}: no readable 'backbone' field ({e.__class__.__name__}: {e}); the reward "
                          f"model's summary is damaged: run notebook 03 again (or python -m "
                          f"rlhf_helpers.reward_model --run-dir {run_dir})") from e
+    backbone = run_sft_model(run_dir, backbone)  # this run's SFT model, should the run have moved
+    config = rm_dir / "config.json"
+    try:
+        recorded = json.loads(config.read_text()).get("backbone_sha256") if config.exists() else None
+    except ValueError:
+        recorded = None  # an unreadable config.json: resume_point reports it when the stage runs again
+    if recorded and Path(backbone).exists() and fingerprint(backbone) != recorded:
+        raise SetupError(f"{rm_dir}: the reward model was trained on other weights than those now in {backbone} "
+                         f"(they differ from {config}'s backbone_sha256: was notebook 02 run again since?). Train "
+                         f"the reward model again: run notebook 03 (or python -m rlhf_helpers.reward_model "
+                         f"--run-dir {run_dir})")
     return RewardModel.load(rm_dir / "model", backbone, dtype, device)
 
 
@@ -473,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"seed": cfg.seed, "policy": policy_path, "fell_back_to_base": fell_back, **facts,
                "pairs_file": str(path), "n_pairs": len(pairs), "annotator_temperature": cfg.annotator_temperature,
                "eval_accuracy": report["accuracy"], "eval_accuracy_ci": [report["ci_low"], report["ci_high"]],
-               "eval_prompts": report["n_prompts"], "bayes_ceiling": ceiling, "gap_closed": report["gap_closed"],
+               "eval_prompts": report["n_prompts"], "eval_accuracy_pairs": report["n_pairs"],
+               "bayes_ceiling": ceiling, "gap_closed": report["gap_closed"],
                "gap_closed_ci": [report["gap_closed_low"], report["gap_closed_high"]], "spearman_with_gold": rho,
                "normalization": norm, "fresh_samples_per_prompt": cfg.fresh_samples_per_prompt}
     MetricsLogger(out).summary(summary)

@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-import torch
-
 from .callbacks import (ClockCallback, MetricsCallback, is_main_process, quiet_datasets, train_or_restore,
                         without_notebook_progress)
 from .config import DEFAULT_MODEL, add_stage_arguments, check_common_fields, command, stage_config_from_args
 from .data import SFTRecord, load_sft, train_test_split
 from .models import (checkpointing_flag, count_parameters, default_lora_config, load_model, num_layers,
-                     resolve_model_path)
+                     precision_flags, resolve_model_path)
 from .paths import data_path, project_root, stage_dir
 from .seeding import seed_everything
 from .tracking import MetricsLogger, PeakMemory, StageClock, atomic_write_dir, remove_dir, resume_point
@@ -179,7 +177,6 @@ def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
     """TRL's SFTConfig from ours (bf16 only off-CPU; TRL's own default is bf16=True)."""
     from trl import SFTConfig
 
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     return SFTConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -187,7 +184,7 @@ def build_trl_config(cfg: SFTStageConfig, output_dir: str | Path):
         max_length=cfg.max_length, completion_only_loss=True, packing=False,
         eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=2, logging_steps=cfg.logging_steps, logging_first_step=True, report_to="none",
-        bf16=(cfg.dtype == "bfloat16" and not on_cpu), fp16=False, use_cpu=on_cpu,
+        **precision_flags(cfg.dtype, cfg.device),
         **checkpointing_flag(cfg.load_in_4bit), seed=cfg.seed, data_seed=cfg.seed,
         dataloader_num_workers=0, disable_tqdm=False,
     )
@@ -248,6 +245,12 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
     said = length_notice(lengths, cfg.max_length)
     if said:
         print(said)
+    # TRL drops a demonstration whose prompt alone fills max_length (no reply token left to learn): counted here
+    dropped = {"train": len(train) - len(trainer.train_dataset), "eval": len(evals) - len(trainer.eval_dataset)}
+    if any(dropped.values()):
+        print(f"SFT: TRL dropped {dropped['train']} of {len(train)} training and {dropped['eval']} of {len(evals)} "
+              f"held-out demonstrations whose prompt alone fills max_length={cfg.max_length} tokens, leaving no "
+              f"reply token to learn. Raise max_length, or shorten those prompts, to keep them.")
     if ckpt is None:
         eval_before = trainer.evaluate()["eval_loss"]
     else:  # measured by the session that started the run, at step 0
@@ -272,6 +275,7 @@ def train_sft(cfg: SFTStageConfig, run_dir: str | Path, callbacks: Sequence[Any]
         "model_name": cfg.model_name, "base_path": resolve_model_path(cfg.model_name, verbose=False),
         "steps": trainer.state.global_step, "train_examples": len(trainer.train_dataset),
         "eval_examples": len(trainer.eval_dataset), "train_examples_cut": sum(n > cfg.max_length for n in lengths),
+        "train_examples_dropped": dropped["train"], "eval_examples_dropped": dropped["eval"],
         "train_loss_first": rows[0]["train/loss"] if rows else None,
         "train_loss_last": rows[-1]["train/loss"] if rows else None, "eval_loss_before": eval_before,
         "eval_loss_after": eval_after, "train_tokens": tokens,

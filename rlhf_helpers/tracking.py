@@ -438,7 +438,8 @@ def _status_mb(field: str) -> float | None:
 
 RESUME_FREE = ("max_steps", "resume", "save_steps", "keep_checkpoints", "sample_every", "n_samples",
                "logging_steps", "eval_steps")
-"""Config fields a resumed run may change (how long to train, how often to save or log)."""
+"""Config fields a resumed run may change (how long to train, where its learning rate does not follow the
+length: `resume_free`; how often to save or log)."""
 
 
 def changed_settings(stage_dir: str | os.PathLike, config: Any, free: Iterable[str] = RESUME_FREE) -> list[str]:
@@ -492,10 +493,22 @@ def run_settings(config: Any, data: Any = None, inputs: dict[str, Any] | None = 
     return settings
 
 
+def schedule_follows_length(cfg: Any) -> bool:
+    """Whether `cfg`'s learning rate is scheduled over its max_steps: a decay (an `lr_scheduler` other than
+    "constant") or a warm-up (`warmup`, a fraction of max_steps); a config without those fields says so by its
+    class's `LR_FOLLOWS_LENGTH` (the reward model's fixed cosine). Then another max_steps gives every step
+    another rate, and checkpoints made under one length are not those of the other."""
+    if hasattr(cfg, "lr_scheduler"):
+        return cfg.lr_scheduler != "constant" or float(getattr(cfg, "warmup", 0) or 0) > 0
+    return bool(getattr(cfg, "LR_FOLLOWS_LENGTH", False))
+
+
 def resume_free(cfg: Any) -> tuple[str, ...]:
-    """The fields of `cfg` a resumed run may change: RESUME_FREE, and the config class's `EVAL_ONLY` (what a
-    notebook measures after training, e.g. how many replies it compares: they leave the model as it is)."""
-    return RESUME_FREE + tuple(getattr(cfg, "EVAL_ONLY", ()))
+    """The fields of `cfg` a resumed run may change: RESUME_FREE (less max_steps where the learning rate's
+    schedule is drawn over it, `schedule_follows_length`), and the config class's `EVAL_ONLY` (what a notebook
+    measures after training, e.g. how many replies it compares: they leave the model as it is)."""
+    free = tuple(f for f in RESUME_FREE if f != "max_steps" or not schedule_follows_length(cfg))
+    return free + tuple(getattr(cfg, "EVAL_ONLY", ()))
 
 
 def settings_changed(stage_dir: str | os.PathLike, config: Any, free: Iterable[str] = RESUME_FREE) -> bool:

@@ -309,6 +309,30 @@ def test_settings_changed_names_changed_fields_and_data_but_not_the_training_len
     assert "data_sha256" in capsys.readouterr().out
 
 
+@dataclass
+class _Scheduled(_Stage):
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.0
+
+
+def test_training_length_is_a_setting_where_the_learning_rate_is_scheduled_over_it(tmp_path):
+    from rlhf_helpers.ppo import PPOConfig
+    from rlhf_helpers.reward_model import RMStageConfig
+    from rlhf_helpers.sft import SFTStageConfig
+    from rlhf_helpers.tracking import changed_settings, resume_free, run_settings
+
+    MetricsLogger(tmp_path).save_config(run_settings(_Scheduled()))
+    longer = _Scheduled(max_steps=40)  # a cosine drawn over 40 steps gives steps 1-10 other rates than over 10
+    assert changed_settings(tmp_path, run_settings(longer), resume_free(longer)) == ["max_steps"]
+    for constant in (_Scheduled(max_steps=40, lr_scheduler="constant"), _Stage(max_steps=40)):
+        MetricsLogger(tmp_path).save_config(run_settings(dataclasses.replace(constant, max_steps=10)))
+        assert changed_settings(tmp_path, run_settings(constant), resume_free(constant)) == []
+    warm = _Scheduled(lr_scheduler="constant", warmup=0.1)  # a warm-up is a fraction of max_steps
+    assert "max_steps" not in resume_free(warm) and "save_steps" in resume_free(warm)
+    assert "max_steps" not in resume_free(SFTStageConfig()) and "max_steps" not in resume_free(RMStageConfig())
+    assert "max_steps" in resume_free(PPOConfig())  # PPO's rate is constant: train it longer, it resumes
+
+
 def test_fingerprint_reads_a_folder_by_its_files_names_and_bytes(tmp_path):
     from rlhf_helpers.tracking import fingerprint
 

@@ -254,11 +254,21 @@ def test_discussion_is_written_from_the_numbers():
     assert "Better than" not in text and "[1.00, 1.00]" not in text and "When each wins" not in text
     assert "Raised the reward model's score" not in text and "Gold gained per nat" not in text
     assert "ppo moved furthest (KL 0.50 nats per reply)" in text  # what needs no interval is still said
+    # DPO's share of the best's time is quoted when the best is better by its gold gain's interval, as every
+    # verdict reads, not by the count of its wins
+    cheap = row("dpo", 0.40, 0.4, 1.5, 0.30, 0.15, 0.45)
+    gains = {"gain": 0.05, "gain_ci_low": 0.01, "gain_ci_high": 0.09}
+    many_ties = {**row("grpo", 0.55, 0.9, 3.0, 0.56, 0.45, 0.66), **gains}  # the win interval holds 0.5
+    assert "Per training sample DPO took" in discussion(comparison_table([results[0], cheap, many_ties], costs), "sft")
+    level = {**row("grpo", 0.55, 0.9, 3.0, 0.65, 0.52, 0.78), **gains, "gain_ci_low": -0.01}  # wins, gain holds 0
+    assert "Per training sample DPO took" not in discussion(comparison_table([results[0], cheap, level], costs), "sft")
 
 
 # --- the reward adapter ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
+
+
 def test_reward_adapter_returns_what_the_reward_model_returns(tiny):
     from transformers import LlamaForSequenceClassification
 
@@ -736,7 +746,10 @@ def test_notes_read_their_numbers_from_the_summaries(tmp_path):
     (tmp_path / "rm" / "summary.json").write_text(json.dumps(
         {"eval_accuracy": 0.6057, "eval_accuracy_ci": [0.519, 0.692], "eval_pairs": 104}))
     full = rm_held_out_accuracy(tmp_path)
-    assert full == {"accuracy": 0.6057, "ci_low": 0.519, "ci_high": 0.692, "pairs": 104}
+    assert full == {"accuracy": 0.6057, "ci_low": 0.519, "ci_high": 0.692, "pairs": 104}  # a summary before the count
+    (tmp_path / "rm" / "summary.json").write_text(json.dumps(  # TRL dropped 3 held-out pairs past max_length
+        {"eval_accuracy": 0.6057, "eval_accuracy_ci": [0.519, 0.692], "eval_pairs": 101, "eval_accuracy_pairs": 104}))
+    assert rm_held_out_accuracy(tmp_path) == full  # the accuracy's own 104, not TRL's 101
     note = held_out_note({"n_pairs": 24, "rm_pair_accuracy": 0.75, "dpo_pair_accuracy": 0.5}, full)
     assert "reward model orders 0.75 as the annotator did and DPO 0.50" in note
     assert "±0.20 (95%)" in note and "all 104 of its held-out pairs: **0.61 [0.52, 0.69]**" in note

@@ -18,6 +18,7 @@ from rlhf_helpers.evaluate import (best_of_n, bootstrap_ci, compare_policies, fo
                                    per_prompt_means, ppo_reading, refusal_split, results_table, training_series,
                                    widest_disagreements,
                                    win_outcomes, win_rate)
+from rlhf_helpers.gold import GoldJudge
 from rlhf_helpers.report import build_report, network_references, read_eval_summary
 from rlhf_helpers.text_stats import distinct_n, distinct_stats, words
 
@@ -557,12 +558,16 @@ def test_report_builds_from_a_fake_run_and_needs_no_network(tmp_path):
     page = path.read_text()
     assert not re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", page, re.I)
     assert page.count("Plotly.newPlot") == 4  # win rates, frontier, gold vs proxy, curves
+    assert "Nothing to compare" not in page
     assert page.count(get_plotlyjs()[:2000]) == 1  # plotly.js inlined once, not per figure
     for name in POLICY_GOLD:
         assert f"<td>{name}</td>" in page
     assert "stopped rising at step 10" in page  # the parting point of the fake PPO curve (its peak)
     assert "<p><b>Gold reward.</b> On 12 held-out prompts, <b>ppo</b> scored highest" in page  # the table in words
     assert not list((run / "eval").glob(".report.html*"))  # no temporary file left behind
+    no_sft = make_fake_run(tmp_path / "no_sft", n=12, policies=("base", "ppo", "dpo"))  # base is the reference
+    reading = build_report(no_sft).read_text()
+    assert "Nothing to compare" not in reading and "Better than base beyond the gold gain" in reading
 
 
 def test_read_eval_summary_names_the_file_and_the_missing_field(tmp_path):
@@ -700,7 +705,9 @@ def test_frontier_axis_shows_the_trained_policies_and_points_to_a_distant_base()
 
     far = gold_kl_frontier([final("base", 37.8, 0.65), final("sft", 0.0, 0.716), final("ppo", 0.5, 0.75)])
     assert tuple(far.layout.xaxis.range) == pytest.approx((-0.025, 0.625))
-    assert any("base: KL 37.8, gold 0.650" in a.text for a in far.layout.annotations)
+    assert any("base, off the chart: KL 37.8, gold 0.650" in a.text for a in far.layout.annotations)
+    edge = [t for t in far.data if t.marker.symbol == "triangle-right"]
+    assert len(edge) == 1 and edge[0].x == (0.625,) and edge[0].y == (0.65,)  # on the right edge, at base's gold
     near = gold_kl_frontier([final("base", 1.0, 0.65), final("sft", 0.0, 0.716), final("ppo", 0.5, 0.75)])
     assert near.layout.xaxis.range is None and not near.layout.annotations
 
@@ -881,12 +888,45 @@ def test_evaluate_stage_reads_a_cache_written_before_files_were_named_by_setting
     rows = _rows([0.4, 0.6])
     old = tmp_path / "eval" / "policies"
     _write_jsonl(old / "sft.jsonl", rows)
-    (old / "sft.json").write_text(json.dumps({"settings": evaluate._eval_key(cfg, 2, 1, None, None),
-                                              "metrics": _metrics(rows, 0.0), "weights_mtime": 0.0}))
+    settings = {**evaluate._eval_key(cfg, 2, 1, None, None),
+                **evaluate._inputs_stamp(evaluate.heldout_prompts(2), GoldJudge())}
+    (old / "sft.json").write_text(json.dumps({"settings": settings, "metrics": _metrics(rows, 0.0),
+                                              "weights_mtime": 0.0}))
     got, metrics = evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None)
     assert got == rows and metrics["rows_file"] == "eval/policies/sft.jsonl"
     with pytest.raises(AssertionError, match="reused"):  # other settings are not served from it
         evaluate.evaluate_stage(tmp_path, "sft", evaluate.EvalConfig(n_prompts=2, seed=1), reward_model=None)
+
+
+def test_a_cached_evaluation_is_made_again_for_another_judge_other_prompts_or_other_weights(tmp_path, monkeypatch):
+    import os
+
+    from rlhf_helpers import evaluate, policies
+    from rlhf_helpers import rewards as R
+
+    def fail(*a, **k):
+        raise AssertionError("the cached evaluation should have been reused")
+
+    monkeypatch.setattr(policies, "load_policy", fail)
+    weights = tmp_path / "sft" / "model" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    cfg, rows, held = evaluate.EvalConfig(n_prompts=2), _rows([0.4, 0.6]), evaluate.heldout_prompts(2)
+    key = {**evaluate._eval_key(cfg, 2, 1, None, None), **evaluate._inputs_stamp(held, GoldJudge())}
+    stem = tmp_path / "eval" / "policies" / evaluate.eval_cache_stem("sft", key)
+    _write_jsonl(stem.with_suffix(".jsonl"), rows)
+    stem.with_suffix(".json").write_text(json.dumps({"settings": key, "metrics": _metrics(rows, 0.0),
+                                                     "weights_mtime": weights.stat().st_mtime}))
+    assert evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None)[0] == rows  # as it was: reused
+    with pytest.raises(AssertionError, match="reused"):  # another judge scores the replies again
+        evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None, judge=R.LengthWindow(40, 150))
+    edited = [{**p, "prompt": p["prompt"] + " Briefly."} for p in held]
+    with monkeypatch.context() as m, pytest.raises(AssertionError, match="reused"):  # an edited test split
+        m.setattr(evaluate, "heldout_prompts", lambda n=None, path=None: edited[:n])
+        evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None)
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime - 60))  # older weights copied back
+    with pytest.raises(AssertionError, match="reused"):
+        evaluate.evaluate_stage(tmp_path, "sft", cfg, reward_model=None)
 
 
 def test_rejection_sampling_script_picks_one_reply_per_prompt_and_counts_what_it_skips(load_script):

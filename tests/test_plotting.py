@@ -1,5 +1,6 @@
 """Plotting helpers in a real kernel: what a notebook user sees, not just the figure objects."""
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 LIVE = """\
@@ -83,6 +84,11 @@ def test_curves_title_each_y_axis_with_its_metric_unit():
     assert [fig.layout[f"yaxis{i}"].title.text for i in ("", 2, 3)] == ["loss", "share of pairs", None]
     staged = plotting.stage_curves({"rm": rows}, {"rm": ["train/accuracy", "made/up"]})
     assert [staged.layout[f"yaxis{i}"].title.text for i in ("", 2)] == ["share of pairs", None]
+    # an evaluation logged once, at the last step, sits at the end of the stage's steps with its value beside it
+    rows = [{"step": s, "train/loss": 0.7 - 0.01 * s} for s in range(1, 11)] + [{"step": 10, "eval/accuracy": 0.606}]
+    staged = plotting.stage_curves({"rm": rows}, {"rm": ["train/loss", "eval/accuracy"]})
+    assert tuple(staged.layout.xaxis2.range) == pytest.approx((0.64, 10.36)) == tuple(staged.layout.xaxis.range)
+    assert staged.data[1].text == ("0.606",) and staged.data[0].text is None
 
 
 def test_rise_table_shows_every_rise_an_online_stage_summary_reports():

@@ -57,6 +57,28 @@ def test_missing_stage_names_the_notebook(run_dir):
         policies.load_policy(run_dir, "dpo")
 
 
+def test_a_copied_run_loads_its_adapters_on_its_own_sft_model(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    assert policies.adapter_base(copy / "ppo" / "adapter") == str(run_dir / "sft" / "model")  # peft's absolute path
+    loaded = []
+
+    class Stop(Exception):
+        pass
+
+    def load_model(path, **kw):
+        loaded.append(path)
+        raise Stop
+
+    monkeypatch.setattr("rlhf_helpers.models.load_model", load_model)
+    for run in (copy, run_dir):
+        with pytest.raises(Stop):
+            policies.load_policy(run, "ppo")
+    assert loaded == [str(copy / "sft" / "model"), str(run_dir / "sft" / "model")]  # each run's own SFT model
+
+
 def test_loaded_adapter_changes_the_policy_and_disables_to_the_reference(run_dir):
     model, tok = policies.load_policy(run_dir, "ppo")
     ref, _ = policies.load_policy(run_dir, "sft")

@@ -522,6 +522,21 @@ def test_reward_whitening_scales_the_rewards_about_their_mean_and_keeps_the_mean
     assert not torch.allclose(white.advantages, plain.advantages)  # and GAE ran on the whitened rewards
 
 
+def test_advantage_whitening_is_a_switch(tmp_path):
+    trainer = make_trainer(tmp_path, reward=share_of_lowercase)
+    args = (trainer.policy, trainer.value_head, trainer.tokenizer, share_of_lowercase, trainer.prompts_for(1))
+    white = make_experience(*args, tiny_config(), kl_coef=0.05, seed=1)
+    plain = make_experience(*args, tiny_config(whiten_advantages=False), kl_coef=0.05, seed=1)
+    mask = plain.rollout.response_mask
+    assert torch.equal(plain.rollout.response_ids, white.rollout.response_ids)  # the same replies
+    gae, returns = compute_gae(plain.rewards, plain.values, mask, tiny_config().gamma, tiny_config().lam)
+    assert torch.allclose(plain.advantages, gae) and torch.allclose(plain.returns, returns)  # GAE as it is
+    a = white.advantages[mask]
+    assert abs(float(a.mean())) < 1e-5 and float(a.std()) == pytest.approx(1.0, abs=1e-3)  # the default whitens
+    assert not torch.allclose(plain.advantages[mask], a)
+    assert torch.allclose(white.returns, plain.returns)  # the value targets are never whitened
+
+
 def test_monitors_are_logged_but_never_optimised(tmp_path):
     seen = []
 

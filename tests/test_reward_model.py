@@ -405,6 +405,7 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
     summary = json.loads((run / "rm" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["n_pairs"] == 8 and summary["fell_back_to_base"]
     assert summary["train_pairs"] + summary["eval_pairs"] == 8 and summary["bayes_ceiling"] > 0.9
+    assert summary["eval_accuracy_pairs"] == summary["eval_pairs"]  # none past max_length here
     assert 0 <= summary["eval_accuracy"] <= 1 and summary["normalization"]["scale"] > 0
     rm = load_run_reward_model(run)  # what notebooks 04-06 load
     assert (rm.shift, rm.scale) == (summary["normalization"]["shift"], summary["normalization"]["scale"])
@@ -419,6 +420,28 @@ def test_the_reward_model_trains_from_a_command_line_on_notebook_03s_pairs(tmp_p
     (run / "rm" / "summary.json").write_text("{}")  # damaged: a later stage says which file, not KeyError
     with pytest.raises(SetupError, match="rm/summary.json: no readable 'backbone' field"):
         load_run_reward_model(run)
+
+
+def test_a_saved_reward_model_loads_on_its_runs_own_sft_model_and_only_on_the_weights_it_was_trained_on(
+        tmp_path, monkeypatch):
+    from rlhf_helpers import reward_model as R
+    from rlhf_helpers.tracking import fingerprint
+
+    run = tmp_path / "moved" / "run"
+    sft = run / "sft" / "model"
+    sft.mkdir(parents=True)
+    (sft / "config.json").write_text("{}")
+    (sft / "model.safetensors").write_bytes(b"sft weights")
+    (run / "rm" / "model").mkdir(parents=True)
+    (run / "rm" / "model" / "normalization.json").write_text('{"shift": 0.0, "scale": 1.0}')
+    # recorded where the run was trained, before it was copied here
+    (run / "rm" / "summary.json").write_text(json.dumps({"backbone": str(tmp_path / "old" / "run" / "sft" / "model")}))
+    (run / "rm" / "config.json").write_text(json.dumps({"backbone_sha256": fingerprint(sft)}))
+    monkeypatch.setattr(R.RewardModel, "load", classmethod(lambda cls, folder, backbone, *a: backbone))
+    assert R.load_run_reward_model(run) == str(sft)  # this run's SFT model, not the old place's
+    (sft / "model.safetensors").write_bytes(b"sft weights, trained again")
+    with pytest.raises(SetupError, match="trained on other weights than those now in .*Train the reward model again"):
+        R.load_run_reward_model(run)
 
 
 @pytest.mark.slow

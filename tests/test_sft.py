@@ -197,6 +197,25 @@ def test_a_rerun_trains_again_when_the_demonstrations_have_changed(tmp_path, cap
     assert "other settings (data_sha256)" in capsys.readouterr().out
 
 
+def test_demonstrations_whose_prompt_fills_max_length_are_counted_as_dropped(tmp_path, capsys):
+    from rlhf_helpers.paths import data_path
+
+    rows = [json.loads(line) for line in data_path("sft.jsonl").read_text().splitlines()]
+    long = "Please read this carefully. " * 60  # about 300 tokens: past TINY's max_length of 160 on its own
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({**r, "prompt": long + r["prompt"]} if i % 2 == 0 else r) + "\n"
+                            for i, r in enumerate(rows)))
+    cfg = stage_config(SFTStageConfig, "smoke", max_steps=1, data_file=str(data), **TINY)
+    train, evals = load_demonstrations(cfg)
+    n_long = [sum(d.prompt.startswith(long) for d in split) for split in (train, evals)]
+    assert n_long[0] >= 1
+    summary = train_sft(cfg, tmp_path / "run")
+    assert (summary["train_examples_dropped"], summary["eval_examples_dropped"]) == tuple(n_long)
+    assert summary["train_examples"] == len(train) - n_long[0]
+    assert f"TRL dropped {n_long[0]} of {len(train)} training and {n_long[1]} of {len(evals)} held-out" \
+        in capsys.readouterr().out
+
+
 def test_demonstrations_are_found_where_documented_and_too_few_are_refused_before_a_model_loads(tmp_path, monkeypatch,
                                                                                                  capsys):
     from rlhf_helpers.paths import data_path
@@ -213,3 +232,20 @@ def test_demonstrations_are_found_where_documented_and_too_few_are_refused_befor
     (tmp_path / "mine" / "sft.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"mine/sft.jsonl: 1 demonstration\(s\) split by prompt into"):
         load_demonstrations(stage_config(SFTStageConfig, "smoke", data_file="mine/sft.jsonl"))
+
+
+def test_sft_and_the_reward_model_take_every_spelling_of_half_precision(tmp_path, monkeypatch):
+    import trl
+
+    from rlhf_helpers import reward_model, sft
+
+    monkeypatch.setattr(trl, "SFTConfig", lambda **kw: kw)  # the arguments, not a config: no GPU here
+    monkeypatch.setattr(trl, "RewardConfig", lambda **kw: kw)
+    for dtype, bf16, fp16 in (("bf16", True, False), ("bfloat16", True, False), ("fp16", False, True),
+                              ("float16", False, True), ("float32", False, False)):
+        for build, stage in ((sft.build_trl_config, sft.SFTStageConfig), (reward_model.build_trl_config,
+                                                                          reward_model.RMStageConfig)):
+            kw = build(stage(dtype=dtype, device="cuda"), tmp_path)
+            assert (kw["bf16"], kw["fp16"], kw["use_cpu"]) == (bf16, fp16, False), (stage.__name__, dtype)
+            kw = build(stage(dtype=dtype, device="cpu"), tmp_path)
+            assert (kw["bf16"], kw["fp16"], kw["use_cpu"]) == (False, False, True)
