@@ -61,6 +61,14 @@ def test_gain_interval_excludes_zero_for_a_steady_small_gain_the_win_rate_cannot
     a = b + 0.05 + rng.normal(0, 0.05, size=24)  # better on average, worse on some prompts
     wr = win_rate(a, b, n_boot=2000)
     assert wr["gain_ci_low"] > 0 and wr["gain"] == pytest.approx(float(np.mean(a - b)))
+    # with ties on most prompts (as gold's capped scores give), the count of wins cannot tell what the gains can
+    a = b.copy()
+    a[:6] += 0.05  # 6 won by a little, 16 tied, 2 lost by less
+    a[6:8] -= 0.01
+    wr = win_rate(a, b, n_boot=2000)
+    assert (wr["wins"], wr["ties"], wr["losses"]) == (6, 16, 2) and wr["win_rate"] == pytest.approx(14 / 24)
+    assert wr["ci_low"] < 0.5 < wr["ci_high"]  # the win rate: not told apart from a coin flip
+    assert wr["gain_ci_low"] > 0  # the gain: told apart from zero
 
 
 # --- Monte-Carlo KL --------------------------------------------------------------------------------------
@@ -294,6 +302,15 @@ def test_several_samples_per_prompt_are_averaged_so_the_prompt_stays_the_unit_of
     assert shown.loc["ppo", "gold gain vs sft [95% CI]"].startswith("-0.067 [")
     with pytest.raises(ValueError, match="same prompts in the same order"):
         paired_win_rate(ppo, _rows([0.5] * 6, ["a", "a", "c", "c", "b", "b"]))
+    # the intervals resample prompts, not replies: replies that scatter widely around per-prompt means that all
+    # beat SFT's by exactly 0.1 leave no doubt about the gain, nor about the wins
+    prompts = [f"p{i}" for i in range(12) for _ in range(2)]
+    sft = _rows([0.3 + 0.04 * (i // 2) for i in range(24)], prompts)
+    ppo = _rows([r["gold"] + 0.1 + (0.3 if i % 2 else -0.3) for i, r in enumerate(sft)], prompts)
+    by = {r["policy"]: r for r in results_table({"sft": (sft, _metrics(sft, 0.0)), "ppo": (ppo, _metrics(ppo, 1.0))},
+                                                n_boot=500)}
+    assert (by["ppo"]["gain_ci_low"], by["ppo"]["gain_ci_high"]) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert (by["ppo"]["ci_low"], by["ppo"]["ci_high"]) == (1.0, 1.0)
 
 
 def test_widest_disagreements_show_the_prompts_where_gold_spreads_most_with_whole_replies():
