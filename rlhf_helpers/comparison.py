@@ -150,8 +150,12 @@ def discussion(table: Sequence[dict], reference: str = "sft") -> str:
             def kl(r):
                 return f"{r['kl']:.2f}" + (f" ± {r['kl_sem']:.2f}" if r.get("kl_sem") is not None else "")
 
-            text.append(f"\n\n**Distance from the reference.** {far['policy']} moved furthest (KL {kl(far)} nats "
-                        f"per reply), {near['policy']} least ({kl(near)}). One reply's KL term is noisy (it can be "
+            if near["kl"] == far["kl"]:  # one policy, or all alike: no furthest and least to name
+                moved = (f"{', '.join(r['policy'] for r in with_kl)} moved KL {kl(far)} nats per reply from the "
+                         f"reference.")
+            else:
+                moved = f"{far['policy']} moved furthest (KL {kl(far)} nats per reply), {near['policy']} least ({kl(near)})."
+            text.append(f"\n\n**Distance from the reference.** {moved} One reply's KL term is noisy (it can be "
                         f"negative); the ± is the standard error of the mean, prompts the unit.")
         gainers = [] if few else [r for r in with_kl if gold_verdict(r) == "better" and r["kl"] > 0.01]
         if gainers:
