@@ -447,10 +447,10 @@ def _inputs_stamp(held: Sequence[dict], judge: Any) -> dict[str, str]:
     from .tracking import fingerprint
 
     try:
-        source = Path(inspect.getsourcefile(type(judge)) or "").read_bytes()
-    except (OSError, TypeError):
-        source = b""
-    code = hashlib.sha256(source).hexdigest()
+        source = inspect.getsourcefile(type(judge))
+    except TypeError:  # a class with no source file
+        source = None
+    code = fingerprint(source) if source and Path(source).is_file() else None  # the file's bytes
     return {"prompts": fingerprint([[p.get("id"), p["prompt"]] for p in held])[:16],
             "judge": f"{type(judge).__name__} {fingerprint([reward_identity(judge), code])[:16]}"}
 
